@@ -1,0 +1,64 @@
+//! Settings of `c1m serve`. The CLI fills this struct; the server reads nothing else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Unit of the timestamp the clock broadcast carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Milliseconds since the Unix epoch (the seed's format).
+    Millis,
+    /// Microseconds since the Unix epoch.
+    Micros,
+}
+
+/// Everything a server needs to know to run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start-up).
+    pub listen: SocketAddr,
+    /// Wait this long after start-up before the first broadcast.
+    pub delay: Duration,
+    /// Time between two broadcasts.
+    pub interval: Duration,
+    /// Start broadcasting only once this many connections are open (then keep going).
+    pub total: Option<usize>,
+    /// Hold connections but never broadcast.
+    pub connect_only: bool,
+    pub precision: Precision,
+    /// Largest message a client may send; larger ones are closed with 1009.
+    pub max_message_size: u64,
+    /// Largest amount of output a connection may have queued in user space; past it the
+    /// client is a slow consumer and is disconnected.
+    pub max_pending_bytes: usize,
+    /// A client must complete its upgrade request within this time.
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head accepted (431 beyond).
+    pub max_head_bytes: usize,
+    /// How long a closing connection may take to finish the close handshake.
+    pub close_timeout: Duration,
+    /// Time between two stats lines on stderr.
+    pub stats_interval: Duration,
+    /// Listen backlog asked of the kernel (capped by `net.core.somaxconn`).
+    pub backlog: i32,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8088)),
+            delay: Duration::from_secs(0),
+            interval: Duration::from_secs(60),
+            total: None,
+            connect_only: false,
+            precision: Precision::Millis,
+            max_message_size: 1 << 20,
+            max_pending_bytes: 256 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_head_bytes: 8 * 1024,
+            close_timeout: Duration::from_secs(3),
+            stats_interval: Duration::from_secs(10),
+            backlog: 65535,
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Counters of one worker and the periodic stats line.
+
+use std::time::{Duration, Instant};
+
+/// What the server counts. Plain integers: the event loop is single-threaded.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: u64,
+    /// Connections upgraded and receiving broadcasts now.
+    pub open: usize,
+    /// Frames handed to the kernel or queued for it by broadcasts.
+    pub frames_out: u64,
+    pub broadcasts: u64,
+    /// Time from the stamp to the last connection's write in the latest broadcast.
+    pub last_fanout: Duration,
+    pub messages_in: u64,
+    pub protocol_errors: u64,
+    pub handshake_rejects: u64,
+    pub handshake_timeouts: u64,
+    pub plain_http: u64,
+    pub slow_consumers: u64,
+    pub io_errors: u64,
+    /// Values at the previous stats line, to print rates.
+    last_report: Option<(Instant, u64)>,
+}
+
+impl Stats {
+    /// Logs one stats line: connections, output rate, memory.
+    pub fn report(&mut self, now: Instant, connections: usize) {
+        let rate = match self.last_report {
+            Some((at, frames)) if now > at => {
+                (self.frames_out - frames) as f64 / (now - at).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        self.last_report = Some((now, self.frames_out));
+        tracing::info!(
+            open = self.open,
+            sockets = connections,
+            msgs_out_per_s = format_args!("{rate:.0}"),
+            broadcasts = self.broadcasts,
+            last_fanout_ms = format_args!("{:.1}", self.last_fanout.as_secs_f64() * 1e3),
+            rss_mib = format_args!("{:.1}", rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64),
+            protocol_errors = self.protocol_errors,
+            slow_consumers = self.slow_consumers,
+            "stats"
+        );
+    }
+}
+
+/// Resident set size of this process, from `/proc/self/statm` (Linux only).
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions; it returns -1 for unknown names only.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).ok()?)
+}

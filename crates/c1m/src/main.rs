@@ -1,0 +1,53 @@
+//! `c1m`: a WebSocket push server and load generator built to hold a million
+//! connections on one machine. This binary is thin glue: it parses the command line,
+//! sets up logging, and hands a typed config to the library crates.
+
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "c1m",
+    version,
+    about = "A WebSocket push server and load generator built to hold a million connections",
+    long_about = "c1m is a WebSocket push server (`c1m serve`) and the instrument that measures it \
+(`c1m bench`). The server pushes its clock to every connection at a fixed interval, as in the \
+classic C1000K experiment, from one lean event loop per worker."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the push server.
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("c1m: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` (e.g. `RUST_LOG=debug`) picks the level, `info` by default.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
