@@ -1,0 +1,338 @@
+//! Integration tests of `c1m serve`: the real binary on an ephemeral port, driven by an
+//! independent client (tokio-tungstenite) and by hand-made raw frames.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client_frame, now_ms, RawClient, Server, UPGRADE};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(server: &Server, path: &str) -> Ws {
+    let (ws, response) = tokio_tungstenite::connect_async(server.url(path))
+        .await
+        .expect("upgrade");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Reads the next text message, answering nothing else.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("stream open")
+            .expect("valid message");
+        match msg {
+            Message::Text(text) => return text.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_clients_receive_every_broadcast() {
+    const CLIENTS: usize = 1000;
+    const ROUNDS: usize = 5;
+    // The gate makes the first broadcast wait until every client is connected.
+    let server = Server::start(&["--interval", "200ms", "--total", &CLIENTS.to_string()]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(connect(&server, &format!("/any/path/{i}")).await);
+    }
+    let mut tasks = Vec::new();
+    for mut ws in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut stamps = Vec::new();
+            for _ in 0..ROUNDS {
+                stamps.push(
+                    next_text(&mut ws)
+                        .await
+                        .parse::<u64>()
+                        .expect("decimal timestamp"),
+                );
+            }
+            stamps
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.expect("client task"));
+    }
+    let first = &all[0];
+    assert!(
+        first.windows(2).all(|w| w[1] > w[0]),
+        "timestamps increase: {first:?}"
+    );
+    for stamp in first {
+        assert!(
+            stamp.abs_diff(now_ms()) < 60_000,
+            "milliseconds since the epoch: {stamp}"
+        );
+    }
+    assert!(
+        all.iter().all(|s| s == first),
+        "every client got the same broadcasts"
+    );
+}
+
+#[tokio::test]
+async fn microsecond_precision() {
+    let server = Server::start(&["--interval", "100ms", "--precision", "us"]);
+    let mut ws = connect(&server, "/").await;
+    let stamp: u64 = next_text(&mut ws).await.parse().unwrap();
+    assert!(
+        stamp.abs_diff(now_ms() * 1000) < 60_000_000,
+        "µs since the epoch: {stamp}"
+    );
+}
+
+#[tokio::test]
+async fn connect_only_pushes_nothing() {
+    let server = Server::start(&["--interval", "50ms", "--connect-only"]);
+    let mut ws = connect(&server, "/").await;
+    let got = tokio::time::timeout(Duration::from_millis(400), ws.next()).await;
+    assert!(got.is_err(), "no message expected, got {got:?}");
+}
+
+#[tokio::test]
+async fn ping_gets_pong_and_close_gets_close() {
+    let server = Server::start(&["--connect-only"]);
+    let mut ws = connect(&server, "/").await;
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, Message::Pong(b"are you there".to_vec().into()));
+
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match reply {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected close, got {other:?}"),
+    }
+    // Then the server ends the TCP connection.
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+}
+
+#[tokio::test]
+async fn client_data_messages_are_accepted_fragmented_or_not() {
+    let server = Server::start(&["--connect-only"]);
+    let mut raw = RawClient::upgraded(server.addr).await;
+    // Text "Hello" in two fragments with a ping in between, then a binary message.
+    let mut bytes = client_frame(0x01, b"Hel", true);
+    bytes.extend(client_frame(0x89, b"mid", true));
+    bytes.extend(client_frame(0x80, b"lo", true));
+    bytes.extend(client_frame(0x82, &[0, 1, 2], true));
+    bytes.extend(client_frame(0x89, b"end", true));
+    raw.send(&bytes).await;
+    let pong1 = raw.read_frame().await.unwrap();
+    let pong2 = raw.read_frame().await.unwrap();
+    assert_eq!((pong1.opcode, pong1.payload.as_slice()), (0xA, &b"mid"[..]));
+    assert_eq!((pong2.opcode, pong2.payload.as_slice()), (0xA, &b"end"[..]));
+}
+
+/// Each hostile frame gets its close code, while a bystander keeps receiving broadcasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_their_close_codes_and_spare_other_clients() {
+    let server = Server::start(&["--interval", "50ms", "--max-message-size", "1024"]);
+    let mut bystander = connect(&server, "/").await;
+    next_text(&mut bystander).await;
+
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("unmasked frame", client_frame(0x81, b"hi", false), 1002),
+        ("reserved bit", client_frame(0xC1, b"hi", true), 1002),
+        ("reserved opcode", client_frame(0x83, b"hi", true), 1002),
+        ("fragmented ping", client_frame(0x09, b"hi", true), 1002),
+        ("long ping", client_frame(0x89, &[0; 126], true), 1002),
+        ("stray continuation", client_frame(0x80, b"hi", true), 1002),
+        (
+            "invalid utf-8",
+            client_frame(
+                0x81,
+                &[0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xED, 0xA0, 0x80],
+                true,
+            ),
+            1007,
+        ),
+        (
+            "invalid utf-8 in a fragment",
+            client_frame(0x01, &[0xFF], true),
+            1007,
+        ),
+        (
+            "oversized message",
+            client_frame(0x82, &[0; 1025], true),
+            1009,
+        ),
+        (
+            "bad close code",
+            client_frame(0x88, &[0x03, 0xEC], true),
+            1002,
+        ),
+        (
+            "2^63-byte header",
+            {
+                let mut f = vec![0x82, 0xFF];
+                f.extend_from_slice(&(u64::MAX >> 1).to_be_bytes());
+                f.extend_from_slice(&[1, 2, 3, 4]);
+                f
+            },
+            1009,
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        let mut raw = RawClient::upgraded(server.addr).await;
+        raw.send(&bytes).await;
+        assert_eq!(raw.expect_close().await, Some(code), "{name}");
+        // The bystander still gets broadcasts.
+        next_text(&mut bystander).await;
+    }
+}
+
+#[tokio::test]
+async fn plain_http_and_bad_handshakes_get_proper_responses() {
+    let server = Server::start(&["--connect-only"]);
+    let cases: Vec<(String, &str)> = vec![
+        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n".into(), "HTTP/1.1 200 "),
+        (
+            "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "HTTP/1.1 404 ",
+        ),
+        (
+            "DELETE / HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "HTTP/1.1 405 ",
+        ),
+        (
+            UPGRADE.replace("Version: 13", "Version: 7"),
+            "HTTP/1.1 426 ",
+        ),
+        (
+            UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+            "HTTP/1.1 400 ",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nX-Huge: {}\r\n\r\n", "a".repeat(10_000)),
+            "HTTP/1.1 431 ",
+        ),
+        (
+            "\x16\x03\x01 not http at all\r\n\r\n".into(),
+            "HTTP/1.1 400 ",
+        ),
+    ];
+    for (request, expected) in cases {
+        let mut raw = RawClient::connect(server.addr).await;
+        raw.send(request.as_bytes()).await;
+        let response = String::from_utf8_lossy(&raw.read_to_end().await).to_string();
+        assert!(
+            response.starts_with(expected),
+            "{request:?} -> {response:?}"
+        );
+    }
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let page = String::from_utf8_lossy(&raw.read_to_end().await).to_string();
+    assert!(page.contains("WebSocket push server"), "{page}");
+}
+
+#[tokio::test]
+async fn silent_connection_is_dropped_after_the_handshake_timeout() {
+    let server = Server::start(&["--connect-only", "--handshake-timeout", "300ms"]);
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send(b"GET / HTTP/1.1\r\n").await; // never finishes the head
+    let started = std::time::Instant::now();
+    raw.read_to_end().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+/// A client that floods pings and never reads its pongs is disconnected once its
+/// queued output passes the bound; a bystander keeps receiving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_from_a_client_that_never_reads_is_bounded() {
+    let server = Server::start(&["--interval", "50ms", "--max-pending-bytes", "65536"]);
+    let mut bystander = connect(&server, "/").await;
+    let mut flooder = RawClient::upgraded(server.addr).await;
+    let ping = client_frame(0x89, &[7; 125], true);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1000)
+        .collect();
+    let mut disconnected = false;
+    for _ in 0..400 {
+        // 400 bursts of 1000 pings = 52 MB of pongs owed, far past kernel buffers + bound.
+        let write = tokio::io::AsyncWriteExt::write_all(&mut flooder.stream, &burst);
+        match tokio::time::timeout(Duration::from_secs(5), write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                disconnected = true;
+                break;
+            }
+            Err(_) => panic!("server stopped reading the flood but did not disconnect"),
+        }
+    }
+    assert!(
+        disconnected,
+        "server kept accepting pings without reading limits"
+    );
+    next_text(&mut bystander).await;
+    next_text(&mut bystander).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_connection_with_1001() {
+    let mut server = Server::start(&["--connect-only"]);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(connect(&server, "/").await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        for mut ws in clients {
+            let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Message::Close(Some(frame)) = msg {
+                codes.push(u16::from(frame.code));
+            }
+        }
+        codes
+    });
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(waiter.await.unwrap(), vec![1001; 20]);
+}
