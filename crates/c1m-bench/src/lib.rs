@@ -1,1 +1,15 @@
-pub fn x() {}
+//! The c1m load generator and measuring instrument.
+//!
+//! - [`target`]: the URL to load and the source addresses to load it from.
+//! - [`worker`]: one process's event loop of client connections.
+//! - [`payload`]: timestamps out of message payloads.
+//! - [`snapshot`]: cumulative, mergeable measurements (HdrHistogram, rounds, errors).
+//! - [`meter`]: Dropwizard-style rates (mean, 1/5/15-minute EWMA).
+//! - [`report`]: the console report and the JSON result.
+
+pub mod meter;
+pub mod payload;
+pub mod report;
+pub mod snapshot;
+pub mod target;
+pub mod worker;

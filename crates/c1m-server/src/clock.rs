@@ -21,6 +21,8 @@ pub struct Clock {
     precision: Precision,
     /// Connections needed before the first broadcast; `None` once the gate has opened.
     gate: Option<usize>,
+    /// Test fault: stamp this far in the past.
+    stamp_offset: Duration,
 }
 
 impl Clock {
@@ -30,6 +32,7 @@ impl Clock {
             interval: config.interval,
             precision: config.precision,
             gate: config.total,
+            stamp_offset: config.faults.stamp_offset,
         }
     }
 
@@ -65,7 +68,8 @@ impl Clock {
     pub fn stamp(&self) -> (u64, Bytes) {
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .saturating_sub(self.stamp_offset);
         let value = match self.precision {
             Precision::Millis => since_epoch.as_millis() as u64,
             Precision::Micros => since_epoch.as_micros() as u64,

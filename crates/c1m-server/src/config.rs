@@ -41,6 +41,17 @@ pub struct ServeConfig {
     pub stats_interval: Duration,
     /// Listen backlog asked of the kernel (capped by `net.core.somaxconn`).
     pub backlog: i32,
+    /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
+    pub faults: Faults,
+}
+
+/// Faults a test can inject to check that `c1m bench` notices them. All off by default.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Stamp broadcasts this far in the past (the bench must see this much latency).
+    pub stamp_offset: Duration,
+    /// Skip every Nth open connection in each broadcast (the bench must count misses).
+    pub skip_every: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -59,6 +70,7 @@ impl Default for ServeConfig {
             close_timeout: Duration::from_secs(3),
             stats_interval: Duration::from_secs(10),
             backlog: 65535,
+            faults: Faults::default(),
         }
     }
 }

@@ -18,5 +18,5 @@ pub mod outbox;
 pub mod server;
 pub mod stats;
 
-pub use config::{Precision, ServeConfig};
+pub use config::{Faults, Precision, ServeConfig};
 pub use server::{run, ServeError};

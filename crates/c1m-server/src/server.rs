@@ -312,9 +312,15 @@ impl Server {
         let started = Instant::now();
         let mut sent = 0u64;
         let mut failed: Vec<(usize, End)> = Vec::new();
+        let skip_every = self.config.faults.skip_every.unwrap_or(0);
+        let mut open_seen = 0usize;
         for (key, conn) in self.conns.iter_mut() {
             if conn.kind() != PhaseKind::Open {
                 continue;
+            }
+            open_seen += 1;
+            if skip_every > 0 && open_seen.is_multiple_of(skip_every) {
+                continue; // test fault: see `Faults`
             }
             match conn.send(&frame, &self.limits) {
                 Ok(()) => sent += 1,

@@ -2,6 +2,8 @@
 //! connections on one machine. This binary is thin glue: it parses the command line,
 //! sets up logging, and hands a typed config to the library crates.
 
+mod bench;
+mod report;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,10 @@ struct Cli {
 enum Command {
     /// Run the push server.
     Serve(serve::ServeArgs),
+    /// Open many WebSocket connections, measure every message, report.
+    Bench(bench::BenchArgs),
+    /// Work with saved bench results (merge results from several machines).
+    Report(report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +37,8 @@ fn main() -> std::process::ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

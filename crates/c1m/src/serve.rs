@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use c1m_server::{Precision, ServeConfig};
+use c1m_server::{Faults, Precision, ServeConfig};
 use clap::{Args, ValueEnum};
 
 #[derive(Args, Debug)]
@@ -61,6 +61,14 @@ pub struct ServeArgs {
     /// On shutdown, wait this long for clients to answer the close frame.
     #[arg(long, default_value = "3s", value_parser = parse_duration, env = "C1M_CLOSE_TIMEOUT")]
     close_timeout: Duration,
+
+    /// Test fault: stamp broadcasts this far in the past (checks the bench's latency).
+    #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
+    fault_stamp_offset: Duration,
+
+    /// Test fault: skip every Nth connection in each broadcast (checks miss detection).
+    #[arg(long, hide = true)]
+    fault_skip_every: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -87,6 +95,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         handshake_timeout: args.handshake_timeout,
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,
+        faults: Faults {
+            stamp_offset: args.fault_stamp_offset,
+            skip_every: args.fault_skip_every.filter(|&n| n > 0),
+        },
         ..ServeConfig::default()
     };
     c1m_server::run(config, |addr| {

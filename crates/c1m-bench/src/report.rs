@@ -1,0 +1,288 @@
+//! Reports: the console layout of Dropwizard Metrics' `ConsoleReporter` (which the seed's
+//! client printed), the JSON result of `--json`, and the merging of several results.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::meter::{Meter, MeterValues};
+use crate::snapshot::Snapshot;
+
+/// The full result of a run, as written by `--json` and read by `c1m report merge`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchResult {
+    /// The settings of the run (free-form, for the record).
+    pub config: serde_json::Value,
+    pub message_rate: MeterValues,
+    pub setup_rate: MeterValues,
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+}
+
+impl BenchResult {
+    /// Merges results of runs made at the same time from several machines: counts,
+    /// histograms and rounds add up exactly; rates add up (the loads ran side by side).
+    pub fn merge(results: &[BenchResult]) -> Option<BenchResult> {
+        let (first, rest) = results.split_first()?;
+        let mut merged = first.clone();
+        merged.config =
+            serde_json::Value::Array(results.iter().map(|r| r.config.clone()).collect());
+        for r in rest {
+            merged.snapshot.merge(&r.snapshot);
+            for (mine, theirs) in [
+                (&mut merged.message_rate, &r.message_rate),
+                (&mut merged.setup_rate, &r.setup_rate),
+            ] {
+                mine.count += theirs.count;
+                mine.mean_rate += theirs.mean_rate;
+                mine.m1_rate += theirs.m1_rate;
+                mine.m5_rate += theirs.m5_rate;
+                mine.m15_rate += theirs.m15_rate;
+            }
+        }
+        Some(merged)
+    }
+}
+
+/// Collects the latest cumulative snapshot of each worker and keeps the meters.
+#[derive(Debug)]
+pub struct Aggregator {
+    workers: Vec<Option<Snapshot>>,
+    message_rate: Meter,
+    setup_rate: Meter,
+}
+
+impl Aggregator {
+    pub fn new(workers: usize) -> Aggregator {
+        Aggregator {
+            workers: vec![None; workers],
+            message_rate: Meter::default(),
+            setup_rate: Meter::default(),
+        }
+    }
+
+    /// Records worker `index`'s latest snapshot and feeds the meters at run time `elapsed`.
+    pub fn update(&mut self, index: usize, snapshot: Snapshot, elapsed: Duration) {
+        if let Some(slot) = self.workers.get_mut(index) {
+            *slot = Some(snapshot);
+        }
+        let merged = self.merged();
+        self.message_rate.observe(merged.messages, elapsed);
+        self.setup_rate.observe(merged.established, elapsed);
+    }
+
+    pub fn merged(&self) -> Snapshot {
+        let mut merged = Snapshot::default();
+        for snapshot in self.workers.iter().flatten() {
+            merged.merge(snapshot);
+        }
+        merged
+    }
+
+    pub fn result(&self, config: serde_json::Value, elapsed: Duration) -> BenchResult {
+        let mut snapshot = self.merged();
+        snapshot.elapsed_secs = elapsed.as_secs_f64();
+        BenchResult {
+            config,
+            message_rate: self.message_rate.values(elapsed),
+            setup_rate: self.setup_rate.values(elapsed),
+            snapshot,
+        }
+    }
+}
+
+fn section(out: &mut String, title: &str) {
+    let _ = writeln!(
+        out,
+        "-- {title} {}",
+        "-".repeat(76usize.saturating_sub(title.len()))
+    );
+}
+
+fn meter(out: &mut String, name: &str, m: &MeterValues) {
+    let _ = writeln!(out, "{name}");
+    let _ = writeln!(out, "             count = {}", m.count);
+    let _ = writeln!(out, "         mean rate = {:.2} events/second", m.mean_rate);
+    let _ = writeln!(out, "     1-minute rate = {:.2} events/second", m.m1_rate);
+    let _ = writeln!(out, "     5-minute rate = {:.2} events/second", m.m5_rate);
+    let _ = writeln!(out, "    15-minute rate = {:.2} events/second", m.m15_rate);
+    out.push('\n');
+}
+
+/// Formats µs as milliseconds with µs resolution.
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+/// The console report, in Dropwizard's layout, plus the broadcast-round table.
+pub fn console(result: &BenchResult, title: &str) -> String {
+    let s = &result.snapshot;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{title} {}",
+        "=".repeat(79usize.saturating_sub(title.len() + 1))
+    );
+    out.push('\n');
+    section(&mut out, "Counters");
+    let _ = writeln!(out, "connections.active\n             count = {}", s.active);
+    let _ = writeln!(
+        out,
+        "connections.errors\n             count = {}",
+        s.error_total()
+    );
+    for (cause, n) in &s.errors {
+        let _ = writeln!(out, "{:>18} = {n}", cause);
+    }
+    let _ = writeln!(
+        out,
+        "message.missed\n             count = {}",
+        s.missed_total()
+    );
+    if s.ramp_secs > 0.0 {
+        let _ = writeln!(
+            out,
+            "connections.setup.ramp\n       established = {} in {:.2} s ({:.0} connections/second)",
+            s.established,
+            s.ramp_secs,
+            s.established as f64 / s.ramp_secs
+        );
+    }
+    if s.unparsable > 0 || s.clock_skew > 0 {
+        let _ = writeln!(
+            out,
+            "message.unparsable\n             count = {}",
+            s.unparsable
+        );
+        let _ = writeln!(
+            out,
+            "message.clock_skew\n             count = {}",
+            s.clock_skew
+        );
+    }
+    out.push('\n');
+    section(&mut out, "Histograms");
+    let h = &s.latency;
+    let _ = writeln!(out, "message.latency (ms)");
+    let _ = writeln!(out, "             count = {}", h.len());
+    if !h.is_empty() {
+        let _ = writeln!(out, "               min = {}", ms(h.min() as f64));
+        let _ = writeln!(out, "               max = {}", ms(h.max() as f64));
+        let _ = writeln!(out, "              mean = {}", ms(h.mean()));
+        let _ = writeln!(out, "            stddev = {}", ms(h.stdev()));
+        for (label, q) in [
+            ("median", 0.5),
+            ("75%", 0.75),
+            ("95%", 0.95),
+            ("98%", 0.98),
+            ("99%", 0.99),
+            ("99.9%", 0.999),
+        ] {
+            let sign = if label == "median" { "=" } else { "<=" };
+            let _ = writeln!(
+                out,
+                "{label:>18} {sign} {}",
+                ms(h.value_at_quantile(q) as f64)
+            );
+        }
+    }
+    out.push('\n');
+    section(&mut out, "Meters");
+    meter(&mut out, "message.rate", &result.message_rate);
+    meter(&mut out, "connections.setup.rate", &result.setup_rate);
+    if !s.rounds.is_empty() {
+        section(
+            &mut out,
+            "Broadcast rounds (fan-out = stamp -> last client received)",
+        );
+        let _ = writeln!(
+            out,
+            "{:>17} {:>10} {:>10} {:>8} {:>12} {:>13}",
+            "stamp (ms)", "delivered", "expected", "missed", "first (ms)", "fan-out (ms)"
+        );
+        // The last 10 rounds: a long run would print thousands.
+        for (stamp, r) in s.rounds.iter().rev().take(10).rev() {
+            let missed = if r.complete {
+                r.missed().to_string()
+            } else {
+                "(open)".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:>17} {:>10} {:>10} {:>8} {:>12} {:>13}",
+                stamp / 1000,
+                r.delivered,
+                r.expected,
+                missed,
+                ms(r.first_us.saturating_sub(*stamp) as f64),
+                ms(r.last_us.saturating_sub(*stamp) as f64)
+            );
+        }
+        if s.rounds.len() > 10 {
+            let _ = writeln!(
+                out,
+                "({} earlier rounds in the JSON result)",
+                s.rounds.len() - 10
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_has_the_dropwizard_sections() {
+        let mut agg = Aggregator::new(1);
+        let mut snap = Snapshot::default();
+        snap.latency.record(50_000).unwrap();
+        snap.messages = 1;
+        agg.update(0, snap, Duration::from_secs(1));
+        let text = console(
+            &agg.result(serde_json::json!({}), Duration::from_secs(1)),
+            "c1m bench",
+        );
+        for needle in [
+            "-- Counters",
+            "connections.active",
+            "connections.errors",
+            "-- Histograms",
+            "message.latency",
+            "median = 50.015",
+            "99.9% <=",
+            "-- Meters",
+            "message.rate",
+            "15-minute rate",
+            "connections.setup.rate",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn merged_results_equal_one_run_over_both() {
+        let mut a = Snapshot::default();
+        let mut b = Snapshot::default();
+        let mut both = Snapshot::default();
+        for (i, v) in [100u64, 2_000, 30_000, 400_000, 5_000_000]
+            .iter()
+            .enumerate()
+        {
+            let s = if i % 2 == 0 { &mut a } else { &mut b };
+            s.latency.record(*v).unwrap();
+            both.latency.record(*v).unwrap();
+        }
+        let r = |s: Snapshot| BenchResult {
+            config: serde_json::json!({}),
+            message_rate: MeterValues::default(),
+            setup_rate: MeterValues::default(),
+            snapshot: s,
+        };
+        let merged = BenchResult::merge(&[r(a), r(b)]).unwrap();
+        assert_eq!(merged.snapshot.latency, both.latency);
+    }
+}

@@ -1,0 +1,644 @@
+//! One load-generating process: opens its share of the connections at a steady pace,
+//! reads every message, and measures.
+//!
+//! Like the server, it is one `mio` event loop over a slab of small client states, so
+//! one process can hold ~19,000 connections (the `nofile` limit here) cheaply. Each
+//! connection binds to a source address from `--source-ips` with
+//! `IP_BIND_ADDRESS_NO_PORT`, which lets the kernel pick the port at `connect` time
+//! per (source, destination) pair instead of reserving one per source at `bind` time:
+//! that is what lets ~64k connections per source address reach one server port.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use c1m_proto::frame::{close_payload, encode_frame};
+use c1m_proto::handshake::{self, ClientHandshakeError};
+use c1m_proto::{CloseCode, Decoder, DecoderConfig, Event, OpCode, Role};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use socket2::{Domain, Socket, Type};
+
+use crate::payload::stamp_micros;
+use crate::snapshot::{Round, Snapshot, MAX_LATENCY_US};
+use crate::target::Target;
+
+const SCRATCH_BYTES: usize = 64 * 1024;
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest message the bench reassembles to look for a timestamp.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Most connections opened in one loop turn, so a burst cannot starve reading.
+const MAX_OPENS_PER_TURN: usize = 512;
+const MAX_READS_PER_TURN: usize = 4;
+/// Time given to the server to answer our close frames at the end of a run.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What one worker does.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub target: Target,
+    pub connections: usize,
+    /// Connections opened per second (this worker's share).
+    pub rate: f64,
+    /// Source addresses to spread connections over; empty lets the kernel choose.
+    pub sources: Vec<IpAddr>,
+    pub duration: Option<Duration>,
+    /// Stop once every connection got this many messages.
+    pub messages: Option<u64>,
+    pub connect_timeout: Duration,
+    /// Time between snapshots handed to the caller.
+    pub snapshot_interval: Duration,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Connecting {
+        deadline: Instant,
+    },
+    Handshake(Box<Handshake>),
+    Open,
+    /// We sent close at the end of the run; waiting for the server's close or EOF.
+    Closing,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    key: String,
+    head: Vec<u8>,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Client {
+    stream: TcpStream,
+    phase: Phase,
+    decoder: Option<Box<Decoder>>,
+    /// A message split across frames or reads, while it is being reassembled.
+    #[allow(clippy::box_collection)] // a thin pointer keeps the idle state 16 bytes smaller
+    partial: Option<Box<Vec<u8>>>,
+    /// Wall-clock µs when the handshake completed.
+    opened_us: u64,
+    /// Stamp of the latest round received.
+    last_stamp: u64,
+    received: u64,
+}
+
+/// Why a connection ended, as an error cause; `None` for an orderly end we asked for.
+type Cause = Option<String>;
+
+/// Per-round accumulation inside this worker.
+#[derive(Debug, Default, Clone, Copy)]
+struct RoundAcc {
+    delivered: u64,
+    delivered_expected: u64,
+    first_us: u64,
+    last_us: u64,
+}
+
+struct Worker {
+    config: WorkerConfig,
+    poll: Poll,
+    clients: Slab<Client>,
+    scratch: Box<[u8]>,
+    snap: Snapshot,
+    rounds: HashMap<u64, RoundAcc>,
+    /// Wall µs at which each connection opened, in opening order (so sorted).
+    open_times: Vec<u64>,
+    /// (opened_us, last_stamp) of every connection that ended.
+    ended: Vec<(u64, u64)>,
+    /// Deadlines of connects and handshakes, oldest first (one timeout for both).
+    deadlines: VecDeque<(usize, Instant)>,
+    read_again: Vec<usize>,
+    /// Connections connecting or handshaking.
+    pending: usize,
+    /// Open connections that reached `--messages`.
+    done: usize,
+    start: Instant,
+}
+
+/// Runs a worker until its stop condition or `stop`, handing a snapshot to
+/// `on_snapshot` every `snapshot_interval`. Returns the final snapshot.
+pub fn run(
+    config: WorkerConfig,
+    stop: &AtomicBool,
+    mut on_snapshot: impl FnMut(&Snapshot),
+) -> io::Result<Snapshot> {
+    let mut worker = Worker {
+        poll: Poll::new()?,
+        clients: Slab::with_capacity(config.connections),
+        scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+        snap: Snapshot::default(),
+        rounds: HashMap::new(),
+        open_times: Vec::with_capacity(config.connections),
+        ended: Vec::new(),
+        deadlines: VecDeque::new(),
+        read_again: Vec::new(),
+        pending: 0,
+        done: 0,
+        start: Instant::now(),
+        config,
+    };
+    worker.run(stop, &mut on_snapshot)
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+impl Worker {
+    fn run(
+        &mut self,
+        stop: &AtomicBool,
+        on_snapshot: &mut impl FnMut(&Snapshot),
+    ) -> io::Result<Snapshot> {
+        let start = self.start;
+        let mut events = Events::with_capacity(1024);
+        let mut next_snapshot = start + self.config.snapshot_interval;
+        let mut opened = 0usize;
+        loop {
+            let now = Instant::now();
+            let elapsed = now - start;
+            // Pace connection opening smoothly: by time t, rate × t connections.
+            let due = ((self.config.rate * elapsed.as_secs_f64()) as usize + 1)
+                .min(self.config.connections);
+            let mut burst = 0;
+            while opened < due && burst < MAX_OPENS_PER_TURN {
+                self.open(opened, now);
+                opened += 1;
+                burst += 1;
+            }
+            if self.should_stop(opened, elapsed) || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let mut timeout =
+                (next_snapshot.saturating_duration_since(now)).min(Duration::from_millis(100));
+            if opened < self.config.connections {
+                timeout = timeout.min(
+                    Duration::from_secs_f64(1.0 / self.config.rate).max(Duration::from_millis(1)),
+                );
+            }
+            if !self.read_again.is_empty() || burst == MAX_OPENS_PER_TURN {
+                timeout = Duration::ZERO;
+            }
+            self.poll_once(&mut events, timeout)?;
+            self.expire(Instant::now());
+            if Instant::now() >= next_snapshot {
+                self.update_snapshot(start);
+                on_snapshot(&self.snap);
+                next_snapshot += self.config.snapshot_interval;
+            }
+        }
+        // Report the connections held at the end, not the zero left after closing them.
+        let active_at_end = self.snap.active;
+        self.close_all(&mut events)?;
+        self.update_snapshot(start);
+        self.snap.active = active_at_end;
+        Ok(self.snap.clone())
+    }
+
+    fn should_stop(&self, opened: usize, elapsed: Duration) -> bool {
+        if self.config.duration.is_some_and(|d| elapsed >= d) {
+            return true;
+        }
+        let all_started = opened == self.config.connections;
+        if all_started && self.pending == 0 && self.clients.is_empty() {
+            return true; // nothing left that could happen
+        }
+        self.config.messages.is_some()
+            && all_started
+            && self.pending == 0
+            && self.done == self.snap.active as usize
+    }
+
+    fn poll_once(&mut self, events: &mut Events, timeout: Duration) -> io::Result<()> {
+        match self.poll.poll(events, Some(timeout)) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            other => other?,
+        }
+        for event in events.iter() {
+            let key = event.token().0;
+            self.on_event(key);
+        }
+        for key in std::mem::take(&mut self.read_again) {
+            self.on_event(key);
+        }
+        Ok(())
+    }
+
+    fn error(&mut self, cause: impl Into<String>) {
+        *self.snap.errors.entry(cause.into()).or_default() += 1;
+    }
+
+    /// Starts connection number `index`.
+    fn open(&mut self, index: usize, now: Instant) {
+        self.snap.attempted += 1;
+        let source = (!self.config.sources.is_empty())
+            .then(|| self.config.sources[index % self.config.sources.len()]);
+        let stream = match connect(self.config.target.addr, source) {
+            Ok(stream) => stream,
+            Err(e) => return self.error(format!("connect.{}", io_cause(&e))),
+        };
+        let entry = self.clients.vacant_entry();
+        let key = entry.key();
+        let mut stream = stream;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            return self.error(format!("connect.{}", io_cause(&e)));
+        }
+        let deadline = now + self.config.connect_timeout;
+        entry.insert(Client {
+            stream,
+            phase: Phase::Connecting { deadline },
+            decoder: None,
+            partial: None,
+            opened_us: 0,
+            last_stamp: 0,
+            received: 0,
+        });
+        self.deadlines.push_back((key, deadline));
+        self.pending += 1;
+    }
+
+    fn on_event(&mut self, key: usize) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        let outcome = match client.phase {
+            Phase::Connecting { .. } => self.on_connecting(key),
+            _ => self.on_readable(key),
+        };
+        if let Err(cause) = outcome {
+            self.end(key, cause);
+        }
+    }
+
+    fn on_connecting(&mut self, key: usize) -> Result<(), Cause> {
+        let client = &mut self.clients[key];
+        if let Ok(Some(e)) | Err(e) = client.stream.take_error() {
+            return Err(Some(format!("connect.{}", io_cause(&e))));
+        }
+        match client.stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()), // not yet
+            Err(e) => return Err(Some(format!("connect.{}", io_cause(&e)))),
+        }
+        let key_text = handshake::client_key(rand::random());
+        let request = handshake::client_request(
+            &self.config.target.host,
+            &self.config.target.path,
+            &key_text,
+        );
+        match client.stream.write(&request) {
+            Ok(n) if n == request.len() => {}
+            Ok(_) => return Err(Some("io.short_write".into())),
+            Err(e) => return Err(Some(format!("io.{}", io_cause(&e)))),
+        }
+        let deadline = match client.phase {
+            Phase::Connecting { deadline } => deadline,
+            _ => unreachable!("on_connecting is only called while connecting"),
+        };
+        client.phase = Phase::Handshake(Box::new(Handshake {
+            key: key_text,
+            head: Vec::new(),
+            deadline,
+        }));
+        // The response may already be here.
+        self.on_readable(key)
+    }
+
+    fn on_readable(&mut self, key: usize) -> Result<(), Cause> {
+        for _ in 0..MAX_READS_PER_TURN {
+            let client = &mut self.clients[key];
+            let n = match client.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    return Err(match client.phase {
+                        Phase::Closing => None,
+                        _ => Some("io.eof_without_close".into()),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(match client.phase {
+                        Phase::Closing => None,
+                        _ => Some(format!("io.{}", io_cause(&e))),
+                    })
+                }
+            };
+            let mut input = std::mem::take(&mut self.scratch);
+            let result = self.on_input(key, &mut input[..n]);
+            self.scratch = input;
+            result?;
+        }
+        self.read_again.push(key);
+        Ok(())
+    }
+
+    fn on_input(&mut self, key: usize, input: &mut [u8]) -> Result<(), Cause> {
+        let client = &mut self.clients[key];
+        if let Phase::Handshake(hs) = &mut client.phase {
+            hs.head.extend_from_slice(input);
+            let used = match handshake::parse_response(&hs.head, &hs.key, MAX_HEAD_BYTES) {
+                Ok(None) => return Ok(()),
+                Ok(Some(used)) => used,
+                Err(ClientHandshakeError::Status(code)) => {
+                    return Err(Some(format!("handshake.status.{code}")))
+                }
+                Err(_) => return Err(Some("handshake.invalid".into())),
+            };
+            let Phase::Handshake(mut hs) = std::mem::replace(&mut client.phase, Phase::Open) else {
+                unreachable!("matched above");
+            };
+            client.opened_us = wall_us();
+            self.open_times.push(client.opened_us);
+            self.pending -= 1;
+            self.snap.active += 1;
+            self.snap.established += 1;
+            self.snap.ramp_secs = self.start.elapsed().as_secs_f64();
+            if self.config.messages == Some(0) {
+                self.done += 1;
+            }
+            let rest = &mut hs.head[used..];
+            return if rest.is_empty() {
+                Ok(())
+            } else {
+                self.on_frames(key, rest)
+            };
+        }
+        self.on_frames(key, input)
+    }
+
+    fn on_frames(&mut self, key: usize, input: &mut [u8]) -> Result<(), Cause> {
+        let now_us = wall_us();
+        let client = &mut self.clients[key];
+        let mut decoder = client.decoder.take().unwrap_or_else(|| {
+            Box::new(Decoder::new(DecoderConfig {
+                role: Role::Client,
+                max_message_size: MAX_MESSAGE_BYTES as u64,
+            }))
+        });
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        let mut inline: Option<(usize, usize)> = None; // a whole message in `input`: (offset, len)
+        let mut pongs: Vec<Vec<u8>> = Vec::new();
+        let mut closed: Option<Option<u16>> = None;
+        let base = input.as_ptr() as usize;
+        let result = decoder.decode(input, |event| match event {
+            Event::Data {
+                payload,
+                message_end,
+                ..
+            } => match (&mut client.partial, message_end) {
+                (None, true) if inline.is_none() => {
+                    inline = Some((payload.as_ptr() as usize - base, payload.len()));
+                }
+                (None, true) => messages.push(payload.to_vec()),
+                (partial, _) => {
+                    let buf = partial.get_or_insert_with(Default::default);
+                    buf.extend_from_slice(payload);
+                    if message_end {
+                        messages.push(std::mem::take(&mut **buf));
+                        *partial = None;
+                    }
+                }
+            },
+            Event::Ping(payload) => {
+                let mut frame = Vec::new();
+                encode_frame(OpCode::Pong, payload, Some(rand::random()), &mut frame);
+                pongs.push(frame);
+            }
+            Event::Pong(_) => {}
+            Event::Close { code, .. } => closed = Some(code.map(|c| c.0)),
+        });
+        let ok = result.is_ok() && closed.is_none();
+        if ok && !decoder.is_idle() {
+            client.decoder = Some(decoder);
+        }
+        for pong in pongs {
+            let _ = client.stream.write(&pong); // best effort: a load tool need not queue pongs
+        }
+        if let Some((offset, len)) = inline {
+            let payload = input[offset..offset + len].to_vec();
+            self.on_message(key, &payload, now_us);
+        }
+        for message in messages {
+            self.on_message(key, &message, now_us);
+        }
+        if let Some(code) = closed {
+            let client = &mut self.clients[key];
+            if matches!(client.phase, Phase::Closing) {
+                return Err(None); // the server answered our close
+            }
+            let mut frame = Vec::new();
+            let payload = code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default();
+            encode_frame(OpCode::Close, &payload, Some(rand::random()), &mut frame);
+            let _ = client.stream.write(&frame);
+            return Err(Some(match code {
+                Some(code) => format!("closed.{code}"),
+                None => "closed.no_code".into(),
+            }));
+        }
+        if let Err(error) = result {
+            let client = &mut self.clients[key];
+            let mut frame = Vec::new();
+            encode_frame(
+                OpCode::Close,
+                &close_payload(error.close_code(), ""),
+                Some(rand::random()),
+                &mut frame,
+            );
+            let _ = client.stream.write(&frame);
+            return Err(Some(format!("protocol.{}", error.close_code().0)));
+        }
+        Ok(())
+    }
+
+    /// Measures one complete message.
+    fn on_message(&mut self, key: usize, payload: &[u8], now_us: u64) {
+        self.snap.messages += 1;
+        let Some(stamp) = stamp_micros(payload) else {
+            self.snap.unparsable += 1;
+            return;
+        };
+        let latency = match now_us.checked_sub(stamp) {
+            Some(l) => l,
+            None => {
+                self.snap.clock_skew += 1;
+                0
+            }
+        };
+        // Values above the histogram's range are clamped to its top.
+        let _ = self.snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
+        let client = &mut self.clients[key];
+        let round = self.rounds.entry(stamp).or_default();
+        if round.delivered == 0 {
+            round.first_us = now_us;
+        }
+        round.delivered += 1;
+        round.last_us = round.last_us.max(now_us);
+        if client.opened_us < stamp {
+            round.delivered_expected += 1;
+        }
+        client.last_stamp = client.last_stamp.max(stamp);
+        client.received += 1;
+        if self.config.messages == Some(client.received) && matches!(client.phase, Phase::Open) {
+            self.done += 1;
+        }
+    }
+
+    /// Drops a connection, counting `cause` as an error if there is one.
+    fn end(&mut self, key: usize, cause: Cause) {
+        let Some(mut client) = self.clients.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut client.stream);
+        match client.phase {
+            Phase::Connecting { .. } | Phase::Handshake(_) => self.pending -= 1,
+            Phase::Open | Phase::Closing => {
+                self.snap.active -= 1;
+                self.ended.push((client.opened_us, client.last_stamp));
+                if self.config.messages.is_some_and(|k| client.received >= k) {
+                    self.done -= 1;
+                }
+            }
+        }
+        if let Some(cause) = cause {
+            self.error(cause);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(key, deadline)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let cause = match self.clients.get(key).map(|c| &c.phase) {
+                Some(Phase::Connecting { deadline: d }) if *d == deadline => "connect.timeout",
+                Some(Phase::Handshake(hs)) if hs.deadline == deadline => "handshake.timeout",
+                _ => continue,
+            };
+            self.end(key, Some(cause.into()));
+        }
+    }
+
+    /// Ends the run: a close frame to every open connection, a short wait for the
+    /// server's answers, then everything is dropped.
+    fn close_all(&mut self, events: &mut Events) -> io::Result<()> {
+        let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let client = &mut self.clients[key];
+            if matches!(client.phase, Phase::Open) {
+                let mut frame = Vec::new();
+                encode_frame(
+                    OpCode::Close,
+                    &close_payload(CloseCode::NORMAL, ""),
+                    Some(rand::random()),
+                    &mut frame,
+                );
+                let _ = client.stream.write(&frame);
+                client.phase = Phase::Closing;
+            } else if !matches!(client.phase, Phase::Closing) {
+                self.end(key, None);
+            }
+        }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while !self.clients.is_empty() && Instant::now() < deadline {
+            self.poll_once(events, Duration::from_millis(50))?;
+        }
+        let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.end(key, None);
+        }
+        Ok(())
+    }
+
+    /// Refreshes the cumulative snapshot: rounds with their expected deliveries.
+    fn update_snapshot(&mut self, start: Instant) {
+        self.snap.elapsed_secs = start.elapsed().as_secs_f64();
+        let latest = self.rounds.keys().copied().max().unwrap_or(0);
+        for (&stamp, acc) in &self.rounds {
+            let opened_before = self.open_times.partition_point(|&t| t < stamp) as u64;
+            let ended_without = self
+                .ended
+                .iter()
+                .filter(|&&(o, last)| o < stamp && last < stamp)
+                .count() as u64;
+            let expected = opened_before - ended_without;
+            self.snap.rounds.insert(
+                stamp,
+                Round {
+                    delivered: acc.delivered,
+                    expected,
+                    delivered_expected: acc.delivered_expected,
+                    first_us: acc.first_us,
+                    last_us: acc.last_us,
+                    complete: stamp < latest || acc.delivered_expected >= expected,
+                },
+            );
+        }
+    }
+}
+
+/// Opens a non-blocking connection from `source` (port chosen at connect time).
+fn connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    if let Some(source) = source {
+        set_bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: defer the port choice from `bind` to `connect`.
+/// (socket2 does not expose this Linux option, so it is set by hand.)
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd, a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A short, stable name for an I/O error, used as an error cause.
+pub fn io_cause(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ECONNRESET) => "reset",
+        Some(libc::ETIMEDOUT) => "timeout",
+        Some(libc::EADDRNOTAVAIL) => "no_source_port",
+        Some(libc::EADDRINUSE) => "address_in_use",
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "too_many_open_files",
+        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable",
+        Some(libc::EPIPE) => "broken_pipe",
+        _ => "other",
+    }
+}

@@ -1,0 +1,378 @@
+//! `c1m bench`: flags, and the supervision of worker processes.
+//!
+//! With `--procs 1` the worker runs in this process. With more, this process re-executes
+//! itself once per worker (`--worker-index I --worker-count P`, hidden flags), each
+//! child taking its share of connections, rate and source addresses; every second
+//! each child prints its cumulative snapshot as one JSON line on stdout, and this
+//! process merges them (HdrHistograms added exactly), ticks the meters and prints.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use c1m_bench::report::{console, Aggregator, BenchResult};
+use c1m_bench::snapshot::Snapshot;
+use c1m_bench::target::{parse_sources, Target};
+use c1m_bench::worker::{self, WorkerConfig};
+use clap::Args;
+
+use crate::serve::parse_duration;
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "Examples:
+  c1m bench --url ws://127.0.0.1:8088/ --connections 10000 --rate 5000 --messages 3
+  c1m bench --connections 100000 --procs 6 --source-ips 127.0.0.2-127.0.0.100 --duration 2m --json run.json
+  c1m report merge machine1.json machine2.json")]
+pub struct BenchArgs {
+    /// WebSocket URL to connect to (ws://HOST:PORT/PATH).
+    #[arg(long, default_value = "ws://127.0.0.1:8088/")]
+    url: String,
+
+    /// Connections to open in total (over all worker processes).
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    connections: usize,
+
+    /// Connections opened per second in total, paced evenly.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+
+    /// Worker processes. Each process may hold at most its open-file limit of sockets
+    /// (about 19,000 here), so 100,000 connections need at least 6.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+
+    /// Source addresses to connect from, as a list and/or ranges, IPv4 or IPv6
+    /// (e.g. 127.0.0.2-127.0.0.254,127.0.1.1). Each address gives ~64k connections to
+    /// one server port; connections rotate over them. Default: the kernel's choice.
+    #[arg(long, value_name = "LIST")]
+    source_ips: Option<String>,
+
+    /// Stop after this long (e.g. 60s, 10m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+
+    /// Stop once every connection has received this many messages.
+    #[arg(long, value_name = "K")]
+    messages: Option<u64>,
+
+    /// Time between reports.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    report_interval: Duration,
+
+    /// A connect or handshake that takes longer than this is an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Write the full result (config, counters, histogram, rounds) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    /// Print only the final report.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+
+    #[arg(long, hide = true, default_value_t = 1)]
+    worker_count: usize,
+}
+
+impl BenchArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            bail!("--rate must be a positive number of connections per second");
+        }
+        if self.procs == 0 || self.procs > self.connections {
+            bail!("--procs must be between 1 and --connections");
+        }
+        if self.duration.is_none() && self.messages.is_none() {
+            tracing::warn!("neither --duration nor --messages given: running until Ctrl-C");
+        }
+        Ok(())
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "url": self.url,
+            "connections": self.connections,
+            "rate": self.rate,
+            "procs": self.procs,
+            "source_ips": self.source_ips,
+            "duration_secs": self.duration.map(|d| d.as_secs_f64()),
+            "messages": self.messages,
+        })
+    }
+
+    /// The share of the work of worker `index` out of `count`.
+    fn worker_config(&self, index: usize, count: usize) -> anyhow::Result<WorkerConfig> {
+        let target = Target::parse(&self.url).context("--url")?;
+        let all_sources = match &self.source_ips {
+            Some(spec) => parse_sources(spec).context("--source-ips")?,
+            None => Vec::new(),
+        };
+        // Deal sources out round-robin; with fewer sources than workers, all share all.
+        let sources = if all_sources.len() >= count {
+            all_sources
+                .iter()
+                .skip(index)
+                .step_by(count)
+                .copied()
+                .collect()
+        } else {
+            all_sources
+        };
+        let connections = self.connections / count + usize::from(index < self.connections % count);
+        Ok(WorkerConfig {
+            target,
+            connections,
+            rate: self.rate / count as f64,
+            sources,
+            duration: self.duration,
+            messages: self.messages,
+            connect_timeout: self.connect_timeout,
+            snapshot_interval: Duration::from_secs(1),
+        })
+    }
+}
+
+/// A stop flag set by SIGINT or SIGTERM.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(index) = args.worker_index {
+        return run_child(&args, index);
+    }
+    args.validate()?;
+    args.worker_config(0, 1)?; // report bad flags before starting anything
+    let per_proc = args.connections.div_ceil(args.procs);
+    let nofile = nofile_limit();
+    if per_proc as u64 + 64 > nofile {
+        bail!(
+            "{per_proc} connections per process exceed the open-file limit ({nofile}); \
+             use --procs {} or more",
+            args.connections
+                .div_ceil(nofile.saturating_sub(64).max(1) as usize)
+        );
+    }
+    let stop = stop_flag()?;
+    let start = Instant::now();
+    let mut reporter = Reporter::new(&args, start);
+    let result = if args.procs == 1 {
+        let mut agg = Aggregator::new(1);
+        let config = args.worker_config(0, 1)?;
+        let last = worker::run(config, &stop, |snap| {
+            agg.update(0, snap.clone(), start.elapsed());
+            reporter.tick(&agg);
+        })?;
+        agg.update(0, last, start.elapsed());
+        agg.result(args.config_json(), start.elapsed())
+    } else {
+        run_children(&args, &stop, &mut reporter, start)?
+    };
+    print!("{}", console(&result, "c1m bench: final report"));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&result)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Prints periodic reports and the ramp-up progress line.
+struct Reporter {
+    interval: Duration,
+    quiet: bool,
+    progress: bool,
+    target: usize,
+    start: Instant,
+    next: Instant,
+}
+
+impl Reporter {
+    fn new(args: &BenchArgs, start: Instant) -> Reporter {
+        Reporter {
+            interval: args.report_interval,
+            quiet: args.quiet,
+            progress: !args.quiet && std::io::stderr().is_terminal(),
+            target: args.connections,
+            start,
+            next: start + args.report_interval,
+        }
+    }
+
+    fn tick(&mut self, agg: &Aggregator) {
+        let now = Instant::now();
+        let merged = agg.merged();
+        if self.progress && (merged.established as usize) < self.target {
+            let done = merged.established as usize * 40 / self.target.max(1);
+            eprint!(
+                "\rramping up [{}{}] {}/{} connections, {} errors ",
+                "#".repeat(done),
+                " ".repeat(40 - done),
+                merged.established,
+                self.target,
+                merged.error_total()
+            );
+        }
+        if now >= self.next {
+            self.next += self.interval;
+            if !self.quiet {
+                let result = agg.result(serde_json::Value::Null, now - self.start);
+                if self.progress {
+                    eprintln!();
+                }
+                print!(
+                    "{}",
+                    console(
+                        &result,
+                        &format!("c1m bench: {:.0} s", (now - self.start).as_secs_f64())
+                    )
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+}
+
+/// One line a child prints per snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChildLine {
+    done: bool,
+    snapshot: Snapshot,
+}
+
+fn run_child(args: &BenchArgs, index: usize) -> anyhow::Result<()> {
+    let config = args.worker_config(index, args.worker_count)?;
+    let stop = stop_flag()?;
+    let mut stdout = std::io::stdout().lock();
+    let mut emit = |snapshot: &Snapshot, done: bool| -> std::io::Result<()> {
+        let line = serde_json::to_string(&ChildLine {
+            done,
+            snapshot: snapshot.clone(),
+        })?;
+        writeln!(stdout, "{line}")?;
+        stdout.flush()
+    };
+    let last = worker::run(config, &stop, |snap| {
+        // If the parent is gone, stop: nobody reads us.
+        if emit(snap, false).is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    })?;
+    emit(&last, true)?;
+    Ok(())
+}
+
+fn run_children(
+    args: &BenchArgs,
+    stop: &AtomicBool,
+    reporter: &mut Reporter,
+    start: Instant,
+) -> anyhow::Result<BenchResult> {
+    let exe = std::env::current_exe().context("finding the c1m executable")?;
+    let (tx, rx) = mpsc::channel::<(usize, Option<ChildLine>)>();
+    let mut children = Vec::new();
+    for index in 0..args.procs {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench")
+            .args(["--url", &args.url])
+            .args(["--connections", &args.connections.to_string()])
+            .args(["--rate", &args.rate.to_string()])
+            .args([
+                "--connect-timeout",
+                &format!("{}ms", args.connect_timeout.as_millis()),
+            ])
+            .args(["--worker-index", &index.to_string()])
+            .args(["--worker-count", &args.procs.to_string()])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        if let Some(spec) = &args.source_ips {
+            cmd.args(["--source-ips", spec]);
+        }
+        if let Some(d) = args.duration {
+            cmd.args(["--duration", &format!("{}ms", d.as_millis())]);
+        }
+        if let Some(k) = args.messages {
+            cmd.args(["--messages", &k.to_string()]);
+        }
+        let mut child = cmd.spawn().context("starting a bench worker")?;
+        let stdout = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<ChildLine>(&line) {
+                    Ok(parsed) => {
+                        let _ = tx.send((index, Some(parsed)));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "unreadable line from bench worker {index}")
+                    }
+                }
+            }
+            let _ = tx.send((index, None)); // the child's stdout closed
+        });
+        children.push(child);
+    }
+    drop(tx);
+    let mut agg = Aggregator::new(args.procs);
+    let mut finished = vec![false; args.procs];
+    let mut forwarded = false;
+    while finished.iter().any(|f| !f) {
+        if stop.load(Ordering::Relaxed) && !forwarded {
+            forwarded = true;
+            for child in &children {
+                // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((index, Some(line))) => {
+                agg.update(index, line.snapshot, start.elapsed());
+                if line.done {
+                    finished[index] = true;
+                }
+                reporter.tick(&agg);
+            }
+            Ok((index, None)) => {
+                if !finished[index] {
+                    tracing::warn!(worker = index, "bench worker ended without a final report");
+                    finished[index] = true;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => reporter.tick(&agg),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
+    Ok(agg.result(args.config_json(), start.elapsed()))
+}
+
+/// The soft open-file limit of this process.
+pub fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; RLIMIT_NOFILE is valid.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    }
+}
