@@ -107,7 +107,7 @@ async fn connect_only_pushes_nothing() {
 async fn ping_gets_pong_and_close_gets_close() {
     let server = Server::start(&["--connect-only"]);
     let mut ws = connect(&server, "/").await;
-    ws.send(Message::Ping(b"are you there".to_vec().into()))
+    ws.send(Message::Ping(b"are you there".to_vec()))
         .await
         .unwrap();
     let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -115,7 +115,7 @@ async fn ping_gets_pong_and_close_gets_close() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(pong, Message::Pong(b"are you there".to_vec().into()));
+    assert_eq!(pong, Message::Pong(b"are you there".to_vec()));
 
     ws.send(Message::Close(Some(CloseFrame {
         code: CloseCode::Normal,
