@@ -16,7 +16,6 @@ pub struct BenchResult {
     pub config: serde_json::Value,
     pub message_rate: MeterValues,
     pub setup_rate: MeterValues,
-    #[serde(flatten)]
     pub snapshot: Snapshot,
 }
 

@@ -107,7 +107,7 @@ struct Worker {
     rounds: HashMap<u64, RoundAcc>,
     /// Wall µs at which each connection opened, in opening order (so sorted).
     open_times: Vec<u64>,
-    /// (opened_us, last_stamp) of every connection that ended.
+    /// (opened_us, last_stamp) of every connection that ended unplanned.
     ended: Vec<(u64, u64)>,
     /// Deadlines of connects and handshakes, oldest first (one timeout for both).
     deadlines: VecDeque<(usize, Instant)>,
@@ -465,10 +465,17 @@ impl Worker {
     /// Measures one complete message.
     fn on_message(&mut self, key: usize, payload: &[u8], now_us: u64) {
         self.snap.messages += 1;
+        let client = &mut self.clients[key];
+        client.received += 1;
+        if self.config.messages == Some(client.received) && matches!(client.phase, Phase::Open) {
+            self.done += 1;
+        }
+        let opened_us = client.opened_us;
         let Some(stamp) = stamp_micros(payload) else {
             self.snap.unparsable += 1;
             return;
         };
+        client.last_stamp = client.last_stamp.max(stamp);
         let latency = match now_us.checked_sub(stamp) {
             Some(l) => l,
             None => {
@@ -478,20 +485,14 @@ impl Worker {
         };
         // Values above the histogram's range are clamped to its top.
         let _ = self.snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
-        let client = &mut self.clients[key];
         let round = self.rounds.entry(stamp).or_default();
         if round.delivered == 0 {
             round.first_us = now_us;
         }
         round.delivered += 1;
         round.last_us = round.last_us.max(now_us);
-        if client.opened_us < stamp {
+        if opened_us < stamp {
             round.delivered_expected += 1;
-        }
-        client.last_stamp = client.last_stamp.max(stamp);
-        client.received += 1;
-        if self.config.messages == Some(client.received) && matches!(client.phase, Phase::Open) {
-            self.done += 1;
         }
     }
 
@@ -505,7 +506,11 @@ impl Worker {
             Phase::Connecting { .. } | Phase::Handshake(_) => self.pending -= 1,
             Phase::Open | Phase::Closing => {
                 self.snap.active -= 1;
-                self.ended.push((client.opened_us, client.last_stamp));
+                // Connections we close at the end of the run stay expected for the rounds
+                // stamped while they were open; only an unplanned end excuses them.
+                if matches!(client.phase, Phase::Open) {
+                    self.ended.push((client.opened_us, client.last_stamp));
+                }
                 if self.config.messages.is_some_and(|k| client.received >= k) {
                     self.done -= 1;
                 }

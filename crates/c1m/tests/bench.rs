@@ -1,0 +1,359 @@
+//! Integration tests of `c1m bench` as a measuring instrument: against the real
+//! `c1m serve` with injected faults, and against small hand-written hostile servers.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use c1m_bench::report::BenchResult;
+use common::Server;
+
+fn json_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("c1m-test-{}-{name}.json", std::process::id()))
+}
+
+/// Runs `c1m bench ARGS --json FILE` and returns its output and parsed result.
+fn bench(name: &str, args: &[&str]) -> (Output, BenchResult) {
+    let path = json_path(name);
+    let output = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .arg("bench")
+        .args(args)
+        .args(["--quiet", "--json"])
+        .arg(&path)
+        .output()
+        .expect("run c1m bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result = serde_json::from_str(&std::fs::read_to_string(&path).expect("json written"))
+        .expect("valid result");
+    let _ = std::fs::remove_file(&path);
+    (output, result)
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/")
+}
+
+#[test]
+fn latency_percentiles_match_an_injected_delay() {
+    let server = Server::start(&[
+        "--interval",
+        "200ms",
+        "--total",
+        "50",
+        "--fault-stamp-offset",
+        "50ms",
+    ]);
+    let (output, result) = bench(
+        "latency",
+        &["--url", &server.url("/"), "-c", "50", "--messages", "5"],
+    );
+    let h = &result.snapshot.latency;
+    assert_eq!(h.len(), 250, "50 connections x 5 messages");
+    let p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
+    let p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
+    // The stamp is in whole milliseconds, so up to 1 ms of truncation adds to the delay.
+    assert!((50.0..56.0).contains(&p50_ms), "p50 {p50_ms} ms");
+    assert!((50.0..70.0).contains(&p99_ms), "p99 {p99_ms} ms");
+    assert_eq!(result.snapshot.missed_total(), 0);
+    assert_eq!(
+        result.snapshot.error_total(),
+        0,
+        "{:?}",
+        result.snapshot.errors
+    );
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("message.latency") && report.contains("connections.setup.rate"),
+        "{report}"
+    );
+}
+
+#[test]
+fn missed_deliveries_are_detected() {
+    // The server skips every 10th connection in each broadcast: 5 of 50 per round.
+    let server = Server::start(&[
+        "--interval",
+        "200ms",
+        "--total",
+        "50",
+        "--fault-skip-every",
+        "10",
+    ]);
+    let (_, result) = bench(
+        "missed",
+        &["--url", &server.url("/"), "-c", "50", "--duration", "2s"],
+    );
+    let complete: Vec<_> = result
+        .snapshot
+        .rounds
+        .values()
+        .filter(|r| r.complete)
+        .collect();
+    assert!(complete.len() >= 3, "rounds: {:?}", result.snapshot.rounds);
+    for round in complete {
+        assert_eq!(round.expected, 50, "{round:?}");
+        assert_eq!(round.missed(), 5, "{round:?}");
+    }
+}
+
+#[test]
+fn connect_refused_is_counted() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_, result) = bench(
+        "refused",
+        &["--url", &url(port), "-c", "5", "--duration", "2s"],
+    );
+    assert_eq!(
+        result.snapshot.errors.get("connect.refused"),
+        Some(&5),
+        "{:?}",
+        result.snapshot.errors
+    );
+    assert_eq!(result.snapshot.established, 0);
+}
+
+/// A hand-written server: each accepted connection is handled by `handle` on a thread.
+fn fake_server(handle: fn(std::net::TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || handle(stream));
+        }
+    });
+    addr
+}
+
+/// Reads the request head and answers a valid 101 (the key is taken from the request).
+fn accept_upgrade(stream: &mut std::net::TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut key = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("Sec-WebSocket-Key: ") {
+            key = v.trim().to_string();
+        }
+    }
+    let accept = c1m_proto::handshake::accept_key(&key);
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    stream.write_all(response.as_bytes()).unwrap();
+}
+
+/// Keeps the connection until the client goes away.
+fn drain(mut stream: std::net::TcpStream) {
+    let mut buf = [0u8; 1024];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+#[test]
+fn each_error_cause_is_counted() {
+    let cases: Vec<(&str, fn(std::net::TcpStream), &str)> = vec![
+        (
+            "rejected",
+            |mut s| {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ =
+                    s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+            },
+            "handshake.status.503",
+        ),
+        (
+            "protocol",
+            |mut s| {
+                accept_upgrade(&mut s);
+                // A masked frame from a server is a protocol error (RFC 6455 §5.1).
+                let _ = s.write_all(&[0x81, 0x81, 1, 2, 3, 4, b'x' ^ 1]);
+                drain(s);
+            },
+            "protocol.1002",
+        ),
+        (
+            "closed",
+            |mut s| {
+                accept_upgrade(&mut s);
+                let _ = s.write_all(&[0x88, 0x02, 0x03, 0xF3]); // close 1011
+                drain(s);
+            },
+            "closed.1011",
+        ),
+        (
+            "eof",
+            |mut s| {
+                accept_upgrade(&mut s);
+                std::thread::sleep(Duration::from_millis(100));
+            },
+            "io.eof_without_close",
+        ),
+        (
+            "silent",
+            |s| {
+                std::thread::sleep(Duration::from_secs(3));
+                drop(s);
+            },
+            "handshake.timeout",
+        ),
+    ];
+    for (name, handler, cause) in cases {
+        let addr = fake_server(handler);
+        let (_, result) = bench(
+            name,
+            &[
+                "--url",
+                &url(addr),
+                "-c",
+                "4",
+                "--duration",
+                "1500ms",
+                "--connect-timeout",
+                "500ms",
+            ],
+        );
+        assert_eq!(
+            result.snapshot.errors.get(cause),
+            Some(&4),
+            "{name}: {:?}",
+            result.snapshot.errors
+        );
+        assert_eq!(
+            result.snapshot.error_total(),
+            4,
+            "{name}: {:?}",
+            result.snapshot.errors
+        );
+    }
+}
+
+#[test]
+fn garbage_payloads_are_counted_not_fatal() {
+    let addr = fake_server(|mut s| {
+        accept_upgrade(&mut s);
+        for payload in [&b"hello"[..], b"-5", b"{\"ts\":\"x\"}", b"\x00\x01"] {
+            let mut frame = vec![0x82, payload.len() as u8];
+            frame.extend_from_slice(payload);
+            let _ = s.write_all(&frame);
+        }
+        drain(s);
+    });
+    let (_, result) = bench(
+        "garbage",
+        &["--url", &url(addr), "-c", "3", "--messages", "4"],
+    );
+    assert_eq!(result.snapshot.messages, 12);
+    assert_eq!(result.snapshot.unparsable, 12);
+    assert_eq!(result.snapshot.latency.len(), 0);
+}
+
+#[test]
+fn server_shutdown_counts_closed_1001() {
+    let mut server = Server::start(&["--connect-only"]);
+    let url = server.url("/");
+    let runner = std::thread::spawn(move || {
+        bench("shutdown", &["--url", &url, "-c", "20", "--duration", "3s"])
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(server.terminate().success());
+    let (_, result) = runner.join().unwrap();
+    assert_eq!(
+        result.snapshot.errors.get("closed.1001"),
+        Some(&20),
+        "{:?}",
+        result.snapshot.errors
+    );
+}
+
+#[test]
+fn worker_processes_and_merge_add_up() {
+    let server = Server::start(&["--interval", "200ms"]);
+    let args = |procs: &'static str| {
+        vec![
+            "--url".to_string(),
+            server.url("/"),
+            "-c".into(),
+            "40".into(),
+            "--procs".into(),
+            procs.into(),
+            "--messages".into(),
+            "3".into(),
+        ]
+    };
+    let a_args = args("2");
+    let (_, a) = bench(
+        "procs-a",
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(a.snapshot.established, 40);
+    assert!(a.snapshot.messages >= 120, "{}", a.snapshot.messages);
+    assert_eq!(a.snapshot.latency.len(), a.snapshot.messages);
+
+    let b_args = args("1");
+    let (_, b) = bench(
+        "procs-b",
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (pa, pb, merged) = (json_path("m-a"), json_path("m-b"), json_path("m-out"));
+    std::fs::write(&pa, serde_json::to_string(&a).unwrap()).unwrap();
+    std::fs::write(&pb, serde_json::to_string(&b).unwrap()).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .args(["report", "merge"])
+        .args([&pa, &pb])
+        .arg("--json")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let m: BenchResult = serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    let mut both = a.snapshot.latency.clone();
+    both.add(&b.snapshot.latency).unwrap();
+    assert_eq!(
+        m.snapshot.latency, both,
+        "merged histogram equals one over both runs"
+    );
+    assert_eq!(
+        m.snapshot.messages,
+        a.snapshot.messages + b.snapshot.messages
+    );
+    assert_eq!(m.snapshot.established, 80);
+    for p in [pa, pb, merged] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_clearly() {
+    for (args, needle) in [
+        (vec!["--url", "http://x/"], "ws://"),
+        (vec!["--connections", "0"], "--connections"),
+        (vec!["--source-ips", "127.0.0.9-127.0.0.1"], "source"),
+        (vec!["--procs", "5", "-c", "2"], "--procs"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_c1m"))
+            .arg("bench")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
