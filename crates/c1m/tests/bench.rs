@@ -123,8 +123,11 @@ fn connect_refused_is_counted() {
     assert_eq!(result.snapshot.established, 0);
 }
 
+/// How a fake server treats one connection.
+type Handler = fn(std::net::TcpStream);
+
 /// A hand-written server: each accepted connection is handled by `handle` on a thread.
-fn fake_server(handle: fn(std::net::TcpStream)) -> SocketAddr {
+fn fake_server(handle: Handler) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -163,7 +166,7 @@ fn drain(mut stream: std::net::TcpStream) {
 
 #[test]
 fn each_error_cause_is_counted() {
-    let cases: Vec<(&str, fn(std::net::TcpStream), &str)> = vec![
+    let cases: Vec<(&str, Handler, &str)> = vec![
         (
             "rejected",
             |mut s| {
