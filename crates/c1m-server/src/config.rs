@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub stats_interval: Duration,
     /// Listen backlog asked of the kernel (capped by `net.core.somaxconn`).
     pub backlog: i32,
+    /// Set `SO_REUSEPORT`, so several independent server processes can share the port
+    /// (the kernel spreads connections among them by hash, regardless of their load).
+    pub reuse_port: bool,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -70,6 +73,7 @@ impl Default for ServeConfig {
             close_timeout: Duration::from_secs(3),
             stats_interval: Duration::from_secs(10),
             backlog: 65535,
+            reuse_port: false,
             faults: Faults::default(),
         }
     }

@@ -81,7 +81,8 @@ impl Server {
     fn bind(config: ServeConfig) -> Result<Server, ServeError> {
         let addr = config.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
-        let mut listener = listen_socket(addr, config.backlog).map_err(listen_error)?;
+        let mut listener =
+            listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
         let poll = Poll::new()?;
         poll.registry()
@@ -404,9 +405,12 @@ impl Server {
 
 /// A non-blocking listening socket with the backlog we ask for. (`std`'s and tokio's
 /// `bind` use a fixed backlog of 128 or 1024, which throttles a fast ramp-up.)
-fn listen_socket(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+fn listen_socket(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;

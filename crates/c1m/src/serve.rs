@@ -62,6 +62,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration, env = "C1M_CLOSE_TIMEOUT")]
     close_timeout: Duration,
 
+    /// Set SO_REUSEPORT so several `c1m serve` processes can share one port; the kernel
+    /// spreads connections among them by hash. Each process broadcasts on its own clock.
+    #[arg(long, env = "C1M_REUSE_PORT")]
+    reuse_port: bool,
+
     /// Test fault: stamp broadcasts this far in the past (checks the bench's latency).
     #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
     fault_stamp_offset: Duration,
@@ -95,6 +100,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         handshake_timeout: args.handshake_timeout,
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,
+        reuse_port: args.reuse_port,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),

@@ -244,6 +244,41 @@ fn each_error_cause_is_counted() {
 }
 
 #[test]
+fn connect_timeout_is_counted() {
+    // A listener that never accepts, with a backlog of 1: once its queue is full the kernel
+    // drops further SYNs, so those connects hang until the bench's timeout. The ones that
+    // got into the queue connect, and then time out waiting for the handshake.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(1).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let (_, result) = bench(
+        "connect-timeout",
+        &[
+            "--url",
+            &url(addr),
+            "-c",
+            "8",
+            "--duration",
+            "1500ms",
+            "--connect-timeout",
+            "400ms",
+        ],
+    );
+    let errors = &result.snapshot.errors;
+    let timeouts = errors.get("connect.timeout").copied().unwrap_or(0);
+    assert!(timeouts >= 4, "{errors:?}");
+    assert_eq!(
+        timeouts + errors.get("handshake.timeout").copied().unwrap_or(0),
+        8,
+        "{errors:?}"
+    );
+    drop(socket);
+}
+
+#[test]
 fn garbage_payloads_are_counted_not_fatal() {
     let addr = fake_server(|mut s| {
         accept_upgrade(&mut s);
