@@ -215,16 +215,16 @@ impl Reporter {
 
     fn tick(&mut self, agg: &Aggregator) {
         let now = Instant::now();
-        let merged = agg.merged();
-        if self.progress && (merged.established as usize) < self.target {
-            let done = merged.established as usize * 40 / self.target.max(1);
+        let totals = agg.totals();
+        if self.progress && (totals.established as usize) < self.target {
+            let done = totals.established as usize * 40 / self.target.max(1);
             eprint!(
                 "\rramping up [{}{}] {}/{} connections, {} errors ",
                 "#".repeat(done),
                 " ".repeat(40 - done),
-                merged.established,
+                totals.established,
                 self.target,
-                merged.error_total()
+                totals.errors
             );
         }
         if now >= self.next {
