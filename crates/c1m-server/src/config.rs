@@ -41,6 +41,12 @@ pub struct ServeConfig {
     pub stats_interval: Duration,
     /// Listen backlog asked of the kernel (capped by `net.core.somaxconn`).
     pub backlog: i32,
+    /// Most upgraded connections the whole server (all workers) accepts; further
+    /// upgrades get HTTP 503.
+    pub max_connections: Option<u64>,
+    /// Most sockets one process holds (keep it under the process's `nofile` limit); a
+    /// full process stops accepting and leaves new connections to other workers.
+    pub max_sockets: usize,
     /// Set `SO_REUSEPORT`, so several independent server processes can share the port
     /// (the kernel spreads connections among them by hash, regardless of their load).
     pub reuse_port: bool,
@@ -74,6 +80,8 @@ impl Default for ServeConfig {
             stats_interval: Duration::from_secs(10),
             backlog: 65535,
             reuse_port: false,
+            max_connections: None,
+            max_sockets: 1 << 20,
             faults: Faults::default(),
         }
     }

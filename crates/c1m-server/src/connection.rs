@@ -129,11 +129,13 @@ impl Connection {
     }
 
     /// Reads what the socket has, into the worker's `scratch` buffer.
+    /// `admit` says whether an upgrade completed now may be accepted (else: 503).
     pub fn on_readable(
         &mut self,
         scratch: &mut [u8],
         limits: &Limits,
         closing_deadline: Instant,
+        admit: bool,
         stats: &mut Stats,
     ) -> Next {
         for _ in 0..MAX_READS_PER_TURN {
@@ -146,7 +148,9 @@ impl Connection {
             };
             let input = &mut scratch[..n];
             let next = match self.phase {
-                Phase::Handshake(_) => self.handshake_input(input, limits, closing_deadline, stats),
+                Phase::Handshake(_) => {
+                    self.handshake_input(input, limits, closing_deadline, admit, stats)
+                }
                 Phase::Open => self.frame_input(input, limits, closing_deadline, stats),
                 // Closing: the peer's last frames (its close echo) are of no further use.
                 Phase::Closing { .. } => Next::Keep,
@@ -246,6 +250,7 @@ impl Connection {
         input: &mut [u8],
         limits: &Limits,
         closing_deadline: Instant,
+        admit: bool,
         stats: &mut Stats,
     ) -> Next {
         let Phase::Handshake(pending) = &mut self.phase else {
@@ -261,6 +266,16 @@ impl Connection {
             }
         };
         match request {
+            (Request::Upgrade(_), _) if !admit => {
+                stats.rejected_full += 1;
+                let response = handshake::http_response(
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", "5")],
+                    "server full: --max-connections reached\n",
+                );
+                self.finish_with(response, closing_deadline, limits)
+            }
             (Request::Upgrade(upgrade), used) => {
                 let Phase::Handshake(mut pending) = std::mem::replace(&mut self.phase, Phase::Open)
                 else {

@@ -10,13 +10,17 @@
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`server`]: the event loop: accept, read, fan out, time out, shut down.
 //! - [`stats`]: counters and the periodic stats line.
+//! - [`master`]: the supervisor of a multi-process server (`--workers N`).
+//! - [`scoreboard`]: per-worker counters in shared memory.
 
 pub mod clock;
 pub mod config;
 pub mod connection;
+pub mod master;
 pub mod outbox;
+pub mod scoreboard;
 pub mod server;
 pub mod stats;
 
 pub use config::{Faults, Precision, ServeConfig};
-pub use server::{run, ServeError};
+pub use server::{run, run_worker, ServeError, WorkerRole};

@@ -12,12 +12,15 @@
 //! exits at once.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use c1m_proto::{CloseCode, DecoderConfig, Role};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
@@ -27,10 +30,12 @@ use socket2::{Domain, Socket, Type};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
 use crate::connection::{Connection, End, Limits, Next, PhaseKind, SendError};
-use crate::stats::Stats;
+use crate::scoreboard::Scoreboard;
+use crate::stats::{rss_bytes, Stats};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const CONTROL: Token = Token(usize::MAX - 3);
 
 /// The worker's read buffer, shared by all its connections (see `connection`).
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -49,8 +54,33 @@ pub enum ServeError {
 /// Binds the listener, calls `on_listening` with the bound address, then serves until
 /// a shutdown signal.
 pub fn run(config: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    let mut server = Server::bind(config)?;
+    let addr = config.listen;
+    let listen_error = |source| ServeError::Listen { addr, source };
+    let listener = listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
+    let mut server = Server::new(config, listener, None)?;
     on_listening(server.local_addr);
+    server.serve()
+}
+
+/// What a worker process of a multi-process server gets from its master (see `master`).
+#[derive(Debug)]
+pub struct WorkerRole {
+    pub index: usize,
+    /// Counters shared with the master and the other workers.
+    pub scoreboard: Scoreboard,
+    /// Broadcast frames from the master: each a little-endian u32 length, then the
+    /// complete WebSocket frame to send to every open connection.
+    pub control: std::os::unix::net::UnixStream,
+}
+
+/// Runs a worker on a listening socket inherited from the master.
+pub fn run_worker(
+    config: ServeConfig,
+    listener: std::net::TcpListener,
+    role: WorkerRole,
+) -> Result<(), ServeError> {
+    listener.set_nonblocking(true)?;
+    let mut server = Server::new(config, TcpListener::from_std(listener), Some(role))?;
     server.serve()
 }
 
@@ -73,25 +103,60 @@ struct Server {
     /// Connections whose input was not drained in their last turn.
     read_again: Vec<usize>,
     accept_paused_until: Option<Instant>,
+    /// Whether the listener is in the epoll set (it is taken out while this process is
+    /// full or out of descriptors, so the kernel queues connections for other workers).
+    accepting: bool,
     shutdown_deadline: Option<Instant>,
     next_stats: Instant,
+    /// Set in a worker process; `None` for a single-process server.
+    worker: Option<Worker>,
+}
+
+/// The worker side of a multi-process server.
+struct Worker {
+    index: usize,
+    scoreboard: Scoreboard,
+    control: UnixStream,
+    /// Bytes read from `control` not yet forming a complete message.
+    control_buf: Vec<u8>,
 }
 
 impl Server {
-    fn bind(config: ServeConfig) -> Result<Server, ServeError> {
-        let addr = config.listen;
-        let listen_error = |source| ServeError::Listen { addr, source };
-        let mut listener =
-            listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
-        let local_addr = listener.local_addr().map_err(listen_error)?;
+    fn new(
+        config: ServeConfig,
+        listener: TcpListener,
+        role: Option<WorkerRole>,
+    ) -> Result<Server, ServeError> {
+        let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGINT, SIGTERM])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let worker = match role {
+            None => None,
+            Some(role) => {
+                role.control.set_nonblocking(true)?;
+                let mut control = UnixStream::from_std(role.control);
+                poll.registry()
+                    .register(&mut control, CONTROL, Interest::READABLE)?;
+                role.scoreboard.reset(role.index);
+                role.scoreboard
+                    .slot(role.index)
+                    .pid
+                    .store(std::process::id() as u64, Relaxed);
+                Some(Worker {
+                    index: role.index,
+                    scoreboard: role.scoreboard,
+                    control,
+                    control_buf: Vec::new(),
+                })
+            }
+        };
         let now = Instant::now();
-        Ok(Server {
+        let mut clock_config = config.clone();
+        // A worker broadcasts what its master sends; only a single process keeps time.
+        clock_config.connect_only |= worker.is_some();
+        let mut server = Server {
             limits: Limits {
                 decoder: DecoderConfig {
                     role: Role::Server,
@@ -100,7 +165,7 @@ impl Server {
                 max_pending_bytes: config.max_pending_bytes,
                 max_head_bytes: config.max_head_bytes,
             },
-            clock: Clock::new(&config, now),
+            clock: Clock::new(&clock_config, now),
             next_stats: now + config.stats_interval,
             config,
             poll,
@@ -114,8 +179,65 @@ impl Server {
             closing_deadlines: VecDeque::new(),
             read_again: Vec::new(),
             accept_paused_until: None,
+            accepting: false,
             shutdown_deadline: None,
-        })
+            worker,
+        };
+        server.set_accepting(true)?;
+        Ok(server)
+    }
+
+    /// Adds the listener to (or removes it from) the epoll set.
+    ///
+    /// Registered by hand rather than through mio, to use `EPOLLEXCLUSIVE`: every worker
+    /// of a multi-process server waits on the same listening socket, and without it each
+    /// new connection would wake all of them. Level-triggered, so a worker that stops
+    /// accepting with connections still queued leaves them for the others.
+    fn set_accepting(&mut self, on: bool) -> io::Result<()> {
+        let Some(listener) = self.listener.as_ref() else {
+            return Ok(());
+        };
+        if on == self.accepting {
+            return Ok(());
+        }
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            u64: LISTENER.0 as u64,
+        };
+        let op = if on {
+            libc::EPOLL_CTL_ADD
+        } else {
+            libc::EPOLL_CTL_DEL
+        };
+        // SAFETY: both descriptors are open and owned by this struct; `event` is a valid
+        // epoll_event. mio never sees this registration: events for it carry the
+        // LISTENER token, which the loop handles.
+        let rc =
+            unsafe { libc::epoll_ctl(self.poll.as_raw_fd(), op, listener.as_raw_fd(), &mut event) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.accepting = on;
+        Ok(())
+    }
+
+    /// Upgraded connections in the whole server (all workers).
+    fn total_open(&self) -> u64 {
+        match &self.worker {
+            None => self.stats.open as u64,
+            Some(w) => {
+                let others =
+                    w.scoreboard.total_open() - w.scoreboard.slot(w.index).open.load(Relaxed);
+                others + self.stats.open as u64
+            }
+        }
+    }
+
+    /// Whether a new upgrade may be accepted under `--max-connections`.
+    fn has_room(&self) -> bool {
+        self.config
+            .max_connections
+            .is_none_or(|max| self.total_open() < max)
     }
 
     fn serve(&mut self) -> Result<(), ServeError> {
@@ -133,6 +255,14 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
+                    CONTROL => {
+                        if let Err(error) = self.read_control() {
+                            if self.shutdown_deadline.is_none() {
+                                tracing::warn!(%error, "control channel to the master lost: shutting down");
+                                self.begin_shutdown(now);
+                            }
+                        }
+                    }
                     SIGNALS => {
                         if self.signals.pending().next().is_some() {
                             if self.shutdown_deadline.is_some() {
@@ -157,17 +287,16 @@ impl Server {
             }
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
-                self.accept(now);
             }
+            self.update_accepting();
             if self.shutdown_deadline.is_none() && self.clock.due(now, self.stats.open) {
-                self.broadcast();
+                let (stamp, frame) = self.clock.stamp();
+                tracing::debug!(stamp, "broadcast");
+                self.fan_out(&frame);
                 now = Instant::now();
             }
             self.expire(now);
-            if now >= self.next_stats {
-                self.stats.report(now, self.conns.len());
-                self.next_stats = now + self.config.stats_interval;
-            }
+            self.publish(now);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || now >= deadline {
                     tracing::info!(unfinished = self.conns.len(), "shutdown complete");
@@ -199,10 +328,14 @@ impl Server {
     }
 
     fn accept(&mut self, now: Instant) {
-        if self.accept_paused_until.is_some() {
-            return;
+        if !self.accepting {
+            return; // a level-triggered event already queued before we stopped
         }
         loop {
+            if self.conns.len() >= self.config.max_sockets {
+                self.update_accepting();
+                return;
+            }
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
@@ -212,10 +345,12 @@ impl Server {
                         tracing::warn!(%error, "cannot register connection");
                     }
                 }
+                // WouldBlock: the queue is empty (or another worker took the connection).
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_resource_exhaustion(&e) => {
                     tracing::warn!(error = %e, open = self.conns.len(), "accept failed; pausing accepts briefly");
                     self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                    self.update_accepting();
                     return;
                 }
                 // A connection reset before we accepted it, and the like: try the next.
@@ -241,15 +376,17 @@ impl Server {
     }
 
     fn read(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.conns.get(key) else {
             return;
         };
         let before = conn.kind();
         let closing_deadline = now + self.config.close_timeout;
-        let next = conn.on_readable(
+        let admit = before != PhaseKind::Handshake || self.has_room();
+        let next = self.conns[key].on_readable(
             &mut self.scratch,
             &self.limits,
             closing_deadline,
+            admit,
             &mut self.stats,
         );
         self.after(key, before, next);
@@ -307,9 +444,8 @@ impl Server {
         let _ = self.poll.registry().deregister(conn.stream_mut());
     }
 
-    /// The hot path: stamp once, then hand the same frame to every open connection.
-    fn broadcast(&mut self) {
-        let (stamp, frame) = self.clock.stamp();
+    /// The hot path: hand one shared, already-encoded frame to every open connection.
+    fn fan_out(&mut self, frame: &Bytes) {
         let started = Instant::now();
         let mut sent = 0u64;
         let mut failed: Vec<(usize, End)> = Vec::new();
@@ -323,7 +459,7 @@ impl Server {
             if skip_every > 0 && open_seen.is_multiple_of(skip_every) {
                 continue; // test fault: see `Faults`
             }
-            match conn.send(&frame, &self.limits) {
+            match conn.send(frame, &self.limits) {
                 Ok(()) => sent += 1,
                 Err(SendError::Overflow) => failed.push((key, End::SlowConsumer)),
                 Err(SendError::Io(_)) => failed.push((key, End::Io)),
@@ -336,12 +472,77 @@ impl Server {
         self.stats.broadcasts += 1;
         self.stats.frames_out += sent;
         self.stats.last_fanout = fanout;
-        tracing::debug!(
-            stamp,
-            sent,
-            fanout_ms = fanout.as_secs_f64() * 1e3,
-            "broadcast"
-        );
+        tracing::debug!(sent, fanout_ms = fanout.as_secs_f64() * 1e3, "fan-out done");
+    }
+
+    /// Reads broadcast frames sent by the master and fans each out.
+    fn read_control(&mut self) -> io::Result<()> {
+        let Some(worker) = self.worker.as_mut() else {
+            return Ok(());
+        };
+        let mut chunk = [0u8; 4096];
+        loop {
+            match worker.control.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => worker.control_buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut frames = Vec::new();
+        while let Some(len) = worker.control_buf.get(..4) {
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            if worker.control_buf.len() < 4 + len {
+                break;
+            }
+            frames.push(Bytes::copy_from_slice(&worker.control_buf[4..4 + len]));
+            worker.control_buf.drain(..4 + len);
+        }
+        for frame in frames {
+            if self.shutdown_deadline.is_none() {
+                self.fan_out(&frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the listener out of the epoll set while this process cannot take more
+    /// connections, and puts it back when it can.
+    fn update_accepting(&mut self) {
+        let want = self.shutdown_deadline.is_none()
+            && self.accept_paused_until.is_none()
+            && self.conns.len() < self.config.max_sockets;
+        if let Err(error) = self.set_accepting(want) {
+            tracing::warn!(%error, "cannot change the listener registration");
+        }
+    }
+
+    /// Publishes counters: to the scoreboard (a worker, every loop turn: the master's
+    /// gate and every worker's `--max-connections` check read it), or as a stats line.
+    fn publish(&mut self, now: Instant) {
+        let due = now >= self.next_stats;
+        if due {
+            self.next_stats = now + self.config.stats_interval;
+        }
+        match &self.worker {
+            None if due => self.stats.report(now, self.conns.len()),
+            None => {}
+            Some(w) => {
+                let slot = w.scoreboard.slot(w.index);
+                slot.open.store(self.stats.open as u64, Relaxed);
+                slot.other_sockets
+                    .store((self.conns.len() - self.stats.open) as u64, Relaxed);
+                slot.frames_out.store(self.stats.frames_out, Relaxed);
+                slot.broadcasts.store(self.stats.broadcasts, Relaxed);
+                slot.last_fanout_us
+                    .store(self.stats.last_fanout.as_micros() as u64, Relaxed);
+                slot.rejected_full.store(self.stats.rejected_full, Relaxed);
+                if due {
+                    slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
+                }
+            }
+        }
     }
 
     /// Closes connections whose handshake or close handshake took too long.
@@ -379,9 +580,8 @@ impl Server {
             open = self.stats.open,
             "shutting down: closing every connection with 1001"
         );
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
-        }
+        let _ = self.set_accepting(false);
+        self.listener = None;
         let deadline = now + self.config.close_timeout;
         self.shutdown_deadline = Some(deadline);
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
@@ -405,7 +605,11 @@ impl Server {
 
 /// A non-blocking listening socket with the backlog we ask for. (`std`'s and tokio's
 /// `bind` use a fixed backlog of 128 or 1024, which throttles a fast ramp-up.)
-fn listen_socket(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<TcpListener> {
+pub(crate) fn listen_socket(
+    addr: SocketAddr,
+    backlog: i32,
+    reuse_port: bool,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if reuse_port {

@@ -19,6 +19,8 @@ pub struct Stats {
     pub handshake_timeouts: u64,
     pub plain_http: u64,
     pub slow_consumers: u64,
+    /// Upgrades refused with 503 because `--max-connections` was reached.
+    pub rejected_full: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
     last_report: Option<(Instant, u64)>,

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use c1m_server::{Faults, Precision, ServeConfig};
+use c1m_server::master::WorkerFds;
+use c1m_server::scoreboard::Scoreboard;
+use c1m_server::{Faults, Precision, ServeConfig, WorkerRole};
 use clap::{Args, ValueEnum};
 
 #[derive(Args, Debug)]
@@ -62,6 +64,28 @@ pub struct ServeArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration, env = "C1M_CLOSE_TIMEOUT")]
     close_timeout: Duration,
 
+    /// Worker processes: `auto` (default) runs enough for --max-connections under this
+    /// process's open-file limit, and at least one per core; 1 runs a single process
+    /// with no master.
+    #[arg(long, default_value = "auto", value_parser = parse_workers, env = "C1M_WORKERS")]
+    workers: Workers,
+
+    /// Most connections the server accepts (over all workers); further upgrades get
+    /// HTTP 503 with Retry-After.
+    #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS")]
+    max_connections: Option<u64>,
+
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long, hide = true, default_value_t = 1)]
+    worker_count: usize,
+    #[arg(long, hide = true)]
+    listen_fd: Option<i32>,
+    #[arg(long, hide = true)]
+    control_fd: Option<i32>,
+    #[arg(long, hide = true)]
+    scoreboard_fd: Option<i32>,
+
     /// Set SO_REUSEPORT so several `c1m serve` processes can share one port; the kernel
     /// spreads connections among them by hash. Each process broadcasts on its own clock.
     #[arg(long, env = "C1M_REUSE_PORT")]
@@ -76,6 +100,22 @@ pub struct ServeArgs {
     fault_skip_every: Option<usize>,
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Workers {
+    Auto,
+    Count(usize),
+}
+
+fn parse_workers(text: &str) -> Result<Workers, String> {
+    match text {
+        "auto" => Ok(Workers::Auto),
+        n => match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err("expected `auto` or a number of processes ≥ 1".into()),
+            Ok(n) => Ok(Workers::Count(n)),
+        },
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
     /// Milliseconds since the Unix epoch.
@@ -85,6 +125,9 @@ enum PrecisionArg {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let nofile = crate::bench::nofile_limit();
+    // Leave room under the open-file limit for the listener, logs and the like.
+    let max_sockets = nofile.saturating_sub(200).max(100) as usize;
     let config = ServeConfig {
         listen: args.listen,
         delay: args.delay,
@@ -101,19 +144,96 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,
         reuse_port: args.reuse_port,
+        max_connections: args.max_connections,
+        max_sockets,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),
         },
         ..ServeConfig::default()
     };
-    c1m_server::run(config, |addr| {
+    if let Some(index) = args.worker_index {
+        return run_worker(config, &args, index);
+    }
+    let workers = match args.workers {
+        Workers::Count(n) => n,
+        Workers::Auto => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let needed = args
+                .max_connections
+                .map_or(1, |max| max.div_ceil(max_sockets as u64) as usize);
+            cores.max(needed)
+        }
+    };
+    let print_address = |addr: SocketAddr| {
         // Machine-readable: scripts and tests read the port from this line.
         let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "listening on {addr}");
         let _ = stdout.flush();
-    })
-    .context("c1m serve")
+    };
+    if workers == 1 {
+        return c1m_server::run(config, print_address).context("c1m serve");
+    }
+    c1m_server::master::run_master(config, workers, spawn_worker, print_address)
+        .context("c1m serve")
+}
+
+/// Re-executes this binary as worker `fds.index`, with the same flags as the master plus
+/// the hidden worker flags, inheriting the listener, control and scoreboard descriptors.
+fn spawn_worker(fds: WorkerFds) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .args(["--worker-index", &fds.index.to_string()])
+        .args(["--worker-count", &fds.count.to_string()])
+        .args(["--listen-fd", &fds.listen_fd.to_string()])
+        .args(["--control-fd", &fds.control_fd.to_string()])
+        .args(["--scoreboard-fd", &fds.scoreboard_fd.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let inherited = [fds.listen_fd, fds.control_fd, fds.scoreboard_fd];
+    // SAFETY: runs in the forked child before exec, calling only fcntl (async-signal-safe)
+    // to clear close-on-exec on the three descriptors the worker must inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in inherited {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn run_worker(config: ServeConfig, args: &ServeArgs, index: usize) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd;
+    let (Some(listen_fd), Some(control_fd), Some(scoreboard_fd)) =
+        (args.listen_fd, args.control_fd, args.scoreboard_fd)
+    else {
+        anyhow::bail!(
+            "--worker-index is internal: it needs --listen-fd, --control-fd and --scoreboard-fd"
+        );
+    };
+    // SAFETY: the master passed these descriptors to this process for exactly these
+    // roles (see spawn_worker), and nothing else here owns them.
+    let (listener, control, scoreboard) = unsafe {
+        (
+            std::net::TcpListener::from_raw_fd(listen_fd),
+            std::os::unix::net::UnixStream::from_raw_fd(control_fd),
+            Scoreboard::from_fd(scoreboard_fd, args.worker_count)
+                .context("mapping the scoreboard")?,
+        )
+    };
+    let role = WorkerRole {
+        index,
+        scoreboard,
+        control,
+    };
+    c1m_server::run_worker(config, listener, role)
+        .with_context(|| format!("c1m serve worker {index}"))
 }
 
 /// Parses a human duration such as `250ms`, `10s` or `1m`.

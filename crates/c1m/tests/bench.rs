@@ -78,8 +78,11 @@ fn latency_percentiles_match_an_injected_delay() {
 
 #[test]
 fn missed_deliveries_are_detected() {
-    // The server skips every 10th connection in each broadcast: 5 of 50 per round.
+    // The server skips every 10th connection in each broadcast: 5 of 50 per round
+    // (one worker process, so "every 10th" counts over all 50).
     let server = Server::start(&[
+        "--workers",
+        "1",
         "--interval",
         "200ms",
         "--total",
