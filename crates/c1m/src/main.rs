@@ -3,8 +3,10 @@
 //! sets up logging, and hands a typed config to the library crates.
 
 mod bench;
+mod demo;
 mod report;
 mod serve;
+mod tune;
 
 use clap::{Parser, Subcommand};
 
@@ -24,21 +26,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a server and a bench together locally and report (the quick start).
+    Demo(demo::DemoArgs),
     /// Run the push server.
     Serve(serve::ServeArgs),
     /// Open many WebSocket connections, measure every message, report.
     Bench(bench::BenchArgs),
     /// Work with saved bench results (merge results from several machines).
     Report(report::ReportArgs),
+    /// Check (and with --apply, fix) the OS limits for a number of connections.
+    Tune(tune::TuneArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Report(args) => report::run(args),
+        Command::Tune(args) => tune::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,294 @@
+//! `c1m tune`: checks the operating-system limits a target number of connections needs,
+//! prints current vs needed with the command that fixes each, and with `--apply` fixes
+//! what it can (sysctls, as root).
+//!
+//! The estimates come from measurements on this machine kind (DESIGN.md): ~4.9 KB of
+//! kernel memory per loopback TCP socket, ~100 B of c1m server memory and ~500 B of
+//! bench memory per connection, ~28,000 usable ephemeral ports per source address with
+//! the default port range.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  c1m tune --connections 1000000                 # check both ends on this machine
+  sudo c1m tune --connections 1000000 --apply    # and fix what can be fixed
+  c1m tune --connections 200000 --role server --json")]
+pub struct TuneArgs {
+    /// Target number of concurrent connections.
+    #[arg(long, short = 'c', default_value_t = 1_000_000)]
+    connections: u64,
+
+    /// What runs on this machine: the server, the bench client, or both (loopback).
+    #[arg(long, value_enum, default_value = "both")]
+    role: RoleArg,
+
+    /// Apply the fixes that can be applied (sysctls; needs root).
+    #[arg(long)]
+    apply: bool,
+
+    /// Print the checks as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    Server,
+    Client,
+    Both,
+}
+
+/// One limit: what it is now, what the target needs, and how to fix it.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub current: String,
+    pub needed: String,
+    pub ok: bool,
+    /// A shell command that fixes it, if one exists.
+    pub fix: Option<String>,
+    /// A sysctl path and value `--apply` writes.
+    #[serde(skip)]
+    apply: Option<(String, String)>,
+    pub note: Option<String>,
+}
+
+const KERNEL_BYTES_PER_SOCKET: u64 = 4_900;
+const SERVER_BYTES_PER_CONN: u64 = 100;
+const BENCH_BYTES_PER_CONN: u64 = 500;
+/// Descriptors a c1m process keeps for itself besides connections.
+const FD_MARGIN: u64 = 200;
+
+fn read_sysctl(name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
+        .ok()
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn numbers(value: &str) -> Vec<u64> {
+    value
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+/// A sysctl that must be at least `min` (in its `index`th field).
+fn at_least(name: &str, index: usize, min: u64, want: &str, note: Option<String>) -> Check {
+    let current = read_sysctl(name).unwrap_or_else(|| "unreadable".into());
+    let ok = numbers(&current).get(index).is_some_and(|&v| v >= min);
+    Check {
+        name: name.to_string(),
+        needed: want.to_string(),
+        ok,
+        fix: (!ok).then(|| format!("sysctl -w {name}=\"{want}\"")),
+        apply: (!ok).then(|| (name.to_string(), want.to_string())),
+        current,
+        note,
+    }
+}
+
+fn mem_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
+    let n = connections;
+    let sockets = n * (server as u64 + client as u64);
+    let mut out = Vec::new();
+
+    // Open files per process: c1m uses more processes when the hard limit is low.
+    let (soft, hard) = nofile();
+    let per_process = hard.saturating_sub(FD_MARGIN).max(1);
+    let procs = n.div_ceil(per_process);
+    out.push(Check {
+        name: "nofile (per process)".into(),
+        current: format!("soft {soft}, hard {hard}"),
+        needed: format!("{} for one process per side", n + FD_MARGIN),
+        ok: hard >= n + FD_MARGIN,
+        fix: (hard < n + FD_MARGIN).then(|| {
+            format!("ulimit -Hn {} (from a privileged parent: limits.conf, systemd LimitNOFILE)", n + FD_MARGIN)
+        }),
+        apply: None,
+        note: (hard < n + FD_MARGIN).then(|| {
+            format!(
+                "not fatal: c1m runs {procs} worker processes per side of ≤{per_process} connections \
+                 (serve --workers auto, bench --procs {procs})"
+            )
+        }),
+    });
+    out.push(at_least(
+        "fs.file-max",
+        0,
+        sockets + 100_000,
+        &(sockets + 100_000).max(2_200_000).to_string(),
+        None,
+    ));
+    out.push(at_least(
+        "fs.nr_open",
+        0,
+        per_process.min(n) + FD_MARGIN,
+        "1048576",
+        None,
+    ));
+    if server {
+        out.push(at_least("net.core.somaxconn", 0, 65535, "65535", None));
+        out.push(at_least(
+            "net.ipv4.tcp_max_syn_backlog",
+            0,
+            65535,
+            "65535",
+            None,
+        ));
+    }
+    if client {
+        let range = read_sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
+        let ports = match numbers(&range)[..] {
+            [lo, hi] if hi >= lo => hi - lo + 1,
+            _ => 0,
+        };
+        let sources = n.div_ceil(ports.max(1));
+        let mut check = at_least(
+            "net.ipv4.ip_local_port_range",
+            1,
+            65000,
+            "1024 65000",
+            Some(format!(
+                "{ports} ports per source address: {n} connections need ≥ {sources} source addresses \
+                 (bench --source-ips 127.0.0.2-127.0.0.{})",
+                (sources + 1).clamp(2, 254)
+            )),
+        );
+        // The range itself is fine if the sources suffice; widening it only saves addresses.
+        check.ok = check.ok || sources <= 250;
+        if check.ok {
+            check.fix = None;
+            check.apply = None;
+        }
+        out.push(check);
+        out.push(at_least("net.ipv4.tcp_tw_reuse", 0, 1, "1", None));
+    }
+    // tcp_mem is in pages; an idle socket holds little, but a broadcast briefly queues a
+    // page per socket on both ends.
+    let pages = sockets + 65536;
+    out.push(at_least(
+        "net.ipv4.tcp_mem",
+        2,
+        pages,
+        &format!("{} {} {}", pages / 2, pages * 3 / 4, pages),
+        Some("pages of 4 KiB for all TCP buffers".into()),
+    ));
+    let needed_memory = sockets * KERNEL_BYTES_PER_SOCKET
+        + if server { n * SERVER_BYTES_PER_CONN } else { 0 }
+        + if client { n * BENCH_BYTES_PER_CONN } else { 0 };
+    let available = mem_available().unwrap_or(0);
+    out.push(Check {
+        name: "memory available".into(),
+        current: format!("{:.1} GiB", available as f64 / (1u64 << 30) as f64),
+        needed: format!(
+            "{:.1} GiB (estimate)",
+            needed_memory as f64 / (1u64 << 30) as f64
+        ),
+        ok: available >= needed_memory,
+        fix: None,
+        apply: None,
+        note: Some(format!(
+            "≈{KERNEL_BYTES_PER_SOCKET} B kernel per socket × {sockets} sockets, plus c1m's own; \
+             short memory means the OOM killer, so lower --connections"
+        )),
+    });
+    out
+}
+
+fn nofile() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        (limit.rlim_cur, limit.rlim_max)
+    } else {
+        (0, 0)
+    }
+}
+
+pub fn run(args: TuneArgs) -> anyhow::Result<()> {
+    let (server, client) = match args.role {
+        RoleArg::Server => (true, false),
+        RoleArg::Client => (false, true),
+        RoleArg::Both => (true, true),
+    };
+    let mut list = checks(args.connections, server, client);
+    if args.apply {
+        for check in list.iter_mut().filter(|c| !c.ok) {
+            let Some((name, value)) = &check.apply else {
+                continue;
+            };
+            let path = format!("/proc/sys/{}", name.replace('.', "/"));
+            match std::fs::write(&path, value) {
+                Ok(()) => {
+                    check.note = Some(format!("applied: {name} = {value}"));
+                    check.current = read_sysctl(name).unwrap_or_default();
+                    check.ok = true;
+                    check.fix = None;
+                }
+                Err(e) => check.note = Some(format!("could not apply ({e}); run as root")),
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).context("serializing checks")?
+        );
+    } else {
+        print!("{}", table(&list, args.connections));
+    }
+    Ok(())
+}
+
+fn table(list: &[Check], connections: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "c1m tune: limits for {connections} connections\n");
+    let _ = writeln!(
+        out,
+        "{:<30} {:<26} {:<28} status",
+        "limit", "current", "needed"
+    );
+    for c in list {
+        let status = if c.ok { "ok" } else { "SHORT" };
+        let _ = writeln!(
+            out,
+            "{:<30} {:<26} {:<28} {status}",
+            c.name, c.current, c.needed
+        );
+        if let Some(fix) = &c.fix {
+            let _ = writeln!(out, "{:<30} fix: {fix}", "");
+        }
+        if let Some(note) = &c.note {
+            let _ = writeln!(out, "{:<30} note: {note}", "");
+        }
+    }
+    let fixable = list.iter().filter(|c| !c.ok && c.apply.is_some()).count();
+    let other = list.iter().filter(|c| !c.ok && c.apply.is_none()).count();
+    if fixable > 0 {
+        let _ = writeln!(out, "\n{fixable} limit(s) short: run `c1m tune --connections {connections} --apply` as root.");
+    }
+    if other > 0 {
+        let _ = writeln!(
+            out,
+            "{other} limit(s) that --apply cannot change: see the notes above."
+        );
+    }
+    if fixable + other == 0 {
+        let _ = writeln!(out, "\nready.");
+    }
+    out
+}
