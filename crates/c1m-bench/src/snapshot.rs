@@ -31,8 +31,9 @@ pub struct Round {
     /// Wall-clock µs of the first and last receive.
     pub first_us: u64,
     pub last_us: u64,
-    /// Whether the round is over (a later round was seen, or every expected connection
-    /// got it). The round cut off by the end of a run is not, and its misses don't count.
+    /// Whether the round is over: every expected connection got it, or a later round was
+    /// seen and this one's deliveries stopped a second ago or more. A round still being
+    /// delivered when the run ends is not, and its misses don't count.
     pub complete: bool,
 }
 

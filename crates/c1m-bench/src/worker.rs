@@ -33,6 +33,9 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Most connections opened in one loop turn, so a burst cannot starve reading.
 const MAX_OPENS_PER_TURN: usize = 512;
 const MAX_READS_PER_TURN: usize = 4;
+/// A round with no delivery for this long (and a later round seen) is over: whoever
+/// has not received it by then missed it.
+const ROUND_QUIET_US: u64 = 1_000_000;
 /// Time given to the server to answer our close frames at the end of a run.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -571,6 +574,7 @@ impl Worker {
     fn update_snapshot(&mut self, start: Instant) {
         self.snap.elapsed_secs = start.elapsed().as_secs_f64();
         let latest = self.rounds.keys().copied().max().unwrap_or(0);
+        let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {
             let opened_before = self.open_times.partition_point(|&t| t < stamp) as u64;
             let ended_without = self
@@ -587,7 +591,12 @@ impl Worker {
                     delivered_expected: acc.delivered_expected,
                     first_us: acc.first_us,
                     last_us: acc.last_us,
-                    complete: stamp < latest || acc.delivered_expected >= expected,
+                    // Over when everyone expected got it, or when a later round exists and
+                    // this one's deliveries have stopped for a while. A round still
+                    // trickling in when the run ends (a fan-out longer than the interval)
+                    // is cut off, not missed.
+                    complete: acc.delivered_expected >= expected
+                        || (stamp < latest && now_us.saturating_sub(acc.last_us) >= ROUND_QUIET_US),
                 },
             );
         }

@@ -25,9 +25,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     rounds: u64,
 
-    /// Time between broadcasts (long enough for a fan-out to finish).
-    #[arg(long, default_value = "2s", value_parser = crate::serve::parse_duration)]
-    interval: Duration,
+    /// Time between broadcasts. Default: 2 s, or 25 µs per connection if longer, so one
+    /// fan-out ends before the next begins (≈12 µs per connection was measured here).
+    #[arg(long, value_parser = crate::serve::parse_duration)]
+    interval: Option<Duration>,
 
     /// Connections opened per second.
     #[arg(long, default_value_t = 30_000.0)]
@@ -96,6 +97,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.connections == 0 || args.rounds == 0 {
         bail!("--connections and --rounds must be at least 1");
     }
+    let interval = args.interval.unwrap_or_else(|| {
+        Duration::from_micros(25 * args.connections).max(Duration::from_secs(2))
+    });
     let stop = crate::bench::stop_flag()?;
     let exe = std::env::current_exe().context("finding the c1m executable")?;
     let n = args.connections;
@@ -123,7 +127,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "--total",
                 &n.to_string(),
             ])
-            .args(["--interval", &format!("{}ms", args.interval.as_millis())])
+            .args(["--interval", &format!("{}ms", interval.as_millis())])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             // Only the server's warnings, unless the user asked for more.
@@ -167,7 +171,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .args(["--source-ips", &sources_for(n)]);
     // Bounded: ramp time at the asked rate, the rounds, and generous slack.
     let limit = Duration::from_secs_f64(n as f64 / args.rate) * 3
-        + args.interval * (args.rounds as u32 + 2)
+        + interval * (args.rounds as u32 + 2)
         + Duration::from_secs(30);
     bench_cmd.args(["--duration", &format!("{}ms", limit.as_millis())]);
     if let Some(json) = &args.json {
