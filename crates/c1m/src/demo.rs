@@ -61,26 +61,36 @@ impl Drop for Guard {
     }
 }
 
-/// Sum of the RSS of `pid` and its children, in bytes.
-fn tree_rss(pid: u32) -> u64 {
-    let rss = |p: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{p}/status"))
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .unwrap_or(0)
-            * 1024
-    };
+/// A process and its children (one level: the master's workers, the bench's workers).
+fn tree(pid: u32) -> Vec<u32> {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    rss(pid)
-        + children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .map(rss)
-            .sum::<u64>()
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
+/// Sum of the RSS of a process tree, in bytes.
+fn tree_rss(pid: u32) -> u64 {
+    let rss = |p: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    tree(pid).into_iter().filter_map(rss).sum()
+}
+
+/// CPU seconds (user + system) used so far by a process tree.
+fn tree_cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = |p: u32| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5), i.e. 11 and 12 after the name.
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    };
+    tree(pid).into_iter().filter_map(cpu).sum::<u64>() as f64 / ticks
 }
 
 /// Source addresses for `n` connections. One address could take ~28,000 (the default
@@ -180,6 +190,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut bench = Guard(bench_cmd.spawn().context("starting c1m bench")?);
     let started = Instant::now();
     let mut peak_rss = idle_rss;
+    let (mut bench_rss, mut bench_cpu, mut server_cpu) = (0u64, 0f64, 0f64);
     let status = loop {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted: stopping the server and the bench");
@@ -191,6 +202,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bail!("the server exited during the demo");
         }
         peak_rss = peak_rss.max(tree_rss(server.0.id()));
+        bench_rss = bench_rss.max(tree_rss(bench.0.id()));
+        bench_cpu = bench_cpu.max(tree_cpu_secs(bench.0.id()));
+        server_cpu = server_cpu.max(tree_cpu_secs(server.0.id()));
         std::thread::sleep(Duration::from_millis(200));
     };
     if !status.success() {
@@ -203,6 +217,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "server user-space memory per connection: {:.0} B",
         grown as f64 / n as f64
     );
+    println!("server CPU time: {server_cpu:.1} s");
+    println!("-- Bench -----------------------------------------------------------------------");
+    println!(
+        "bench memory (RSS of all its processes): {:.1} MiB peak, {:.0} B per connection",
+        bench_rss as f64 / 1048576.0,
+        bench_rss as f64 / n as f64
+    );
+    println!("bench CPU time (sampled every 200 ms): {bench_cpu:.1} s");
     println!("demo took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
