@@ -184,6 +184,21 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
         &format!("{} {} {}", pages / 2, pages * 3 / 4, pages),
         Some("pages of 4 KiB for all TCP buffers".into()),
     ));
+    // Default per-socket buffer sizes: allocated on demand, so idle sockets cost nothing
+    // here, but large defaults let a broadcast burst pin more memory per socket.
+    for name in ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"] {
+        let current = read_sysctl(name).unwrap_or_else(|| "unreadable".into());
+        let ok = numbers(&current).get(1).is_some_and(|&v| v <= 131_072);
+        out.push(Check {
+            name: name.to_string(),
+            needed: "default (middle) ≤ 131072".into(),
+            ok,
+            fix: (!ok).then(|| format!("sysctl -w {name}=\"4096 16384 4194304\"")),
+            apply: (!ok).then(|| (name.to_string(), "4096 16384 4194304".to_string())),
+            current,
+            note: None,
+        });
+    }
     let needed_memory = sockets * KERNEL_BYTES_PER_SOCKET
         + if server { n * SERVER_BYTES_PER_CONN } else { 0 }
         + if client { n * BENCH_BYTES_PER_CONN } else { 0 };
