@@ -365,14 +365,5 @@ fn run_children(
 
 /// The soft open-file limit of this process.
 pub fn nofile_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass; RLIMIT_NOFILE is valid.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    }
+    crate::tune::nofile().0
 }

@@ -221,7 +221,8 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
     out
 }
 
-fn nofile() -> (u64, u64) {
+/// This process's open-file limit: (soft, hard).
+pub fn nofile() -> (u64, u64) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -405,34 +405,12 @@ fn ipv6_and_ipv4_source_addresses_work() {
         ("[::1]:0", "::1"),
         ("127.0.0.1:0", "127.0.0.2-127.0.0.4,127.0.0.9"),
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_c1m"))
-            .args([
-                "serve",
-                "--workers",
-                "1",
-                "--interval",
-                "200ms",
-                "--listen",
-                listen,
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_string();
+        let server = Server::start_on(listen, &["--workers", "1", "--interval", "200ms"]);
         let (_, result) = bench(
             "sources",
             &[
                 "--url",
-                &format!("ws://{addr}/"),
+                &server.url("/"),
                 "-c",
                 "40",
                 "--messages",
@@ -441,8 +419,6 @@ fn ipv6_and_ipv4_source_addresses_work() {
                 sources,
             ],
         );
-        let _ = child.kill();
-        let _ = child.wait();
         assert_eq!(
             result.snapshot.established, 40,
             "{sources}: {:?}",

@@ -104,3 +104,40 @@ fn tune_table_names_the_fix() {
         "client checks left out for --role server"
     );
 }
+
+#[test]
+fn demo_interrupted_cleans_up_every_process() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .args([
+            "demo",
+            "--connections",
+            "3000",
+            "--rounds",
+            "50",
+            "--interval",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let demo = child.id();
+    let mut started: Vec<u32> = children_of(demo);
+    for pid in started.clone() {
+        started.extend(children_of(pid));
+    }
+    assert!(started.len() >= 2, "server and bench running: {started:?}");
+    // SAFETY: kill(2) on the demo process this test started.
+    unsafe { libc::kill(demo as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "an interrupted demo reports failure");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let alive: Vec<u32> = started
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+        .collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
+}

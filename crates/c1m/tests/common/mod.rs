@@ -19,8 +19,13 @@ pub struct Server {
 impl Server {
     /// Starts `c1m serve --listen 127.0.0.1:0 ARGS…` and waits for its address.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_on("127.0.0.1:0", args)
+    }
+
+    /// Starts `c1m serve --listen LISTEN ARGS…` and waits for its address.
+    pub fn start_on(listen: &str, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_c1m"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
