@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub stats_interval: Duration,
     /// Listen backlog asked of the kernel (capped by `net.core.somaxconn`).
     pub backlog: i32,
+    /// Echo every client data message back (for conformance testing; off by default).
+    pub echo: bool,
     /// Most upgraded connections the whole server (all workers) accepts; further
     /// upgrades get HTTP 503.
     pub max_connections: Option<u64>,
@@ -80,6 +82,7 @@ impl Default for ServeConfig {
             stats_interval: Duration::from_secs(10),
             backlog: 65535,
             reuse_port: false,
+            echo: false,
             max_connections: None,
             max_sockets: 1 << 20,
             faults: Faults::default(),

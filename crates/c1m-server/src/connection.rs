@@ -28,6 +28,8 @@ pub struct Limits {
     pub decoder: DecoderConfig,
     pub max_pending_bytes: usize,
     pub max_head_bytes: usize,
+    /// Echo every data message back (conformance testing), instead of ignoring it.
+    pub echo: bool,
 }
 
 /// Where a connection is in its life.
@@ -92,6 +94,9 @@ pub struct Connection {
     phase: Phase,
     decoder: Option<Box<Decoder>>,
     outbox: Option<Box<Outbox>>,
+    /// Echo mode only: a data message being reassembled across frames or reads.
+    #[allow(clippy::box_collection)] // a thin pointer keeps the idle state 16 bytes smaller
+    echo: Option<Box<Vec<u8>>>,
 }
 
 impl Connection {
@@ -104,6 +109,7 @@ impl Connection {
             })),
             decoder: None,
             outbox: None,
+            echo: None,
         }
     }
 
@@ -317,20 +323,52 @@ impl Connection {
             .decoder
             .take()
             .unwrap_or_else(|| Box::new(Decoder::new(limits.decoder)));
-        let mut pongs: Vec<Vec<u8>> = Vec::new();
+        // Answers (pongs, echoes) in the order their causes arrived.
+        let mut replies: Vec<Vec<u8>> = Vec::new();
         let mut peer_close: Option<Option<CloseCode>> = None;
+        let echo = &mut self.echo;
         let result = decoder.decode(input, |event| match event {
-            Event::Data { message_end, .. } => stats.messages_in += message_end as u64,
+            Event::Data {
+                text,
+                payload,
+                message_end,
+            } => {
+                stats.messages_in += message_end as u64;
+                if !limits.echo {
+                    return;
+                }
+                let opcode = if text { OpCode::Text } else { OpCode::Binary };
+                match (echo.as_mut(), message_end) {
+                    (None, true) => {
+                        let mut frame = Vec::new();
+                        encode_frame(opcode, payload, None, &mut frame);
+                        replies.push(frame);
+                    }
+                    (buffer, _) => {
+                        let buffer = match buffer {
+                            Some(buffer) => buffer,
+                            None => echo.insert(Box::default()),
+                        };
+                        buffer.extend_from_slice(payload);
+                        if message_end {
+                            let mut frame = Vec::new();
+                            encode_frame(opcode, buffer, None, &mut frame);
+                            replies.push(frame);
+                            *echo = None;
+                        }
+                    }
+                }
+            }
             Event::Ping(payload) => {
                 let mut frame = Vec::with_capacity(2 + payload.len());
                 encode_frame(OpCode::Pong, payload, None, &mut frame);
-                pongs.push(frame);
+                replies.push(frame);
             }
             Event::Pong(_) => {}
             Event::Close { code, .. } => peer_close = Some(code),
         });
-        for pong in pongs {
-            match self.send(&Bytes::from(pong), limits) {
+        for reply in replies {
+            match self.send(&Bytes::from(reply), limits) {
                 Ok(()) => {}
                 Err(SendError::Overflow) => return Next::Remove(End::SlowConsumer),
                 Err(SendError::Io(_)) => return Next::Remove(End::Io),

@@ -164,6 +164,7 @@ impl Server {
                 },
                 max_pending_bytes: config.max_pending_bytes,
                 max_head_bytes: config.max_head_bytes,
+                echo: config.echo,
             },
             clock: Clock::new(&clock_config, now),
             next_stats: now + config.stats_interval,

@@ -86,6 +86,11 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     scoreboard_fd: Option<i32>,
 
+    /// Echo every data message a client sends back to it (for conformance suites such as
+    /// Autobahn). Off by default: a push server ignores what clients send.
+    #[arg(long, env = "C1M_ECHO")]
+    echo: bool,
+
     /// Set SO_REUSEPORT so several `c1m serve` processes can share one port; the kernel
     /// spreads connections among them by hash. Each process broadcasts on its own clock.
     #[arg(long, env = "C1M_REUSE_PORT")]
@@ -145,6 +150,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         stats_interval: args.stats_interval,
         reuse_port: args.reuse_port,
         max_connections: args.max_connections,
+        echo: args.echo,
         max_sockets,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,

@@ -336,3 +336,41 @@ async fn sigterm_closes_every_connection_with_1001() {
     assert!(status.success(), "{status:?}");
     assert_eq!(waiter.await.unwrap(), vec![1001; 20]);
 }
+
+#[tokio::test]
+async fn echo_mode_returns_each_message_whole() {
+    let server = Server::start(&["--connect-only", "--echo", "--workers", "1"]);
+    let mut ws = connect(&server, "/").await;
+    ws.send(Message::Text("héllo".into())).await.unwrap();
+    ws.send(Message::Binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "héllo");
+    let binary = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(binary, Message::Binary(vec![1, 2, 3]));
+
+    // A fragmented message with a ping inside comes back as the pong, then the message.
+    let mut raw = RawClient::upgraded(server.addr).await;
+    let mut bytes = client_frame(0x01, b"frag", true);
+    bytes.extend(client_frame(0x89, b"p", true));
+    bytes.extend(client_frame(0x80, b"mented", true));
+    raw.send(&bytes).await;
+    let pong = raw.read_frame().await.unwrap();
+    let echo = raw.read_frame().await.unwrap();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"p"[..]));
+    assert_eq!(
+        (echo.opcode, echo.fin, echo.payload.as_slice()),
+        (0x1, true, &b"fragmented"[..])
+    );
+}
+
+#[tokio::test]
+async fn without_echo_client_messages_are_ignored() {
+    let server = Server::start(&["--connect-only", "--workers", "1"]);
+    let mut ws = connect(&server, "/").await;
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
+    assert!(got.is_err(), "nothing comes back: {got:?}");
+}
