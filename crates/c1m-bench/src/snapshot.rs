@@ -71,6 +71,9 @@ pub struct Snapshot {
     pub elapsed_secs: f64,
     /// Connection attempts started.
     pub attempted: u64,
+    /// Of those, reconnects (`--reconnect`).
+    #[serde(default)]
+    pub reconnects: u64,
     /// Connections open now.
     pub active: u64,
     /// Connections that completed the WebSocket handshake.
@@ -98,6 +101,7 @@ impl Default for Snapshot {
         Snapshot {
             elapsed_secs: 0.0,
             attempted: 0,
+            reconnects: 0,
             active: 0,
             established: 0,
             ramp_secs: 0.0,
@@ -124,6 +128,7 @@ impl Snapshot {
     pub fn merge(&mut self, other: &Snapshot) {
         self.elapsed_secs = self.elapsed_secs.max(other.elapsed_secs);
         self.attempted += other.attempted;
+        self.reconnects += other.reconnects;
         self.active += other.active;
         self.established += other.established;
         self.ramp_secs = self.ramp_secs.max(other.ramp_secs);

@@ -8,7 +8,8 @@
 //! per (source, destination) pair instead of reserving one per source at `bind` time:
 //! that is what lets ~64k connections per source address reach one server port.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,25 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
     /// Time between snapshots handed to the caller.
     pub snapshot_interval: Duration,
+    /// Reopen a connection that failed or ended, after a jittered exponential backoff.
+    pub reconnect: bool,
+    /// Close each connection cleanly after about this long (±50 %, jittered), to make churn;
+    /// with `reconnect` it is reopened at once.
+    pub lifetime: Option<Duration>,
+}
+
+/// First reconnect delay; it doubles with every consecutive failure, up to the cap.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// The delay before reconnect attempt number `attempt` (0 = right after a success):
+/// half of the exponential step plus a random half ("equal jitter"), so a whole
+/// population cut off at once does not come back in lockstep.
+pub fn backoff(attempt: u32) -> Duration {
+    let step = BACKOFF_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    step / 2 + step.mul_f64(rand::random::<f64>() / 2.0)
 }
 
 #[derive(Debug)]
@@ -87,6 +107,10 @@ struct Client {
     /// Stamp of the latest round received.
     last_stamp: u64,
     received: u64,
+    /// Which of the worker's connections this is (picks its source address).
+    index: u32,
+    /// Consecutive failed attempts before this one (for the backoff).
+    attempt: u32,
 }
 
 /// Why a connection ended, as an error cause; `None` for an orderly end we asked for.
@@ -119,6 +143,12 @@ struct Worker {
     pending: usize,
     /// Open connections that reached `--messages`.
     done: usize,
+    /// Connections to reopen: (when, index, attempt), soonest first.
+    retries: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Planned closes for `--lifetime`: (when, slab key, opened_us), soonest first.
+    expiries: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Set once the run is ending: nothing is reopened any more.
+    stopping: bool,
     start: Instant,
 }
 
@@ -141,6 +171,9 @@ pub fn run(
         read_again: Vec::new(),
         pending: 0,
         done: 0,
+        retries: BinaryHeap::new(),
+        expiries: BinaryHeap::new(),
+        stopping: false,
         start: Instant::now(),
         config,
     };
@@ -172,10 +205,23 @@ impl Worker {
                 .min(self.config.connections);
             let mut burst = 0;
             while opened < due && burst < MAX_OPENS_PER_TURN {
-                self.open(opened, now);
+                self.open(opened as u32, 0, now);
                 opened += 1;
                 burst += 1;
             }
+            while burst < MAX_OPENS_PER_TURN {
+                match self.retries.peek() {
+                    Some(Reverse((at, index, attempt))) if *at <= now => {
+                        let (index, attempt) = (*index, *attempt);
+                        self.retries.pop();
+                        self.snap.reconnects += 1;
+                        self.open(index, attempt, now);
+                        burst += 1;
+                    }
+                    _ => break,
+                }
+            }
+            self.expire_lifetimes(now);
             if self.should_stop(opened, elapsed) || stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -185,6 +231,11 @@ impl Worker {
                 timeout = timeout.min(
                     Duration::from_secs_f64(1.0 / self.config.rate).max(Duration::from_millis(1)),
                 );
+            }
+            let next_retry = self.retries.peek().map(|Reverse((at, _, _))| *at);
+            let next_expiry = self.expiries.peek().map(|Reverse((at, _, _))| *at);
+            for at in [next_retry, next_expiry].into_iter().flatten() {
+                timeout = timeout.min(at.saturating_duration_since(now));
             }
             if !self.read_again.is_empty() || burst == MAX_OPENS_PER_TURN {
                 timeout = Duration::ZERO;
@@ -198,6 +249,7 @@ impl Worker {
             }
         }
         // Report the connections held at the end, not the zero left after closing them.
+        self.stopping = true;
         let active_at_end = self.snap.active;
         self.close_all(&mut events)?;
         self.update_snapshot(start);
@@ -210,7 +262,7 @@ impl Worker {
             return true;
         }
         let all_started = opened == self.config.connections;
-        if all_started && self.pending == 0 && self.clients.is_empty() {
+        if all_started && self.pending == 0 && self.clients.is_empty() && self.retries.is_empty() {
             return true; // nothing left that could happen
         }
         self.config.messages.is_some()
@@ -238,14 +290,18 @@ impl Worker {
         *self.snap.errors.entry(cause.into()).or_default() += 1;
     }
 
-    /// Starts connection number `index`.
-    fn open(&mut self, index: usize, now: Instant) {
+    /// Starts connection number `index`; `attempt` counts the failures before it.
+    fn open(&mut self, index: u32, attempt: u32, now: Instant) {
         self.snap.attempted += 1;
         let source = (!self.config.sources.is_empty())
-            .then(|| self.config.sources[index % self.config.sources.len()]);
+            .then(|| self.config.sources[index as usize % self.config.sources.len()]);
         let stream = match connect(self.config.target.addr, source) {
             Ok(stream) => stream,
-            Err(e) => return self.error(format!("connect.{}", io_cause(&e))),
+            Err(e) => {
+                self.error(format!("connect.{}", io_cause(&e)));
+                self.schedule_retry(index, attempt + 1, now);
+                return;
+            }
         };
         let entry = self.clients.vacant_entry();
         let key = entry.key();
@@ -255,7 +311,9 @@ impl Worker {
             Token(key),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            return self.error(format!("connect.{}", io_cause(&e)));
+            self.error(format!("connect.{}", io_cause(&e)));
+            self.schedule_retry(index, attempt + 1, now);
+            return;
         }
         let deadline = now + self.config.connect_timeout;
         entry.insert(Client {
@@ -266,6 +324,8 @@ impl Worker {
             opened_us: 0,
             last_stamp: 0,
             received: 0,
+            index,
+            attempt,
         });
         self.deadlines.push_back((key, deadline));
         self.pending += 1;
@@ -364,6 +424,11 @@ impl Worker {
             };
             client.opened_us = wall_us();
             self.open_times.push(client.opened_us);
+            if let Some(lifetime) = self.config.lifetime {
+                let jittered = lifetime.mul_f64(0.5 + rand::random::<f64>());
+                self.expiries
+                    .push(Reverse((Instant::now() + jittered, key, client.opened_us)));
+            }
             self.pending -= 1;
             self.snap.active += 1;
             self.snap.established += 1;
@@ -506,6 +571,16 @@ impl Worker {
         };
         let _ = self.poll.registry().deregister(&mut client.stream);
         match client.phase {
+            // Closing while the run goes on: its --lifetime was up; replace it at once.
+            Phase::Closing if self.config.reconnect && !self.stopping => {
+                self.retries
+                    .push(Reverse((Instant::now(), client.index, 0)));
+            }
+            // A connection that got through starts its backoff afresh.
+            Phase::Open | Phase::Closing => self.schedule_retry(client.index, 0, Instant::now()),
+            _ => self.schedule_retry(client.index, client.attempt + 1, Instant::now()),
+        }
+        match client.phase {
             Phase::Connecting { .. } | Phase::Handshake(_) => self.pending -= 1,
             Phase::Open | Phase::Closing => {
                 self.snap.active -= 1;
@@ -521,6 +596,39 @@ impl Worker {
         }
         if let Some(cause) = cause {
             self.error(cause);
+        }
+    }
+
+    /// With `--reconnect`, queues connection `index` to be reopened after its backoff.
+    fn schedule_retry(&mut self, index: u32, attempt: u32, now: Instant) {
+        if self.config.reconnect && !self.stopping {
+            self.retries
+                .push(Reverse((now + backoff(attempt), index, attempt)));
+        }
+    }
+
+    /// With `--lifetime`, closes the connections whose time is up (a clean close 1000).
+    fn expire_lifetimes(&mut self, now: Instant) {
+        while let Some(Reverse((at, key, opened_us))) = self.expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop();
+            let Some(client) = self.clients.get_mut(key) else {
+                continue;
+            };
+            if client.opened_us != opened_us || !matches!(client.phase, Phase::Open) {
+                continue; // the slot holds another connection by now
+            }
+            let mut frame = Vec::new();
+            encode_frame(
+                OpCode::Close,
+                &close_payload(CloseCode::NORMAL, ""),
+                Some(rand::random()),
+                &mut frame,
+            );
+            let _ = client.stream.write(&frame);
+            client.phase = Phase::Closing;
         }
     }
 
@@ -654,5 +762,27 @@ pub fn io_cause(e: &io::Error) -> &'static str {
         Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable",
         Some(libc::EPIPE) => "broken_pipe",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        for attempt in 0..20 {
+            let step = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let d = backoff(attempt);
+                assert!(
+                    d >= step / 2 && d <= step,
+                    "attempt {attempt}: {d:?} vs step {step:?}"
+                );
+            }
+        }
+        assert_eq!(BACKOFF_CAP, Duration::from_secs(10));
     }
 }

@@ -63,6 +63,16 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     report_interval: Duration,
 
+    /// Reopen connections that fail or end, after a jittered exponential backoff
+    /// (0.1 s doubling to 10 s; reset by a successful connection).
+    #[arg(long)]
+    reconnect: bool,
+
+    /// Close each connection cleanly after about this long (±50 %), to generate churn;
+    /// with --reconnect it is reopened right away.
+    #[arg(long, value_parser = parse_duration)]
+    lifetime: Option<Duration>,
+
     /// A connect or handshake that takes longer than this is an error.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -108,6 +118,8 @@ impl BenchArgs {
             "source_ips": self.source_ips,
             "duration_secs": self.duration.map(|d| d.as_secs_f64()),
             "messages": self.messages,
+            "reconnect": self.reconnect,
+            "lifetime_secs": self.lifetime.map(|d| d.as_secs_f64()),
         })
     }
 
@@ -139,6 +151,8 @@ impl BenchArgs {
             messages: self.messages,
             connect_timeout: self.connect_timeout,
             snapshot_interval: Duration::from_secs(1),
+            reconnect: self.reconnect,
+            lifetime: self.lifetime,
         })
     }
 }
@@ -307,6 +321,12 @@ fn run_children(
         }
         if let Some(k) = args.messages {
             cmd.args(["--messages", &k.to_string()]);
+        }
+        if args.reconnect {
+            cmd.arg("--reconnect");
+        }
+        if let Some(lifetime) = args.lifetime {
+            cmd.args(["--lifetime", &format!("{}ms", lifetime.as_millis())]);
         }
         let mut child = cmd.spawn().context("starting a bench worker")?;
         let stdout = child.stdout.take().expect("piped");

@@ -427,3 +427,79 @@ fn ipv6_and_ipv4_source_addresses_work() {
         assert_eq!(result.snapshot.missed_total(), 0);
     }
 }
+
+#[test]
+fn lifetime_churn_with_reconnect_keeps_every_connection_up() {
+    let server = Server::start(&["--workers", "1", "--connect-only"]);
+    let (_, result) = bench(
+        "churn",
+        &[
+            "--url",
+            &server.url("/"),
+            "-c",
+            "50",
+            "--lifetime",
+            "300ms",
+            "--reconnect",
+            "--duration",
+            "2s",
+        ],
+    );
+    let s = &result.snapshot;
+    assert_eq!(s.error_total(), 0, "{:?}", s.errors);
+    assert!(
+        s.reconnects >= 100,
+        "each connection lived ~0.3 s of 2 s: {} reconnects",
+        s.reconnects
+    );
+    // Attempts still in flight when the run stops are neither established nor errors.
+    assert!(
+        s.established <= 50 + s.reconnects && s.established + 50 >= 50 + s.reconnects,
+        "{} established",
+        s.established
+    );
+    // At the moment the run stops a few are between their close and their replacement.
+    assert!(s.active >= 40, "held at the end: {}", s.active);
+}
+
+#[test]
+fn clients_reconnect_after_a_server_restart() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Server::start_on(
+        &listen,
+        &[
+            "--workers",
+            "1",
+            "--connect-only",
+            "--close-timeout",
+            "200ms",
+        ],
+    );
+    let url = format!("ws://{listen}/");
+    let runner = std::thread::spawn(move || {
+        bench(
+            "restart",
+            &["--url", &url, "-c", "50", "--reconnect", "--duration", "4s"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(server.terminate().success());
+    std::thread::sleep(Duration::from_millis(700));
+    let _server = Server::start_on(&listen, &["--workers", "1", "--connect-only"]);
+    let (_, result) = runner.join().unwrap();
+    let s = &result.snapshot;
+    assert_eq!(s.active, 50, "every client is back: {:?}", s.errors);
+    assert_eq!(s.errors.get("closed.1001"), Some(&50), "{:?}", s.errors);
+    for cause in s.errors.keys() {
+        assert!(
+            cause == "closed.1001" || cause == "connect.refused",
+            "unexpected error {cause}: {:?}",
+            s.errors
+        );
+    }
+}
