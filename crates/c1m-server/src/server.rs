@@ -547,30 +547,35 @@ impl Server {
     }
 
     /// Closes connections whose handshake or close handshake took too long.
+    ///
+    /// Entries whose connection has moved on (upgraded, closed, or its slot reused) are
+    /// dropped from the front as soon as they are seen, not when their deadline comes:
+    /// under heavy churn the queues would otherwise hold one entry per connection accepted
+    /// in the last `--handshake-timeout`.
     fn expire(&mut self, now: Instant) {
         while let Some(&(key, deadline)) = self.handshake_deadlines.front() {
-            if deadline > now {
+            let waiting = self.conns.get(key).is_some_and(|c| {
+                c.kind() == PhaseKind::Handshake && c.deadline() == Some(deadline)
+            });
+            if waiting && deadline > now {
                 break;
             }
             self.handshake_deadlines.pop_front();
-            // The slot may have been reused by a newer connection with its own deadline.
-            let conn = self.conns.get(key);
-            if conn
-                .is_some_and(|c| c.kind() == PhaseKind::Handshake && c.deadline() == Some(deadline))
-            {
+            if waiting {
                 self.stats.handshake_timeouts += 1;
                 self.remove(key, End::PeerClosed);
             }
         }
         while let Some(&(key, deadline)) = self.closing_deadlines.front() {
-            if deadline > now {
+            let waiting = self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.kind() == PhaseKind::Closing && c.deadline() == Some(deadline));
+            if waiting && deadline > now {
                 break;
             }
             self.closing_deadlines.pop_front();
-            let conn = self.conns.get(key);
-            if conn
-                .is_some_and(|c| c.kind() == PhaseKind::Closing && c.deadline() == Some(deadline))
-            {
+            if waiting {
                 self.remove(key, End::PeerClosed);
             }
         }
