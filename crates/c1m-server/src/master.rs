@@ -65,6 +65,10 @@ pub fn run_master(
     let listen_error = |source| ServeError::Listen { addr, source };
     let listener = listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
     let local_addr = listener.local_addr()?;
+    // Signal handlers first: a SIGTERM that arrives while workers start must still drain.
+    let poll = Poll::new()?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])?;
+    poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
     let scoreboard = Scoreboard::create(workers)?;
     let mut procs = Vec::with_capacity(workers);
     for index in 0..workers {
