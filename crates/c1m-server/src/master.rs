@@ -68,7 +68,8 @@ pub fn run_master(
     // Signal handlers first: a SIGTERM that arrives while workers start must still drain.
     let poll = Poll::new()?;
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])?;
-    poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
     let scoreboard = Scoreboard::create(workers)?;
     let mut procs = Vec::with_capacity(workers);
     for index in 0..workers {
