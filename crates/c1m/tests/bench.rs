@@ -503,3 +503,50 @@ fn clients_reconnect_after_a_server_restart() {
         );
     }
 }
+
+/// Thousands of connects and closes per second while a bystander keeps receiving.
+#[test]
+fn connect_close_storm_spares_other_clients() {
+    let server = Server::start(&["--workers", "1", "--interval", "100ms"]);
+    let bystander_url = server.url("/");
+    let bystander = std::thread::spawn(move || {
+        bench(
+            "bystander",
+            &["--url", &bystander_url, "-c", "5", "--duration", "2500ms"],
+        )
+    });
+    let (_, storm) = bench(
+        "storm",
+        &[
+            "--url",
+            &server.url("/"),
+            "-c",
+            "300",
+            "--rate",
+            "100000",
+            "--lifetime",
+            "40ms",
+            "--reconnect",
+            "--duration",
+            "2s",
+        ],
+    );
+    let (_, calm) = bystander.join().unwrap();
+    let s = &storm.snapshot;
+    assert!(
+        s.established >= 4000,
+        "a storm of {} connections in 2 s",
+        s.established
+    );
+    assert_eq!(s.error_total(), 0, "{:?}", s.errors);
+    // The bystanders got every broadcast, on time, throughout.
+    let c = &calm.snapshot;
+    assert_eq!(c.error_total(), 0, "{:?}", c.errors);
+    assert_eq!(c.missed_total(), 0);
+    assert!(c.messages >= 5 * 20, "{} messages", c.messages);
+    assert!(
+        c.latency.value_at_quantile(0.99) < 100_000,
+        "p99 {} µs",
+        c.latency.value_at_quantile(0.99)
+    );
+}
