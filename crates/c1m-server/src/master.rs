@@ -84,10 +84,6 @@ pub fn run_master(
     tracing::info!(addr = %local_addr, workers, "listening");
     on_listening(local_addr);
 
-    let poll = Poll::new()?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)?;
     let mut events = Events::with_capacity(64);
     let start = Instant::now();
     let mut clock = Clock::new(&config, start);

@@ -49,17 +49,18 @@ impl Server {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
+    /// Sends SIGTERM and waits (bounded) for the exit status. The bound is above the
+    /// master's own (close timeout + 2 s, after which it kills what is left).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on the PID of a child we started and have not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        for _ in 0..100 {
+        for _ in 0..200 {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("server did not exit within 5 s of SIGTERM");
+        panic!("server did not exit within 10 s of SIGTERM");
     }
 }
 
