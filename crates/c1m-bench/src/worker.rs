@@ -448,34 +448,44 @@ impl Worker {
 
     fn on_frames(&mut self, key: usize, input: &mut [u8]) -> Result<(), Cause> {
         let now_us = wall_us();
-        let client = &mut self.clients[key];
+        // Split the borrows so each message is measured where it is decoded, in place.
+        let Worker {
+            clients,
+            snap,
+            rounds,
+            done,
+            config,
+            ..
+        } = self;
+        let client = &mut clients[key];
         let mut decoder = client.decoder.take().unwrap_or_else(|| {
             Box::new(Decoder::new(DecoderConfig {
                 role: Role::Client,
                 max_message_size: MAX_MESSAGE_BYTES as u64,
             }))
         });
-        let mut messages: Vec<Vec<u8>> = Vec::new();
-        let mut inline: Option<(usize, usize)> = None; // a whole message in `input`: (offset, len)
         let mut pongs: Vec<Vec<u8>> = Vec::new();
         let mut closed: Option<Option<u16>> = None;
-        let base = input.as_ptr() as usize;
+        let mut record = |client: &mut Client, payload: &[u8]| {
+            record_message(snap, rounds, done, config.messages, client, payload, now_us);
+        };
         let result = decoder.decode(input, |event| match event {
             Event::Data {
                 payload,
                 message_end,
                 ..
-            } => match (&mut client.partial, message_end) {
-                (None, true) if inline.is_none() => {
-                    inline = Some((payload.as_ptr() as usize - base, payload.len()));
-                }
-                (None, true) => messages.push(payload.to_vec()),
+            } => match (client.partial.as_mut(), message_end) {
+                // The common case: a whole message in this read, measured in place.
+                (None, true) => record(client, payload),
                 (partial, _) => {
-                    let buf = partial.get_or_insert_with(Default::default);
+                    let buf = match partial {
+                        Some(buf) => buf,
+                        None => client.partial.insert(Box::default()),
+                    };
                     buf.extend_from_slice(payload);
                     if message_end {
-                        messages.push(std::mem::take(&mut **buf));
-                        *partial = None;
+                        let whole = client.partial.take().expect("just filled");
+                        record(client, &whole);
                     }
                 }
             },
@@ -493,13 +503,6 @@ impl Worker {
         }
         for pong in pongs {
             let _ = client.stream.write(&pong); // best effort: a load tool need not queue pongs
-        }
-        if let Some((offset, len)) = inline {
-            let payload = input[offset..offset + len].to_vec();
-            self.on_message(key, &payload, now_us);
-        }
-        for message in messages {
-            self.on_message(key, &message, now_us);
         }
         if let Some(code) = closed {
             let client = &mut self.clients[key];
@@ -528,40 +531,6 @@ impl Worker {
             return Err(Some(format!("protocol.{}", error.close_code().0)));
         }
         Ok(())
-    }
-
-    /// Measures one complete message.
-    fn on_message(&mut self, key: usize, payload: &[u8], now_us: u64) {
-        self.snap.messages += 1;
-        let client = &mut self.clients[key];
-        client.received += 1;
-        if self.config.messages == Some(client.received) && matches!(client.phase, Phase::Open) {
-            self.done += 1;
-        }
-        let opened_us = client.opened_us;
-        let Some(stamp) = stamp_micros(payload) else {
-            self.snap.unparsable += 1;
-            return;
-        };
-        client.last_stamp = client.last_stamp.max(stamp);
-        let latency = match now_us.checked_sub(stamp) {
-            Some(l) => l,
-            None => {
-                self.snap.clock_skew += 1;
-                0
-            }
-        };
-        // Values above the histogram's range are clamped to its top.
-        let _ = self.snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
-        let round = self.rounds.entry(stamp).or_default();
-        if round.delivered == 0 {
-            round.first_us = now_us;
-        }
-        round.delivered += 1;
-        round.last_us = round.last_us.max(now_us);
-        if opened_us < stamp {
-            round.delivered_expected += 1;
-        }
     }
 
     /// Drops a connection, counting `cause` as an error if there is one.
@@ -708,6 +677,46 @@ impl Worker {
                 },
             );
         }
+    }
+}
+
+/// Measures one complete message received by `client`.
+fn record_message(
+    snap: &mut Snapshot,
+    rounds: &mut HashMap<u64, RoundAcc>,
+    done: &mut usize,
+    target_messages: Option<u64>,
+    client: &mut Client,
+    payload: &[u8],
+    now_us: u64,
+) {
+    snap.messages += 1;
+    client.received += 1;
+    if target_messages == Some(client.received) && matches!(client.phase, Phase::Open) {
+        *done += 1;
+    }
+    let Some(stamp) = stamp_micros(payload) else {
+        snap.unparsable += 1;
+        return;
+    };
+    client.last_stamp = client.last_stamp.max(stamp);
+    let latency = match now_us.checked_sub(stamp) {
+        Some(l) => l,
+        None => {
+            snap.clock_skew += 1;
+            0
+        }
+    };
+    // Values above the histogram's range are clamped to its top.
+    let _ = snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
+    let round = rounds.entry(stamp).or_default();
+    if round.delivered == 0 {
+        round.first_us = now_us;
+    }
+    round.delivered += 1;
+    round.last_us = round.last_us.max(now_us);
+    if client.opened_us < stamp {
+        round.delivered_expected += 1;
     }
 }
 
