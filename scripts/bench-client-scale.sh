@@ -31,7 +31,7 @@ SERVER_PIDS=()
 cleanup() { kill "${SERVER_PIDS[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 for _ in $(seq "$SERVERS"); do
-  $BIN serve --listen 127.0.0.1:$PORT --reuse-port --connect-only >/dev/null 2>>"$OUT/serve.err" &
+  $BIN serve --workers 1 --listen 127.0.0.1:$PORT --reuse-port --connect-only >/dev/null 2>>"$OUT/serve.err" &
   SERVER_PIDS+=($!)
 done
 sleep 1

@@ -18,7 +18,7 @@ BIN=target/release/c1m
 OUT=$(mktemp -d)
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-$BIN serve --listen 127.0.0.1:$PORT --total "$N" --interval 2s --stats-interval 1s >"$OUT/serve.out" 2>"$OUT/serve.err" &
+$BIN serve --workers 1 --listen 127.0.0.1:$PORT --total "$N" --interval 2s --stats-interval 1s >"$OUT/serve.out" 2>"$OUT/serve.err" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 sleep 1
