@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Runs the Autobahn|Testsuite cases against `c1m serve --echo` with kosoku (an unofficial
-# native runner of the Autobahn case files, from PyPI; the official suite is Python 2 only).
+# Runs the Autobahn|Testsuite cases with kosoku (an unofficial native runner of the Autobahn
+# case files, from PyPI; the official suite is Python 2 only), both ways:
+# - server side: kosoku drives `c1m serve --echo`;
+# - client side: kosoku serves the cases to `examples/autobahn_client` of c1m-proto, an echo
+#   client on the same handshake and decoder code that `c1m bench` uses.
 # Fails if any case is FAILED or NON-STRICT. Prints the summary by result.
 #
 #   scripts/autobahn.sh [EXTRA KOSOKU ARGS...]
@@ -11,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
+cargo build --release -q --example autobahn_client -p c1m-proto
 VENV=target/autobahn-venv
 if [ ! -x "$VENV/bin/kosoku" ]; then
   python3 -m venv "$VENV"
@@ -26,15 +30,27 @@ trap 'kill $SERVER 2>/dev/null || true' EXIT
 sleep 0.5
 timeout 600 "$VENV/bin/kosoku" -m fuzzingclient -x '12.*' -x '13.*' -p 4 -o "$OUT" "$@" 127.0.0.1:$PORT >"$OUT.log" 2>&1 || {
   cat "$OUT.log"; echo "kosoku failed" >&2; exit 1; }
-python3 - "$OUT/index.json" <<'PY'
+
+# Client side.
+CPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+COUT=target/autobahn-client-report
+rm -rf "$COUT"
+"$VENV/bin/kosoku" -m fuzzingserver -x '12.*' -x '13.*' -o "$COUT" 127.0.0.1:$CPORT >"$COUT.log" 2>&1 &
+FUZZSERVER=$!
+trap 'kill $SERVER $FUZZSERVER 2>/dev/null || true' EXIT
+for _ in $(seq 50); do grep -q listening "$COUT.log" 2>/dev/null && break; sleep 0.1; done
+timeout 600 target/release/examples/autobahn_client 127.0.0.1:$CPORT c1m-client 2>>"$COUT.log"
+for _ in $(seq 50); do [ -f "$COUT/index.json" ] && break; sleep 0.1; done
+
+python3 - "$OUT/index.json" "$COUT/index.json" <<'PY'
 import collections, json, sys
-index = json.load(open(sys.argv[1]))
 bad = []
-for agent, cases in index.items():
-    counts = collections.Counter(case["behavior"] for case in cases.values())
-    print("autobahn (kosoku 0.1.0) against c1m serve --echo:", ", ".join(f"{n} {b}" for b, n in sorted(counts.items())))
-    bad += [(k, v["behavior"]) for k, v in cases.items() if v["behavior"] not in ("OK", "INFORMATIONAL")]
-for case, behavior in sorted(bad):
-    print(f"  {case}: {behavior}")
+for label, path in [("c1m serve --echo", sys.argv[1]), ("c1m-proto client (examples/autobahn_client)", sys.argv[2])]:
+    for agent, cases in json.load(open(path)).items():
+        counts = collections.Counter(case["behavior"] for case in cases.values())
+        print(f"autobahn (kosoku 0.1.0), {label}:", ", ".join(f"{n} {b}" for b, n in sorted(counts.items())))
+        bad += [(label, k, v["behavior"]) for k, v in cases.items() if v["behavior"] not in ("OK", "INFORMATIONAL")]
+for label, case, behavior in sorted(bad):
+    print(f"  {label} {case}: {behavior}")
 sys.exit(1 if bad else 0)
 PY
