@@ -374,3 +374,34 @@ async fn without_echo_client_messages_are_ignored() {
     let got = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
     assert!(got.is_err(), "nothing comes back: {got:?}");
 }
+
+#[test]
+fn bad_flags_and_a_busy_port_are_refused_clearly() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--interval", "0s"], "greater than zero"),
+        (vec!["--interval", "soon"], "expected e.g."),
+        (vec!["--workers", "0"], "auto"),
+        (vec!["--listen", "nowhere"], "--listen"),
+        (vec!["--precision", "ns"], "--precision"),
+        (
+            vec!["--listen", &busy_addr, "--workers", "1"],
+            "cannot listen on",
+        ),
+        (
+            vec!["--listen", &busy_addr, "--workers", "2"],
+            "cannot listen on",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_c1m"))
+            .arg("serve")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
