@@ -113,6 +113,22 @@ struct Client {
     attempt: u32,
 }
 
+impl Client {
+    /// Sends a masked close frame carrying `payload` (best effort: the connection is
+    /// ending either way).
+    fn send_close(&mut self, payload: &[u8]) {
+        let mut frame = Vec::new();
+        encode_frame(OpCode::Close, payload, Some(rand::random()), &mut frame);
+        let _ = self.stream.write(&frame);
+    }
+
+    /// Starts our side of a clean close (1000); the server's close or EOF finishes it.
+    fn begin_close(&mut self) {
+        self.send_close(&close_payload(CloseCode::NORMAL, ""));
+        self.phase = Phase::Closing;
+    }
+}
+
 /// Why a connection ended, as an error cause; `None` for an orderly end we asked for.
 type Cause = Option<String>;
 
@@ -509,25 +525,15 @@ impl Worker {
             if matches!(client.phase, Phase::Closing) {
                 return Err(None); // the server answered our close
             }
-            let mut frame = Vec::new();
-            let payload = code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default();
-            encode_frame(OpCode::Close, &payload, Some(rand::random()), &mut frame);
-            let _ = client.stream.write(&frame);
+            // Echo the server's code (RFC 6455 §5.5.1).
+            client.send_close(&code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default());
             return Err(Some(match code {
                 Some(code) => format!("closed.{code}"),
                 None => "closed.no_code".into(),
             }));
         }
         if let Err(error) = result {
-            let client = &mut self.clients[key];
-            let mut frame = Vec::new();
-            encode_frame(
-                OpCode::Close,
-                &close_payload(error.close_code(), ""),
-                Some(rand::random()),
-                &mut frame,
-            );
-            let _ = client.stream.write(&frame);
+            self.clients[key].send_close(&close_payload(error.close_code(), ""));
             return Err(Some(format!("protocol.{}", error.close_code().0)));
         }
         Ok(())
@@ -589,15 +595,7 @@ impl Worker {
             if client.opened_us != opened_us || !matches!(client.phase, Phase::Open) {
                 continue; // the slot holds another connection by now
             }
-            let mut frame = Vec::new();
-            encode_frame(
-                OpCode::Close,
-                &close_payload(CloseCode::NORMAL, ""),
-                Some(rand::random()),
-                &mut frame,
-            );
-            let _ = client.stream.write(&frame);
-            client.phase = Phase::Closing;
+            client.begin_close();
         }
     }
 
@@ -623,15 +621,7 @@ impl Worker {
         for key in keys {
             let client = &mut self.clients[key];
             if matches!(client.phase, Phase::Open) {
-                let mut frame = Vec::new();
-                encode_frame(
-                    OpCode::Close,
-                    &close_payload(CloseCode::NORMAL, ""),
-                    Some(rand::random()),
-                    &mut frame,
-                );
-                let _ = client.stream.write(&frame);
-                client.phase = Phase::Closing;
+                client.begin_close();
             } else if !matches!(client.phase, Phase::Closing) {
                 self.end(key, None);
             }
