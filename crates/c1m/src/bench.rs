@@ -197,6 +197,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         run_children(&args, &stop, &mut reporter, start)?
     };
+    reporter.finish();
     print!("{}", console(&result, "c1m bench: final report"));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&result)?;
@@ -224,6 +225,14 @@ impl Reporter {
             target: args.connections,
             start,
             next: start + args.report_interval,
+        }
+    }
+
+    /// Ends the progress line, if one is showing.
+    fn finish(&mut self) {
+        if self.progress {
+            eprintln!();
+            self.progress = false;
         }
     }
 
