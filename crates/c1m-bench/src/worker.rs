@@ -599,18 +599,25 @@ impl Worker {
         }
     }
 
+    /// Ends connects and handshakes that took too long. As in the server, entries of
+    /// connections that have moved on are dropped from the front at once, so under churn
+    /// the queue does not hold one entry per connection of the last `--connect-timeout`.
     fn expire(&mut self, now: Instant) {
         while let Some(&(key, deadline)) = self.deadlines.front() {
-            if deadline > now {
+            let cause = match self.clients.get(key).map(|c| &c.phase) {
+                Some(Phase::Connecting { deadline: d }) if *d == deadline => {
+                    Some("connect.timeout")
+                }
+                Some(Phase::Handshake(hs)) if hs.deadline == deadline => Some("handshake.timeout"),
+                _ => None,
+            };
+            if cause.is_some() && deadline > now {
                 break;
             }
             self.deadlines.pop_front();
-            let cause = match self.clients.get(key).map(|c| &c.phase) {
-                Some(Phase::Connecting { deadline: d }) if *d == deadline => "connect.timeout",
-                Some(Phase::Handshake(hs)) if hs.deadline == deadline => "handshake.timeout",
-                _ => continue,
-            };
-            self.end(key, Some(cause.into()));
+            if let Some(cause) = cause {
+                self.end(key, Some(cause.into()));
+            }
         }
     }
 

@@ -553,31 +553,27 @@ impl Server {
     /// under heavy churn the queues would otherwise hold one entry per connection accepted
     /// in the last `--handshake-timeout`.
     fn expire(&mut self, now: Instant) {
-        while let Some(&(key, deadline)) = self.handshake_deadlines.front() {
-            let waiting = self.conns.get(key).is_some_and(|c| {
-                c.kind() == PhaseKind::Handshake && c.deadline() == Some(deadline)
-            });
-            if waiting && deadline > now {
-                break;
-            }
-            self.handshake_deadlines.pop_front();
-            if waiting {
-                self.stats.handshake_timeouts += 1;
-                self.remove(key, End::PeerClosed);
-            }
+        let mut expired = Vec::new();
+        pop_expired(
+            &mut self.handshake_deadlines,
+            &self.conns,
+            PhaseKind::Handshake,
+            now,
+            &mut expired,
+        );
+        self.stats.handshake_timeouts += expired.len() as u64;
+        for key in expired.drain(..) {
+            self.remove(key, End::PeerClosed);
         }
-        while let Some(&(key, deadline)) = self.closing_deadlines.front() {
-            let waiting = self
-                .conns
-                .get(key)
-                .is_some_and(|c| c.kind() == PhaseKind::Closing && c.deadline() == Some(deadline));
-            if waiting && deadline > now {
-                break;
-            }
-            self.closing_deadlines.pop_front();
-            if waiting {
-                self.remove(key, End::PeerClosed);
-            }
+        pop_expired(
+            &mut self.closing_deadlines,
+            &self.conns,
+            PhaseKind::Closing,
+            now,
+            &mut expired,
+        );
+        for key in expired {
+            self.remove(key, End::PeerClosed);
         }
     }
 
@@ -625,6 +621,30 @@ pub(crate) fn listen_socket(
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Pops the front of a deadline queue of connections in phase `kind`: entries whose
+/// connection has moved on (left the phase, or its slot was reused with another deadline)
+/// at once, live ones once due, whose keys go to `expired`.
+fn pop_expired(
+    queue: &mut VecDeque<(usize, Instant)>,
+    conns: &Slab<Connection>,
+    kind: PhaseKind,
+    now: Instant,
+    expired: &mut Vec<usize>,
+) {
+    while let Some(&(key, deadline)) = queue.front() {
+        let waiting = conns
+            .get(key)
+            .is_some_and(|c| c.kind() == kind && c.deadline() == Some(deadline));
+        if waiting && deadline > now {
+            break;
+        }
+        queue.pop_front();
+        if waiting {
+            expired.push(key);
+        }
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
