@@ -20,8 +20,21 @@ pub const MAX_HEADERS: usize = 64;
 pub enum Request {
     /// A valid WebSocket upgrade (on any path).
     Upgrade(UpgradeRequest),
-    /// A plain HTTP request, without an upgrade.
-    Plain { method: String, path: String },
+    /// A plain HTTP request, without an upgrade (its body, if any, follows the head).
+    Plain(PlainRequest),
+}
+
+/// What the server needs from a plain HTTP request (the info page, the publish API,
+/// metrics and health checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainRequest {
+    pub method: String,
+    /// The request target, query string included.
+    pub path: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    /// The body's length from `Content-Length` (0 without the header).
+    pub content_length: usize,
 }
 
 /// What the server needs from a valid upgrade request.
@@ -30,6 +43,7 @@ pub struct UpgradeRequest {
     pub path: String,
     pub key: String,
     pub origin: Option<String>,
+    pub authorization: Option<String>,
 }
 
 /// Why a request was refused, with the HTTP status to answer it with.
@@ -49,6 +63,8 @@ pub enum HandshakeError {
     BadHeader(&'static str),
     #[error("unsupported Sec-WebSocket-Version (only 13 is supported)")]
     UnsupportedVersion,
+    #[error("a request body needs a Content-Length header (chunked bodies are not supported)")]
+    LengthRequired,
 }
 
 impl HandshakeError {
@@ -60,6 +76,7 @@ impl HandshakeError {
             }
             HandshakeError::MethodNotGet => (405, "Method Not Allowed"),
             HandshakeError::UnsupportedVersion => (426, "Upgrade Required"),
+            HandshakeError::LengthRequired => (411, "Length Required"),
             _ => (400, "Bad Request"),
         }
     }
@@ -113,11 +130,24 @@ pub fn parse_request(
 
     // A request that does not ask for an upgrade is plain HTTP.
     if header("Upgrade").is_none() && header("Sec-WebSocket-Key").is_none() {
+        if header("Transfer-Encoding").is_some() {
+            return Err(HandshakeError::LengthRequired);
+        }
+        let content_length = match header("Content-Length") {
+            None => 0,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| HandshakeError::BadHeader("Content-Length"))?,
+        };
         return Ok(Some((
-            Request::Plain {
+            Request::Plain(PlainRequest {
                 method: method.to_string(),
                 path,
-            },
+                authorization: header("Authorization").map(str::to_string),
+                content_type: header("Content-Type").map(str::to_string),
+                content_length,
+            }),
             head_len,
         )));
     }
@@ -148,6 +178,7 @@ pub fn parse_request(
             path,
             key: key.to_string(),
             origin: header("Origin").map(str::to_string),
+            authorization: header("Authorization").map(str::to_string),
         }),
         head_len,
     )))
@@ -170,23 +201,42 @@ pub fn switching_protocols(key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A complete HTTP/1.1 response that closes the connection.
+/// A complete plain-text HTTP/1.1 response that closes the connection.
 pub fn http_response(
     status: u16,
     reason: &str,
     extra_headers: &[(&str, &str)],
     body: &str,
 ) -> Vec<u8> {
+    http_response_typed(
+        status,
+        reason,
+        "text/plain; charset=utf-8",
+        extra_headers,
+        body.as_bytes(),
+    )
+}
+
+/// A complete HTTP/1.1 response with a body of the given content type, that closes the
+/// connection.
+pub fn http_response_typed(
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
     for (name, value) in extra_headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
-    out.push_str(body);
-    out.into_bytes()
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// The response to a refused handshake.
@@ -293,6 +343,7 @@ mod tests {
                 path: "/any/path?x=1".into(),
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
                 origin: Some("http://example.test".into()),
+                authorization: None,
             })
         );
     }
@@ -316,10 +367,35 @@ mod tests {
             .unwrap();
         assert_eq!(
             req,
-            Request::Plain {
+            Request::Plain(PlainRequest {
                 method: "GET".into(),
-                path: "/".into()
-            }
+                path: "/".into(),
+                authorization: None,
+                content_type: None,
+                content_length: 0,
+            })
+        );
+    }
+
+    #[test]
+    fn plain_post_carries_its_body_length_and_credentials() {
+        let head = b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 5\r\n\r\nhello";
+        let (req, used) = parse_request(head, MAX).unwrap().unwrap();
+        let Request::Plain(plain) = req else {
+            panic!("not plain: {req:?}")
+        };
+        assert_eq!(plain.content_length, 5);
+        assert_eq!(plain.authorization.as_deref(), Some("Bearer k"));
+        assert_eq!(&head[used..], b"hello");
+        let chunked = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            parse_request(chunked, MAX),
+            Err(HandshakeError::LengthRequired)
+        );
+        let bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(
+            parse_request(bad, MAX),
+            Err(HandshakeError::BadHeader("Content-Length"))
         );
     }
 

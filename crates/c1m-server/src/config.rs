@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::auth::{JwtConfig, JwtKey};
+pub use crate::connection::SlowConsumerPolicy;
+
 /// Unit of the timestamp the clock broadcast carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -29,8 +32,22 @@ pub struct ServeConfig {
     /// Largest message a client may send; larger ones are closed with 1009.
     pub max_message_size: u64,
     /// Largest amount of output a connection may have queued in user space; past it the
-    /// client is a slow consumer and is disconnected.
+    /// client is a slow consumer and `slow_consumer` applies.
     pub max_pending_bytes: usize,
+    /// What to do with a slow consumer.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Ping connections that were silent for this long (none when `None`).
+    pub ping_interval: Option<Duration>,
+    /// Close connections silent for this long (never when `None`).
+    pub idle_timeout: Option<Duration>,
+    /// Key of the publish API (`Authorization: Bearer KEY`); the API is off without it.
+    pub api_key: Option<String>,
+    /// When set, upgrades must carry one of these `Origin`s (`*` allows any).
+    pub allowed_origins: Option<Vec<String>>,
+    /// When set, upgrades must carry a valid token.
+    pub jwt: Option<JwtConfig>,
+    /// Most topics one connection may be in.
+    pub max_topics_per_connection: usize,
     /// A client must complete its upgrade request within this time.
     pub handshake_timeout: Duration,
     /// Largest HTTP request head accepted (431 beyond).
@@ -76,6 +93,13 @@ impl Default for ServeConfig {
             precision: Precision::Millis,
             max_message_size: 1 << 20,
             max_pending_bytes: 256 * 1024,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            ping_interval: None,
+            idle_timeout: None,
+            api_key: None,
+            allowed_origins: None,
+            jwt: None,
+            max_topics_per_connection: 64,
             handshake_timeout: Duration::from_secs(10),
             max_head_bytes: 8 * 1024,
             close_timeout: Duration::from_secs(3),

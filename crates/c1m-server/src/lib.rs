@@ -6,21 +6,33 @@
 //!
 //! - [`config`]: every setting of `c1m serve`, in one typed struct.
 //! - [`clock`]: when to broadcast and what (the seed's time push), stamped once.
+//! - [`topics`]: which connections a publication goes to.
 //! - [`connection`]: one client: handshake, frame decoding, bounded pending output.
+//! - [`auth`]: who may connect to which topics (origin, JWT), and the publish API key.
+//! - [`commands`]: the client's subscribe/unsubscribe text protocol.
+//! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
+//! - [`metrics`]: the Prometheus text for `GET /metrics`.
+//! - [`control`]: the messages between the master and its workers.
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`server`]: the event loop: accept, read, fan out, time out, shut down.
 //! - [`stats`]: counters and the periodic stats line.
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
 //! - [`scoreboard`]: per-worker counters in shared memory.
 
+pub mod auth;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod control;
+pub mod http;
 pub mod master;
+pub mod metrics;
 pub mod outbox;
 pub mod scoreboard;
 pub mod server;
 pub mod stats;
+pub mod topics;
 
-pub use config::{Faults, Precision, ServeConfig};
+pub use config::{Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy};
 pub use server::{run, run_worker, ServeError, WorkerRole};

@@ -6,7 +6,9 @@
 //!   while it has room (see `Server::set_accepting`), so a full worker is never handed
 //!   a connection it cannot take;
 //! - keeps the clock: it stamps each broadcast once, encodes the frame once, and sends
-//!   it to every worker over a Unix socket (a u32 length, then the frame);
+//!   it to every worker over a Unix socket (see `control`);
+//! - relays publishes: a worker that takes `POST /publish` sends the encoded frame up,
+//!   the master sends it to every worker and sums their delivery counts for the answer;
 //! - reads every worker's counters from the shared [`Scoreboard`] for the `--total`
 //!   gate and one stats line for the whole server;
 //! - respawns a worker that dies (its clients reconnect to the others; the other
@@ -14,7 +16,8 @@
 //! - on SIGINT/SIGTERM passes SIGTERM to every worker (each closes its clients with
 //!   1001), waits for them up to `close_timeout` + 2 s, then SIGKILLs what is left.
 
-use std::io::{self, Write};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -28,10 +31,15 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::clock::Clock;
 use crate::config::ServeConfig;
+use crate::control::{Message, NO_ORIGIN};
 use crate::scoreboard::Scoreboard;
 use crate::server::{listen_socket, ServeError};
 
-const SIGNALS: Token = Token(0);
+const SIGNALS: Token = Token(usize::MAX - 1);
+
+/// Most bytes queued for one worker; past it the worker is not reading and misses
+/// publications (logged) rather than growing the master without bound.
+const MAX_PENDING_TO_WORKER: usize = 16 << 20;
 
 /// The descriptors a worker process must inherit, and its place in the scoreboard.
 #[derive(Debug, Clone, Copy)]
@@ -48,9 +56,18 @@ struct WorkerProcess {
     child: Option<Child>,
     /// Master's end of the control channel (non-blocking).
     control: UnixStream,
-    /// Bytes of broadcasts not yet written to `control`.
+    /// Bytes of messages not yet written to `control`.
     pending: Vec<u8>,
+    /// Bytes read from `control` not yet forming a complete message.
+    incoming: Vec<u8>,
     restarts: u32,
+}
+
+/// A publish relayed to every worker, waiting for their delivery counts.
+struct Relayed {
+    /// Workers that have answered (or died meanwhile).
+    answered: Vec<bool>,
+    count: u64,
 }
 
 /// Runs the master. `spawn` starts worker process `fds.index` so that it inherits the
@@ -73,14 +90,11 @@ pub fn run_master(
     let scoreboard = Scoreboard::create(workers)?;
     let mut procs = Vec::with_capacity(workers);
     for index in 0..workers {
-        procs.push(start_worker(
-            &spawn,
-            index,
-            workers,
-            listener.as_raw_fd(),
-            &scoreboard,
-        )?);
+        let mut worker = start_worker(&spawn, index, workers, listener.as_raw_fd(), &scoreboard)?;
+        register_control(&poll, &mut worker, index)?;
+        procs.push(worker);
     }
+    let mut relayed: HashMap<(u32, u32), Relayed> = HashMap::new();
     tracing::info!(addr = %local_addr, workers, "listening");
     on_listening(local_addr);
 
@@ -126,12 +140,24 @@ pub fn run_master(
         }
         // Catch exits whose SIGCHLD merged with another, too.
         if reap || shutdown_deadline.is_some() {
-            reap_exited(
+            let died = reap_exited(
                 &mut procs,
                 &scoreboard,
                 shutdown_deadline.is_none(),
-                |index| start_worker(&spawn, index, workers, listener.as_raw_fd(), &scoreboard),
+                |index| {
+                    let mut worker =
+                        start_worker(&spawn, index, workers, listener.as_raw_fd(), &scoreboard)?;
+                    register_control(&poll, &mut worker, index)?;
+                    Ok(worker)
+                },
             );
+            // A dead worker will not answer: count it as done for every waiting publish.
+            for index in died {
+                for waiting in relayed.values_mut() {
+                    waiting.answered[index] = true;
+                }
+            }
+            finish_relayed(&mut relayed, &mut procs);
         }
         if let Some(deadline) = shutdown_deadline {
             if procs.iter().all(|p| p.child.is_none()) {
@@ -150,24 +176,54 @@ pub fn run_master(
             }
             continue;
         }
+        for index in 0..procs.len() {
+            for message in read_messages(&mut procs[index]) {
+                match message {
+                    Message::Relay {
+                        request,
+                        topic,
+                        frame,
+                    } => {
+                        let origin = index as u32;
+                        let answered = procs.iter().map(|p| p.child.is_none()).collect();
+                        relayed.insert((origin, request), Relayed { answered, count: 0 });
+                        send_to_all(
+                            &mut procs,
+                            &Message::Publish {
+                                origin,
+                                request,
+                                topic,
+                                frame,
+                            },
+                        );
+                    }
+                    Message::Delivered {
+                        origin,
+                        request,
+                        count,
+                    } => {
+                        if let Some(waiting) = relayed.get_mut(&(origin, request)) {
+                            waiting.answered[index] = true;
+                            waiting.count += count;
+                        }
+                    }
+                    other => tracing::warn!(?other, "unexpected control message from a worker"),
+                }
+            }
+        }
+        finish_relayed(&mut relayed, &mut procs);
         for p in &mut procs {
             flush(p);
         }
         if clock.due(now, scoreboard.total_open() as usize) {
             let (stamp, frame) = clock.stamp();
-            let mut message = Vec::with_capacity(4 + frame.len());
-            message.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-            message.extend_from_slice(&frame);
-            for p in &mut procs {
-                if p.pending.len() > 1 << 20 {
-                    tracing::warn!(
-                        "a worker is not reading its broadcasts; skipping it this round"
-                    );
-                    continue;
-                }
-                p.pending.extend_from_slice(&message);
-                flush(p);
-            }
+            let message = Message::Publish {
+                origin: NO_ORIGIN,
+                request: 0,
+                topic: crate::topics::TIME.to_string(),
+                frame: frame.to_vec(),
+            };
+            send_to_all(&mut procs, &message);
             tracing::debug!(stamp, "broadcast relayed to workers");
         }
         if now >= next_stats {
@@ -199,8 +255,75 @@ fn start_worker(
         child: Some(child),
         control: master_end,
         pending: Vec::new(),
+        incoming: Vec::new(),
         restarts: 0,
     })
+}
+
+/// Watches a worker's control channel for its messages (token = worker index).
+fn register_control(poll: &Poll, worker: &mut WorkerProcess, index: usize) -> io::Result<()> {
+    let fd = worker.control.as_raw_fd();
+    poll.registry().register(
+        &mut mio::unix::SourceFd(&fd),
+        Token(index),
+        Interest::READABLE,
+    )
+}
+
+/// Reads what a worker sent; a worker that sends garbage is logged and ignored.
+fn read_messages(p: &mut WorkerProcess) -> Vec<Message> {
+    if p.child.is_none() {
+        return Vec::new();
+    }
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match p.control.read(&mut chunk) {
+            Ok(0) => break, // the worker is gone; the reaper restarts it
+            Ok(n) => p.incoming.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break, // WouldBlock, or the worker died
+        }
+    }
+    match Message::decode_all(&mut p.incoming) {
+        Ok(messages) => messages,
+        Err(error) => {
+            tracing::warn!(%error, "bad message from a worker; dropping its input");
+            p.incoming.clear();
+            Vec::new()
+        }
+    }
+}
+
+/// Queues a message for every live worker and writes what the channels take.
+fn send_to_all(procs: &mut [WorkerProcess], message: &Message) {
+    let mut bytes = Vec::new();
+    message.encode(&mut bytes);
+    for p in procs.iter_mut().filter(|p| p.child.is_some()) {
+        if p.pending.len() > MAX_PENDING_TO_WORKER {
+            tracing::warn!("a worker is not reading its control channel; it misses a publication");
+            continue;
+        }
+        p.pending.extend_from_slice(&bytes);
+        flush(p);
+    }
+}
+
+/// Answers the origin worker of every relayed publish that all workers have counted.
+fn finish_relayed(relayed: &mut HashMap<(u32, u32), Relayed>, procs: &mut [WorkerProcess]) {
+    relayed.retain(|&(origin, request), waiting| {
+        if !waiting.answered.iter().all(|&a| a) {
+            return true;
+        }
+        if let Some(p) = procs.get_mut(origin as usize) {
+            Message::Done {
+                request,
+                count: waiting.count,
+            }
+            .encode(&mut p.pending);
+            flush(p);
+        }
+        false
+    });
 }
 
 /// Writes what the control channel takes now; the rest waits for the next turn.
@@ -226,13 +349,15 @@ fn kill_all(procs: &mut [WorkerProcess], signal: libc::c_int) {
     }
 }
 
-/// Collects exited workers; while serving, starts a replacement for each.
+/// Collects exited workers; while serving, starts a replacement for each. Returns the
+/// indexes of the workers that exited.
 fn reap_exited(
     procs: &mut [WorkerProcess],
     scoreboard: &Scoreboard,
     respawn: bool,
     start: impl Fn(usize) -> io::Result<WorkerProcess>,
-) {
+) -> Vec<usize> {
+    let mut died = Vec::new();
     for (index, worker) in procs.iter_mut().enumerate() {
         let Some(child) = worker.child.as_mut() else {
             continue;
@@ -241,6 +366,7 @@ fn reap_exited(
             continue;
         };
         worker.child = None;
+        died.push(index);
         scoreboard.reset(index);
         if !respawn {
             continue;
@@ -254,6 +380,7 @@ fn reap_exited(
             Err(error) => tracing::error!(worker = index, %error, "cannot restart worker"),
         }
     }
+    died
 }
 
 /// One stats line for the whole server, summed over the scoreboard.

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// One worker's counters, one cache line each so workers never share a line.
+/// One worker's counters, aligned to cache lines so workers never share a line.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -29,6 +29,18 @@ pub struct Slot {
     pub last_fanout_us: AtomicU64,
     pub rss_bytes: AtomicU64,
     pub rejected_full: AtomicU64,
+    // Totals for `/metrics` (see `Stats` for their meaning).
+    pub accepted: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub dropped: AtomicU64,
+    pub handshake_rejects: AtomicU64,
+    pub peer_closed: AtomicU64,
+    pub io_errors: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
 }
 
 /// The shared table. Dropping it unmaps the memory (the file lives while any process

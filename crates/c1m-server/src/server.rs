@@ -11,15 +11,15 @@
 //! connection and waits up to `close_timeout` for the close handshakes; a second signal
 //! exits at once.
 
-use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use c1m_proto::{CloseCode, DecoderConfig, Role};
+use c1m_proto::{encode_frame, CloseCode, DecoderConfig, OpCode, Role};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -27,11 +27,19 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
 
+use crate::auth::{AuthConfigError, Gate};
 use crate::clock::Clock;
+use crate::commands::{self, Command};
 use crate::config::ServeConfig;
-use crate::connection::{Connection, End, Limits, Next, PhaseKind, SendError};
+use crate::connection::{
+    Action, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError, SlowConsumerPolicy,
+};
+use crate::control::{Message, ALL_CONNECTIONS, NO_ORIGIN};
+use crate::http::{self, Outcome};
+use crate::metrics::{self, Histogram, DURATION_BUCKETS};
 use crate::scoreboard::Scoreboard;
 use crate::stats::{rss_bytes, Stats};
+use crate::topics::{validate_name, TopicId, Topics};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -49,6 +57,8 @@ pub enum ServeError {
     Listen { addr: SocketAddr, source: io::Error },
     #[error("event loop failed: {0}")]
     Poll(#[from] io::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
 }
 
 /// Binds the listener, calls `on_listening` with the bound address, then serves until
@@ -87,27 +97,38 @@ pub fn run_worker(
 struct Server {
     config: ServeConfig,
     limits: Limits,
+    gate: Gate,
     poll: Poll,
     /// `None` once shutdown has begun.
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     signals: Signals,
     conns: Slab<Connection>,
+    topics: Topics,
     clock: Clock,
     stats: Stats,
     scratch: Box<[u8]>,
-    /// (slab key, deadline) of connections in the handshake, oldest first.
+    /// (slab key, deadline) of connections in the handshake or waiting for an HTTP
+    /// answer, oldest first.
     handshake_deadlines: VecDeque<(usize, Instant)>,
     /// (slab key, deadline) of closing connections, oldest first.
     closing_deadlines: VecDeque<(usize, Instant)>,
     /// Connections whose input was not drained in their last turn.
     read_again: Vec<usize>,
+    /// Reused buffer for what a connection hands back after a read.
+    actions: Vec<Action>,
     accept_paused_until: Option<Instant>,
     /// Whether the listener is in the epoll set (it is taken out while this process is
     /// full or out of descriptors, so the kernel queues connections for other workers).
     accepting: bool,
     shutdown_deadline: Option<Instant>,
     next_stats: Instant,
+    /// The idle sweep: when it runs next, and every how often (see `sweep`).
+    next_sweep: Option<Instant>,
+    sweep_every: Duration,
+    ping_frame: Bytes,
+    fanout_seconds: Histogram,
+    publish_seconds: Histogram,
     /// Set in a worker process; `None` for a single-process server.
     worker: Option<Worker>,
 }
@@ -118,7 +139,20 @@ struct Worker {
     scoreboard: Scoreboard,
     control: UnixStream,
     /// Bytes read from `control` not yet forming a complete message.
-    control_buf: Vec<u8>,
+    control_in: Vec<u8>,
+    /// Messages for the master not yet written.
+    control_out: Vec<u8>,
+    next_request: u32,
+    /// Publish requests relayed through the master, waiting for the total count.
+    waiting: HashMap<u32, WaitingPublish>,
+}
+
+struct WaitingPublish {
+    key: usize,
+    /// The connection's deadline, which identifies it if its slab key was reused.
+    deadline: Option<Instant>,
+    topic: String,
+    started: Instant,
 }
 
 impl Server {
@@ -137,8 +171,11 @@ impl Server {
             Some(role) => {
                 role.control.set_nonblocking(true)?;
                 let mut control = UnixStream::from_std(role.control);
-                poll.registry()
-                    .register(&mut control, CONTROL, Interest::READABLE)?;
+                poll.registry().register(
+                    &mut control,
+                    CONTROL,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
                 role.scoreboard.reset(role.index);
                 role.scoreboard
                     .slot(role.index)
@@ -148,14 +185,30 @@ impl Server {
                     index: role.index,
                     scoreboard: role.scoreboard,
                     control,
-                    control_buf: Vec::new(),
+                    control_in: Vec::new(),
+                    control_out: Vec::new(),
+                    next_request: 0,
+                    waiting: HashMap::new(),
                 })
             }
         };
+        let gate = Gate::new(
+            config.allowed_origins.clone(),
+            config.jwt.as_ref(),
+            config.max_topics_per_connection,
+        )?;
         let now = Instant::now();
         let mut clock_config = config.clone();
         // A worker broadcasts what its master sends; only a single process keeps time.
         clock_config.connect_only |= worker.is_some();
+        let sweep_every = match (config.ping_interval, config.idle_timeout) {
+            (Some(ping), _) => ping,
+            (None, Some(idle)) => idle / 4,
+            (None, None) => Duration::ZERO,
+        }
+        .max(Duration::from_millis(10));
+        let mut ping_frame = Vec::new();
+        encode_frame(OpCode::Ping, b"", None, &mut ping_frame);
         let mut server = Server {
             limits: Limits {
                 decoder: DecoderConfig {
@@ -164,21 +217,32 @@ impl Server {
                 },
                 max_pending_bytes: config.max_pending_bytes,
                 max_head_bytes: config.max_head_bytes,
+                max_body_bytes: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
                 echo: config.echo,
+                slow_consumer: config.slow_consumer,
             },
+            gate,
             clock: Clock::new(&clock_config, now),
             next_stats: now + config.stats_interval,
+            next_sweep: (config.ping_interval.is_some() || config.idle_timeout.is_some())
+                .then(|| now + sweep_every),
+            sweep_every,
+            ping_frame: Bytes::from(ping_frame),
+            fanout_seconds: Histogram::new(DURATION_BUCKETS),
+            publish_seconds: Histogram::new(DURATION_BUCKETS),
             config,
             poll,
             listener: Some(listener),
             local_addr,
             signals,
             conns: Slab::new(),
+            topics: Topics::default(),
             stats: Stats::default(),
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             handshake_deadlines: VecDeque::new(),
             closing_deadlines: VecDeque::new(),
             read_again: Vec::new(),
+            actions: Vec::new(),
             accept_paused_until: None,
             accepting: false,
             shutdown_deadline: None,
@@ -257,7 +321,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(now),
                     CONTROL => {
-                        if let Err(error) = self.read_control() {
+                        if let Err(error) = self.control_io(now) {
                             if self.shutdown_deadline.is_none() {
                                 tracing::warn!(%error, "control channel to the master lost: shutting down");
                                 self.begin_shutdown(now);
@@ -293,11 +357,16 @@ impl Server {
             if self.shutdown_deadline.is_none() && self.clock.due(now, self.stats.open) {
                 let (stamp, frame) = self.clock.stamp();
                 tracing::debug!(stamp, "broadcast");
-                self.fan_out(&frame);
+                let time = self.topics.time();
+                self.publish_to(Some(time), &frame);
                 now = Instant::now();
             }
+            if self.next_sweep.is_some_and(|at| now >= at) {
+                self.next_sweep = Some(now + self.sweep_every);
+                self.sweep(now);
+            }
             self.expire(now);
-            self.publish(now);
+            self.report(now);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || now >= deadline {
                     tracing::info!(unfinished = self.conns.len(), "shutdown complete");
@@ -317,6 +386,7 @@ impl Server {
                 .deadline()
                 .filter(|_| self.shutdown_deadline.is_none()),
             Some(self.next_stats),
+            self.next_sweep,
             self.handshake_deadlines.front().map(|&(_, at)| at),
             self.closing_deadlines.front().map(|&(_, at)| at),
             self.accept_paused_until,
@@ -381,15 +451,24 @@ impl Server {
             return;
         };
         let before = conn.kind();
-        let closing_deadline = now + self.config.close_timeout;
-        let admit = before != PhaseKind::Handshake || self.has_room();
-        let next = self.conns[key].on_readable(
-            &mut self.scratch,
-            &self.limits,
-            closing_deadline,
-            admit,
-            &mut self.stats,
-        );
+        let has_room = before != PhaseKind::Handshake || self.has_room();
+        let mut actions = std::mem::take(&mut self.actions);
+        let mut cx = ReadContext {
+            scratch: &mut self.scratch,
+            limits: &self.limits,
+            gate: &self.gate,
+            has_room,
+            closing_deadline: now + self.config.close_timeout,
+            stats: &mut self.stats,
+            actions: &mut actions,
+        };
+        let mut next = self.conns[key].on_readable(&mut cx);
+        for action in actions.drain(..) {
+            if let Next::Remove(end) = self.apply(key, action, now) {
+                next = Next::Remove(end);
+            }
+        }
+        self.actions = actions;
         self.after(key, before, next);
     }
 
@@ -402,8 +481,164 @@ impl Server {
         self.after(key, before, next);
     }
 
-    /// Bookkeeping after a connection handled an event: phase counters, deadlines,
-    /// removal.
+    /// Does what a connection asked for after a read.
+    fn apply(&mut self, key: usize, action: Action, now: Instant) -> Next {
+        match action {
+            Action::Joined(admission) => {
+                // The same read may already have closed it (a close right behind the
+                // upgrade request): then it joins nothing.
+                if self.conns[key].kind() != PhaseKind::Open {
+                    return Next::Keep;
+                }
+                for name in &admission.topics {
+                    self.subscribe(key, name);
+                }
+                self.conns[key].set_allowed_topics(admission.allowed);
+                Next::Keep
+            }
+            Action::Command(text) if !commands::is_command(&text) && !text.is_empty() => Next::Keep,
+            Action::Command(text) => {
+                let reply = self.command(key, &text);
+                match self.conns.get_mut(key) {
+                    Some(conn) if conn.kind() == PhaseKind::Open => {
+                        conn.reply(reply.as_bytes(), &self.limits)
+                    }
+                    _ => Next::Keep,
+                }
+            }
+            Action::Http(request, body) => self.http(key, request, body, now),
+        }
+    }
+
+    /// Runs a client's command; returns the answer to send it.
+    fn command(&mut self, key: usize, text: &str) -> String {
+        let command = match commands::parse(text) {
+            Ok(command) => command,
+            Err(reply) => return reply,
+        };
+        let (op, name) = match &command {
+            Command::Subscribe(name) => ("subscribe", name.as_str()),
+            Command::Unsubscribe(name) => ("unsubscribe", name.as_str()),
+        };
+        let error = |e: &str| commands::error_reply(Some(op), Some(name), e);
+        if let Err(e) = validate_name(name) {
+            return error(&e);
+        }
+        let conn = &self.conns[key];
+        match command {
+            Command::Subscribe(_) => {
+                if !conn.may_join(name) {
+                    return error("forbidden");
+                }
+                let already = self
+                    .topics
+                    .id(name)
+                    .is_some_and(|id| conn.is_subscribed(id));
+                if !already {
+                    if conn.subscription_count() >= self.config.max_topics_per_connection {
+                        return error(&format!(
+                            "at most {} topics per connection",
+                            self.config.max_topics_per_connection
+                        ));
+                    }
+                    self.subscribe(key, name);
+                }
+            }
+            Command::Unsubscribe(_) => {
+                if let Some(id) = self.topics.id(name) {
+                    self.unsubscribe(key, id);
+                }
+            }
+        }
+        commands::ok_reply(op, name)
+    }
+
+    fn subscribe(&mut self, key: usize, name: &str) {
+        let id = self.topics.get_or_create(name);
+        let sub = self.topics.add(id, key);
+        self.conns[key].add_subscription(sub);
+    }
+
+    fn unsubscribe(&mut self, key: usize, topic: TopicId) {
+        let Some(sub) = self.conns[key].take_subscription(topic) else {
+            return;
+        };
+        if let Some(moved) = self.topics.remove(sub) {
+            self.conns[moved].move_subscription(sub.topic, sub.position);
+        }
+    }
+
+    fn unsubscribe_all(&mut self, key: usize) {
+        let topics: Vec<TopicId> = self.conns[key].subscriptions().map(|s| s.topic).collect();
+        for topic in topics {
+            self.unsubscribe(key, topic);
+        }
+    }
+
+    /// Answers a plain HTTP request (or, for a publish in a worker, relays it first).
+    fn http(
+        &mut self,
+        key: usize,
+        request: c1m_proto::handshake::PlainRequest,
+        body: Vec<u8>,
+        now: Instant,
+    ) -> Next {
+        let ready = self.shutdown_deadline.is_none() && self.has_room();
+        let render = || self.render_metrics();
+        let cx = http::Context {
+            api_key: self.config.api_key.as_deref(),
+            ready,
+            metrics: &render,
+        };
+        let outcome = http::route(&request, &body, &cx);
+        let response = match outcome {
+            Outcome::Respond(response) => response,
+            Outcome::Publish { topic, frame } => {
+                if let Some(worker) = self.worker.as_mut() {
+                    let request = worker.next_request;
+                    worker.next_request = worker.next_request.wrapping_add(1);
+                    worker.waiting.insert(
+                        request,
+                        WaitingPublish {
+                            key,
+                            deadline: self.conns[key].deadline(),
+                            topic: topic.clone(),
+                            started: now,
+                        },
+                    );
+                    Message::Relay {
+                        request,
+                        topic,
+                        frame: frame.to_vec(),
+                    }
+                    .encode(&mut worker.control_out);
+                    if let Err(error) = self.control_io(now) {
+                        tracing::warn!(%error, "cannot relay a publish to the master");
+                    }
+                    return Next::Keep; // answered when the master reports the count
+                }
+                let delivered = self.publish_named(&topic, &frame);
+                self.publish_seconds.observe(now.elapsed());
+                http::published(&topic, delivered)
+            }
+        };
+        let deadline = now + self.config.close_timeout;
+        self.conns[key].finish_with(response, deadline, &self.limits)
+    }
+
+    fn render_metrics(&self) -> String {
+        metrics::render(&metrics::View {
+            stats: &self.stats,
+            topics: self.topics.summary(),
+            fanout: &self.fanout_seconds,
+            publish: &self.publish_seconds,
+            rss_bytes: rss_bytes().unwrap_or(0),
+            worker: self.worker.as_ref().map(|w| (w.index, &w.scoreboard)),
+        })
+    }
+
+    /// Bookkeeping after a connection handled an event: phase counters, topics,
+    /// deadlines, removal.
     fn after(&mut self, key: usize, before: PhaseKind, next: Next) {
         match next {
             Next::Remove(end) => return self.remove(key, end),
@@ -423,89 +658,266 @@ impl Server {
         if before == PhaseKind::Open {
             self.stats.open -= 1;
         }
+        if after != PhaseKind::Open {
+            // Only open connections are in topics (invariant of `Topics`).
+            self.unsubscribe_all(key);
+        }
         if after == PhaseKind::Closing {
-            if let Some(deadline) = conn.deadline() {
+            if let Some(deadline) = self.conns[key].deadline() {
                 self.closing_deadlines.push_back((key, deadline));
             }
         }
     }
 
     fn remove(&mut self, key: usize, end: End) {
-        let Some(mut conn) = self.conns.try_remove(key) else {
+        let Some(conn) = self.conns.get(key) else {
             return;
         };
         if conn.kind() == PhaseKind::Open {
             self.stats.open -= 1;
         }
+        self.unsubscribe_all(key);
         match end {
             End::SlowConsumer => self.stats.slow_consumers += 1,
             End::Io => self.stats.io_errors += 1,
-            End::PeerClosed => {}
+            End::PeerClosed => self.stats.peer_closed += 1,
         }
+        let mut conn = self.conns.remove(key);
         let _ = self.poll.registry().deregister(conn.stream_mut());
     }
 
-    /// The hot path: hand one shared, already-encoded frame to every open connection.
-    fn fan_out(&mut self, frame: &Bytes) {
+    /// Publishes to a topic by name (`ALL_CONNECTIONS`: to every open connection).
+    /// Returns how many connections it reached; an unknown topic reaches none.
+    fn publish_named(&mut self, topic: &str, frame: &Bytes) -> u64 {
+        if topic == ALL_CONNECTIONS {
+            return self.publish_to(None, frame);
+        }
+        match self.topics.id(topic) {
+            Some(id) => self.publish_to(Some(id), frame),
+            None => 0,
+        }
+    }
+
+    /// The hot path: hand one shared, already-encoded frame to every subscriber of
+    /// `topic` (every open connection for `None`). Returns how many it reached.
+    fn publish_to(&mut self, topic: Option<TopicId>, frame: &Bytes) -> u64 {
         let started = Instant::now();
         let mut sent = 0u64;
         let mut failed: Vec<(usize, End)> = Vec::new();
         let skip_every = self.config.faults.skip_every.unwrap_or(0);
-        let mut open_seen = 0usize;
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.kind() != PhaseKind::Open {
-                continue;
+        let mut seen = 0usize;
+        let conns = &mut self.conns;
+        let limits = &self.limits;
+        let stats = &mut self.stats;
+        let mut deliver = |key: usize, conn: &mut Connection| {
+            seen += 1;
+            if skip_every > 0 && seen.is_multiple_of(skip_every) {
+                return; // test fault: see `Faults`
             }
-            open_seen += 1;
-            if skip_every > 0 && open_seen.is_multiple_of(skip_every) {
-                continue; // test fault: see `Faults`
-            }
-            match conn.send(frame, &self.limits) {
+            match conn.send(frame, limits) {
                 Ok(()) => sent += 1,
+                Err(SendError::Overflow) if limits.slow_consumer == SlowConsumerPolicy::Drop => {
+                    stats.dropped += 1;
+                }
                 Err(SendError::Overflow) => failed.push((key, End::SlowConsumer)),
                 Err(SendError::Io(_)) => failed.push((key, End::Io)),
+            }
+        };
+        match topic {
+            Some(id) => {
+                self.topics.count_published(id);
+                for &key in self.topics.subscribers(id) {
+                    deliver(key as usize, &mut conns[key as usize]);
+                }
+            }
+            None => {
+                for (key, conn) in conns.iter_mut() {
+                    if conn.kind() == PhaseKind::Open {
+                        deliver(key, conn);
+                    }
+                }
             }
         }
         let fanout = started.elapsed();
         for (key, end) in failed {
-            self.remove(key, end);
+            self.end_connection(key, end);
         }
         self.stats.broadcasts += 1;
         self.stats.frames_out += sent;
+        self.stats.bytes_out += sent * frame.len() as u64;
         self.stats.last_fanout = fanout;
+        self.fanout_seconds.observe(fanout);
         tracing::debug!(sent, fanout_ms = fanout.as_secs_f64() * 1e3, "fan-out done");
+        sent
     }
 
-    /// Reads broadcast frames sent by the master and fans each out.
-    fn read_control(&mut self) -> io::Result<()> {
+    /// Ends an open connection that failed during a fan-out: a slow consumer is told
+    /// why with close code 1008 (its close frame waits behind the queued output, and
+    /// the close timeout bounds the wait); a broken socket is dropped.
+    fn end_connection(&mut self, key: usize, end: End) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if end != End::SlowConsumer || conn.kind() != PhaseKind::Open {
+            return self.remove(key, end);
+        }
+        self.stats.slow_consumers += 1;
+        let deadline = Instant::now() + self.config.close_timeout;
+        let next = conn.begin_close(
+            CloseCode::POLICY,
+            "slow consumer: output queue full",
+            deadline,
+            &self.limits,
+        );
+        self.after(key, PhaseKind::Open, next);
+    }
+
+    /// The idle sweep, every `--ping-interval` (or a quarter of `--idle-timeout`): a
+    /// connection heard from since the last sweep is fine; a silent one gets a ping,
+    /// and one silent for `--idle-timeout` is closed with 1001. One pass over the slab
+    /// replaces a timer per connection; the ping frame is encoded once and shared.
+    fn sweep(&mut self, now: Instant) {
+        let limit = self.config.idle_timeout.map(|idle| {
+            let sweeps = idle.as_secs_f64() / self.sweep_every.as_secs_f64();
+            sweeps.ceil().clamp(1.0, u8::MAX as f64) as u8
+        });
+        let ping = self.config.ping_interval.is_some();
+        let mut idle = Vec::new();
+        let mut failed = Vec::new();
+        let mut pings = 0u64;
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.kind() != PhaseKind::Open {
+                continue;
+            }
+            let silent = conn.sweep();
+            if silent == 0 {
+                continue;
+            }
+            if limit.is_some_and(|limit| silent >= limit) {
+                idle.push(key);
+            } else if ping {
+                match conn.send(&self.ping_frame, &self.limits) {
+                    Ok(()) => pings += 1,
+                    Err(SendError::Overflow) => {} // it has output queued: no ping needed
+                    Err(SendError::Io(_)) => failed.push(key),
+                }
+            }
+        }
+        for key in failed {
+            self.remove(key, End::Io);
+        }
+        let deadline = now + self.config.close_timeout;
+        for key in &idle {
+            let next = self.conns[*key].begin_close(
+                CloseCode::GOING_AWAY,
+                "idle timeout",
+                deadline,
+                &self.limits,
+            );
+            self.after(*key, PhaseKind::Open, next);
+        }
+        self.stats.idle_timeouts += idle.len() as u64;
+        tracing::debug!(pings, idle = idle.len(), "idle sweep");
+    }
+
+    /// Reads messages from the master and writes queued ones to it.
+    fn control_io(&mut self, now: Instant) -> io::Result<()> {
         let Some(worker) = self.worker.as_mut() else {
             return Ok(());
         };
-        let mut chunk = [0u8; 4096];
-        loop {
-            match worker.control.read(&mut chunk) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => worker.control_buf.extend_from_slice(&chunk[..n]),
+        while !worker.control_out.is_empty() {
+            match worker.control.write(&worker.control_out) {
+                Ok(n) => {
+                    worker.control_out.drain(..n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        let mut frames = Vec::new();
-        while let Some(len) = worker.control_buf.get(..4) {
-            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            if worker.control_buf.len() < 4 + len {
-                break;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match worker.control.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => worker.control_in.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            frames.push(Bytes::copy_from_slice(&worker.control_buf[4..4 + len]));
-            worker.control_buf.drain(..4 + len);
         }
-        for frame in frames {
-            if self.shutdown_deadline.is_none() {
-                self.fan_out(&frame);
+        let messages = Message::decode_all(&mut worker.control_in)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let had_output = !messages.is_empty();
+        for message in messages {
+            self.on_control(message, now);
+        }
+        if had_output {
+            if let Some(worker) = self.worker.as_mut() {
+                while !worker.control_out.is_empty() {
+                    match worker.control.write(&worker.control_out) {
+                        Ok(n) => {
+                            worker.control_out.drain(..n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    fn on_control(&mut self, message: Message, now: Instant) {
+        match message {
+            Message::Publish {
+                origin,
+                request,
+                topic,
+                frame,
+            } => {
+                let count = if self.shutdown_deadline.is_none() {
+                    self.publish_named(&topic, &Bytes::from(frame))
+                } else {
+                    0
+                };
+                if origin != NO_ORIGIN {
+                    if let Some(worker) = self.worker.as_mut() {
+                        Message::Delivered {
+                            origin,
+                            request,
+                            count,
+                        }
+                        .encode(&mut worker.control_out);
+                    }
+                }
+            }
+            Message::Done { request, count } => {
+                let Some(waiting) = self
+                    .worker
+                    .as_mut()
+                    .and_then(|w| w.waiting.remove(&request))
+                else {
+                    return;
+                };
+                let key = waiting.key;
+                let same = self.conns.get(key).is_some_and(|c| {
+                    c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline
+                });
+                if !same {
+                    return; // the publisher went away (or timed out) meanwhile
+                }
+                self.publish_seconds
+                    .observe(now.saturating_duration_since(waiting.started));
+                let response = http::published(&waiting.topic, count);
+                let deadline = now + self.config.close_timeout;
+                let next = self.conns[key].finish_with(response, deadline, &self.limits);
+                self.after(key, PhaseKind::Http, next);
+            }
+            Message::Relay { .. } | Message::Delivered { .. } => {
+                tracing::warn!("unexpected control message from the master");
+            }
+        }
     }
 
     /// Takes the listener out of the epoll set while this process cannot take more
@@ -521,24 +933,36 @@ impl Server {
 
     /// Publishes counters: to the scoreboard (a worker, every loop turn: the master's
     /// gate and every worker's `--max-connections` check read it), or as a stats line.
-    fn publish(&mut self, now: Instant) {
+    fn report(&mut self, now: Instant) {
         let due = now >= self.next_stats;
         if due {
             self.next_stats = now + self.config.stats_interval;
         }
+        let s = &self.stats;
         match &self.worker {
             None if due => self.stats.report(now, self.conns.len()),
             None => {}
             Some(w) => {
                 let slot = w.scoreboard.slot(w.index);
-                slot.open.store(self.stats.open as u64, Relaxed);
+                slot.open.store(s.open as u64, Relaxed);
                 slot.other_sockets
-                    .store((self.conns.len() - self.stats.open) as u64, Relaxed);
-                slot.frames_out.store(self.stats.frames_out, Relaxed);
-                slot.broadcasts.store(self.stats.broadcasts, Relaxed);
+                    .store((self.conns.len() - s.open) as u64, Relaxed);
+                slot.frames_out.store(s.frames_out, Relaxed);
+                slot.broadcasts.store(s.broadcasts, Relaxed);
                 slot.last_fanout_us
-                    .store(self.stats.last_fanout.as_micros() as u64, Relaxed);
-                slot.rejected_full.store(self.stats.rejected_full, Relaxed);
+                    .store(s.last_fanout.as_micros() as u64, Relaxed);
+                slot.rejected_full.store(s.rejected_full, Relaxed);
+                slot.accepted.store(s.accepted, Relaxed);
+                slot.bytes_out.store(s.bytes_out, Relaxed);
+                slot.messages_in.store(s.messages_in, Relaxed);
+                slot.dropped.store(s.dropped, Relaxed);
+                slot.handshake_rejects.store(s.handshake_rejects, Relaxed);
+                slot.peer_closed.store(s.peer_closed, Relaxed);
+                slot.io_errors.store(s.io_errors, Relaxed);
+                slot.protocol_errors.store(s.protocol_errors, Relaxed);
+                slot.slow_consumers.store(s.slow_consumers, Relaxed);
+                slot.idle_timeouts.store(s.idle_timeouts, Relaxed);
+                slot.handshake_timeouts.store(s.handshake_timeouts, Relaxed);
                 if due {
                     slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
                 }
@@ -546,7 +970,8 @@ impl Server {
         }
     }
 
-    /// Closes connections whose handshake or close handshake took too long.
+    /// Closes connections whose handshake, HTTP answer or close handshake took too
+    /// long.
     ///
     /// Entries whose connection has moved on (upgraded, closed, or its slot reused) are
     /// dropped from the front as soon as they are seen, not when their deadline comes:
@@ -557,7 +982,7 @@ impl Server {
         pop_expired(
             &mut self.handshake_deadlines,
             &self.conns,
-            PhaseKind::Handshake,
+            &[PhaseKind::Handshake, PhaseKind::Http],
             now,
             &mut expired,
         );
@@ -568,7 +993,7 @@ impl Server {
         pop_expired(
             &mut self.closing_deadlines,
             &self.conns,
-            PhaseKind::Closing,
+            &[PhaseKind::Closing],
             now,
             &mut expired,
         );
@@ -597,7 +1022,7 @@ impl Server {
                     deadline,
                     &self.limits,
                 ),
-                PhaseKind::Handshake => Next::Remove(End::PeerClosed),
+                PhaseKind::Handshake | PhaseKind::Http => Next::Remove(End::PeerClosed),
                 PhaseKind::Closing => Next::Keep,
             };
             self.after(key, before, next);
@@ -623,20 +1048,20 @@ pub(crate) fn listen_socket(
     Ok(TcpListener::from_std(socket.into()))
 }
 
-/// Pops the front of a deadline queue of connections in phase `kind`: entries whose
+/// Pops the front of a deadline queue of connections in one of the phases `kinds`: entries whose
 /// connection has moved on (left the phase, or its slot was reused with another deadline)
 /// at once, live ones once due, whose keys go to `expired`.
 fn pop_expired(
     queue: &mut VecDeque<(usize, Instant)>,
     conns: &Slab<Connection>,
-    kind: PhaseKind,
+    kinds: &[PhaseKind],
     now: Instant,
     expired: &mut Vec<usize>,
 ) {
     while let Some(&(key, deadline)) = queue.front() {
         let waiting = conns
             .get(key)
-            .is_some_and(|c| c.kind() == kind && c.deadline() == Some(deadline));
+            .is_some_and(|c| kinds.contains(&c.kind()) && c.deadline() == Some(deadline));
         if waiting && deadline > now {
             break;
         }

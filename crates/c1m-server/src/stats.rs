@@ -8,8 +8,10 @@ pub struct Stats {
     pub accepted: u64,
     /// Connections upgraded and receiving broadcasts now.
     pub open: usize,
-    /// Frames handed to the kernel or queued for it by broadcasts.
+    /// Frames handed to the kernel or queued for it by publications.
     pub frames_out: u64,
+    /// Bytes of those frames.
+    pub bytes_out: u64,
     pub broadcasts: u64,
     /// Time from the stamp to the last connection's write in the latest broadcast.
     pub last_fanout: Duration,
@@ -18,7 +20,14 @@ pub struct Stats {
     pub handshake_rejects: u64,
     pub handshake_timeouts: u64,
     pub plain_http: u64,
+    /// Connections closed for falling behind (`--slow-consumer disconnect`).
     pub slow_consumers: u64,
+    /// Messages skipped for slow consumers (`--slow-consumer drop`).
+    pub dropped: u64,
+    /// Connections closed by `--idle-timeout`.
+    pub idle_timeouts: u64,
+    /// Connections the peer closed (with or without a close handshake).
+    pub peer_closed: u64,
     /// Upgrades refused with 503 because `--max-connections` was reached.
     pub rejected_full: u64,
     pub io_errors: u64,
@@ -45,6 +54,8 @@ impl Stats {
             rss_mib = format_args!("{:.1}", rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64),
             protocol_errors = self.protocol_errors,
             slow_consumers = self.slow_consumers,
+            dropped = self.dropped,
+            idle_timeouts = self.idle_timeouts,
             "stats"
         );
     }

@@ -3,6 +3,7 @@
 //! sets up logging, and hands a typed config to the library crates.
 
 mod bench;
+mod config_file;
 mod demo;
 mod report;
 mod serve;
@@ -20,8 +21,25 @@ use clap::{Parser, Subcommand};
 classic C1000K experiment, from one lean event loop per worker."
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors. `RUST_LOG` picks the level (info by default).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "C1M_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -29,7 +47,7 @@ enum Command {
     /// Run a server and a bench together locally and report (the quick start).
     Demo(demo::DemoArgs),
     /// Run the push server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Open many WebSocket connections, measure every message, report.
     Bench(bench::BenchArgs),
     /// Work with saved bench results (merge results from several machines).
@@ -39,11 +57,33 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_logging();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let loaded = match config_file::load_for(&args) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("c1m: error: {error:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let explained = loaded
+                .as_ref()
+                .and_then(|l| config_file::explain(l, &error.render().to_string()));
+            match explained {
+                Some(message) => {
+                    eprintln!("c1m: error: {message}");
+                    return std::process::ExitCode::from(2);
+                }
+                None => error.exit(),
+            }
+        }
+    };
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Report(args) => report::run(args),
         Command::Tune(args) => tune::run(args),
@@ -58,12 +98,16 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Logs go to stderr; `RUST_LOG` (e.g. `RUST_LOG=debug`) picks the level, `info` by default.
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

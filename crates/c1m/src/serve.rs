@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use c1m_server::master::WorkerFds;
 use c1m_server::scoreboard::Scoreboard;
-use c1m_server::{Faults, Precision, ServeConfig, WorkerRole};
+use c1m_server::{
+    Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, WorkerRole,
+};
 use clap::{Args, ValueEnum};
 
 #[derive(Args, Debug)]
@@ -16,7 +18,17 @@ use clap::{Args, ValueEnum};
   c1m serve --interval 1s                    # push the clock every second
   c1m serve --delay 10m --total 1200000      # the seed's run: wait, then push once 1.2M are connected
   c1m serve --connect-only                   # hold connections, push nothing
-  c1m serve --listen 127.0.0.1:0             # pick a free port (printed on stdout)")]
+  c1m serve --listen 127.0.0.1:0             # pick a free port (printed on stdout)
+  c1m serve --api-key s3cret                 # enable POST /publish and /broadcast
+  c1m serve --config c1m.toml                # settings from a TOML file (keys = flag names)
+
+Topics: clients join `time` (the clock) by default, or name topics with
+ws://HOST:PORT/?topic=a&topic=b or ws://HOST:PORT/topics/a, and send
+{\"op\":\"subscribe\",\"topic\":\"b\"} or {\"op\":\"unsubscribe\",...} later.
+Publish: curl -H 'Authorization: Bearer s3cret' -d '{\"topic\":\"a\",\"message\":\"hi\"}' \
+  -H 'Content-Type: application/json' http://HOST:PORT/publish
+Every flag can also be set by an environment variable (shown as [env: ...]) or a key of
+the --config file; precedence: flag, then environment, then file, then default.")]
 pub struct ServeArgs {
     /// Address and port to listen on (port 0: any free port, printed on stdout).
     #[arg(long, default_value = "0.0.0.0:8088", env = "C1M_LISTEN")]
@@ -48,9 +60,90 @@ pub struct ServeArgs {
     max_message_size: u64,
 
     /// Most output bytes queued for one connection that stopped reading; past this the
-    /// connection is dropped as a slow consumer, so it can never hold up the others.
+    /// connection is a slow consumer (see --slow-consumer), so it can never hold up the
+    /// others or grow the server's memory.
     #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES", env = "C1M_MAX_PENDING_BYTES")]
     max_pending_bytes: usize,
+
+    /// What to do with a slow consumer: `disconnect` closes it with 1008; `drop` skips
+    /// the messages that do not fit and keeps it (counted in c1m_dropped_messages_total).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "disconnect",
+        env = "C1M_SLOW_CONSUMER"
+    )]
+    slow_consumer: SlowConsumerArg,
+
+    /// Ping connections silent for this long (0: never). Clients answer with a pong,
+    /// which keeps them alive under --idle-timeout.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "C1M_PING_INTERVAL")]
+    ping_interval: Duration,
+
+    /// Close connections that sent nothing (not even a pong) for this long (0: never),
+    /// which also reaps half-open TCP connections. Checked by one sweep per
+    /// --ping-interval, so the actual limit is rounded up to a whole number of sweeps.
+    #[arg(long, default_value = "90s", value_parser = parse_duration, env = "C1M_IDLE_TIMEOUT")]
+    idle_timeout: Duration,
+
+    /// Key of the publish API: POST /publish and /broadcast need
+    /// `Authorization: Bearer KEY`. Without it the API answers 403.
+    #[arg(long, value_name = "KEY", env = "C1M_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
+    /// Accept upgrades only from these Origins (comma-separated; `*` allows any, and
+    /// a request without Origin is refused when this is set). Others get 403.
+    #[arg(
+        long,
+        value_name = "ORIGINS",
+        value_delimiter = ',',
+        env = "C1M_ALLOWED_ORIGINS"
+    )]
+    allowed_origins: Option<Vec<String>>,
+
+    /// Require a JWT signed with this HS256 secret, from `?token=` or an
+    /// `Authorization: Bearer` header (401 without a valid, unexpired one).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "C1M_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
+    jwt_secret: Option<String>,
+
+    /// Require a JWT signed with the private half of this PEM public key (RSA: RS256,
+    /// EC P-256: ES256).
+    #[arg(long, value_name = "FILE", env = "C1M_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<std::path::PathBuf>,
+
+    /// When set, a token's `aud` claim must contain this value.
+    #[arg(long, value_name = "AUD", env = "C1M_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+
+    /// The token claim listing the topics a client may join (a JSON array of names);
+    /// a token without it may join any topic, one with it only those (else 403).
+    #[arg(
+        long,
+        default_value = "topics",
+        value_name = "CLAIM",
+        env = "C1M_JWT_TOPICS_CLAIM"
+    )]
+    jwt_topics_claim: String,
+
+    /// Most topics one connection may be in.
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "N",
+        env = "C1M_MAX_TOPICS_PER_CONNECTION"
+    )]
+    max_topics_per_connection: usize,
+
+    /// Read settings from this TOML file: `key = value` per flag, named like the flag
+    /// without dashes in front (e.g. `listen = "0.0.0.0:8088"`, `interval = "1s"`).
+    #[arg(long, value_name = "FILE", env = "C1M_CONFIG")]
+    config: Option<std::path::PathBuf>,
 
     /// A client must finish its upgrade request within this time.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration, env = "C1M_HANDSHAKE_TIMEOUT")]
@@ -122,6 +215,14 @@ fn parse_workers(text: &str) -> Result<Workers, String> {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum SlowConsumerArg {
+    /// Close the connection with 1008 (policy violation).
+    Disconnect,
+    /// Skip messages that do not fit; keep the connection.
+    Drop,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
     /// Milliseconds since the Unix epoch.
     Ms,
@@ -130,6 +231,39 @@ enum PrecisionArg {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);
+    let ping_interval = off_if_zero(args.ping_interval);
+    let idle_timeout = off_if_zero(args.idle_timeout);
+    if let (Some(ping), Some(idle)) = (ping_interval, idle_timeout) {
+        if idle <= ping {
+            anyhow::bail!(
+                "--idle-timeout ({}) must be longer than --ping-interval ({}), or clients are closed before they can answer a ping",
+                humantime::format_duration(idle),
+                humantime::format_duration(ping)
+            );
+        }
+        if idle > ping * 250 {
+            anyhow::bail!("--idle-timeout may be at most 250 × --ping-interval");
+        }
+    }
+    if args.max_topics_per_connection == 0 {
+        anyhow::bail!("--max-topics-per-connection must be at least 1");
+    }
+    if args.api_key.as_deref() == Some("") {
+        anyhow::bail!(
+            "--api-key is empty: give a key, or leave the flag out to turn the publish API off"
+        );
+    }
+    let jwt = match (&args.jwt_secret, &args.jwt_public_key) {
+        (Some(secret), _) => Some(JwtKey::Secret(secret.clone())),
+        (None, Some(path)) => Some(JwtKey::PublicKeyFile(path.clone())),
+        (None, None) => None,
+    }
+    .map(|key| JwtConfig {
+        key,
+        audience: args.jwt_audience.clone(),
+        topics_claim: args.jwt_topics_claim.clone(),
+    });
     let nofile = crate::bench::nofile_limit();
     // Leave room under the open-file limit for the listener, logs and the like.
     let max_sockets = nofile.saturating_sub(200).max(100) as usize;
@@ -145,6 +279,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         max_message_size: args.max_message_size,
         max_pending_bytes: args.max_pending_bytes,
+        slow_consumer: match args.slow_consumer {
+            SlowConsumerArg::Disconnect => SlowConsumerPolicy::Disconnect,
+            SlowConsumerArg::Drop => SlowConsumerPolicy::Drop,
+        },
+        ping_interval,
+        idle_timeout,
+        api_key: args.api_key.clone(),
+        allowed_origins: args.allowed_origins.clone(),
+        jwt,
+        max_topics_per_connection: args.max_topics_per_connection,
         handshake_timeout: args.handshake_timeout,
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,

@@ -367,7 +367,7 @@ async fn echo_mode_returns_each_message_whole() {
 }
 
 #[tokio::test]
-async fn without_echo_client_messages_are_ignored() {
+async fn without_echo_plain_client_messages_are_ignored() {
     let server = Server::start(&["--connect-only", "--workers", "1"]);
     let mut ws = connect(&server, "/").await;
     ws.send(Message::Text("hello".into())).await.unwrap();

@@ -1,0 +1,337 @@
+//! Who may connect, to which topics, and who may publish.
+//!
+//! The [`Gate`] decides an upgrade before the `101` is sent: origin, JWT, requested
+//! topics. Rejections are plain HTTP answers (401 for a missing or bad token, 403 for a
+//! wrong origin or topic, 400 for a malformed topic list) whose bodies say only the
+//! category: what exactly was wrong with a token is logged at debug level, never sent
+//! to the client. The publish API's key is checked in constant time.
+//!
+//! Token checks use the `jsonwebtoken` crate (signatures, `exp`, `nbf`, `aud`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use c1m_proto::handshake::{http_response, UpgradeRequest};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use subtle::ConstantTimeEq;
+
+use crate::topics::{validate_name, TIME};
+
+/// How client tokens are verified.
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    /// HS256 with a shared secret.
+    Secret(String),
+    /// RS256 or ES256 with a public key in a PEM file (the key type picks the algorithm).
+    PublicKeyFile(PathBuf),
+}
+
+/// The JWT settings of `c1m serve`.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub key: JwtKey,
+    /// When set, a token's `aud` must contain this value.
+    pub audience: Option<String>,
+    /// The claim listing the topics a client may join (an array of names).
+    pub topics_claim: String,
+}
+
+/// A ready verifier (the key parsed once at start-up).
+#[derive(Clone)]
+struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    topics_claim: String,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("cannot read the JWT key file {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the JWT key file {path} holds neither an RSA nor an EC (P-256) public key in PEM form"
+    )]
+    KeyFormat { path: PathBuf },
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+}
+
+impl Verifier {
+    fn new(config: &JwtConfig) -> Result<Verifier, AuthConfigError> {
+        let (key, algorithm) = match &config.key {
+            JwtKey::Secret(secret) if secret.is_empty() => {
+                return Err(AuthConfigError::EmptySecret)
+            }
+            JwtKey::Secret(secret) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
+            JwtKey::PublicKeyFile(path) => load_public_key(path)?,
+        };
+        let mut validation = Validation::new(algorithm);
+        // Small allowance for clock skew between the token issuer and this server.
+        validation.leeway = 5;
+        validation.validate_nbf = true;
+        match &config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Verifier {
+            key,
+            validation,
+            topics_claim: config.topics_claim.clone(),
+        })
+    }
+
+    /// The topics the token allows, or `None` when it names none (all allowed).
+    fn verify(&self, token: &str) -> Result<Option<HashSet<String>>, jsonwebtoken::errors::Error> {
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)?;
+        let topics = data.claims.get(&self.topics_claim).map(|claim| {
+            claim
+                .as_array()
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default() // a malformed claim allows nothing
+        });
+        Ok(topics)
+    }
+}
+
+fn load_public_key(path: &Path) -> Result<(DecodingKey, Algorithm), AuthConfigError> {
+    let pem = std::fs::read(path).map_err(|source| AuthConfigError::KeyFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((key, Algorithm::RS256));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((key, Algorithm::ES256));
+    }
+    Err(AuthConfigError::KeyFormat {
+        path: path.to_owned(),
+    })
+}
+
+/// What an admitted upgrade may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Topics to join now (at least one).
+    pub topics: Vec<String>,
+    /// Topics the client may join later, when its token limits them.
+    pub allowed: Option<Box<[Box<str>]>>,
+}
+
+/// The upgrade policy: origins, tokens, topics.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    allowed_origins: Option<Vec<String>>,
+    verifier: Option<Verifier>,
+    pub max_topics: usize,
+}
+
+impl Gate {
+    pub fn new(
+        allowed_origins: Option<Vec<String>>,
+        jwt: Option<&JwtConfig>,
+        max_topics: usize,
+    ) -> Result<Gate, AuthConfigError> {
+        Ok(Gate {
+            allowed_origins,
+            verifier: jwt.map(Verifier::new).transpose()?,
+            max_topics,
+        })
+    }
+
+    /// An open gate: any origin, no token, the given topic limit.
+    pub fn open(max_topics: usize) -> Gate {
+        Gate {
+            allowed_origins: None,
+            verifier: None,
+            max_topics,
+        }
+    }
+
+    /// Decides an upgrade. `Err` holds the complete HTTP answer.
+    pub fn admit(&self, request: &UpgradeRequest) -> Result<Admission, Vec<u8>> {
+        if let Some(origins) = &self.allowed_origins {
+            let ok = request.origin.as_deref().is_some_and(|o| {
+                origins
+                    .iter()
+                    .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(o))
+            });
+            if !ok {
+                tracing::debug!(origin = ?request.origin, "origin refused");
+                return Err(forbidden());
+            }
+        }
+        let (path, query) = split_target(&request.path);
+        let mut topics = Vec::new();
+        if let Some(name) = path.strip_prefix("/topics/") {
+            topics.push(name.to_string());
+        }
+        let mut token = None;
+        for (key, value) in query_pairs(query) {
+            match key {
+                "topic" => topics.push(value.to_string()),
+                "token" => token = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        if topics.is_empty() {
+            topics.push(TIME.to_string());
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        if topics.len() > self.max_topics {
+            return Err(bad_request(&format!(
+                "at most {} topics per connection\n",
+                self.max_topics
+            )));
+        }
+        if let Some(error) = topics.iter().find_map(|t| validate_name(t).err()) {
+            return Err(bad_request(&format!("bad topic: {error}\n")));
+        }
+        let Some(verifier) = &self.verifier else {
+            return Ok(Admission {
+                topics,
+                allowed: None,
+            });
+        };
+        let token = token.or_else(|| {
+            request
+                .authorization
+                .as_deref()
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string())
+        });
+        let Some(token) = token else {
+            return Err(unauthorized());
+        };
+        let allowed = match verifier.verify(&token) {
+            Ok(allowed) => allowed,
+            Err(error) => {
+                tracing::debug!(%error, "token refused");
+                return Err(unauthorized());
+            }
+        };
+        if let Some(allowed) = &allowed {
+            if !topics.iter().all(|t| allowed.contains(t)) {
+                tracing::debug!(?topics, "token does not allow these topics");
+                return Err(forbidden());
+            }
+        }
+        Ok(Admission {
+            topics,
+            allowed: allowed.map(|set| set.into_iter().map(Into::into).collect()),
+        })
+    }
+}
+
+/// Checks `Authorization: Bearer KEY` against the configured API key, in constant time.
+pub fn check_api_key(expected: &str, authorization: Option<&str>) -> bool {
+    let given = authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// Splits a request target into path and query string.
+pub fn split_target(target: &str) -> (&str, &str) {
+    target.split_once('?').unwrap_or((target, ""))
+}
+
+/// `key=value` pairs of a query string (no percent-decoding: topic names and tokens
+/// use URL-safe characters only).
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+pub fn unauthorized() -> Vec<u8> {
+    http_response(
+        401,
+        "Unauthorized",
+        &[("WWW-Authenticate", "Bearer")],
+        "unauthorized\n",
+    )
+}
+
+pub fn forbidden() -> Vec<u8> {
+    http_response(403, "Forbidden", &[], "forbidden\n")
+}
+
+fn bad_request(body: &str) -> Vec<u8> {
+    http_response(400, "Bad Request", &[], body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(path: &str) -> UpgradeRequest {
+        UpgradeRequest {
+            path: path.into(),
+            key: String::new(),
+            origin: None,
+            authorization: None,
+        }
+    }
+
+    #[test]
+    fn topics_from_path_and_query_default_to_time() {
+        let gate = Gate::open(8);
+        assert_eq!(gate.admit(&upgrade("/")).unwrap().topics, vec!["time"]);
+        assert_eq!(
+            gate.admit(&upgrade("/ws?topic=b&topic=a&topic=b"))
+                .unwrap()
+                .topics,
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            gate.admit(&upgrade("/topics/news")).unwrap().topics,
+            vec!["news"]
+        );
+        assert!(gate.admit(&upgrade("/ws?topic=a%20b")).is_err());
+        let many: String = (0..9).map(|i| format!("topic=t{i}&")).collect();
+        assert!(gate.admit(&upgrade(&format!("/?{many}"))).is_err());
+    }
+
+    #[test]
+    fn origins_are_checked_when_configured() {
+        let gate = Gate::new(Some(vec!["https://ok.test".into()]), None, 8).unwrap();
+        let mut req = upgrade("/");
+        assert!(gate.admit(&req).is_err(), "no origin");
+        req.origin = Some("https://evil.test".into());
+        assert!(gate.admit(&req).is_err());
+        req.origin = Some("https://OK.test".into());
+        assert!(gate.admit(&req).is_ok());
+    }
+
+    #[test]
+    fn api_key_must_match_exactly() {
+        assert!(check_api_key("s3cret", Some("Bearer s3cret")));
+        assert!(!check_api_key("s3cret", Some("Bearer s3cre")));
+        assert!(!check_api_key("s3cret", Some("s3cret")));
+        assert!(!check_api_key("s3cret", None));
+        assert!(!check_api_key("", Some("Bearer ")));
+    }
+}

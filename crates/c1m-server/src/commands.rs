@@ -1,0 +1,85 @@
+//! The client's text protocol: joining and leaving topics after connecting.
+//!
+//! A client sends a JSON text message:
+//!
+//! ```text
+//! {"op": "subscribe", "topic": "prices"}
+//! {"op": "unsubscribe", "topic": "prices"}
+//! ```
+//!
+//! and gets one answer per command, `{"ok":true,"op":"subscribe","topic":"prices"}` or
+//! `{"ok":false,"op":...,"topic":...,"error":"..."}`. Published messages are delivered as
+//! published, without an envelope, so a seed-style client sees exactly the payload.
+
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    op: String,
+    topic: String,
+}
+
+/// Whether a client's text message is meant as a command: a JSON object. Other text
+/// is ignored without an answer, as the seed's servers ignored what clients sent.
+pub fn is_command(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
+/// Reads a command; `Err` holds the error answer to send back.
+pub fn parse(text: &str) -> Result<Command, String> {
+    let wire: Wire = serde_json::from_str(text).map_err(|_| {
+        error_reply(
+            None,
+            None,
+            "expected {\"op\":\"subscribe\"|\"unsubscribe\",\"topic\":NAME}",
+        )
+    })?;
+    match wire.op.as_str() {
+        "subscribe" => Ok(Command::Subscribe(wire.topic)),
+        "unsubscribe" => Ok(Command::Unsubscribe(wire.topic)),
+        other => Err(error_reply(Some(other), Some(&wire.topic), "unknown op")),
+    }
+}
+
+pub fn ok_reply(op: &str, topic: &str) -> String {
+    json!({"ok": true, "op": op, "topic": topic}).to_string()
+}
+
+pub fn error_reply(op: Option<&str>, topic: Option<&str>, error: &str) -> String {
+    json!({"ok": false, "op": op, "topic": topic, "error": error}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_ops_and_explains_the_rest() {
+        assert_eq!(
+            parse(r#"{"op":"subscribe","topic":"a"}"#),
+            Ok(Command::Subscribe("a".into()))
+        );
+        assert_eq!(
+            parse(r#"{"topic":"a","op":"unsubscribe"}"#),
+            Ok(Command::Unsubscribe("a".into()))
+        );
+        assert!(is_command(" {\"op\":1}") && !is_command("hello"));
+        for bad in [
+            "",
+            "hello",
+            "{}",
+            r#"{"op":"subscribe"}"#,
+            r#"{"op":"x","topic":"a"}"#,
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains("\"ok\":false"), "{bad}: {err}");
+        }
+    }
+}

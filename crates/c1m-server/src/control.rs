@@ -1,0 +1,229 @@
+//! Messages between the master and its workers, over one Unix stream per worker.
+//!
+//! Each message is a little-endian `u32` length, then a kind byte and its fields. The
+//! master relays every publication (its own clock ticks, and publishes a worker took
+//! over HTTP) to all workers as an already-encoded WebSocket frame, so each message is
+//! encoded once per server. Workers answer a relayed publish with how many of their
+//! connections it reached; the master sums the answers for the worker that holds the
+//! HTTP request, which then answers its client.
+
+/// A topic field that is empty means "every open connection" (`POST /broadcast`).
+pub const ALL_CONNECTIONS: &str = "";
+
+/// `origin` of a publication nobody waits for (the clock).
+pub const NO_ORIGIN: u32 = u32::MAX;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Master → worker: send `frame` to the subscribers of `topic`, then (unless
+    /// `origin` is `NO_ORIGIN`) answer with `Delivered`.
+    Publish {
+        origin: u32,
+        request: u32,
+        topic: String,
+        frame: Vec<u8>,
+    },
+    /// Worker → master: please relay this publication to every worker.
+    Relay {
+        request: u32,
+        topic: String,
+        frame: Vec<u8>,
+    },
+    /// Worker → master: how many local connections a relayed publication reached.
+    Delivered {
+        origin: u32,
+        request: u32,
+        count: u64,
+    },
+    /// Master → origin worker: the publication reached `count` connections in all.
+    Done { request: u32, count: u64 },
+}
+
+const PUBLISH: u8 = 1;
+const RELAY: u8 = 2;
+const DELIVERED: u8 = 3;
+const DONE: u8 = 4;
+
+impl Message {
+    /// Appends the encoded message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Message::Publish {
+                origin,
+                request,
+                topic,
+                frame,
+            } => {
+                out.push(PUBLISH);
+                out.extend_from_slice(&origin.to_le_bytes());
+                out.extend_from_slice(&request.to_le_bytes());
+                put_bytes(out, topic.as_bytes());
+                out.extend_from_slice(frame);
+            }
+            Message::Relay {
+                request,
+                topic,
+                frame,
+            } => {
+                out.push(RELAY);
+                out.extend_from_slice(&request.to_le_bytes());
+                put_bytes(out, topic.as_bytes());
+                out.extend_from_slice(frame);
+            }
+            Message::Delivered {
+                origin,
+                request,
+                count,
+            } => {
+                out.push(DELIVERED);
+                out.extend_from_slice(&origin.to_le_bytes());
+                out.extend_from_slice(&request.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Message::Done { request, count } => {
+                out.push(DONE);
+                out.extend_from_slice(&request.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Takes every complete message off the front of `buf`.
+    pub fn decode_all(buf: &mut Vec<u8>) -> Result<Vec<Message>, String> {
+        let mut messages = Vec::new();
+        let mut at = 0;
+        while let Some(len) = buf.get(at..at + 4) {
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(body) = buf.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            messages.push(Message::decode(body)?);
+            at += 4 + len;
+        }
+        buf.drain(..at);
+        Ok(messages)
+    }
+
+    fn decode(body: &[u8]) -> Result<Message, String> {
+        let mut r = Reader(body);
+        let kind = r.u8()?;
+        let message = match kind {
+            PUBLISH => Message::Publish {
+                origin: r.u32()?,
+                request: r.u32()?,
+                topic: r.string()?,
+                frame: r.rest(),
+            },
+            RELAY => Message::Relay {
+                request: r.u32()?,
+                topic: r.string()?,
+                frame: r.rest(),
+            },
+            DELIVERED => Message::Delivered {
+                origin: r.u32()?,
+                request: r.u32()?,
+                count: r.u64()?,
+            },
+            DONE => Message::Done {
+                request: r.u32()?,
+                count: r.u64()?,
+            },
+            other => return Err(format!("unknown control message kind {other}")),
+        };
+        Ok(message)
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("truncated control message".into());
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut a = [0; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let b = self.take(2)?;
+        let len = u16::from_le_bytes([b[0], b[1]]) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "topic is not UTF-8".into())
+    }
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0).to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let all = vec![
+            Message::Publish {
+                origin: NO_ORIGIN,
+                request: 0,
+                topic: "time".into(),
+                frame: vec![0x81, 1, b'7'],
+            },
+            Message::Relay {
+                request: 9,
+                topic: ALL_CONNECTIONS.into(),
+                frame: vec![0x82, 0],
+            },
+            Message::Delivered {
+                origin: 3,
+                request: 9,
+                count: 1 << 40,
+            },
+            Message::Done {
+                request: 9,
+                count: 5,
+            },
+        ];
+        let mut bytes = Vec::new();
+        for m in &all {
+            m.encode(&mut bytes);
+        }
+        // Fed a byte at a time, the decoder yields each message once it is complete.
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            buf.push(b);
+            got.extend(Message::decode_all(&mut buf).unwrap());
+        }
+        assert_eq!(got, all);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut buf = vec![1, 0, 0, 0, 99];
+        assert!(Message::decode_all(&mut buf).is_err());
+        let mut buf = vec![3, 0, 0, 0, DONE, 1, 2];
+        assert!(Message::decode_all(&mut buf).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! Plain HTTP on the WebSocket port: the info page, the publish API, metrics, health.
+//!
+//! Every request is answered on its own connection (`Connection: close`): publishers
+//! are few and `curl` is the expected client, so the event loop needs no keep-alive or
+//! pipelining state. The request body has been read whole (bounded by
+//! `--max-message-size`) before [`route`] sees it. See `docs/openapi.yaml`.
+
+use bytes::Bytes;
+use c1m_proto::handshake::{http_response, http_response_typed, PlainRequest};
+use c1m_proto::{encode_frame, OpCode};
+use serde_json::{json, Value};
+
+use crate::auth::{check_api_key, query_pairs, split_target, unauthorized};
+use crate::control::ALL_CONNECTIONS;
+use crate::topics::validate_name;
+
+/// What the server must do with a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this complete response.
+    Respond(Vec<u8>),
+    /// Publish `frame` to `topic` (`ALL_CONNECTIONS` for a broadcast), then answer with
+    /// [`published`].
+    Publish { topic: String, frame: Bytes },
+}
+
+/// Server state a route may need.
+pub struct Context<'a> {
+    /// The publish API's key; `None` turns the API off.
+    pub api_key: Option<&'a str>,
+    /// Whether the server takes new connections (for `/readyz`).
+    pub ready: bool,
+    /// Renders `/metrics` (only called for that path).
+    pub metrics: &'a dyn Fn() -> String,
+}
+
+pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
+    let (path, query) = split_target(&request.path);
+    let respond = Outcome::Respond;
+    match (request.method.as_str(), path) {
+        ("GET", "/") => respond(http_response(200, "OK", &[], INFO)),
+        ("GET", "/healthz") => respond(http_response(200, "OK", &[], "ok\n")),
+        ("GET", "/readyz") if cx.ready => respond(http_response(200, "OK", &[], "ready\n")),
+        ("GET", "/readyz") => respond(http_response(
+            503,
+            "Service Unavailable",
+            &[],
+            "not ready: shutting down or full\n",
+        )),
+        ("GET", "/metrics") => respond(http_response_typed(
+            200,
+            "OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &[],
+            (cx.metrics)().as_bytes(),
+        )),
+        ("POST", "/publish") | ("POST", "/broadcast") => {
+            let Some(key) = cx.api_key else {
+                return respond(json_response(
+                    403,
+                    "Forbidden",
+                    &json!({"error": "the publish API is off: start the server with --api-key"}),
+                ));
+            };
+            if !check_api_key(key, request.authorization.as_deref()) {
+                return respond(unauthorized());
+            }
+            match parse_publish(path == "/broadcast", request, query, body) {
+                Ok((topic, frame)) => Outcome::Publish { topic, frame },
+                Err(error) => respond(json_response(
+                    400,
+                    "Bad Request",
+                    &json!({ "error": error }),
+                )),
+            }
+        }
+        (_, "/publish" | "/broadcast") => respond(http_response(
+            405,
+            "Method Not Allowed",
+            &[("Allow", "POST")],
+            "use POST\n",
+        )),
+        ("GET", _) => respond(http_response(
+            404,
+            "Not Found",
+            &[],
+            "not found: connect with a WebSocket client, or see GET /\n",
+        )),
+        _ => respond(http_response(
+            405,
+            "Method Not Allowed",
+            &[("Allow", "GET")],
+            "method not allowed\n",
+        )),
+    }
+}
+
+/// The answer to a publish that reached `delivered` connections.
+pub fn published(topic: &str, delivered: u64) -> Vec<u8> {
+    let body = if topic == ALL_CONNECTIONS {
+        json!({ "delivered": delivered })
+    } else {
+        json!({ "topic": topic, "delivered": delivered })
+    };
+    json_response(200, "OK", &body)
+}
+
+pub fn json_response(status: u16, reason: &str, body: &Value) -> Vec<u8> {
+    let mut text = body.to_string();
+    text.push('\n');
+    http_response_typed(status, reason, "application/json", &[], text.as_bytes())
+}
+
+/// Reads a publish request: a JSON body `{"topic": ..., "message": ...}`, or any other
+/// body as the message itself with the topic in the query (`?topic=NAME`). Returns the
+/// topic and the encoded frame: text for a JSON string or UTF-8 body, binary otherwise.
+fn parse_publish(
+    broadcast: bool,
+    request: &PlainRequest,
+    query: &str,
+    body: &[u8],
+) -> Result<(String, Bytes), String> {
+    let is_json = request
+        .content_type
+        .as_deref()
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    let (topic, text, payload): (Option<String>, bool, Vec<u8>) = if is_json {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+        let topic = match value.get("topic") {
+            None => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(_) => return Err("\"topic\" must be a string".into()),
+        };
+        let message = match value.get("message") {
+            None => return Err("missing \"message\"".into()),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        (topic, true, message.into_bytes())
+    } else {
+        let topic = query_pairs(query)
+            .find(|(k, _)| *k == "topic")
+            .map(|(_, v)| v.to_string());
+        let text = std::str::from_utf8(body).is_ok();
+        (topic, text, body.to_vec())
+    };
+    let topic = if broadcast {
+        ALL_CONNECTIONS.to_string()
+    } else {
+        let topic = topic.ok_or("missing topic: give \"topic\" in the JSON body or ?topic=NAME")?;
+        validate_name(&topic)?;
+        topic
+    };
+    let mut frame = Vec::with_capacity(payload.len() + 10);
+    let opcode = if text { OpCode::Text } else { OpCode::Binary };
+    encode_frame(opcode, &payload, None, &mut frame);
+    Ok((topic, Bytes::from(frame)))
+}
+
+const INFO: &str = "c1m: a WebSocket push server.\n\
+Connect with a WebSocket client on any path (for example ws://HOST:PORT/) to receive\n\
+the server's clock (topic `time`), in milliseconds since the Unix epoch, at every broadcast;\n\
+ws://HOST:PORT/?topic=NAME or /topics/NAME joins other topics instead.\n\
+HTTP: POST /publish, POST /broadcast (Authorization: Bearer API_KEY), GET /metrics,\n\
+GET /healthz, GET /readyz.\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(path: &str, content_type: Option<&str>, key: Option<&str>) -> PlainRequest {
+        PlainRequest {
+            method: "POST".into(),
+            path: path.into(),
+            authorization: key.map(|k| format!("Bearer {k}")),
+            content_type: content_type.map(str::to_string),
+            content_length: 0,
+        }
+    }
+
+    fn cx() -> Context<'static> {
+        Context {
+            api_key: Some("k"),
+            ready: true,
+            metrics: &|| String::new(),
+        }
+    }
+
+    fn status(outcome: &Outcome) -> u16 {
+        match outcome {
+            Outcome::Respond(bytes) => std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap(),
+            Outcome::Publish { .. } => 0,
+        }
+    }
+
+    #[test]
+    fn publish_needs_the_key() {
+        let body = br#"{"topic":"a","message":"hi"}"#;
+        let json = Some("application/json");
+        assert_eq!(
+            status(&route(&post("/publish", json, None), body, &cx())),
+            401
+        );
+        assert_eq!(
+            status(&route(&post("/publish", json, Some("x")), body, &cx())),
+            401
+        );
+        match route(&post("/publish", json, Some("k")), body, &cx()) {
+            Outcome::Publish { topic, frame } => {
+                assert_eq!(topic, "a");
+                assert_eq!(&frame[..], b"\x81\x02hi");
+            }
+            other => panic!("{other:?}"),
+        }
+        let off = Context {
+            api_key: None,
+            ..cx()
+        };
+        assert_eq!(
+            status(&route(&post("/publish", json, Some("k")), body, &off)),
+            403
+        );
+    }
+
+    #[test]
+    fn raw_bodies_and_bad_requests() {
+        match route(
+            &post("/publish?topic=b", None, Some("k")),
+            &[0xff, 0],
+            &cx(),
+        ) {
+            Outcome::Publish { topic, frame } => {
+                assert_eq!(topic, "b");
+                assert_eq!(
+                    &frame[..],
+                    b"\x82\x02\xff\x00",
+                    "non-UTF-8 goes out as binary"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let json = Some("application/json");
+        for body in [
+            &b"{"[..],
+            br#"{"topic":"a"}"#,
+            br#"{"message":"m"}"#,
+            br#"{"topic":"a b","message":"m"}"#,
+        ] {
+            assert_eq!(
+                status(&route(&post("/publish", json, Some("k")), body, &cx())),
+                400
+            );
+        }
+        match route(
+            &post("/broadcast", json, Some("k")),
+            br#"{"message":{"n":1}}"#,
+            &cx(),
+        ) {
+            Outcome::Publish { topic, frame } => {
+                assert_eq!(topic, ALL_CONNECTIONS);
+                assert_eq!(&frame[2..], br#"{"n":1}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
