@@ -276,3 +276,65 @@ pub fn tcp_sockets(pid: u32) -> usize {
         })
         .count()
 }
+
+/// A response to [`http`]: status code, headers (lower-cased names) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// One blocking HTTP/1.1 request on its own connection (the server closes it after
+/// answering). `headers` are complete header lines without CRLF.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> HttpResponse {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// `POST /publish` of a JSON message to a topic with an API key.
+pub fn publish(addr: SocketAddr, key: &str, topic: &str, message: &str) -> HttpResponse {
+    let auth = format!("Authorization: Bearer {key}");
+    let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
+    http(
+        addr,
+        "POST",
+        "/publish",
+        &[&auth, "Content-Type: application/json"],
+        body.as_bytes(),
+    )
+}
