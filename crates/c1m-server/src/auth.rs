@@ -84,7 +84,11 @@ impl Verifier {
         validation.leeway = 5;
         validation.validate_nbf = true;
         match &config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                // A token without `aud` must not pass a server that asks for one.
+                validation.set_required_spec_claims(&["exp", "aud"]);
+            }
             None => validation.validate_aud = false,
         }
         Ok(Verifier {

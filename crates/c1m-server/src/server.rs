@@ -640,23 +640,25 @@ impl Server {
     /// Bookkeeping after a connection handled an event: phase counters, topics,
     /// deadlines, removal.
     fn after(&mut self, key: usize, before: PhaseKind, next: Next) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let after = conn.kind();
+        // Count phase changes first, even for a connection about to be removed: one read
+        // can upgrade a connection and then find EOF, and `remove` uncounts open ones.
+        if before != after && after == PhaseKind::Open {
+            self.stats.open += 1;
+        }
+        if before == PhaseKind::Open && after != PhaseKind::Open {
+            self.stats.open -= 1;
+        }
         match next {
             Next::Remove(end) => return self.remove(key, end),
             Next::ReadAgain => self.read_again.push(key),
             Next::Keep => {}
         }
-        let Some(conn) = self.conns.get(key) else {
-            return;
-        };
-        let after = conn.kind();
         if before == after {
             return;
-        }
-        if after == PhaseKind::Open {
-            self.stats.open += 1;
-        }
-        if before == PhaseKind::Open {
-            self.stats.open -= 1;
         }
         if after != PhaseKind::Open {
             // Only open connections are in topics (invariant of `Topics`).
