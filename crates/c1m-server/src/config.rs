@@ -34,6 +34,10 @@ pub struct ServeConfig {
     /// Largest amount of output a connection may have queued in user space; past it the
     /// client is a slow consumer and `slow_consumer` applies.
     pub max_pending_bytes: usize,
+    /// `SO_SNDBUF` for each connection (the kernel doubles it); `None` leaves the
+    /// kernel's autotuning on, which lets one stalled client hold up to
+    /// `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) of kernel memory.
+    pub send_buffer: Option<usize>,
     /// What to do with a slow consumer.
     pub slow_consumer: SlowConsumerPolicy,
     /// Ping connections that were silent for this long (none when `None`).
@@ -93,6 +97,7 @@ impl Default for ServeConfig {
             precision: Precision::Millis,
             max_message_size: 1 << 20,
             max_pending_bytes: 256 * 1024,
+            send_buffer: None,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: None,
             idle_timeout: None,

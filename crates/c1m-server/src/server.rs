@@ -432,6 +432,9 @@ impl Server {
 
     fn register(&mut self, mut stream: TcpStream, now: Instant) -> io::Result<()> {
         stream.set_nodelay(true)?;
+        if let Some(bytes) = self.config.send_buffer {
+            socket2::SockRef::from(&stream).set_send_buffer_size(bytes)?;
+        }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         self.poll.registry().register(
@@ -965,7 +968,7 @@ impl Server {
                 slot.slow_consumers.store(s.slow_consumers, Relaxed);
                 slot.idle_timeouts.store(s.idle_timeouts, Relaxed);
                 slot.handshake_timeouts.store(s.handshake_timeouts, Relaxed);
-                if due {
+                if due || slot.rss_bytes.load(Relaxed) == 0 {
                     slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
                 }
             }

@@ -65,6 +65,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES", env = "C1M_MAX_PENDING_BYTES")]
     max_pending_bytes: usize,
 
+    /// Kernel send buffer per connection (SO_SNDBUF; the kernel doubles it). By default
+    /// the kernel autotunes it, and a client that stops reading can then hold up to
+    /// net.ipv4.tcp_wmem's maximum (4 MiB by default) before --max-pending-bytes applies.
+    #[arg(long, value_name = "BYTES", env = "C1M_SEND_BUFFER")]
+    send_buffer: Option<usize>,
+
     /// What to do with a slow consumer: `disconnect` closes it with 1008; `drop` skips
     /// the messages that do not fit and keeps it (counted in c1m_dropped_messages_total).
     #[arg(
@@ -279,6 +285,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         max_message_size: args.max_message_size,
         max_pending_bytes: args.max_pending_bytes,
+        send_buffer: args.send_buffer,
         slow_consumer: match args.slow_consumer {
             SlowConsumerArg::Disconnect => SlowConsumerPolicy::Disconnect,
             SlowConsumerArg::Drop => SlowConsumerPolicy::Drop,

@@ -376,3 +376,10 @@ pub fn upgrade_status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, S
         .unwrap_or_default();
     (status, if status == 101 { String::new() } else { body })
 }
+
+/// Time since the Unix epoch (for timestamps carried in messages).
+pub fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+}
