@@ -5,6 +5,7 @@ use std::time::Duration;
 
 pub use crate::auth::{JwtConfig, JwtKey};
 pub use crate::connection::SlowConsumerPolicy;
+pub use crate::tls::TlsFiles;
 
 /// Unit of the timestamp the clock broadcast carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct ServeConfig {
     pub jwt: Option<JwtConfig>,
     /// Most topics one connection may be in.
     pub max_topics_per_connection: usize,
+    /// Serve `wss://` with this certificate and key (re-read on SIGHUP).
+    pub tls: Option<TlsFiles>,
     /// A client must complete its upgrade request within this time.
     pub handshake_timeout: Duration,
     /// Largest HTTP request head accepted (431 beyond).
@@ -105,6 +108,7 @@ impl Default for ServeConfig {
             allowed_origins: None,
             jwt: None,
             max_topics_per_connection: 64,
+            tls: None,
             handshake_timeout: Duration::from_secs(10),
             max_head_bytes: 8 * 1024,
             close_timeout: Duration::from_secs(3),

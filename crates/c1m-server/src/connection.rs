@@ -25,6 +25,7 @@ use mio::net::TcpStream;
 use crate::auth::{Admission, Gate};
 use crate::outbox::Outbox;
 use crate::stats::Stats;
+use crate::tls;
 use crate::topics::{Subscription, TopicId};
 
 /// Reads served to one connection per readiness event before others get a turn.
@@ -140,6 +141,8 @@ struct Extra {
     more: Vec<Subscription>,
     /// Topics this client may join, when its token limits them.
     allowed: Option<Box<[Box<str>]>>,
+    /// The TLS session of a `wss://` connection (kept for the connection's life).
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 impl Extra {
@@ -150,6 +153,7 @@ impl Extra {
             && self.message.capacity() == 0
             && self.more.is_empty()
             && self.allowed.is_none()
+            && self.tls.is_none()
     }
 }
 
@@ -167,7 +171,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream, handshake_deadline: Instant) -> Connection {
+    pub fn new(
+        stream: TcpStream,
+        handshake_deadline: Instant,
+        tls: Option<rustls::ServerConnection>,
+    ) -> Connection {
         Connection {
             stream,
             first: Subscription {
@@ -180,6 +188,7 @@ impl Connection {
             outbox: None,
             extra: Some(Box::new(Extra {
                 deadline: Some(handshake_deadline),
+                tls: tls.map(Box::new),
                 ..Extra::default()
             })),
         }
@@ -303,7 +312,7 @@ impl Connection {
     /// Reads what the socket has, into the shared scratch buffer.
     pub fn on_readable(&mut self, cx: &mut ReadContext<'_>) -> Next {
         for _ in 0..MAX_READS_PER_TURN {
-            let n = match self.stream.read(cx.scratch) {
+            let n = match self.read_input(cx.scratch) {
                 Ok(0) => return Next::Remove(End::PeerClosed),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
@@ -328,12 +337,12 @@ impl Connection {
         Next::ReadAgain
     }
 
-    /// The socket can take more output: flush the outbox.
+    /// The socket can take more output: flush what is queued.
     pub fn on_writable(&mut self) -> Next {
-        let Some(outbox) = self.outbox.as_mut() else {
+        if self.outbox.is_none() && !self.is_tls() {
             return Next::Keep;
-        };
-        match outbox.flush(&mut self.stream) {
+        }
+        match self.flush_output() {
             Ok(false) => Next::Keep,
             Ok(true) => {
                 self.outbox = None;
@@ -346,6 +355,46 @@ impl Connection {
         }
     }
 
+    fn is_tls(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.tls.is_some())
+    }
+
+    /// Reads input: from the socket, or decrypted from the TLS session.
+    fn read_input(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
+            None => self.stream.read(buf),
+            Some(session) => tls::read(session, &mut self.stream, buf),
+        }
+    }
+
+    /// Writes queued output (and, with TLS, pending records). `Ok(true)` when all of it
+    /// is out.
+    fn flush_output(&mut self) -> io::Result<bool> {
+        let Connection {
+            stream,
+            outbox,
+            extra,
+            ..
+        } = self;
+        match extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
+            None => match outbox.as_mut() {
+                None => Ok(true),
+                Some(outbox) => outbox.flush(stream),
+            },
+            // Plaintext goes to the session one chunk at a time, only once the socket
+            // took the previous records: rustls never holds more than about one frame.
+            Some(session) => loop {
+                if !tls::flush(session, stream)? {
+                    return Ok(false);
+                }
+                match outbox.as_mut().and_then(|o| o.pop_front()) {
+                    None => return Ok(true),
+                    Some(chunk) => session.writer().write_all(&chunk)?,
+                }
+            },
+        }
+    }
+
     /// Sends bytes shared with other connections (a broadcast frame): written straight
     /// to the socket when nothing is queued, else queued (a reference, not a copy).
     pub fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError> {
@@ -354,6 +403,14 @@ impl Connection {
                 return Err(SendError::Overflow);
             }
             outbox.push(bytes.clone());
+            return Ok(());
+        }
+        if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
+            session.writer().write_all(bytes).map_err(SendError::Io)?;
+            if !tls::flush(session, &mut self.stream).map_err(SendError::Io)? {
+                // The socket is full: later output waits in the outbox.
+                self.outbox = Some(Box::default());
+            }
             return Ok(());
         }
         let written = match self.stream.write(bytes) {
@@ -410,8 +467,19 @@ impl Connection {
         if let Err(SendError::Io(_)) = self.send(&Bytes::from(last), &limits) {
             return Next::Remove(End::Io);
         }
-        if self.outbox.is_none() {
-            let _ = self.stream.shutdown(Shutdown::Write);
+        if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
+            session.send_close_notify();
+        }
+        match self.flush_output() {
+            Ok(true) => {
+                self.outbox = None;
+                let _ = self.stream.shutdown(Shutdown::Write);
+            }
+            // The rest goes out when the socket is writable (see `on_writable`).
+            Ok(false) => {
+                self.outbox.get_or_insert_with(Box::default);
+            }
+            Err(_) => return Next::Remove(End::Io),
         }
         Next::Keep
     }

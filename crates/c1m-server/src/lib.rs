@@ -13,6 +13,7 @@
 //! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
 //! - [`metrics`]: the Prometheus text for `GET /metrics`.
 //! - [`control`]: the messages between the master and its workers.
+//! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`server`]: the event loop: accept, read, fan out, time out, shut down.
 //! - [`stats`]: counters and the periodic stats line.
@@ -32,7 +33,8 @@ pub mod outbox;
 pub mod scoreboard;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod topics;
 
-pub use config::{Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy};
+pub use config::{Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, TlsFiles};
 pub use server::{run, run_worker, ServeError, WorkerRole};

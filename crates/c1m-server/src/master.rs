@@ -13,6 +13,7 @@
 //!   gate and one stats line for the whole server;
 //! - respawns a worker that dies (its clients reconnect to the others; the other
 //!   workers' clients are untouched);
+//! - passes SIGHUP on to every worker (to reload the TLS certificate);
 //! - on SIGINT/SIGTERM passes SIGTERM to every worker (each closes its clients with
 //!   1001), waits for them up to `close_timeout` + 2 s, then SIGKILLs what is left.
 
@@ -26,7 +27,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::clock::Clock;
@@ -78,13 +79,22 @@ pub fn run_master(
     spawn: impl Fn(WorkerFds) -> io::Result<Child>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    // Check what workers would otherwise each fail on, once, with a clear error.
+    if let Some(files) = &config.tls {
+        crate::tls::load(files)?;
+    }
+    crate::auth::Gate::new(
+        config.allowed_origins.clone(),
+        config.jwt.as_ref(),
+        config.max_topics_per_connection,
+    )?;
     let addr = config.listen;
     let listen_error = |source| ServeError::Listen { addr, source };
     let listener = listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
     let local_addr = listener.local_addr()?;
     // Signal handlers first: a SIGTERM that arrives while workers start must still drain.
     let poll = Poll::new()?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
     let scoreboard = Scoreboard::create(workers)?;
@@ -126,6 +136,8 @@ pub fn run_master(
         for signal in signals.pending() {
             match signal {
                 SIGCHLD => reap = true,
+                // Each worker reloads its own TLS certificate.
+                SIGHUP => kill_all(&mut procs, libc::SIGHUP),
                 _ if shutdown_deadline.is_some() => {
                     tracing::warn!("second signal: killing workers now");
                     kill_all(&mut procs, libc::SIGKILL);

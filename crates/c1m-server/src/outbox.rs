@@ -34,6 +34,13 @@ impl Outbox {
         }
     }
 
+    /// Takes the oldest chunk off the queue.
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let chunk = self.chunks.pop_front()?;
+        self.bytes -= chunk.len();
+        Some(chunk)
+    }
+
     /// Writes as much as the socket takes. Returns `Ok(true)` when everything is out.
     pub fn flush(&mut self, out: &mut impl Write) -> io::Result<bool> {
         while let Some(front) = self.chunks.front_mut() {

@@ -16,13 +16,14 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use c1m_proto::{encode_frame, CloseCode, DecoderConfig, OpCode, Role};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
@@ -59,6 +60,8 @@ pub enum ServeError {
     Poll(#[from] io::Error),
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Binds the listener, calls `on_listening` with the bound address, then serves until
@@ -98,6 +101,8 @@ struct Server {
     config: ServeConfig,
     limits: Limits,
     gate: Gate,
+    /// The TLS configuration of a `wss://` server (replaced on SIGHUP).
+    tls: Option<Arc<rustls::ServerConfig>>,
     poll: Poll,
     /// `None` once shutdown has begun.
     listener: Option<TcpListener>,
@@ -163,7 +168,7 @@ impl Server {
     ) -> Result<Server, ServeError> {
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
-        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let worker = match role {
@@ -192,6 +197,7 @@ impl Server {
                 })
             }
         };
+        let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
         let gate = Gate::new(
             config.allowed_origins.clone(),
             config.jwt.as_ref(),
@@ -222,6 +228,7 @@ impl Server {
                 slow_consumer: config.slow_consumer,
             },
             gate,
+            tls,
             clock: Clock::new(&clock_config, now),
             next_stats: now + config.stats_interval,
             next_sweep: (config.ping_interval.is_some() || config.idle_timeout.is_some())
@@ -286,6 +293,24 @@ impl Server {
         Ok(())
     }
 
+    /// SIGHUP: re-reads the TLS certificate and key. New connections use them; open ones
+    /// keep their sessions. A file that does not load leaves the old certificate in use.
+    fn reload_tls(&mut self) {
+        let Some(files) = self.config.tls.as_ref() else {
+            tracing::info!("SIGHUP: no TLS certificate to reload");
+            return;
+        };
+        match crate::tls::load(files) {
+            Ok(config) => {
+                self.tls = Some(config);
+                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(error) => {
+                tracing::error!(%error, "TLS certificate reload failed; keeping the old one")
+            }
+        }
+    }
+
     /// Upgraded connections in the whole server (all workers).
     fn total_open(&self) -> u64 {
         match &self.worker {
@@ -329,12 +354,16 @@ impl Server {
                         }
                     }
                     SIGNALS => {
-                        if self.signals.pending().next().is_some() {
-                            if self.shutdown_deadline.is_some() {
+                        let signals: Vec<i32> = self.signals.pending().collect();
+                        for signal in signals {
+                            if signal == SIGHUP {
+                                self.reload_tls();
+                            } else if self.shutdown_deadline.is_some() {
                                 tracing::warn!("second signal: exiting now");
                                 return Ok(());
+                            } else {
+                                self.begin_shutdown(now);
                             }
-                            self.begin_shutdown(now);
                         }
                     }
                     Token(key) => {
@@ -443,7 +472,8 @@ impl Server {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         let deadline = now + self.config.handshake_timeout;
-        entry.insert(Connection::new(stream, deadline));
+        let session = self.tls.as_ref().map(crate::tls::session).transpose()?;
+        entry.insert(Connection::new(stream, deadline, session));
         self.handshake_deadlines.push_back((key, deadline));
         self.stats.accepted += 1;
         Ok(())

@@ -146,6 +146,15 @@ pub struct ServeArgs {
     )]
     max_topics_per_connection: usize,
 
+    /// Serve wss:// (TLS) with this certificate chain (PEM). Needs --tls-key. Send
+    /// SIGHUP to re-read both files (new connections use the new certificate).
+    #[arg(long, value_name = "FILE", env = "C1M_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "C1M_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
     /// Read settings from this TOML file: `key = value` per flag, named like the flag
     /// without dashes in front (e.g. `listen = "0.0.0.0:8088"`, `interval = "1s"`).
     #[arg(long, value_name = "FILE", env = "C1M_CONFIG")]
@@ -296,6 +305,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins.clone(),
         jwt,
         max_topics_per_connection: args.max_topics_per_connection,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(c1m_server::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
         handshake_timeout: args.handshake_timeout,
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,

@@ -1,0 +1,177 @@
+//! `wss://` with the real binary: a TLS round trip with a self-signed certificate made
+//! in the test, certificate reload on SIGHUP (through the master of a multi-process
+//! server), and a client that does not speak TLS.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Server, UPGRADE};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A fresh self-signed certificate for `localhost`, written to `dir` as cert.pem and
+/// key.pem; returns its DER for the client's trust store.
+fn make_cert(dir: &Path) -> CertificateDer<'static> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    certified.cert.der().clone()
+}
+
+fn cert_dir(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects over TLS trusting only `trusted`, and completes the WebSocket upgrade.
+fn wss_connect(server: &Server, trusted: &CertificateDer<'static>) -> TlsStream {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let session = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(session, socket);
+    tls.write_all(UPGRADE.as_bytes())
+        .expect("TLS handshake and request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tls
+}
+
+/// Reads one small unmasked server frame: (opcode, payload).
+fn read_frame(tls: &mut TlsStream) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 2];
+    tls.read_exact(&mut header).expect("frame header");
+    let len = (header[1] & 0x7f) as usize;
+    assert!(len < 126, "small frames only here");
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).unwrap();
+    (header[0] & 0x0f, payload)
+}
+
+#[test]
+fn wss_round_trip_with_a_self_signed_certificate() {
+    let dir = cert_dir("round-trip");
+    let cert = make_cert(&dir);
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--interval",
+        "100ms",
+        "--tls-cert",
+        dir.join("cert.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.join("key.pem").to_str().unwrap(),
+    ]);
+    let mut clients: Vec<TlsStream> = (0..20).map(|_| wss_connect(&server, &cert)).collect();
+    for tls in &mut clients {
+        for _ in 0..3 {
+            let (opcode, payload) = read_frame(tls);
+            assert_eq!(opcode, 1);
+            let stamp: u64 = String::from_utf8(payload).unwrap().parse().unwrap();
+            assert!(stamp.abs_diff(common::now_ms()) < 2000);
+        }
+    }
+    // A ping over TLS gets its pong; a close gets its echo.
+    let tls = &mut clients[0];
+    tls.write_all(&common::client_frame(0x89, b"tls?", true))
+        .unwrap();
+    let pong = loop {
+        let (opcode, payload) = read_frame(tls);
+        if opcode == 0xA {
+            break payload;
+        }
+    };
+    assert_eq!(pong, b"tls?");
+
+    // A client that speaks plain HTTP to the TLS port is refused; the server carries on.
+    let mut plain = TcpStream::connect(server.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    plain.write_all(UPGRADE.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 101"));
+    let mut again = wss_connect(&server, &cert);
+    assert_eq!(read_frame(&mut again).0, 1);
+}
+
+#[test]
+fn sighup_reloads_the_certificate_in_every_worker() {
+    let dir = cert_dir("reload");
+    let old = make_cert(&dir);
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--connect-only",
+        "--tls-cert",
+        dir.join("cert.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.join("key.pem").to_str().unwrap(),
+    ]);
+    let before = wss_connect(&server, &old);
+    let new = make_cert(&dir);
+    assert_ne!(old, new);
+    // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    // Every new connection (whichever worker takes it) presents the new certificate.
+    for _ in 0..6 {
+        let tls = wss_connect(&server, &new);
+        let presented = tls.conn.peer_certificates().unwrap()[0].clone();
+        assert_eq!(presented, new);
+    }
+    drop(before);
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn a_bad_certificate_stops_start_up_with_a_clear_message() {
+    let dir = cert_dir("bad");
+    make_cert(&dir);
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    for workers in ["1", "2"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_c1m"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--workers", workers])
+            .args(["--tls-cert", dir.join("cert.pem").to_str().unwrap()])
+            .args(["--tls-key", dir.join("key.pem").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot read a private key from"), "{err}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert", "x.pem"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-key"), "{err}");
+}
