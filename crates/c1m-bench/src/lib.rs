@@ -2,6 +2,7 @@
 //!
 //! - [`target`]: the URL to load and the source addresses to load it from.
 //! - [`worker`]: one process's event loop of client connections.
+//! - [`tls`]: the TLS client settings for `wss://` targets.
 //! - [`payload`]: timestamps out of message payloads.
 //! - [`snapshot`]: cumulative, mergeable measurements (HdrHistogram, rounds, errors).
 //! - [`meter`]: Dropwizard-style rates (mean, 1/5/15-minute EWMA).
@@ -12,4 +13,5 @@ pub mod payload;
 pub mod report;
 pub mod snapshot;
 pub mod target;
+pub mod tls;
 pub mod worker;

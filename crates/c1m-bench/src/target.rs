@@ -2,18 +2,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
-/// A parsed `ws://HOST:PORT/PATH` URL.
+/// A parsed `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub addr: SocketAddr,
     /// The `Host` header value.
     pub host: String,
     pub path: String,
+    /// `wss://`: connect with TLS.
+    pub tls: bool,
+    /// The host name without port or brackets (for TLS server name checks).
+    pub server_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    #[error("URL must start with ws:// (wss:// is not supported yet): {0}")]
+    #[error("URL must start with ws:// or wss://: {0}")]
     Scheme(String),
     #[error("cannot resolve {0}")]
     Resolve(String),
@@ -27,9 +31,11 @@ pub enum TargetError {
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, TargetError> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| TargetError::Scheme(url.to_string()))?;
+        let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => return Err(TargetError::Scheme(url.to_string())),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -41,7 +47,11 @@ impl Target {
         let with_port = if has_port {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if tls { 443 } else { 80 })
+        };
+        let server_name = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(v6).to_string(),
+            None => authority.split(':').next().unwrap_or(authority).to_string(),
         };
         let addr = with_port
             .to_socket_addrs()
@@ -52,6 +62,8 @@ impl Target {
             addr,
             host: authority.to_string(),
             path: path.to_string(),
+            tls,
+            server_name,
         })
     }
 }
@@ -110,6 +122,14 @@ mod tests {
         assert_eq!(
             Target::parse("ws://[::1]:9000").unwrap().addr,
             "[::1]:9000".parse().unwrap()
+        );
+        let secure = Target::parse("wss://localhost/x").unwrap();
+        assert!(secure.tls);
+        assert_eq!(secure.addr.port(), 443);
+        assert_eq!(secure.server_name, "localhost");
+        assert_eq!(
+            Target::parse("wss://[::1]:9443").unwrap().server_name,
+            "::1"
         );
         assert!(matches!(
             Target::parse("http://x"),

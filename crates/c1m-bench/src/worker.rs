@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use c1m_proto::frame::{close_payload, encode_frame};
 use c1m_proto::handshake::{self, ClientHandshakeError};
+use c1m_proto::tls_io;
 use c1m_proto::{CloseCode, Decoder, DecoderConfig, Event, OpCode, Role};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -60,6 +61,8 @@ pub struct WorkerConfig {
     /// Close each connection cleanly after about this long (±50 %, jittered), to make churn;
     /// with `reconnect` it is reopened at once.
     pub lifetime: Option<Duration>,
+    /// TLS settings, for a `wss://` target.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// First reconnect delay; it doubles with every consecutive failure, up to the cap.
@@ -111,15 +114,47 @@ struct Client {
     index: u32,
     /// Consecutive failed attempts before this one (for the backoff).
     attempt: u32,
+    /// The TLS session of a `wss://` connection.
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Client {
+    /// Reads input: from the socket, or decrypted from the TLS session.
+    fn read_in(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            None => self.stream.read(buf),
+            Some(session) => tls_io::read(session, &mut self.stream, buf),
+        }
+    }
+
+    /// Writes `bytes`. A plain socket takes what it takes (a load tool does not queue
+    /// its few small writes); a TLS session keeps what the socket did not take and
+    /// sends it on the next event (see `flush_tls`).
+    fn write_out(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            None => self.stream.write(bytes),
+            Some(session) => {
+                session.writer().write_all(bytes)?;
+                tls_io::flush(session, &mut self.stream)?;
+                Ok(bytes.len())
+            }
+        }
+    }
+
+    /// Sends TLS records still pending (handshake messages, queued output).
+    fn flush_tls(&mut self) -> io::Result<()> {
+        if let Some(session) = self.tls.as_deref_mut() {
+            tls_io::flush(session, &mut self.stream)?;
+        }
+        Ok(())
+    }
+
     /// Sends a masked close frame carrying `payload` (best effort: the connection is
     /// ending either way).
     fn send_close(&mut self, payload: &[u8]) {
         let mut frame = Vec::new();
         encode_frame(OpCode::Close, payload, Some(rand::random()), &mut frame);
-        let _ = self.stream.write(&frame);
+        let _ = self.write_out(&frame);
     }
 
     /// Starts our side of a clean close (1000); the server's close or EOF finishes it.
@@ -342,6 +377,7 @@ impl Worker {
             received: 0,
             index,
             attempt,
+            tls: None,
         });
         self.deadlines.push_back((key, deadline));
         self.pending += 1;
@@ -353,7 +389,10 @@ impl Worker {
         };
         let outcome = match client.phase {
             Phase::Connecting { .. } => self.on_connecting(key),
-            _ => self.on_readable(key),
+            _ => match client.flush_tls() {
+                Ok(()) => self.on_readable(key),
+                Err(e) => Err(Some(error_cause(&e))),
+            },
         };
         if let Err(cause) = outcome {
             self.end(key, cause);
@@ -370,13 +409,22 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()), // not yet
             Err(e) => return Err(Some(format!("connect.{}", io_cause(&e)))),
         }
+        if let Some(config) = &self.config.tls {
+            let name =
+                rustls::pki_types::ServerName::try_from(self.config.target.server_name.clone())
+                    .map_err(|_| Some("tls.bad_server_name".to_string()))?;
+            let session = rustls::ClientConnection::new(std::sync::Arc::clone(config), name)
+                .map_err(|e| Some(format!("tls.{e}")))?;
+            client.tls = Some(Box::new(session));
+        }
         let key_text = handshake::client_key(rand::random());
         let request = handshake::client_request(
             &self.config.target.host,
             &self.config.target.path,
             &key_text,
         );
-        match client.stream.write(&request) {
+        // With TLS the request waits in the session until the handshake is done.
+        match client.write_out(&request) {
             Ok(n) if n == request.len() => {}
             Ok(_) => return Err(Some("io.short_write".into())),
             Err(e) => return Err(Some(format!("io.{}", io_cause(&e)))),
@@ -397,7 +445,7 @@ impl Worker {
     fn on_readable(&mut self, key: usize) -> Result<(), Cause> {
         for _ in 0..MAX_READS_PER_TURN {
             let client = &mut self.clients[key];
-            let n = match client.stream.read(&mut self.scratch) {
+            let n = match client.read_in(&mut self.scratch) {
                 Ok(0) => {
                     return Err(match client.phase {
                         Phase::Closing => None,
@@ -410,7 +458,7 @@ impl Worker {
                 Err(e) => {
                     return Err(match client.phase {
                         Phase::Closing => None,
-                        _ => Some(format!("io.{}", io_cause(&e))),
+                        _ => Some(error_cause(&e)),
                     })
                 }
             };
@@ -518,7 +566,7 @@ impl Worker {
             client.decoder = Some(decoder);
         }
         for pong in pongs {
-            let _ = client.stream.write(&pong); // best effort: a load tool need not queue pongs
+            let _ = client.write_out(&pong); // best effort: a load tool need not queue pongs
         }
         if let Some(code) = closed {
             let client = &mut self.clients[key];
@@ -757,6 +805,20 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
 }
 
 /// A short, stable name for an I/O error, used as an error cause.
+/// The error cause of a failed read or write: `tls.*` for a TLS failure (for example
+/// an untrusted certificate), else `io.*`.
+fn error_cause(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => "tls.bad_certificate".into(),
+        Some(rustls::Error::AlertReceived(_)) => "tls.alert_received".into(),
+        Some(_) => "tls.error".into(),
+        None => format!("io.{}", io_cause(e)),
+    }
+}
+
 pub fn io_cause(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "refused",

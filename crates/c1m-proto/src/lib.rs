@@ -12,6 +12,8 @@
 pub mod close;
 pub mod frame;
 pub mod handshake;
+#[cfg(feature = "tls")]
+pub mod tls_io;
 pub mod utf8;
 
 pub use close::CloseCode;

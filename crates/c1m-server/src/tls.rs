@@ -11,7 +11,7 @@
 //! The certificate is re-read on SIGHUP (see `server`): connections opened afterwards
 //! use the new one, open ones keep theirs.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -80,45 +80,4 @@ pub fn session(config: &Arc<ServerConfig>) -> io::Result<ServerConnection> {
     Ok(session)
 }
 
-/// Reads decrypted bytes into `buf`: `Ok(0)` at the end of the stream, `WouldBlock`
-/// when the socket has nothing more for now. Handshake replies are sent on the way.
-pub fn read(
-    session: &mut ServerConnection,
-    socket: &mut (impl Read + Write),
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    loop {
-        match session.reader().read(buf) {
-            Ok(n) => return Ok(n), // n == 0: the peer sent close_notify
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            // EOF without close_notify: an ordinary end of stream for us.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-            Err(e) => return Err(e),
-        }
-        match session.read_tls(socket) {
-            Ok(0) => return Ok(0),
-            Ok(_) => {}
-            Err(e) => return Err(e),
-        }
-        if let Err(error) = session.process_new_packets() {
-            // Send the alert that explains the failure, then give up.
-            let _ = flush(session, socket);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, error));
-        }
-        flush(session, socket)?;
-    }
-}
-
-/// Writes pending TLS records to the socket. `Ok(true)` when nothing is left.
-pub fn flush(session: &mut ServerConnection, socket: &mut impl Write) -> io::Result<bool> {
-    while session.wants_write() {
-        match session.write_tls(socket) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
+pub use c1m_proto::tls_io::{flush, read};

@@ -28,9 +28,18 @@ use crate::serve::parse_duration;
   c1m bench --connections 100000 --procs 6 --source-ips 127.0.0.2-127.0.0.100 --duration 2m --json run.json
   c1m report merge machine1.json machine2.json")]
 pub struct BenchArgs {
-    /// WebSocket URL to connect to (ws://HOST:PORT/PATH).
+    /// WebSocket URL to connect to (ws://HOST:PORT/PATH, or wss:// for TLS).
     #[arg(long, default_value = "ws://127.0.0.1:8088/")]
     url: String,
+
+    /// wss:// only: accept any server certificate (for self-signed test certificates).
+    /// The report notes it.
+    #[arg(long)]
+    insecure: bool,
+
+    /// wss:// only: trust the CAs in this PEM file instead of the system's bundle.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca_cert: Option<PathBuf>,
 
     /// Connections to open in total (over all worker processes).
     #[arg(long, short = 'c', default_value_t = 1000)]
@@ -120,12 +129,20 @@ impl BenchArgs {
             "messages": self.messages,
             "reconnect": self.reconnect,
             "lifetime_secs": self.lifetime.map(|d| d.as_secs_f64()),
+            "tls_insecure": self.url.starts_with("wss://") && self.insecure,
         })
     }
 
     /// The share of the work of worker `index` out of `count`.
     fn worker_config(&self, index: usize, count: usize) -> anyhow::Result<WorkerConfig> {
         let target = Target::parse(&self.url).context("--url")?;
+        let tls = match target.tls {
+            false => None,
+            true => Some(
+                c1m_bench::tls::client_config(self.insecure, self.ca_cert.as_deref())
+                    .context("wss:// target")?,
+            ),
+        };
         let all_sources = match &self.source_ips {
             Some(spec) => parse_sources(spec).context("--source-ips")?,
             None => Vec::new(),
@@ -153,6 +170,7 @@ impl BenchArgs {
             snapshot_interval: Duration::from_secs(1),
             reconnect: self.reconnect,
             lifetime: self.lifetime,
+            tls,
         })
     }
 }

@@ -175,3 +175,87 @@ fn a_bad_certificate_stops_start_up_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tls-key"), "{err}");
 }
+
+/// Runs `c1m bench ARGS --quiet --json FILE`; returns the parsed result.
+fn bench_json(name: &str, args: &[&str]) -> serde_json::Value {
+    let path = cert_dir("bench").join(format!("{name}.json"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .arg("bench")
+        .args(args)
+        .args(["--quiet", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn the_bench_measures_wss_and_checks_certificates() {
+    let dir = cert_dir("bench-server");
+    make_cert(&dir);
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--interval",
+        "200ms",
+        "--tls-cert",
+        dir.join("cert.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.join("key.pem").to_str().unwrap(),
+    ]);
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    let cert = dir.join("cert.pem");
+    let trusted = bench_json(
+        "trusted",
+        &[
+            "--url",
+            &url,
+            "-c",
+            "200",
+            "--messages",
+            "3",
+            "--ca-cert",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let s = &trusted["snapshot"];
+    assert_eq!(s["established"], 200, "{s}");
+    assert_eq!(s["errors"], serde_json::json!({}));
+    assert_eq!(s["messages"], 600);
+    assert_eq!(trusted["config"]["tls_insecure"], false);
+
+    let insecure = bench_json(
+        "insecure",
+        &["--url", &url, "-c", "20", "--messages", "1", "--insecure"],
+    );
+    assert_eq!(insecure["snapshot"]["established"], 20);
+    assert_eq!(insecure["config"]["tls_insecure"], true);
+
+    // Trusting another certificate: every handshake fails, and says why.
+    let other = cert_dir("bench-other");
+    make_cert(&other);
+    let untrusted = bench_json(
+        "untrusted",
+        &[
+            "--url",
+            &url,
+            "-c",
+            "5",
+            "--duration",
+            "1s",
+            "--ca-cert",
+            other.join("cert.pem").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(untrusted["snapshot"]["established"], 0);
+    assert_eq!(
+        untrusted["snapshot"]["errors"]["tls.bad_certificate"], 5,
+        "{}",
+        untrusted["snapshot"]["errors"]
+    );
+}

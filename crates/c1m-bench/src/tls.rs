@@ -1,0 +1,110 @@
+//! The bench's TLS client settings for `wss://` targets.
+//!
+//! By default the server's certificate is checked against the system's CA bundle, or
+//! against `--ca-cert`; `--insecure` skips the check (self-signed test certificates),
+//! which the report then says, since it measures a connection no client should trust.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// Debian's bundle of trusted CAs (package `ca-certificates`).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("cannot read CA certificates from {path}: {message}")]
+    CaFile { path: String, message: String },
+    #[error("no CA certificate to check the server with: give --ca-cert FILE, or --insecure for a test certificate")]
+    NoRoots,
+}
+
+/// Builds the client configuration: trust `ca_file` (or the system bundle), or nothing
+/// at all when `insecure`.
+pub fn client_config(
+    insecure: bool,
+    ca_file: Option<&Path>,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        let path = ca_file.unwrap_or(Path::new(SYSTEM_CA_BUNDLE));
+        let error = |message: String| TlsConfigError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let mut roots = RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| error(e.to_string()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| error(e.to_string()))?;
+            roots.add(cert).map_err(|e| error(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsConfigError::NoRoots);
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// `--insecure`: accepts any certificate, but still checks that the handshake
+/// signatures are valid for the certificate presented.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
