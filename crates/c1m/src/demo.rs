@@ -138,6 +138,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 &n.to_string(),
             ])
             .args(["--interval", &format!("{}ms", interval.as_millis())])
+            // The seed's experiment had no heartbeats; at 1M a ping sweep would be a
+            // second fan-out running across the measured ones.
+            .args(["--ping-interval", "0s", "--idle-timeout", "0s"])
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             // Only the server's warnings, unless the user asked for more.
