@@ -14,7 +14,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use c1m_proto::frame::{close_payload, encode_frame};
@@ -160,8 +161,15 @@ impl Extra {
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
+    /// The first topic subscription (`topic == NO_TOPIC` for none); or, once
+    /// `deadline_inline` is set, the close deadline in milliseconds since
+    /// [`deadline_epoch`] (high half in `topic`). A closing connection has left its
+    /// topics, so the 8 bytes are free, and keeping its deadline here rather than in
+    /// `Extra` spares a mass disconnect one allocation per connection.
     first: Subscription,
     kind: PhaseKind,
+    /// See `first`.
+    deadline_inline: bool,
     /// Set by any input from the peer; cleared by each idle sweep (see `server`).
     heard: bool,
     /// Idle sweeps in a row that found the connection silent.
@@ -183,6 +191,7 @@ impl Connection {
                 position: 0,
             },
             kind: PhaseKind::Handshake,
+            deadline_inline: false,
             heard: true,
             silent_sweeps: 0,
             outbox: None,
@@ -204,7 +213,33 @@ impl Connection {
 
     /// The deadline of the current phase (none while open).
     pub fn deadline(&self) -> Option<Instant> {
+        if self.deadline_inline {
+            let ms = (u64::from(self.first.topic) << 32) | u64::from(self.first.position);
+            return Some(deadline_epoch() + Duration::from_millis(ms));
+        }
         self.extra.as_ref().and_then(|e| e.deadline)
+    }
+
+    /// Moves a closing connection's deadline into the inline slot (see `first`) and
+    /// frees `Extra` if nothing else needs it. Called by the server once it has taken
+    /// the connection out of its topics.
+    pub fn settle_closing(&mut self) {
+        if self.kind != PhaseKind::Closing || self.deadline_inline {
+            return;
+        }
+        debug_assert_eq!(self.subscription_count(), 0, "unsubscribed first");
+        let Some(deadline) = self.extra.as_mut().and_then(|e| e.deadline.take()) else {
+            return;
+        };
+        let ms = deadline
+            .saturating_duration_since(deadline_epoch())
+            .as_millis() as u64;
+        self.first = Subscription {
+            topic: (ms >> 32) as u32,
+            position: ms as u32,
+        };
+        self.deadline_inline = true;
+        self.tidy();
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -222,7 +257,7 @@ impl Connection {
 
     /// Every topic the connection is in.
     pub fn subscriptions(&self) -> impl Iterator<Item = Subscription> + '_ {
-        let first = (self.first.topic != NO_TOPIC).then_some(self.first);
+        let first = (!self.deadline_inline && self.first.topic != NO_TOPIC).then_some(self.first);
         let more = self.extra.iter().flat_map(|e| e.more.iter().copied());
         first.into_iter().chain(more)
     }
@@ -453,6 +488,14 @@ impl Connection {
 
     /// Sends a last message (close frame or HTTP response), then closes our side.
     pub fn finish_with(&mut self, last: Vec<u8>, deadline: Instant, limits: &Limits) -> Next {
+        if self.deadline_inline {
+            // Already closing: the new deadline goes where `settle_closing` expects it.
+            self.deadline_inline = false;
+            self.first = Subscription {
+                topic: NO_TOPIC,
+                position: 0,
+            };
+        }
         self.kind = PhaseKind::Closing;
         let extra = self.extra();
         extra.deadline = Some(deadline);
@@ -673,6 +716,12 @@ impl Connection {
             }
         }
     }
+}
+
+/// The origin of inline close deadlines (see `Connection::first`).
+fn deadline_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 #[cfg(test)]

@@ -698,7 +698,9 @@ impl Server {
             self.unsubscribe_all(key);
         }
         if after == PhaseKind::Closing {
-            if let Some(deadline) = self.conns[key].deadline() {
+            let conn = &mut self.conns[key];
+            conn.settle_closing();
+            if let Some(deadline) = conn.deadline() {
                 self.closing_deadlines.push_back((key, deadline));
             }
         }
