@@ -3,6 +3,8 @@
 # process and one `c1m bench` process on loopback.
 #
 #   scripts/bench-single.sh [CONNECTIONS] [RATE]      (defaults: 10000, 20000/s)
+#   TLS=1 scripts/bench-single.sh ...                  (wss:// with a throwaway self-signed
+#                                                       certificate made by openssl)
 #
 # Memory per connection = (server RSS with N connections − RSS with 0) / N, sampled
 # every 100 ms while the bench holds the connections (the max is kept, so transient
@@ -18,13 +20,20 @@ BIN=target/release/c1m
 OUT=$(mktemp -d)
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-$BIN serve --workers 1 --listen 127.0.0.1:$PORT --total "$N" --interval 2s --stats-interval 1s >"$OUT/serve.out" 2>"$OUT/serve.err" &
+SCHEME=ws; TLS_SERVE=(); TLS_BENCH=()
+if [ "${TLS:-0}" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+    -keyout "$OUT/key.pem" -out "$OUT/cert.pem" 2>/dev/null
+  SCHEME=wss; TLS_SERVE=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem"); TLS_BENCH=(--ca-cert "$OUT/cert.pem")
+fi
+$BIN serve --workers 1 --listen 127.0.0.1:$PORT --total "$N" --interval 2s --stats-interval 1s "${TLS_SERVE[@]}" >"$OUT/serve.out" 2>"$OUT/serve.err" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 sleep 1
 BASE=$(rss_kib $SERVER)
 
-$BIN bench --url ws://127.0.0.1:$PORT/ -c "$N" --rate "$RATE" --messages 3 \
+$BIN bench --url $SCHEME://localhost:$PORT/ -c "$N" --rate "$RATE" --messages 3 "${TLS_BENCH[@]}" \
   --source-ips 127.0.0.2-127.0.0.20 --quiet --json "$OUT/bench.json" >"$OUT/bench.txt" &
 BENCH=$!
 SERVER_MAX=0; BENCH_MAX=0
