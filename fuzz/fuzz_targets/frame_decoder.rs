@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&split_seed, bytes)) = data.split_first() else { return };
     for role in [Role::Server, Role::Client] {
-        let mut decoder = Decoder::new(DecoderConfig { role, max_message_size: 4096 });
+        let mut decoder = Decoder::new(DecoderConfig { role, max_message_size: 4096 , compression: false });
         let mut message = 0usize;
         let mut input = bytes.to_vec();
         let step = (split_seed as usize % 17) + 1;

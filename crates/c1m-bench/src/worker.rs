@@ -526,6 +526,7 @@ impl Worker {
             Box::new(Decoder::new(DecoderConfig {
                 role: Role::Client,
                 max_message_size: MAX_MESSAGE_BYTES as u64,
+                compression: false,
             }))
         });
         let mut pongs: Vec<Vec<u8>> = Vec::new();

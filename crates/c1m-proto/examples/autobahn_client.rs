@@ -43,6 +43,7 @@ fn run(addr: &str, path: &str) -> std::io::Result<Vec<String>> {
     let mut decoder = Decoder::new(DecoderConfig {
         role: Role::Client,
         max_message_size: 64 << 20,
+        compression: false,
     });
     let mut message: Vec<u8> = Vec::new();
     let mut texts = Vec::new();
@@ -55,6 +56,7 @@ fn run(addr: &str, path: &str) -> std::io::Result<Vec<String>> {
                 text,
                 payload,
                 message_end,
+                ..
             } => {
                 message.extend_from_slice(payload);
                 if message_end {

@@ -66,8 +66,42 @@ pub fn header_len(payload_len: usize, masked: bool) -> usize {
 /// Appends one complete, final (FIN) frame to `out`. With `mask` (clients must mask),
 /// the payload is masked with that key.
 pub fn encode_frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, out: &mut Vec<u8>) {
+    encode(0x80 | opcode as u8, payload, mask, out);
+}
+
+/// Like [`encode_frame`] for a message compressed with permessage-deflate: RSV1 set,
+/// `payload` already compressed.
+pub fn encode_compressed_frame(
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+    out: &mut Vec<u8>,
+) {
+    encode(0x80 | 0x40 | opcode as u8, payload, mask, out);
+}
+
+/// The opcode and payload of a complete, unmasked frame as [`encode_frame`] writes it
+/// (a server's broadcast frame), or `None` if `frame` is not one.
+pub fn split_frame(frame: &[u8]) -> Option<(OpCode, &[u8])> {
+    let opcode = OpCode::from_bits(*frame.first()? & 0x0F)?;
+    let (len, start): (usize, usize) = match *frame.get(1)? {
+        126 => (
+            u16::from_be_bytes([*frame.get(2)?, *frame.get(3)?]) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        short if short < 126 => (short as usize, 2),
+        _ => return None, // masked
+    };
+    Some((opcode, frame.get(start..start.checked_add(len)?)?))
+}
+
+fn encode(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>, out: &mut Vec<u8>) {
     out.reserve(header_len(payload.len(), mask.is_some()) + payload.len());
-    out.push(0x80 | opcode as u8);
+    out.push(first_byte);
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     match payload.len() {
         len @ 0..=125 => out.push(mask_bit | len as u8),
@@ -131,10 +165,13 @@ pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: usize) {
 /// Something the peer sent, in the order it was sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A piece of a data message's payload, already unmasked (and, for text, known to
-    /// be valid UTF-8 so far). `message_end` marks the last piece of the message.
+    /// A piece of a data message's payload, already unmasked (and, for uncompressed
+    /// text, known to be valid UTF-8 so far). `message_end` marks the last piece of the
+    /// message. `compressed`: the message is permessage-deflate data (RSV1), to be
+    /// inflated (and then UTF-8 checked) by the caller.
     Data {
         text: bool,
+        compressed: bool,
         payload: &'a [u8],
         message_end: bool,
     },
@@ -156,6 +193,8 @@ pub enum Event<'a> {
 pub enum ProtocolError {
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    #[error("compressed bit on a continuation or control frame")]
+    CompressedBitMisplaced,
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
     #[error("client frame is not masked")]
@@ -201,8 +240,11 @@ pub struct DecoderConfig {
     pub role: Role,
     /// Largest data message (sum of its fragments) accepted; larger ones fail with
     /// [`ProtocolError::MessageTooBig`] as soon as a frame header announces them, before
-    /// any payload is read.
+    /// any payload is read. For compressed messages it bounds the compressed size; the
+    /// caller bounds the inflated size.
     pub max_message_size: u64,
+    /// permessage-deflate was negotiated: RSV1 may mark the first frame of a message.
+    pub compression: bool,
 }
 
 /// The frame whose payload is being read.
@@ -210,6 +252,8 @@ pub struct DecoderConfig {
 struct FrameInProgress {
     opcode: OpCode,
     fin: bool,
+    /// RSV1: the first frame of a compressed message.
+    rsv1: bool,
     mask: Option<[u8; 4]>,
     remaining: u64,
     /// Bytes of payload already read (for the mask cycle).
@@ -220,6 +264,7 @@ struct FrameInProgress {
 #[derive(Debug, Clone)]
 struct MessageInProgress {
     text: bool,
+    compressed: bool,
     size: u64,
     utf8: Utf8Validator,
 }
@@ -325,11 +370,15 @@ impl Decoder {
         }
         let h = &self.header;
         let fin = h[0] & 0x80 != 0;
-        if h[0] & 0x70 != 0 {
+        let rsv1 = h[0] & 0x40 != 0;
+        if h[0] & 0x30 != 0 || (rsv1 && !self.config.compression) {
             return Err(ProtocolError::ReservedBits);
         }
         let opcode =
             OpCode::from_bits(h[0] & 0x0F).ok_or(ProtocolError::ReservedOpcode(h[0] & 0x0F))?;
+        if rsv1 && (opcode.is_control() || opcode == OpCode::Continuation) {
+            return Err(ProtocolError::CompressedBitMisplaced);
+        }
         let masked = h[1] & 0x80 != 0;
         match (self.config.role, masked) {
             (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
@@ -352,6 +401,7 @@ impl Decoder {
         Ok(Some(FrameInProgress {
             opcode,
             fin,
+            rsv1,
             mask,
             remaining: len,
             consumed: 0,
@@ -384,6 +434,7 @@ impl Decoder {
                     }
                     self.message = Some(MessageInProgress {
                         text: opcode == OpCode::Text,
+                        compressed: frame.rsv1,
                         size: frame.remaining,
                         utf8: Utf8Validator::default(),
                     });
@@ -422,8 +473,8 @@ impl Decoder {
                 .message
                 .as_mut()
                 .expect("start_frame opens a message for every data frame");
-            let text = message.text;
-            if text && message.utf8.feed(chunk, message_end).is_err() {
+            let (text, compressed) = (message.text, message.compressed);
+            if text && !compressed && message.utf8.feed(chunk, message_end).is_err() {
                 return Err(ProtocolError::InvalidUtf8);
             }
             if message_end {
@@ -433,6 +484,7 @@ impl Decoder {
             if n > 0 || message_end {
                 on_event(Event::Data {
                     text,
+                    compressed,
                     payload: chunk,
                     message_end,
                 });

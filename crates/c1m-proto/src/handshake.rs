@@ -44,6 +44,8 @@ pub struct UpgradeRequest {
     pub key: String,
     pub origin: Option<String>,
     pub authorization: Option<String>,
+    /// Every `Sec-WebSocket-Extensions` header value, in order.
+    pub extensions: Vec<String>,
 }
 
 /// Why a request was refused, with the HTTP status to answer it with.
@@ -179,6 +181,13 @@ pub fn parse_request(
             key: key.to_string(),
             origin: header("Origin").map(str::to_string),
             authorization: header("Authorization").map(str::to_string),
+            extensions: req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
+                .filter_map(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_string)
+                .collect(),
         }),
         head_len,
     )))
@@ -194,11 +203,20 @@ pub fn accept_key(key: &str) -> String {
 
 /// The server's `101 Switching Protocols` answer to an upgrade with this key.
 pub fn switching_protocols(key: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+    switching_protocols_with(key, &[])
+}
+
+/// The `101 Switching Protocols` answer with extra headers (a negotiated extension).
+pub fn switching_protocols_with(key: &str, extra_headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         accept_key(key)
-    )
-    .into_bytes()
+    );
+    for (name, value) in extra_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
 }
 
 /// A complete plain-text HTTP/1.1 response that closes the connection.
@@ -344,6 +362,7 @@ mod tests {
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
                 origin: Some("http://example.test".into()),
                 authorization: None,
+                extensions: Vec::new(),
             })
         );
     }

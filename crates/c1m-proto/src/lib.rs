@@ -10,6 +10,8 @@
 //! of state between reads. That is what lets an idle connection cost almost nothing.
 
 pub mod close;
+#[cfg(feature = "deflate")]
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 #[cfg(feature = "tls")]

@@ -297,6 +297,7 @@ mod tests {
             key: String::new(),
             origin: None,
             authorization: None,
+            extensions: Vec::new(),
         }
     }
 

@@ -67,9 +67,13 @@ pub struct ServeConfig {
     pub backlog: i32,
     /// Echo every client data message back (for conformance testing; off by default).
     pub echo: bool,
+    /// Accept permessage-deflate (without context takeover) when a client offers it.
+    pub deflate: bool,
     /// Most upgraded connections the whole server (all workers) accepts; further
     /// upgrades get HTTP 503.
     pub max_connections: Option<u64>,
+    /// Most sockets one client address may hold in one process; upgrades past it get 429.
+    pub max_connections_per_ip: Option<u32>,
     /// Most sockets one process holds (keep it under the process's `nofile` limit); a
     /// full process stops accepting and leaves new connections to other workers.
     pub max_sockets: usize,
@@ -116,7 +120,9 @@ impl Default for ServeConfig {
             backlog: 65535,
             reuse_port: false,
             echo: false,
+            deflate: false,
             max_connections: None,
+            max_connections_per_ip: None,
             max_sockets: 1 << 20,
             faults: Faults::default(),
         }

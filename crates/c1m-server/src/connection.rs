@@ -18,7 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use c1m_proto::frame::{close_payload, encode_frame};
+use c1m_proto::deflate::{self, InflateError, Inflater};
+use c1m_proto::frame::{close_payload, encode_compressed_frame, encode_frame};
 use c1m_proto::handshake::{self, PlainRequest, Request};
 use c1m_proto::{CloseCode, Decoder, DecoderConfig, Event, OpCode};
 use mio::net::TcpStream;
@@ -35,6 +36,13 @@ const MAX_READS_PER_TURN: usize = 4;
 /// Largest client text message read as a command (subscribe/unsubscribe).
 pub const MAX_COMMAND_BYTES: usize = 4096;
 
+/// Flag: input from the peer since the last idle sweep (see `server`).
+const HEARD: u8 = 1;
+/// Flag: `first` holds the close deadline (see `Connection::first`).
+const DEADLINE_INLINE: u8 = 2;
+/// Flag: permessage-deflate was negotiated.
+const DEFLATE: u8 = 4;
+
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
 
@@ -48,6 +56,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Echo every data message back (conformance testing), instead of reading commands.
     pub echo: bool,
+    /// Accept permessage-deflate offers (`--deflate`).
+    pub deflate: bool,
     pub slow_consumer: SlowConsumerPolicy,
 }
 
@@ -120,12 +130,25 @@ pub struct ReadContext<'a> {
     pub scratch: &'a mut [u8],
     pub limits: &'a Limits,
     pub gate: &'a Gate,
-    /// Whether an upgrade completed now may be admitted (else: 503, server full).
-    pub has_room: bool,
+    /// Whether an upgrade completed now may be admitted.
+    pub admit: Admit,
     /// Deadline for a close handshake or final response started now.
     pub closing_deadline: Instant,
     pub stats: &'a mut Stats,
     pub actions: &'a mut Vec<Action>,
+    /// The worker's decompressor and its output buffer (permessage-deflate).
+    pub inflater: &'a mut Inflater,
+    pub inflated: &'a mut Vec<u8>,
+}
+
+/// Whether the server can take one more upgraded connection from this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// `--max-connections` reached: 503.
+    ServerFull,
+    /// `--max-connections-per-ip` reached for this client's address: 429.
+    TooManyFromAddress,
 }
 
 /// The rarely needed part of a connection's state, boxed so idle connections skip it.
@@ -136,8 +159,11 @@ struct Extra {
     /// Deadline of the current phase (handshake, HTTP answer or close handshake).
     deadline: Option<Instant>,
     decoder: Option<Decoder>,
-    /// A data message being reassembled (echo mode, or a command split into frames).
+    /// A data message being reassembled (echo mode, a command split into frames, or
+    /// any compressed message).
     message: Vec<u8>,
+    /// The text message in progress is too long to be a command: its rest is ignored.
+    skip_message: bool,
     /// Subscriptions beyond `Connection::first`.
     more: Vec<Subscription>,
     /// Topics this client may join, when its token limits them.
@@ -152,6 +178,7 @@ impl Extra {
             && self.deadline.is_none()
             && self.decoder.is_none()
             && self.message.capacity() == 0
+            && !self.skip_message
             && self.more.is_empty()
             && self.allowed.is_none()
             && self.tls.is_none()
@@ -162,16 +189,14 @@ impl Extra {
 pub struct Connection {
     stream: TcpStream,
     /// The first topic subscription (`topic == NO_TOPIC` for none); or, once
-    /// `deadline_inline` is set, the close deadline in milliseconds since
+    /// the `DEADLINE_INLINE` flag is set, the close deadline in milliseconds since
     /// [`deadline_epoch`] (high half in `topic`). A closing connection has left its
     /// topics, so the 8 bytes are free, and keeping its deadline here rather than in
     /// `Extra` spares a mass disconnect one allocation per connection.
     first: Subscription,
     kind: PhaseKind,
-    /// See `first`.
-    deadline_inline: bool,
-    /// Set by any input from the peer; cleared by each idle sweep (see `server`).
-    heard: bool,
+    /// `HEARD`, `DEADLINE_INLINE`, `DEFLATE` (one byte, so the struct stays 32 bytes).
+    flags: u8,
     /// Idle sweeps in a row that found the connection silent.
     silent_sweeps: u8,
     outbox: Option<Box<Outbox>>,
@@ -191,8 +216,7 @@ impl Connection {
                 position: 0,
             },
             kind: PhaseKind::Handshake,
-            deadline_inline: false,
-            heard: true,
+            flags: HEARD,
             silent_sweeps: 0,
             outbox: None,
             extra: Some(Box::new(Extra {
@@ -213,7 +237,7 @@ impl Connection {
 
     /// The deadline of the current phase (none while open).
     pub fn deadline(&self) -> Option<Instant> {
-        if self.deadline_inline {
+        if self.flag(DEADLINE_INLINE) {
             let ms = (u64::from(self.first.topic) << 32) | u64::from(self.first.position);
             return Some(deadline_epoch() + Duration::from_millis(ms));
         }
@@ -224,7 +248,7 @@ impl Connection {
     /// frees `Extra` if nothing else needs it. Called by the server once it has taken
     /// the connection out of its topics.
     pub fn settle_closing(&mut self) {
-        if self.kind != PhaseKind::Closing || self.deadline_inline {
+        if self.kind != PhaseKind::Closing || self.flag(DEADLINE_INLINE) {
             return;
         }
         debug_assert_eq!(self.subscription_count(), 0, "unsubscribed first");
@@ -238,8 +262,25 @@ impl Connection {
             topic: (ms >> 32) as u32,
             position: ms as u32,
         };
-        self.deadline_inline = true;
+        self.set_flag(DEADLINE_INLINE, true);
         self.tidy();
+    }
+
+    fn flag(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    /// Whether permessage-deflate was negotiated (broadcasts go out compressed).
+    pub fn deflate(&self) -> bool {
+        self.flag(DEFLATE)
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -257,7 +298,8 @@ impl Connection {
 
     /// Every topic the connection is in.
     pub fn subscriptions(&self) -> impl Iterator<Item = Subscription> + '_ {
-        let first = (!self.deadline_inline && self.first.topic != NO_TOPIC).then_some(self.first);
+        let first =
+            (!self.flag(DEADLINE_INLINE) && self.first.topic != NO_TOPIC).then_some(self.first);
         let more = self.extra.iter().flat_map(|e| e.more.iter().copied());
         first.into_iter().chain(more)
     }
@@ -333,8 +375,8 @@ impl Connection {
     /// One idle sweep: returns how many sweeps in a row found it silent (0 if it was
     /// heard from since the last one).
     pub fn sweep(&mut self) -> u8 {
-        if self.heard {
-            self.heard = false;
+        if self.flag(HEARD) {
+            self.set_flag(HEARD, false);
             self.silent_sweeps = 0;
         } else {
             self.silent_sweeps = self.silent_sweeps.saturating_add(1);
@@ -354,7 +396,7 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Next::Remove(End::Io),
             };
-            self.heard = true;
+            self.set_flag(HEARD, true);
             // The input is moved out of the scratch buffer's borrow for the handlers.
             let input = std::mem::take(&mut cx.scratch);
             let next = match self.kind {
@@ -488,9 +530,9 @@ impl Connection {
 
     /// Sends a last message (close frame or HTTP response), then closes our side.
     pub fn finish_with(&mut self, last: Vec<u8>, deadline: Instant, limits: &Limits) -> Next {
-        if self.deadline_inline {
+        if self.flag(DEADLINE_INLINE) {
             // Already closing: the new deadline goes where `settle_closing` expects it.
-            self.deadline_inline = false;
+            self.set_flag(DEADLINE_INLINE, false);
             self.first = Subscription {
                 topic: NO_TOPIC,
                 position: 0,
@@ -553,16 +595,26 @@ impl Connection {
         };
         match request {
             Request::Upgrade(upgrade) => {
-                let admission = if cx.has_room {
-                    cx.gate.admit(&upgrade)
-                } else {
-                    cx.stats.rejected_full += 1;
-                    Err(handshake::http_response(
-                        503,
-                        "Service Unavailable",
-                        &[("Retry-After", "5")],
-                        "server full: --max-connections reached\n",
-                    ))
+                let admission = match cx.admit {
+                    Admit::Yes => cx.gate.admit(&upgrade),
+                    Admit::ServerFull => {
+                        cx.stats.rejected_full += 1;
+                        Err(handshake::http_response(
+                            503,
+                            "Service Unavailable",
+                            &[("Retry-After", "5")],
+                            "server full: --max-connections reached\n",
+                        ))
+                    }
+                    Admit::TooManyFromAddress => {
+                        cx.stats.rejected_per_ip += 1;
+                        Err(handshake::http_response(
+                            429,
+                            "Too Many Requests",
+                            &[("Retry-After", "5")],
+                            "too many connections from this address\n",
+                        ))
+                    }
                 };
                 let admission = match admission {
                     Ok(admission) => admission,
@@ -575,10 +627,18 @@ impl Connection {
                 let extra = self.extra();
                 let mut head = std::mem::take(&mut extra.head);
                 extra.deadline = None;
-                if let Err(SendError::Io(_)) = self.send(
-                    &Bytes::from(handshake::switching_protocols(&upgrade.key)),
-                    limits,
-                ) {
+                let deflate = limits.deflate
+                    && deflate::accept_offer(upgrade.extensions.iter().map(String::as_str));
+                let response = if deflate {
+                    self.set_flag(DEFLATE, true);
+                    handshake::switching_protocols_with(
+                        &upgrade.key,
+                        &[("Sec-WebSocket-Extensions", deflate::RESPONSE)],
+                    )
+                } else {
+                    handshake::switching_protocols(&upgrade.key)
+                };
+                if let Err(SendError::Io(_)) = self.send(&Bytes::from(response), limits) {
                     return Next::Remove(End::Io);
                 }
                 cx.actions.push(Action::Joined(admission));
@@ -618,59 +678,93 @@ impl Connection {
 
     fn frame_input(&mut self, input: &mut [u8], cx: &mut ReadContext<'_>) -> Next {
         let limits = cx.limits;
+        let deflate = self.deflate();
         let extra = self.extra();
-        let mut decoder = extra
-            .decoder
-            .take()
-            .unwrap_or_else(|| Decoder::new(limits.decoder));
+        let mut decoder = extra.decoder.take().unwrap_or_else(|| {
+            Decoder::new(DecoderConfig {
+                compression: deflate,
+                ..limits.decoder
+            })
+        });
         let mut message = std::mem::take(&mut extra.message);
+        let mut skipping = extra.skip_message;
         // Answers (pongs, echoes) in the order their causes arrived.
         let mut replies: Vec<Vec<u8>> = Vec::new();
         let mut peer_close: Option<Option<CloseCode>> = None;
+        // A failure found after decoding (bad compressed data): close with this.
+        let mut failure: Option<(CloseCode, &'static str)> = None;
         let stats = &mut *cx.stats;
         let actions = &mut *cx.actions;
-        // Whether the message being reassembled is text (only text is kept as a command).
+        let inflater = &mut *cx.inflater;
+        let inflated = &mut *cx.inflated;
         let result = decoder.decode(input, |event| match event {
             Event::Data {
                 text,
+                compressed,
                 payload,
                 message_end,
             } => {
+                if failure.is_some() {
+                    return;
+                }
                 stats.messages_in += message_end as u64;
-                if limits.echo {
-                    let opcode = if text { OpCode::Text } else { OpCode::Binary };
-                    if message.is_empty() && message_end {
-                        let mut frame = Vec::new();
-                        encode_frame(opcode, payload, None, &mut frame);
-                        replies.push(frame);
-                    } else {
-                        message.extend_from_slice(payload);
-                        if message_end {
-                            let mut frame = Vec::new();
-                            encode_frame(opcode, &message, None, &mut frame);
-                            replies.push(frame);
-                            message = Vec::new();
-                        }
+                // Echo keeps every message; otherwise only text up to the command size
+                // is kept (binary messages are ignored, longer text is not a command).
+                let keep = limits.echo
+                    || (text && !skipping && message.len() + payload.len() <= MAX_COMMAND_BYTES);
+                if !keep {
+                    skipping |= text;
+                    message = Vec::new();
+                    if message_end && std::mem::take(&mut skipping) {
+                        actions.push(Action::Command(String::new())); // answered with an error
                     }
                     return;
                 }
-                // Not echoing: text messages are commands; binary ones are ignored.
-                if text && message.len() + payload.len() <= MAX_COMMAND_BYTES {
-                    message.extend_from_slice(payload);
+                let whole: &[u8] = if message.is_empty() && message_end {
+                    payload // the common case: the whole message in this read, no copy
                 } else {
-                    message.clear();
-                    message.push(0xff); // marks "too long or binary": not a command
-                }
-                if message_end {
-                    if text && message.first() != Some(&0xff) {
-                        // The decoder validated the UTF-8.
-                        let command = String::from_utf8_lossy(&message).into_owned();
-                        actions.push(Action::Command(command));
-                    } else if text {
-                        actions.push(Action::Command(String::new()));
+                    message.extend_from_slice(payload);
+                    if !message_end {
+                        return;
                     }
-                    message = Vec::new();
+                    &message
+                };
+                let data: &[u8] = if compressed {
+                    let limit = limits.decoder.max_message_size as usize;
+                    match inflater.inflate(whole, limit, inflated) {
+                        Ok(()) => inflated,
+                        Err(InflateError::TooBig { .. }) => {
+                            failure = Some((CloseCode::TOO_BIG, "inflated message too big"));
+                            return;
+                        }
+                        Err(InflateError::Invalid) => {
+                            failure = Some((CloseCode::INVALID_PAYLOAD, "invalid compressed data"));
+                            return;
+                        }
+                    }
+                } else {
+                    whole
+                };
+                // The decoder checked uncompressed text; inflated text is checked here.
+                if text && compressed && std::str::from_utf8(data).is_err() {
+                    failure = Some((CloseCode::INVALID_PAYLOAD, "text is not valid UTF-8"));
+                    return;
                 }
+                if limits.echo {
+                    let opcode = if text { OpCode::Text } else { OpCode::Binary };
+                    let mut frame = Vec::new();
+                    if deflate {
+                        encode_compressed_frame(opcode, &deflate::compress(data), None, &mut frame);
+                    } else {
+                        encode_frame(opcode, data, None, &mut frame);
+                    }
+                    replies.push(frame);
+                } else if data.len() <= MAX_COMMAND_BYTES {
+                    actions.push(Action::Command(String::from_utf8_lossy(data).into_owned()));
+                } else {
+                    actions.push(Action::Command(String::new()));
+                }
+                message = Vec::new();
             }
             Event::Ping(payload) => {
                 let mut frame = Vec::with_capacity(2 + payload.len());
@@ -680,12 +774,19 @@ impl Connection {
             Event::Pong(_) => {}
             Event::Close { code, .. } => peer_close = Some(code),
         });
+        if inflated.capacity() > 1 << 20 {
+            *inflated = Vec::new(); // do not keep a big message's buffer for the worker's life
+        }
         for reply in replies {
             match self.send(&Bytes::from(reply), limits) {
                 Ok(()) => {}
                 Err(SendError::Overflow) => return Next::Remove(End::SlowConsumer),
                 Err(SendError::Io(_)) => return Next::Remove(End::Io),
             }
+        }
+        if let Some((code, reason)) = failure {
+            cx.stats.protocol_errors += 1;
+            return self.begin_close(code, reason, cx.closing_deadline, limits);
         }
         if let Some(code) = peer_close {
             // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
@@ -701,6 +802,7 @@ impl Connection {
                     extra.decoder = Some(decoder);
                 }
                 extra.message = message;
+                extra.skip_message = skipping;
                 self.tidy();
                 Next::Keep
             }

@@ -15,6 +15,7 @@
 //! - [`control`]: the messages between the master and its workers.
 //! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
 //! - [`outbox`]: the bytes a connection could not write yet.
+//! - [`per_ip`]: sockets per client address, for `--max-connections-per-ip`.
 //! - [`server`]: the event loop: accept, read, fan out, time out, shut down.
 //! - [`stats`]: counters and the periodic stats line.
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
@@ -30,6 +31,7 @@ pub mod http;
 pub mod master;
 pub mod metrics;
 pub mod outbox;
+pub mod per_ip;
 pub mod scoreboard;
 pub mod server;
 pub mod stats;

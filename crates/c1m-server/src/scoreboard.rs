@@ -41,6 +41,7 @@ pub struct Slot {
     pub slow_consumers: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    pub rejected_per_ip: AtomicU64,
 }
 
 /// The shared table. Dropping it unmaps the memory (the file lives while any process

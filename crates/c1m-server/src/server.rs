@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use c1m_proto::deflate::{self, Inflater};
+use c1m_proto::frame::{encode_compressed_frame, split_frame};
 use c1m_proto::{encode_frame, CloseCode, DecoderConfig, OpCode, Role};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
@@ -33,11 +35,13 @@ use crate::clock::Clock;
 use crate::commands::{self, Command};
 use crate::config::ServeConfig;
 use crate::connection::{
-    Action, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError, SlowConsumerPolicy,
+    Action, Admit, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError,
+    SlowConsumerPolicy,
 };
 use crate::control::{Message, ALL_CONNECTIONS, NO_ORIGIN};
 use crate::http::{self, Outcome};
 use crate::metrics::{self, Histogram, DURATION_BUCKETS};
+use crate::per_ip::PerIp;
 use crate::scoreboard::Scoreboard;
 use crate::stats::{rss_bytes, Stats};
 use crate::topics::{validate_name, TopicId, Topics};
@@ -110,9 +114,15 @@ struct Server {
     signals: Signals,
     conns: Slab<Connection>,
     topics: Topics,
+    /// Sockets per client address, when `--max-connections-per-ip` is set.
+    per_ip: Option<PerIp>,
     clock: Clock,
     stats: Stats,
     scratch: Box<[u8]>,
+    /// permessage-deflate: one decompressor and output buffer for the whole worker
+    /// (each message is inflated whole, once it has arrived: no context takeover).
+    inflater: Inflater,
+    inflated: Vec<u8>,
     /// (slab key, deadline) of connections in the handshake or waiting for an HTTP
     /// answer, oldest first.
     handshake_deadlines: VecDeque<(usize, Instant)>,
@@ -215,16 +225,20 @@ impl Server {
         .max(Duration::from_millis(10));
         let mut ping_frame = Vec::new();
         encode_frame(OpCode::Ping, b"", None, &mut ping_frame);
+        let per_ip = config.max_connections_per_ip.map(PerIp::new);
         let mut server = Server {
+            per_ip,
             limits: Limits {
                 decoder: DecoderConfig {
                     role: Role::Server,
                     max_message_size: config.max_message_size,
+                    compression: false,
                 },
                 max_pending_bytes: config.max_pending_bytes,
                 max_head_bytes: config.max_head_bytes,
                 max_body_bytes: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
                 echo: config.echo,
+                deflate: config.deflate,
                 slow_consumer: config.slow_consumer,
             },
             gate,
@@ -246,6 +260,8 @@ impl Server {
             topics: Topics::default(),
             stats: Stats::default(),
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            inflater: Inflater::default(),
+            inflated: Vec::new(),
             handshake_deadlines: VecDeque::new(),
             closing_deadlines: VecDeque::new(),
             read_again: Vec::new(),
@@ -440,8 +456,8 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((stream, _peer)) => {
-                    if let Err(error) = self.register(stream, now) {
+                Ok((stream, peer)) => {
+                    if let Err(error) = self.register(stream, peer, now) {
                         tracing::warn!(%error, "cannot register connection");
                     }
                 }
@@ -459,7 +475,12 @@ impl Server {
         }
     }
 
-    fn register(&mut self, mut stream: TcpStream, now: Instant) -> io::Result<()> {
+    fn register(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> io::Result<()> {
         stream.set_nodelay(true)?;
         if let Some(bytes) = self.config.send_buffer {
             socket2::SockRef::from(&stream).set_send_buffer_size(bytes)?;
@@ -474,6 +495,9 @@ impl Server {
         let deadline = now + self.config.handshake_timeout;
         let session = self.tls.as_ref().map(crate::tls::session).transpose()?;
         entry.insert(Connection::new(stream, deadline, session));
+        if let Some(per_ip) = self.per_ip.as_mut() {
+            per_ip.add(key, peer.ip());
+        }
         self.handshake_deadlines.push_back((key, deadline));
         self.stats.accepted += 1;
         Ok(())
@@ -484,16 +508,26 @@ impl Server {
             return;
         };
         let before = conn.kind();
-        let has_room = before != PhaseKind::Handshake || self.has_room();
+        let admit = if before != PhaseKind::Handshake {
+            Admit::Yes // only an upgrade request uses it
+        } else if !self.has_room() {
+            Admit::ServerFull
+        } else if self.per_ip.as_ref().is_some_and(|p| !p.within_limit(key)) {
+            Admit::TooManyFromAddress
+        } else {
+            Admit::Yes
+        };
         let mut actions = std::mem::take(&mut self.actions);
         let mut cx = ReadContext {
             scratch: &mut self.scratch,
             limits: &self.limits,
             gate: &self.gate,
-            has_room,
+            admit,
             closing_deadline: now + self.config.close_timeout,
             stats: &mut self.stats,
             actions: &mut actions,
+            inflater: &mut self.inflater,
+            inflated: &mut self.inflated,
         };
         let mut next = self.conns[key].on_readable(&mut cx);
         for action in actions.drain(..) {
@@ -714,6 +748,9 @@ impl Server {
             self.stats.open -= 1;
         }
         self.unsubscribe_all(key);
+        if let Some(per_ip) = self.per_ip.as_mut() {
+            per_ip.remove(key);
+        }
         match end {
             End::SlowConsumer => self.stats.slow_consumers += 1,
             End::Io => self.stats.io_errors += 1,
@@ -737,6 +774,8 @@ impl Server {
 
     /// The hot path: hand one shared, already-encoded frame to every subscriber of
     /// `topic` (every open connection for `None`). Returns how many it reached.
+    /// Connections that negotiated permessage-deflate get the frame compressed, once
+    /// for all of them, on the first such connection met.
     fn publish_to(&mut self, topic: Option<TopicId>, frame: &Bytes) -> u64 {
         let started = Instant::now();
         let mut sent = 0u64;
@@ -746,12 +785,18 @@ impl Server {
         let conns = &mut self.conns;
         let limits = &self.limits;
         let stats = &mut self.stats;
+        let mut compressed: Option<Bytes> = None;
         let mut deliver = |key: usize, conn: &mut Connection| {
             seen += 1;
             if skip_every > 0 && seen.is_multiple_of(skip_every) {
                 return; // test fault: see `Faults`
             }
-            match conn.send(frame, limits) {
+            let bytes = if conn.deflate() {
+                compressed.get_or_insert_with(|| compress_frame(frame))
+            } else {
+                frame
+            };
+            match conn.send(bytes, limits) {
                 Ok(()) => sent += 1,
                 Err(SendError::Overflow) if limits.slow_consumer == SlowConsumerPolicy::Drop => {
                     stats.dropped += 1;
@@ -1000,6 +1045,7 @@ impl Server {
                 slot.slow_consumers.store(s.slow_consumers, Relaxed);
                 slot.idle_timeouts.store(s.idle_timeouts, Relaxed);
                 slot.handshake_timeouts.store(s.handshake_timeouts, Relaxed);
+                slot.rejected_per_ip.store(s.rejected_per_ip, Relaxed);
                 if due || slot.rss_bytes.load(Relaxed) == 0 {
                     slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
                 }
@@ -1065,6 +1111,22 @@ impl Server {
             self.after(key, before, next);
         }
     }
+}
+
+/// The permessage-deflate version of a broadcast frame: its payload compressed, RSV1
+/// set; the frame itself when compression would not make it smaller (allowed: RSV1 is
+/// per message).
+fn compress_frame(frame: &Bytes) -> Bytes {
+    let Some((opcode, payload)) = split_frame(frame) else {
+        return frame.clone();
+    };
+    let compressed = deflate::compress(payload);
+    if compressed.len() >= payload.len() {
+        return frame.clone();
+    }
+    let mut out = Vec::with_capacity(compressed.len() + 10);
+    encode_compressed_frame(opcode, &compressed, None, &mut out);
+    Bytes::from(out)
 }
 
 /// A non-blocking listening socket with the backlog we ask for. (`std`'s and tokio's

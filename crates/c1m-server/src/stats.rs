@@ -30,6 +30,8 @@ pub struct Stats {
     pub peer_closed: u64,
     /// Upgrades refused with 503 because `--max-connections` was reached.
     pub rejected_full: u64,
+    /// Upgrades refused with 429 by `--max-connections-per-ip`.
+    pub rejected_per_ip: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
     last_report: Option<(Instant, u64)>,

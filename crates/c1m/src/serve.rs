@@ -183,6 +183,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS")]
     max_connections: Option<u64>,
 
+    /// Most connections one client address may hold (per worker process); upgrades past
+    /// it get HTTP 429. Off by default: many clients may share an address behind NAT.
+    #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: Option<u32>,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
@@ -198,6 +203,13 @@ pub struct ServeArgs {
     /// Autobahn). Off by default: a push server ignores what clients send.
     #[arg(long, env = "C1M_ECHO")]
     echo: bool,
+
+    /// Accept permessage-deflate (RFC 7692) when a client offers it, always without
+    /// context takeover: each message is compressed on its own, so a broadcast is
+    /// compressed once for every such client and no connection keeps compressor state.
+    /// Offers that need a server window under 15 bits are declined (no compression).
+    #[arg(long, env = "C1M_DEFLATE")]
+    deflate: bool,
 
     /// Set SO_REUSEPORT so several `c1m serve` processes can share one port; the kernel
     /// spreads connections among them by hash. Each process broadcasts on its own clock.
@@ -317,7 +329,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         stats_interval: args.stats_interval,
         reuse_port: args.reuse_port,
         max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
         echo: args.echo,
+        deflate: args.deflate,
         max_sockets,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,

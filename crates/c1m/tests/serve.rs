@@ -405,3 +405,89 @@ fn bad_flags_and_a_busy_port_are_refused_clearly() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Connects from `source` (a loopback address) and sends an upgrade; returns the status
+/// line's code and the socket (kept open by the caller).
+fn upgrade_from(server: &Server, source: &str) -> (u16, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&source.into()).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(UPGRADE.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    let code = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (code, stream)
+}
+
+#[test]
+fn per_address_connection_limit() {
+    let server = Server::start(&[
+        "--connect-only",
+        "--workers",
+        "1",
+        "--max-connections-per-ip",
+        "3",
+    ]);
+    let mut held: Vec<_> = (0..3).map(|_| upgrade_from(&server, "127.0.0.1")).collect();
+    assert!(held.iter().all(|(code, _)| *code == 101));
+    let (code, refused) = upgrade_from(&server, "127.0.0.1");
+    assert_eq!(code, 429, "a fourth from the same address");
+    let (code, _other) = upgrade_from(&server, "127.0.0.2");
+    assert_eq!(code, 101, "another address is not affected");
+    // One leaves (and the refused socket, which counted until it closed): room for one.
+    held.pop();
+    drop(refused);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(upgrade_from(&server, "127.0.0.1").0, 101);
+}
+
+/// A client that goes silent (as the far end of a half-open connection does: no data,
+/// no pongs) is closed by the idle timeout and its socket released after the close
+/// timeout, while a normal client on the same server keeps receiving.
+#[tokio::test]
+async fn silent_and_half_open_connections_are_reaped() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--interval",
+        "100ms",
+        "--ping-interval",
+        "100ms",
+        "--idle-timeout",
+        "500ms",
+        "--close-timeout",
+        "300ms",
+    ]);
+    let pid = server.child.id();
+    let before = common::tcp_sockets(pid);
+    // Ten silent clients that never read nor write again after their upgrade.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(RawClient::upgraded(server.addr).await);
+    }
+    let mut ws = connect(&server, "/").await;
+    assert_eq!(common::tcp_sockets(pid), before + 11);
+    // The bystander keeps getting the clock (and answers pings as it reads).
+    let started = std::time::Instant::now();
+    let mut received = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let text = next_text(&mut ws).await;
+        assert!(text.parse::<u64>().is_ok());
+        received += 1;
+    }
+    assert!(received >= 10, "{received} broadcasts");
+    // Idle timeout (≤ 0.6 s) + close timeout (0.3 s) have passed: only the bystander is left,
+    // although the silent clients' sockets are still open on their side.
+    assert_eq!(
+        common::tcp_sockets(pid),
+        before + 1,
+        "silent sockets released"
+    );
+    drop(silent);
+}

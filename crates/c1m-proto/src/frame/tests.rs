@@ -7,6 +7,7 @@ fn server() -> Decoder {
     Decoder::new(DecoderConfig {
         role: Role::Server,
         max_message_size: 1 << 20,
+        compression: false,
     })
 }
 
@@ -36,6 +37,7 @@ fn decode_split(bytes: &[u8], cuts: &[usize]) -> Result<Vec<Owned>, ProtocolErro
                 text,
                 payload,
                 message_end,
+                ..
             } => {
                 let m = message.get_or_insert_with(|| (text, Vec::new()));
                 m.1.extend_from_slice(payload);
@@ -245,6 +247,7 @@ fn fragments_adding_up_past_the_limit_are_rejected() {
     let mut d = Decoder::new(DecoderConfig {
         role: Role::Server,
         max_message_size: 10,
+        compression: false,
     });
     let mut bytes = raw_frame(0x02, &[0; 6]);
     bytes.extend(raw_frame(0x80, &[0; 6]));
@@ -259,6 +262,7 @@ fn client_role_rejects_masked_frames_and_reads_plain_ones() {
     let mut d = Decoder::new(DecoderConfig {
         role: Role::Client,
         max_message_size: 100,
+        compression: false,
     });
     let mut plain = Vec::new();
     encode_frame(OpCode::Text, b"1700000000000", None, &mut plain);

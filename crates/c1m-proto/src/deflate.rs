@@ -1,0 +1,239 @@
+//! permessage-deflate (RFC 7692), without context takeover in either direction
+//! (feature `deflate`).
+//!
+//! Why only that mode: with context takeover every connection keeps a compressor and a
+//! decompressor window (tens of KB each) for its whole life, which a million idle
+//! connections cannot afford, and a broadcast would have to be compressed once per
+//! connection. Without it, a message is compressed on its own: the server compresses a
+//! broadcast once and shares the result, and inflates each client message with a
+//! decompressor it resets per message. Offers this mode cannot honour (a server window
+//! under 15 bits) are declined, so the connection simply goes uncompressed.
+//!
+//! Inflating is bounded: output past the caller's limit stops the inflate and is
+//! reported as [`InflateError::TooBig`] (close code 1009), so a compression bomb costs
+//! at most the limit.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The `Sec-WebSocket-Extensions` value a server answers an accepted offer with.
+pub const RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// The empty stored block that ends every compressed message (removed by the sender,
+/// appended again by the receiver: RFC 7692 §7.2.1-2).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Whether any permessage-deflate offer among the `Sec-WebSocket-Extensions` header
+/// values can be accepted in our mode.
+pub fn accept_offer<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+    headers
+        .into_iter()
+        .flat_map(|h| h.split(','))
+        .any(acceptable_offer)
+}
+
+fn acceptable_offer(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if parts.next() != Some("permessage-deflate") {
+        return false;
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (param, None),
+        };
+        if seen.contains(&name) {
+            return false; // a parameter twice makes the offer invalid (§7)
+        }
+        seen.push(name);
+        let ok = match name {
+            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
+            // We compress with the full 32 KiB window; a smaller one cannot be honoured.
+            "server_max_window_bits" => value == Some("15"),
+            // Our decompressor's window takes any client window.
+            "client_max_window_bits" => value.is_none_or(|v| matches!(v.parse::<u8>(), Ok(8..=15))),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Compresses one whole message payload (a fresh compressor: no context takeover).
+/// Returns the payload of the compressed frame, tail removed.
+pub fn compress(payload: &[u8]) -> Vec<u8> {
+    let mut compressor = Compress::new(Compression::fast(), false);
+    let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+    loop {
+        let consumed = compressor.total_in() as usize;
+        let status = compressor
+            .compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync)
+            .expect("deflate of an in-memory buffer cannot fail");
+        let done = compressor.total_in() as usize == payload.len() && out.len() < out.capacity();
+        if done || status == Status::StreamEnd {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    #[error("inflated message exceeds the limit of {limit} bytes")]
+    TooBig { limit: usize },
+    #[error("invalid deflate data")]
+    Invalid,
+}
+
+/// A decompressor reused for every message (reset before each: no context takeover).
+pub struct Inflater {
+    decompress: Decompress,
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Inflater {
+            decompress: Decompress::new(false),
+        }
+    }
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inflater")
+    }
+}
+
+impl Inflater {
+    /// Inflates one whole compressed message into `out` (cleared first), producing at
+    /// most `limit` bytes.
+    pub fn inflate(
+        &mut self,
+        compressed: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InflateError> {
+        self.decompress.reset(false);
+        out.clear();
+        for input in [compressed, &TAIL[..]] {
+            let start = self.decompress.total_in();
+            loop {
+                let consumed = (self.decompress.total_in() - start) as usize;
+                // Room for up to one byte past the limit, to tell "exactly the limit"
+                // from "more".
+                let room = (limit + 1 - out.len()).min(64 * 1024);
+                if room == 0 {
+                    return Err(InflateError::TooBig { limit });
+                }
+                out.reserve_exact(room); // exact: the buffer never outgrows the limit
+                let status = self
+                    .decompress
+                    .decompress_vec(&input[consumed..], out, FlushDecompress::Sync)
+                    .map_err(|_| InflateError::Invalid)?;
+                if out.len() > limit {
+                    return Err(InflateError::TooBig { limit });
+                }
+                if status == Status::StreamEnd {
+                    // A final block (BFINAL) ends the message; the tail is not needed.
+                    return Ok(());
+                }
+                let all_in = (self.decompress.total_in() - start) as usize == input.len();
+                if all_in && out.len() < out.capacity() {
+                    break;
+                }
+                if status == Status::BufError && !all_in && out.len() < out.capacity() {
+                    return Err(InflateError::Invalid);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_we_can_and_cannot_honour() {
+        assert!(accept_offer(["permessage-deflate"]));
+        assert!(accept_offer(["permessage-deflate; client_max_window_bits"]));
+        assert!(accept_offer([
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ]));
+        assert!(accept_offer([
+            "permessage-deflate; client_max_window_bits=10"
+        ]));
+        assert!(accept_offer([
+            "permessage-deflate; server_max_window_bits=15"
+        ]));
+        assert!(!accept_offer([
+            "permessage-deflate; server_max_window_bits=9"
+        ]));
+        assert!(!accept_offer([
+            "permessage-deflate; server_no_context_takeover=1"
+        ]));
+        assert!(!accept_offer(["permessage-deflate; foo"]));
+        assert!(!accept_offer([
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
+        ]));
+        assert!(!accept_offer(["x-webkit-deflate-frame"]));
+        // A later acceptable offer in the same header wins.
+        assert!(accept_offer([
+            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
+        ]));
+    }
+
+    #[test]
+    fn round_trip_and_rfc_example() {
+        let mut inflater = Inflater::default();
+        let mut out = Vec::new();
+        // RFC 7692 §7.2.3.1: "Hello" compressed without context takeover.
+        inflater
+            .inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], 100, &mut out)
+            .unwrap();
+        assert_eq!(out, b"Hello");
+        for payload in [&b""[..], b"Hello", &[7u8; 100_000][..]] {
+            let compressed = compress(payload);
+            inflater.inflate(&compressed, 1 << 20, &mut out).unwrap();
+            assert_eq!(out, payload);
+        }
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let bomb = compress(&vec![0u8; 10 << 20]);
+        assert!(bomb.len() < 100_000, "a 10 MiB bomb in {} bytes", bomb.len());
+        let mut out = Vec::new();
+        let error = Inflater::default().inflate(&bomb, 1 << 20, &mut out);
+        assert_eq!(error, Err(InflateError::TooBig { limit: 1 << 20 }));
+        assert!(
+            out.capacity() <= (1 << 20) + 64 * 1024 + 1,
+            "{}",
+            out.capacity()
+        );
+        let exact = compress(&[1u8; 1000]);
+        assert!(Inflater::default().inflate(&exact, 1000, &mut out).is_ok());
+        assert!(Inflater::default().inflate(&exact, 999, &mut out).is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut out = Vec::new();
+        let mut inflater = Inflater::default();
+        for garbage in [&[0xffu8; 10][..], &[0x07, 0x00], &[0x01, 0x05, 0x00]] {
+            let _ = inflater.inflate(garbage, 1000, &mut out);
+        }
+        assert_eq!(
+            inflater.inflate(&[0xff; 10], 1000, &mut out),
+            Err(InflateError::Invalid)
+        );
+    }
+}
