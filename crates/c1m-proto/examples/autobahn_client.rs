@@ -103,7 +103,22 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:9001".into());
     let agent = args.next().unwrap_or_else(|| "c1m".into());
-    let count: u32 = run(&addr, "/getCaseCount")?
+    // The fuzzing server may say "listening" a moment before it answers: retry briefly.
+    let mut attempts = 0;
+    let texts = loop {
+        match run(&addr, "/getCaseCount") {
+            Ok(texts) if !texts.is_empty() => break texts,
+            result if attempts < 50 => {
+                attempts += 1;
+                if let Err(e) = result {
+                    eprintln!("getCaseCount: {e}; retrying");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            result => break result?,
+        }
+    };
+    let count: u32 = texts
         .first()
         .and_then(|t| t.trim().parse().ok())
         .ok_or_else(|| std::io::Error::other("no case count from the fuzzing server"))?;

@@ -491,3 +491,120 @@ async fn silent_and_half_open_connections_are_reaped() {
     );
     drop(silent);
 }
+
+/// Upgrades with a permessage-deflate offer; returns the client and the 101's head.
+async fn upgraded_with_deflate(server: &Server) -> (RawClient, String) {
+    let mut client = RawClient::connect(server.addr).await;
+    let request = UPGRADE.replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    );
+    client.send(request.as_bytes()).await;
+    let head = client.read_http_head().await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (client, head)
+}
+
+#[tokio::test]
+async fn deflate_compresses_a_broadcast_once_for_those_who_asked() {
+    use c1m_proto::deflate::{compress, Inflater};
+    let server = Server::start(&[
+        "--connect-only",
+        "--workers",
+        "1",
+        "--deflate",
+        "--api-key",
+        "k",
+    ]);
+    let (mut compressed, head) = upgraded_with_deflate(&server).await;
+    assert!(
+        head.contains(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ),
+        "{head}"
+    );
+    let mut plain = RawClient::upgraded(server.addr).await;
+    let message = "the same words again and again; ".repeat(200);
+    let addr = server.addr;
+    let sent = message.clone();
+    tokio::task::spawn_blocking(move || {
+        let answer = common::publish(addr, "k", "time", &sent);
+        assert!(answer.body.contains("\"delivered\":2"), "{answer:?}");
+    })
+    .await
+    .unwrap();
+    let frame = compressed.read_frame().await.unwrap();
+    assert!(frame.rsv1 && frame.opcode == 1, "compressed text frame");
+    assert!(
+        frame.payload.len() < message.len() / 10,
+        "{} bytes",
+        frame.payload.len()
+    );
+    let mut out = Vec::new();
+    Inflater::default()
+        .inflate(&frame.payload, 1 << 20, &mut out)
+        .unwrap();
+    assert_eq!(out, message.as_bytes());
+    let frame = plain.read_frame().await.unwrap();
+    assert!(!frame.rsv1, "no offer, no compression");
+    assert_eq!(frame.payload, message.as_bytes());
+
+    // The client may send compressed commands too.
+    let command = compress(br#"{"op":"subscribe","topic":"news"}"#);
+    let mut frame = client_frame(0xC1, &command, true); // FIN + RSV1 + text
+    compressed.send(&frame).await;
+    let reply = compressed.read_frame().await.unwrap();
+    let text = if reply.rsv1 {
+        Inflater::default()
+            .inflate(&reply.payload, 1 << 20, &mut out)
+            .unwrap();
+        out.clone()
+    } else {
+        reply.payload
+    };
+    assert_eq!(text, br#"{"ok":true,"op":"subscribe","topic":"news"}"#);
+}
+
+#[tokio::test]
+async fn a_compression_bomb_gets_1009_and_bad_data_1007() {
+    use c1m_proto::deflate::compress;
+    let server = Server::start(&["--connect-only", "--workers", "1", "--deflate", "--echo"]);
+    let bystander = upgraded_with_deflate(&server).await.0;
+    // 10 MiB of zeros in about 48 KB: under --max-message-size (1 MiB) on the wire,
+    // over it inflated.
+    let bomb = compress(&vec![0u8; 10 << 20]);
+    let (mut client, _) = upgraded_with_deflate(&server).await;
+    client.send(&client_frame(0xC2, &bomb, true)).await;
+    assert_eq!(client.expect_close().await, Some(1009));
+    let (mut client, _) = upgraded_with_deflate(&server).await;
+    client.send(&client_frame(0xC2, &[0xff; 32], true)).await;
+    assert_eq!(client.expect_close().await, Some(1007));
+    // Compressed text that inflates to invalid UTF-8.
+    let (mut client, _) = upgraded_with_deflate(&server).await;
+    client
+        .send(&client_frame(0xC1, &compress(&[0xc3, 0x28]), true))
+        .await;
+    assert_eq!(client.expect_close().await, Some(1007));
+    // RSV1 on a continuation frame is a protocol error.
+    let (mut client, _) = upgraded_with_deflate(&server).await;
+    let mut frames = client_frame(0x42, &compress(b"part"), true); // RSV1, no FIN
+    frames.extend(client_frame(0xC0, b"more", true)); // continuation with RSV1
+    client.send(&frames).await;
+    assert_eq!(client.expect_close().await, Some(1002));
+    // The bystander still echoes.
+    let mut bystander = bystander;
+    bystander
+        .send(&client_frame(0x81, b"still here", true))
+        .await;
+    let echo = bystander.read_frame().await.unwrap();
+    let mut out = Vec::new();
+    let text = if echo.rsv1 {
+        c1m_proto::deflate::Inflater::default()
+            .inflate(&echo.payload, 1000, &mut out)
+            .unwrap();
+        out
+    } else {
+        echo.payload
+    };
+    assert_eq!(text, b"still here");
+}

@@ -82,6 +82,8 @@ pub struct RawClient {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a permessage-deflate compressed message.
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -198,6 +200,7 @@ fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     Some((
         Frame {
             fin: buf[0] & 0x80 != 0,
+            rsv1: buf[0] & 0x40 != 0,
             opcode: buf[0] & 0x0F,
             payload,
         },
