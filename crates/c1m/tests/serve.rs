@@ -551,7 +551,7 @@ async fn deflate_compresses_a_broadcast_once_for_those_who_asked() {
 
     // The client may send compressed commands too.
     let command = compress(br#"{"op":"subscribe","topic":"news"}"#);
-    let mut frame = client_frame(0xC1, &command, true); // FIN + RSV1 + text
+    let frame = client_frame(0xC1, &command, true); // FIN + RSV1 + text
     compressed.send(&frame).await;
     let reply = compressed.read_frame().await.unwrap();
     let text = if reply.rsv1 {
