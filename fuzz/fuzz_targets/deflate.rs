@@ -3,7 +3,7 @@
 //! arbitrary extension offers must never panic the negotiation.
 #![no_main]
 
-use c1m_proto::deflate::{accept_offer, compress, Inflater};
+use c1m_proto::deflate::{compress_with_window, negotiate, Inflater};
 use libfuzzer_sys::fuzz_target;
 
 const LIMIT: usize = 4096;
@@ -15,12 +15,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(out.len() <= LIMIT, "inflated past the limit");
     }
     // The same inflater is reused for the next message: no state may leak across.
-    let compressed = compress(data);
+    let window = 9 + data.first().map_or(6, |b| b % 7);
+    let compressed = compress_with_window(data, window);
     inflater
         .inflate(&compressed, data.len(), &mut out)
         .expect("our own compressed data inflates");
     assert_eq!(out, data, "round trip");
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = accept_offer([text]);
+        if let Some(agreement) = negotiate([text]) {
+            assert!((9..=15).contains(&agreement.server_window_bits));
+        }
     }
 });

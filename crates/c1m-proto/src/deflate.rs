@@ -5,9 +5,10 @@
 //! decompressor window (tens of KB each) for its whole life, which a million idle
 //! connections cannot afford, and a broadcast would have to be compressed once per
 //! connection. Without it, a message is compressed on its own: the server compresses a
-//! broadcast once and shares the result, and inflates each client message with a
-//! decompressor it resets per message. Offers this mode cannot honour (a server window
-//! under 15 bits) are declined, so the connection simply goes uncompressed.
+//! broadcast once (per server window size in use) and shares the result, and inflates
+//! each client message with a decompressor it resets per message. A client may ask for a
+//! smaller server window (`server_max_window_bits`, 9 to 15); an offer of 8 bits, which
+//! zlib cannot produce, is declined, so that connection simply goes uncompressed.
 //!
 //! Inflating is bounded: output past the caller's limit stops the inflate and is
 //! reported as [`InflateError::TooBig`] (close code 1009), so a compression bomb costs
@@ -15,28 +16,61 @@
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-/// The `Sec-WebSocket-Extensions` value a server answers an accepted offer with.
+/// The `Sec-WebSocket-Extensions` value a server answers an accepted offer with (plus
+/// the window size, when the client asked for one; see [`Agreement::response`]).
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// What was agreed for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreement {
+    /// LZ77 window of the server's compressor, 9 to 15 bits.
+    pub server_window_bits: u8,
+    /// Whether the client asked for it (then the answer must state it).
+    pub window_requested: bool,
+}
+
+impl Agreement {
+    /// The `Sec-WebSocket-Extensions` answer.
+    pub fn response(&self) -> String {
+        if self.window_requested {
+            format!(
+                "{RESPONSE}; server_max_window_bits={}",
+                self.server_window_bits
+            )
+        } else {
+            RESPONSE.to_string()
+        }
+    }
+}
 
 /// The empty stored block that ends every compressed message (removed by the sender,
 /// appended again by the receiver: RFC 7692 §7.2.1-2).
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Whether any permessage-deflate offer among the `Sec-WebSocket-Extensions` header
-/// values can be accepted in our mode.
-pub fn accept_offer<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+/// The first permessage-deflate offer among the `Sec-WebSocket-Extensions` header values
+/// that can be accepted in our mode, if any.
+pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Agreement> {
     headers
         .into_iter()
         .flat_map(|h| h.split(','))
-        .any(acceptable_offer)
+        .find_map(acceptable_offer)
 }
 
-fn acceptable_offer(offer: &str) -> bool {
+/// Whether any offer can be accepted (see [`negotiate`]).
+pub fn accept_offer<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+    negotiate(headers).is_some()
+}
+
+fn acceptable_offer(offer: &str) -> Option<Agreement> {
     let mut parts = offer.split(';').map(str::trim);
     if parts.next() != Some("permessage-deflate") {
-        return false;
+        return None;
     }
+    let mut agreement = Agreement {
+        server_window_bits: 15,
+        window_requested: false,
+    };
     let mut seen: Vec<&str> = Vec::new();
     for param in parts {
         let (name, value) = match param.split_once('=') {
@@ -44,31 +78,46 @@ fn acceptable_offer(offer: &str) -> bool {
             None => (param, None),
         };
         if seen.contains(&name) {
-            return false; // a parameter twice makes the offer invalid (§7)
+            return None; // a parameter twice makes the offer invalid (§7)
         }
         seen.push(name);
         let ok = match name {
             "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
-            // We compress with the full 32 KiB window; a smaller one cannot be honoured.
-            "server_max_window_bits" => value == Some("15"),
+            // zlib's smallest window is 9 bits: an offer of 8 is declined.
+            "server_max_window_bits" => match value.map(str::parse::<u8>) {
+                Some(Ok(bits @ 9..=15)) => {
+                    agreement.server_window_bits = bits;
+                    agreement.window_requested = true;
+                    true
+                }
+                _ => false,
+            },
             // Our decompressor's window takes any client window.
             "client_max_window_bits" => value.is_none_or(|v| matches!(v.parse::<u8>(), Ok(8..=15))),
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
     }
-    true
+    Some(agreement)
 }
 
-/// Compresses one whole message payload (a fresh compressor: no context takeover).
-/// Returns the payload of the compressed frame, tail removed.
+/// Compresses one whole message payload with the standard 15-bit window.
 pub fn compress(payload: &[u8]) -> Vec<u8> {
-    let mut compressor = Compress::new(Compression::fast(), false);
-    // Room for the worst case (miniz's compress bound, plus the sync flush's marker), so
+    compress_with_window(payload, 15)
+}
+
+/// Compresses one whole message payload (a fresh compressor: no context takeover) with
+/// an LZ77 window of `window_bits` (9 to 15). Returns the payload of the compressed
+/// frame, tail removed.
+pub fn compress_with_window(payload: &[u8], window_bits: u8) -> Vec<u8> {
+    let mut compressor =
+        Compress::new_with_window_bits(Compression::fast(), false, window_bits.clamp(9, 15));
+    // Room for the worst case (zlib's compress bound, plus the sync flush's marker), so
     // one call compresses and flushes everything. (Resuming a sync flush that ran out of
-    // output space lost data with miniz_oxide: found by the Autobahn 12.2/12.5 cases.)
+    // output space lost data with the miniz_oxide backend: found by the Autobahn 12.2 and
+    // 12.5 cases; the loop below stays as a fallback.)
     let mut out = Vec::with_capacity(128 + payload.len() + payload.len() / 10 + 16);
     loop {
         let consumed = compressor.total_in() as usize;
@@ -169,32 +218,33 @@ mod tests {
 
     #[test]
     fn offers_we_can_and_cannot_honour() {
-        assert!(accept_offer(["permessage-deflate"]));
-        assert!(accept_offer(["permessage-deflate; client_max_window_bits"]));
-        assert!(accept_offer([
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-        ]));
-        assert!(accept_offer([
-            "permessage-deflate; client_max_window_bits=10"
-        ]));
-        assert!(accept_offer([
-            "permessage-deflate; server_max_window_bits=15"
-        ]));
-        assert!(!accept_offer([
-            "permessage-deflate; server_max_window_bits=9"
-        ]));
-        assert!(!accept_offer([
-            "permessage-deflate; server_no_context_takeover=1"
-        ]));
-        assert!(!accept_offer(["permessage-deflate; foo"]));
-        assert!(!accept_offer([
-            "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
-        ]));
-        assert!(!accept_offer(["x-webkit-deflate-frame"]));
-        // A later acceptable offer in the same header wins.
-        assert!(accept_offer([
-            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
-        ]));
+        for acceptable in [
+            "permessage-deflate",
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+            "permessage-deflate; client_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits=15",
+            // A later acceptable offer in the same header wins.
+            "permessage-deflate; server_max_window_bits=8, permessage-deflate",
+        ] {
+            assert!(accept_offer([acceptable]), "{acceptable}");
+        }
+        for refused in [
+            "permessage-deflate; server_max_window_bits=8",
+            "permessage-deflate; server_max_window_bits=16",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; foo",
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+            "x-webkit-deflate-frame",
+        ] {
+            assert!(!accept_offer([refused]), "{refused}");
+        }
+        let small = negotiate(["permessage-deflate; server_max_window_bits=9"]).unwrap();
+        assert_eq!(small.server_window_bits, 9);
+        assert!(small.response().ends_with("; server_max_window_bits=9"));
+        let plain = negotiate(["permessage-deflate"]).unwrap();
+        assert_eq!(plain.server_window_bits, 15);
+        assert_eq!(plain.response(), RESPONSE, "no window asked, none stated");
     }
 
     #[test]
@@ -241,8 +291,9 @@ mod tests {
     #[test]
     fn a_bomb_stops_at_the_limit() {
         let bomb = compress(&vec![0u8; 10 << 20]);
+        // Small enough to pass a 1 MiB limit on the wire.
         assert!(
-            bomb.len() < 100_000,
+            bomb.len() < 256 * 1024,
             "a 10 MiB bomb in {} bytes",
             bomb.len()
         );

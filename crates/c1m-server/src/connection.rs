@@ -42,6 +42,8 @@ const HEARD: u8 = 1;
 const DEADLINE_INLINE: u8 = 2;
 /// Flag: permessage-deflate was negotiated.
 const DEFLATE: u8 = 4;
+/// Bits 3 to 5 of the flags: the server's deflate window, as bits − 9 (9 to 15).
+const WINDOW_SHIFT: u8 = 3;
 
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
@@ -195,7 +197,8 @@ pub struct Connection {
     /// `Extra` spares a mass disconnect one allocation per connection.
     first: Subscription,
     kind: PhaseKind,
-    /// `HEARD`, `DEADLINE_INLINE`, `DEFLATE` (one byte, so the struct stays 32 bytes).
+    /// `HEARD`, `DEADLINE_INLINE`, `DEFLATE` and the deflate window (one byte, so the
+    /// struct stays 32 bytes).
     flags: u8,
     /// Idle sweeps in a row that found the connection silent.
     silent_sweeps: u8,
@@ -278,9 +281,15 @@ impl Connection {
         }
     }
 
-    /// Whether permessage-deflate was negotiated (broadcasts go out compressed).
-    pub fn deflate(&self) -> bool {
+    /// The server window (9 to 15 bits) when permessage-deflate was negotiated:
+    /// broadcasts go out compressed with it.
+    pub fn deflate_window(&self) -> Option<u8> {
         self.flag(DEFLATE)
+            .then(|| 9 + ((self.flags >> WINDOW_SHIFT) & 7))
+    }
+
+    fn set_deflate_window(&mut self, bits: u8) {
+        self.flags |= DEFLATE | ((bits.clamp(9, 15) - 9) << WINDOW_SHIFT);
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -627,16 +636,19 @@ impl Connection {
                 let extra = self.extra();
                 let mut head = std::mem::take(&mut extra.head);
                 extra.deadline = None;
-                let deflate = limits.deflate
-                    && deflate::accept_offer(upgrade.extensions.iter().map(String::as_str));
-                let response = if deflate {
-                    self.set_flag(DEFLATE, true);
-                    handshake::switching_protocols_with(
-                        &upgrade.key,
-                        &[("Sec-WebSocket-Extensions", deflate::RESPONSE)],
-                    )
-                } else {
-                    handshake::switching_protocols(&upgrade.key)
+                let agreement = limits
+                    .deflate
+                    .then(|| deflate::negotiate(upgrade.extensions.iter().map(String::as_str)))
+                    .flatten();
+                let response = match agreement {
+                    Some(agreement) => {
+                        self.set_deflate_window(agreement.server_window_bits);
+                        handshake::switching_protocols_with(
+                            &upgrade.key,
+                            &[("Sec-WebSocket-Extensions", &agreement.response())],
+                        )
+                    }
+                    None => handshake::switching_protocols(&upgrade.key),
                 };
                 if let Err(SendError::Io(_)) = self.send(&Bytes::from(response), limits) {
                     return Next::Remove(End::Io);
@@ -678,11 +690,11 @@ impl Connection {
 
     fn frame_input(&mut self, input: &mut [u8], cx: &mut ReadContext<'_>) -> Next {
         let limits = cx.limits;
-        let deflate = self.deflate();
+        let window = self.deflate_window();
         let extra = self.extra();
         let mut decoder = extra.decoder.take().unwrap_or_else(|| {
             Decoder::new(DecoderConfig {
-                compression: deflate,
+                compression: window.is_some(),
                 ..limits.decoder
             })
         });
@@ -753,10 +765,12 @@ impl Connection {
                 if limits.echo {
                     let opcode = if text { OpCode::Text } else { OpCode::Binary };
                     let mut frame = Vec::new();
-                    if deflate {
-                        encode_compressed_frame(opcode, &deflate::compress(data), None, &mut frame);
-                    } else {
-                        encode_frame(opcode, data, None, &mut frame);
+                    match window {
+                        Some(bits) => {
+                            let compressed = deflate::compress_with_window(data, bits);
+                            encode_compressed_frame(opcode, &compressed, None, &mut frame);
+                        }
+                        None => encode_frame(opcode, data, None, &mut frame),
                     }
                     replies.push(frame);
                 } else if data.len() <= MAX_COMMAND_BYTES {

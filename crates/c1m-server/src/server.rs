@@ -775,7 +775,7 @@ impl Server {
     /// The hot path: hand one shared, already-encoded frame to every subscriber of
     /// `topic` (every open connection for `None`). Returns how many it reached.
     /// Connections that negotiated permessage-deflate get the frame compressed, once
-    /// for all of them, on the first such connection met.
+    /// for all of them with the same window size, on the first such connection met.
     fn publish_to(&mut self, topic: Option<TopicId>, frame: &Bytes) -> u64 {
         let started = Instant::now();
         let mut sent = 0u64;
@@ -785,16 +785,17 @@ impl Server {
         let conns = &mut self.conns;
         let limits = &self.limits;
         let stats = &mut self.stats;
-        let mut compressed: Option<Bytes> = None;
+        // One compressed frame per server window size (9 to 15 bits) in use.
+        let mut compressed: [Option<Bytes>; 7] = Default::default();
         let mut deliver = |key: usize, conn: &mut Connection| {
             seen += 1;
             if skip_every > 0 && seen.is_multiple_of(skip_every) {
                 return; // test fault: see `Faults`
             }
-            let bytes = if conn.deflate() {
-                compressed.get_or_insert_with(|| compress_frame(frame))
-            } else {
-                frame
+            let bytes = match conn.deflate_window() {
+                Some(bits) => compressed[usize::from(bits - 9)]
+                    .get_or_insert_with(|| compress_frame(frame, bits)),
+                None => frame,
             };
             match conn.send(bytes, limits) {
                 Ok(()) => sent += 1,
@@ -1116,11 +1117,11 @@ impl Server {
 /// The permessage-deflate version of a broadcast frame: its payload compressed, RSV1
 /// set; the frame itself when compression would not make it smaller (allowed: RSV1 is
 /// per message).
-fn compress_frame(frame: &Bytes) -> Bytes {
+fn compress_frame(frame: &Bytes, window_bits: u8) -> Bytes {
     let Some((opcode, payload)) = split_frame(frame) else {
         return frame.clone();
     };
-    let compressed = deflate::compress(payload);
+    let compressed = deflate::compress_with_window(payload, window_bits);
     if compressed.len() >= payload.len() {
         return frame.clone();
     }

@@ -207,7 +207,7 @@ pub struct ServeArgs {
     /// Accept permessage-deflate (RFC 7692) when a client offers it, always without
     /// context takeover: each message is compressed on its own, so a broadcast is
     /// compressed once for every such client and no connection keeps compressor state.
-    /// Offers that need a server window under 15 bits are declined (no compression).
+    /// A requested server window of 9 to 15 bits is honoured; 8 bits is declined.
     #[arg(long, env = "C1M_DEFLATE")]
     deflate: bool,
 
