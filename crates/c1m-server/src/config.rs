@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use crate::auth::{JwtConfig, JwtKey};
+pub use crate::broker::BrokerUrl;
 pub use crate::connection::SlowConsumerPolicy;
 pub use crate::tls::TlsFiles;
 
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub max_topics_per_connection: usize,
     /// Serve `wss://` with this certificate and key (re-read on SIGHUP).
     pub tls: Option<TlsFiles>,
+    /// Join a cluster over this broker: publishes reach every node's subscribers.
+    pub broker: Option<BrokerUrl>,
     /// A client must complete its upgrade request within this time.
     pub handshake_timeout: Duration,
     /// Largest HTTP request head accepted (431 beyond).
@@ -113,6 +116,7 @@ impl Default for ServeConfig {
             jwt: None,
             max_topics_per_connection: 64,
             tls: None,
+            broker: None,
             handshake_timeout: Duration::from_secs(10),
             max_head_bytes: 8 * 1024,
             close_timeout: Duration::from_secs(3),

@@ -10,8 +10,15 @@
 /// A topic field that is empty means "every open connection" (`POST /broadcast`).
 pub const ALL_CONNECTIONS: &str = "";
 
-/// `origin` of a publication nobody waits for (the clock).
+/// `origin` of a publication nobody waits for (the clock, or one from the broker).
 pub const NO_ORIGIN: u32 = u32::MAX;
+
+/// `Done::count` of a publish handed to the cluster's broker: delivered on every node,
+/// not counted.
+pub const NOT_COUNTED: u64 = u64::MAX;
+
+/// `Done::count` of a publish the broker did not take (down, or no confirmation).
+pub const REFUSED: u64 = u64::MAX - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -35,14 +42,22 @@ pub enum Message {
         request: u32,
         count: u64,
     },
-    /// Master → origin worker: the publication reached `count` connections in all.
+    /// Master → origin worker: the publication reached `count` connections in all (or
+    /// `NOT_COUNTED`, `REFUSED` with a broker).
     Done { request: u32, count: u64 },
+    /// Worker → master: the worker has (`on`) or no longer has local subscribers of
+    /// `topic` (the master subscribes to the topic on the broker while any worker has).
+    Interest { topic: String, on: bool },
+    /// Master → worker: the broker link is up or down.
+    BrokerUp { up: bool },
 }
 
 const PUBLISH: u8 = 1;
 const RELAY: u8 = 2;
 const DELIVERED: u8 = 3;
 const DONE: u8 = 4;
+const INTEREST: u8 = 5;
+const BROKER_UP: u8 = 6;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -86,6 +101,15 @@ impl Message {
                 out.push(DONE);
                 out.extend_from_slice(&request.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
+            }
+            Message::Interest { topic, on } => {
+                out.push(INTEREST);
+                out.push(u8::from(*on));
+                put_bytes(out, topic.as_bytes());
+            }
+            Message::BrokerUp { up } => {
+                out.push(BROKER_UP);
+                out.push(u8::from(*up));
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -132,6 +156,14 @@ impl Message {
                 request: r.u32()?,
                 count: r.u64()?,
             },
+            INTEREST => {
+                let on = r.u8()? != 0;
+                Message::Interest {
+                    topic: r.string()?,
+                    on,
+                }
+            }
+            BROKER_UP => Message::BrokerUp { up: r.u8()? != 0 },
             other => return Err(format!("unknown control message kind {other}")),
         };
         Ok(message)
@@ -203,6 +235,11 @@ mod tests {
                 request: 9,
                 count: 5,
             },
+            Message::Interest {
+                topic: "prices".into(),
+                on: true,
+            },
+            Message::BrokerUp { up: false },
         ];
         let mut bytes = Vec::new();
         for m in &all {

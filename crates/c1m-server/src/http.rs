@@ -45,7 +45,7 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
             503,
             "Service Unavailable",
             &[],
-            "not ready: shutting down or full\n",
+            "not ready: shutting down, full, or the cluster broker is down\n",
         )),
         ("GET", "/metrics") => respond(http_response_typed(
             200,

@@ -13,6 +13,7 @@
 //! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
 //! - [`metrics`]: the Prometheus text for `GET /metrics`.
 //! - [`control`]: the messages between the master and its workers.
+//! - [`broker`]: the cluster link to NATS or Redis (one per node).
 //! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`per_ip`]: sockets per client address, for `--max-connections-per-ip`.
@@ -22,6 +23,7 @@
 //! - [`scoreboard`]: per-worker counters in shared memory.
 
 pub mod auth;
+pub mod broker;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -38,5 +40,7 @@ pub mod stats;
 pub mod tls;
 pub mod topics;
 
-pub use config::{Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, TlsFiles};
+pub use config::{
+    BrokerUrl, Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, TlsFiles,
+};
 pub use server::{run, run_worker, ServeError, WorkerRole};

@@ -30,13 +30,15 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::broker::{self, BrokerLink};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
-use crate::control::{Message, NO_ORIGIN};
+use crate::control::{Message, NOT_COUNTED, NO_ORIGIN, REFUSED};
 use crate::scoreboard::Scoreboard;
 use crate::server::{listen_socket, ServeError};
 
 const SIGNALS: Token = Token(usize::MAX - 1);
+const BROKER: Token = Token(usize::MAX - 2);
 
 /// Most bytes queued for one worker; past it the worker is not reading and misses
 /// publications (logged) rather than growing the master without bound.
@@ -62,6 +64,50 @@ struct WorkerProcess {
     /// Bytes read from `control` not yet forming a complete message.
     incoming: Vec<u8>,
     restarts: u32,
+}
+
+/// The node's cluster link (`--broker`), held by the master for all its workers.
+struct MasterCluster {
+    link: BrokerLink,
+    up: bool,
+    next_id: u64,
+    /// Publishes handed to the broker: id → (origin worker, its request).
+    waiting: HashMap<u64, (u32, u32)>,
+    /// Topics with local subscribers, and which workers have them.
+    interest: HashMap<String, std::collections::HashSet<usize>>,
+}
+
+impl MasterCluster {
+    /// A worker has (or no longer has) subscribers of `topic`; the broker subscription
+    /// follows the first and the last.
+    fn interest(&mut self, worker: usize, topic: String, on: bool) {
+        if on {
+            let workers = self.interest.entry(topic.clone()).or_default();
+            if workers.is_empty() {
+                self.link.send(broker::Command::Subscribe(topic));
+            }
+            workers.insert(worker);
+        } else if let Some(workers) = self.interest.get_mut(&topic) {
+            workers.remove(&worker);
+            if workers.is_empty() {
+                self.interest.remove(&topic);
+                self.link.send(broker::Command::Unsubscribe(topic));
+            }
+        }
+    }
+
+    /// A worker died: it has no subscribers any more.
+    fn forget_worker(&mut self, worker: usize) {
+        let topics: Vec<String> = self
+            .interest
+            .iter()
+            .filter(|(_, workers)| workers.contains(&worker))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in topics {
+            self.interest(worker, topic, false);
+        }
+    }
 }
 
 /// A publish relayed to every worker, waiting for their delivery counts.
@@ -105,6 +151,21 @@ pub fn run_master(
         procs.push(worker);
     }
     let mut relayed: HashMap<(u32, u32), Relayed> = HashMap::new();
+    let mut cluster = match &config.broker {
+        None => None,
+        Some(url) => {
+            let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), BROKER)?);
+            Some(MasterCluster {
+                link: BrokerLink::start(url.clone(), move || {
+                    let _ = waker.wake();
+                })?,
+                up: false,
+                next_id: 0,
+                waiting: HashMap::new(),
+                interest: HashMap::new(),
+            })
+        }
+    };
     tracing::info!(addr = %local_addr, workers, "listening");
     on_listening(local_addr);
 
@@ -168,6 +229,11 @@ pub fn run_master(
                 for waiting in relayed.values_mut() {
                     waiting.answered[index] = true;
                 }
+                if let Some(cluster) = cluster.as_mut() {
+                    cluster.forget_worker(index);
+                    // Its replacement learns the link's state.
+                    Message::BrokerUp { up: cluster.up }.encode(&mut procs[index].pending);
+                }
             }
             finish_relayed(&mut relayed, &mut procs);
         }
@@ -191,6 +257,33 @@ pub fn run_master(
         for index in 0..procs.len() {
             for message in read_messages(&mut procs[index]) {
                 match message {
+                    Message::Relay {
+                        request,
+                        topic,
+                        frame,
+                    } if cluster.is_some() => {
+                        // Through the broker: every node (this one too) gets it from there.
+                        let cluster = cluster.as_mut().expect("matched");
+                        if !cluster.up {
+                            Message::Done {
+                                request,
+                                count: REFUSED,
+                            }
+                            .encode(&mut procs[index].pending);
+                            continue;
+                        }
+                        let id = cluster.next_id;
+                        cluster.next_id += 1;
+                        cluster.waiting.insert(id, (index as u32, request));
+                        cluster
+                            .link
+                            .send(broker::Command::Publish { id, topic, frame });
+                    }
+                    Message::Interest { topic, on } => {
+                        if let Some(cluster) = cluster.as_mut() {
+                            cluster.interest(index, topic, on);
+                        }
+                    }
                     Message::Relay {
                         request,
                         topic,
@@ -224,6 +317,9 @@ pub fn run_master(
             }
         }
         finish_relayed(&mut relayed, &mut procs);
+        if let Some(cluster) = cluster.as_mut() {
+            broker_events(cluster, &mut procs);
+        }
         for p in &mut procs {
             flush(p);
         }
@@ -317,6 +413,38 @@ fn send_to_all(procs: &mut [WorkerProcess], message: &Message) {
         }
         p.pending.extend_from_slice(&bytes);
         flush(p);
+    }
+}
+
+/// Passes what the broker link reported on to the workers.
+fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess]) {
+    while let Some(event) = cluster.link.next_event() {
+        match event {
+            broker::Event::Message { topic, frame } => send_to_all(
+                procs,
+                &Message::Publish {
+                    origin: NO_ORIGIN,
+                    request: 0,
+                    topic,
+                    frame,
+                },
+            ),
+            broker::Event::Published { id, ok } => {
+                if let Some((origin, request)) = cluster.waiting.remove(&id) {
+                    let count = if ok { NOT_COUNTED } else { REFUSED };
+                    if let Some(p) = procs.get_mut(origin as usize) {
+                        Message::Done { request, count }.encode(&mut p.pending);
+                    }
+                }
+            }
+            broker::Event::Up(up) => {
+                if cluster.up != up {
+                    tracing::warn!(up, "broker link");
+                }
+                cluster.up = up;
+                send_to_all(procs, &Message::BrokerUp { up });
+            }
+        }
     }
 }
 

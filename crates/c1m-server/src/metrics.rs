@@ -89,6 +89,8 @@ pub struct View<'a> {
     pub rss_bytes: u64,
     /// Set in a worker process: its index, and the shared counters of all workers.
     pub worker: Option<(usize, &'a Scoreboard)>,
+    /// With `--broker`: whether the cluster link is up.
+    pub broker_up: Option<bool>,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
@@ -200,6 +202,15 @@ pub fn render(view: &View<'_>) -> String {
         "gauge",
         sum(view.rss_bytes, |x| &x.rss_bytes),
     );
+    if let Some(up) = view.broker_up {
+        counter(
+            &mut out,
+            "c1m_broker_up",
+            "1 while the cluster's broker link is up.",
+            "gauge",
+            u8::from(up),
+        );
+    }
     let labels = match view.worker {
         None => String::new(),
         Some((index, _)) => format!("worker=\"{index}\""),

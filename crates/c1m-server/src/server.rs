@@ -31,6 +31,7 @@ use slab::Slab;
 use socket2::{Domain, Socket, Type};
 
 use crate::auth::{AuthConfigError, Gate};
+use crate::broker::{self, BrokerLink};
 use crate::clock::Clock;
 use crate::commands::{self, Command};
 use crate::config::ServeConfig;
@@ -38,7 +39,7 @@ use crate::connection::{
     Action, Admit, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError,
     SlowConsumerPolicy,
 };
-use crate::control::{Message, ALL_CONNECTIONS, NO_ORIGIN};
+use crate::control::{Message, ALL_CONNECTIONS, NOT_COUNTED, NO_ORIGIN, REFUSED};
 use crate::http::{self, Outcome};
 use crate::metrics::{self, Histogram, DURATION_BUCKETS};
 use crate::per_ip::PerIp;
@@ -49,6 +50,7 @@ use crate::topics::{validate_name, TopicId, Topics};
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const CONTROL: Token = Token(usize::MAX - 3);
+const BROKER: Token = Token(usize::MAX - 4);
 
 /// The worker's read buffer, shared by all its connections (see `connection`).
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -146,6 +148,19 @@ struct Server {
     publish_seconds: Histogram,
     /// Set in a worker process; `None` for a single-process server.
     worker: Option<Worker>,
+    /// The cluster: this process's broker link (single process) or the master's state
+    /// (worker). `None` without `--broker`.
+    cluster: Option<Cluster>,
+}
+
+/// A node's view of its cluster (see `broker`).
+struct Cluster {
+    /// The link itself, in a single-process server (a worker's master holds it).
+    link: Option<BrokerLink>,
+    up: bool,
+    next_id: u64,
+    /// Publishes handed to the link, waiting for its confirmation.
+    waiting: HashMap<u64, WaitingPublish>,
 }
 
 /// The worker side of a multi-process server.
@@ -226,6 +241,26 @@ impl Server {
         let mut ping_frame = Vec::new();
         encode_frame(OpCode::Ping, b"", None, &mut ping_frame);
         let per_ip = config.max_connections_per_ip.map(PerIp::new);
+        let cluster = match &config.broker {
+            None => None,
+            Some(url) => {
+                let link = match &worker {
+                    Some(_) => None, // the master holds the link
+                    None => {
+                        let waker = Arc::new(mio::Waker::new(poll.registry(), BROKER)?);
+                        Some(BrokerLink::start(url.clone(), move || {
+                            let _ = waker.wake();
+                        })?)
+                    }
+                };
+                Some(Cluster {
+                    link,
+                    up: false,
+                    next_id: 0,
+                    waiting: HashMap::new(),
+                })
+            }
+        };
         let mut server = Server {
             per_ip,
             limits: Limits {
@@ -270,8 +305,11 @@ impl Server {
             accepting: false,
             shutdown_deadline: None,
             worker,
+            cluster,
         };
         server.set_accepting(true)?;
+        // The clock's topic exists from the start: tell the cluster.
+        server.interest(crate::topics::TIME, true);
         Ok(server)
     }
 
@@ -361,6 +399,7 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
+                    BROKER => self.broker_events(now),
                     CONTROL => {
                         if let Err(error) = self.control_io(now) {
                             if self.shutdown_deadline.is_none() {
@@ -394,6 +433,16 @@ impl Server {
             }
             for key in std::mem::take(&mut self.read_again) {
                 self.read(key, now);
+            }
+            // Messages for the master queued this turn (topic interest, relays).
+            if self
+                .worker
+                .as_ref()
+                .is_some_and(|w| !w.control_out.is_empty())
+            {
+                if let Err(error) = self.control_io(now) {
+                    tracing::warn!(%error, "cannot write to the master");
+                }
             }
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
@@ -621,6 +670,9 @@ impl Server {
     }
 
     fn subscribe(&mut self, key: usize, name: &str) {
+        if self.topics.id(name).is_none() {
+            self.interest(name, true);
+        }
         let id = self.topics.get_or_create(name);
         let sub = self.topics.add(id, key);
         self.conns[key].add_subscription(sub);
@@ -630,9 +682,100 @@ impl Server {
         let Some(sub) = self.conns[key].take_subscription(topic) else {
             return;
         };
+        let name = self.topics.name(topic).to_string();
         if let Some(moved) = self.topics.remove(sub) {
             self.conns[moved].move_subscription(sub.topic, sub.position);
         }
+        if self.topics.id(&name).is_none() {
+            self.interest(&name, false); // its last local subscriber left
+        }
+    }
+
+    /// Tells the cluster that this process has (or no longer has) subscribers of `topic`:
+    /// the broker link subscribes to a topic only while some node process has them.
+    fn interest(&mut self, topic: &str, on: bool) {
+        if self.cluster.is_none() {
+            return;
+        }
+        if let Some(worker) = self.worker.as_mut() {
+            Message::Interest {
+                topic: topic.to_string(),
+                on,
+            }
+            .encode(&mut worker.control_out);
+            return;
+        }
+        if let Some(link) = self.cluster.as_ref().and_then(|c| c.link.as_ref()) {
+            let topic = topic.to_string();
+            link.send(if on {
+                broker::Command::Subscribe(topic)
+            } else {
+                broker::Command::Unsubscribe(topic)
+            });
+        }
+    }
+
+    /// What the broker link reported (single-process server).
+    fn broker_events(&mut self, now: Instant) {
+        loop {
+            let Some(event) = self
+                .cluster
+                .as_ref()
+                .and_then(|c| c.link.as_ref())
+                .and_then(|link| link.next_event())
+            else {
+                return;
+            };
+            match event {
+                broker::Event::Message { topic, frame } => {
+                    if self.shutdown_deadline.is_none() {
+                        self.publish_named(&topic, &Bytes::from(frame));
+                    }
+                }
+                broker::Event::Published { id, ok } => {
+                    let waiting = self.cluster.as_mut().and_then(|c| c.waiting.remove(&id));
+                    if let Some(waiting) = waiting {
+                        self.answer_publish(waiting, if ok { NOT_COUNTED } else { REFUSED }, now);
+                    }
+                }
+                broker::Event::Up(up) => self.set_broker_up(up),
+            }
+        }
+    }
+
+    fn set_broker_up(&mut self, up: bool) {
+        if let Some(cluster) = self.cluster.as_mut() {
+            if cluster.up != up {
+                tracing::info!(up, "broker link");
+            }
+            cluster.up = up;
+        }
+    }
+
+    /// Answers a publish that waited for the master or the broker.
+    fn answer_publish(&mut self, waiting: WaitingPublish, count: u64, now: Instant) {
+        let key = waiting.key;
+        let same = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline);
+        if !same {
+            return; // the publisher went away (or timed out) meanwhile
+        }
+        self.publish_seconds
+            .observe(now.saturating_duration_since(waiting.started));
+        let response = match count {
+            REFUSED => broker_refusal(),
+            NOT_COUNTED => http::json_response(
+                200,
+                "OK",
+                &serde_json::json!({ "topic": waiting.topic, "published": true }),
+            ),
+            count => http::published(&waiting.topic, count),
+        };
+        let deadline = now + self.config.close_timeout;
+        let next = self.conns[key].finish_with(response, deadline, &self.limits);
+        self.after(key, PhaseKind::Http, next);
     }
 
     fn unsubscribe_all(&mut self, key: usize) {
@@ -650,7 +793,9 @@ impl Server {
         body: Vec<u8>,
         now: Instant,
     ) -> Next {
-        let ready = self.shutdown_deadline.is_none() && self.has_room();
+        let ready = self.shutdown_deadline.is_none()
+            && self.has_room()
+            && self.cluster.as_ref().is_none_or(|c| c.up);
         let render = || self.render_metrics();
         let cx = http::Context {
             api_key: self.config.api_key.as_deref(),
@@ -660,6 +805,34 @@ impl Server {
         let outcome = http::route(&request, &body, &cx);
         let response = match outcome {
             Outcome::Respond(response) => response,
+            Outcome::Publish { .. } if self.cluster.as_ref().is_some_and(|c| !c.up) => {
+                broker_refusal()
+            }
+            Outcome::Publish { topic, frame }
+                if self.worker.is_none() && self.cluster.is_some() =>
+            {
+                let deadline = self.conns[key].deadline();
+                let cluster = self.cluster.as_mut().expect("checked above");
+                let id = cluster.next_id;
+                cluster.next_id += 1;
+                cluster.waiting.insert(
+                    id,
+                    WaitingPublish {
+                        key,
+                        deadline,
+                        topic: topic.clone(),
+                        started: now,
+                    },
+                );
+                if let Some(link) = cluster.link.as_ref() {
+                    link.send(broker::Command::Publish {
+                        id,
+                        topic,
+                        frame: frame.to_vec(),
+                    });
+                }
+                return Next::Keep; // answered when the broker confirms
+            }
             Outcome::Publish { topic, frame } => {
                 if let Some(worker) = self.worker.as_mut() {
                     let request = worker.next_request;
@@ -701,6 +874,7 @@ impl Server {
             publish: &self.publish_seconds,
             rss_bytes: rss_bytes().unwrap_or(0),
             worker: self.worker.as_ref().map(|w| (w.index, &w.scoreboard)),
+            broker_up: self.cluster.as_ref().map(|c| c.up),
         })
     }
 
@@ -976,28 +1150,16 @@ impl Server {
                 }
             }
             Message::Done { request, count } => {
-                let Some(waiting) = self
+                let waiting = self
                     .worker
                     .as_mut()
-                    .and_then(|w| w.waiting.remove(&request))
-                else {
-                    return;
-                };
-                let key = waiting.key;
-                let same = self.conns.get(key).is_some_and(|c| {
-                    c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline
-                });
-                if !same {
-                    return; // the publisher went away (or timed out) meanwhile
+                    .and_then(|w| w.waiting.remove(&request));
+                if let Some(waiting) = waiting {
+                    self.answer_publish(waiting, count, now);
                 }
-                self.publish_seconds
-                    .observe(now.saturating_duration_since(waiting.started));
-                let response = http::published(&waiting.topic, count);
-                let deadline = now + self.config.close_timeout;
-                let next = self.conns[key].finish_with(response, deadline, &self.limits);
-                self.after(key, PhaseKind::Http, next);
             }
-            Message::Relay { .. } | Message::Delivered { .. } => {
+            Message::BrokerUp { up } => self.set_broker_up(up),
+            Message::Relay { .. } | Message::Delivered { .. } | Message::Interest { .. } => {
                 tracing::warn!("unexpected control message from the master");
             }
         }
@@ -1112,6 +1274,15 @@ impl Server {
             self.after(key, before, next);
         }
     }
+}
+
+/// The answer to a publish the cluster's broker did not take.
+fn broker_refusal() -> Vec<u8> {
+    http::json_response(
+        503,
+        "Service Unavailable",
+        &serde_json::json!({ "error": "the broker is unavailable: the message was not published" }),
+    )
 }
 
 /// The permessage-deflate version of a broadcast frame: its payload compressed, RSV1

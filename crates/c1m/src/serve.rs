@@ -155,6 +155,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", env = "C1M_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
 
+    /// Join a cluster: a NATS (nats://HOST:PORT) or Redis (redis://HOST:PORT) server
+    /// through which publishes reach every node's subscribers. One connection per node
+    /// (the master holds it); while it is down, clients stay connected, publishes get
+    /// 503 and /readyz says not ready, and it reconnects by itself.
+    #[arg(long, value_name = "URL", env = "C1M_BROKER", value_parser = c1m_server::BrokerUrl::parse)]
+    broker: Option<c1m_server::BrokerUrl>,
+
     /// Read settings from this TOML file: `key = value` per flag, named like the flag
     /// without dashes in front (e.g. `listen = "0.0.0.0:8088"`, `interval = "1s"`).
     #[arg(long, value_name = "FILE", env = "C1M_CONFIG")]
@@ -317,6 +324,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins.clone(),
         jwt,
         max_topics_per_connection: args.max_topics_per_connection,
+        broker: args.broker.clone(),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(c1m_server::TlsFiles {
                 cert: cert.clone(),

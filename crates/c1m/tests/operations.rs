@@ -265,10 +265,11 @@ async fn stalled_client_under_policy(policy: &str) -> prometheus_parse::Scrape {
         worst = worst.max(task.await.unwrap());
     }
     eprintln!("{policy}: worst delivery to the 1,000 readers {worst:?}");
-    assert!(
-        worst < Duration::from_millis(500),
-        "worst delivery {worst:?}"
-    );
+    // About 80 ms on an idle 2-core machine. The bound is generous because the 1,000
+    // readers share the two cores with the server: a CI run with a compile going on beside
+    // it measured 1.7 s. A server that waited on the stalled client would not deliver at
+    // all (the per-message timeout above), and every message arrives in order.
+    assert!(worst < Duration::from_secs(3), "worst delivery {worst:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     let scrape = scrape(&server);
     drop(stalled);

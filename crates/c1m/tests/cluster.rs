@@ -1,0 +1,286 @@
+//! Clustering over real brokers (Debian's `nats-server` and `redis-server`, started here on
+//! ephemeral ports): three c1m nodes on loopback, one single-process and two with worker
+//! processes, so both owners of the broker link are covered.
+
+mod common;
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{http, publish, RawClient, Server};
+
+/// A broker process we started, killed when dropped.
+struct Broker {
+    child: Child,
+    port: u16,
+    kind: &'static str,
+}
+
+impl Broker {
+    fn start(kind: &'static str, port: u16) -> Broker {
+        let port_arg = port.to_string();
+        let (program, args): (&str, Vec<&str>) = match kind {
+            "nats" => ("nats-server", vec!["-a", "127.0.0.1", "-p", &port_arg]),
+            _ => (
+                "redis-server",
+                vec![
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port_arg,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            ),
+        };
+        let child = Command::new(program)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{program} is needed for this test ({e}); .ci/run installs it (apt-get install nats-server redis-server)")
+            });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "{program} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, port, kind }
+    }
+
+    fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.kind, self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three nodes on the broker: one single process, two with 2 workers each.
+fn nodes(broker: &Broker) -> Vec<Server> {
+    let url = broker.url();
+    let base = ["--connect-only", "--api-key", "k", "--broker", url.as_str()];
+    let nodes = vec![
+        Server::start(&[&base[..], &["--workers", "1"]].concat()),
+        Server::start(&[&base[..], &["--workers", "2"]].concat()),
+        Server::start(&[&base[..], &["--workers", "2"]].concat()),
+    ];
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    nodes
+}
+
+/// Polls /readyz until it says `ready` (bounded).
+fn wait_ready(node: &Server, ready: bool) {
+    let want = if ready { 200 } else { 503 };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(node.addr, "GET", "/readyz", &[], b"").status != want {
+        assert!(Instant::now() < deadline, "/readyz never answered {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn client(node: &Server, path: &str) -> RawClient {
+    let mut client = RawClient::connect(node.addr).await;
+    client
+        .send(common::UPGRADE.replace("/ws", path).as_bytes())
+        .await;
+    let head = client.read_http_head().await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    client
+}
+
+/// The next text frame within `wait`, or `None`.
+async fn text_within(client: &mut RawClient, wait: Duration) -> Option<String> {
+    let frame = tokio::time::timeout(wait, client.read_frame())
+        .await
+        .ok()??;
+    assert_eq!(frame.opcode, 1, "a text frame");
+    Some(String::from_utf8(frame.payload).unwrap())
+}
+
+async fn publish_on(node: &Server, topic: &str, message: &str) -> common::HttpResponse {
+    let (addr, topic, message) = (node.addr, topic.to_string(), message.to_string());
+    tokio::task::spawn_blocking(move || publish(addr, "k", &topic, &message))
+        .await
+        .unwrap()
+}
+
+async fn every_node_gets_it_once(kind: &'static str) {
+    let broker = Broker::start(kind, free_port());
+    let nodes = nodes(&broker);
+    let mut in_a = Vec::new();
+    let mut in_b = Vec::new();
+    for node in &nodes {
+        for _ in 0..3 {
+            in_a.push(client(node, "/?topic=a").await);
+        }
+        in_b.push(client(node, "/?topic=b").await);
+    }
+    // Subscriptions travel worker → master → broker: give them a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answer = publish_on(&nodes[0], "a", "to a from node 1").await;
+    assert_eq!(answer.status, 200, "{kind}: {answer:?}");
+    assert!(
+        answer.body.contains("\"published\":true"),
+        "{}",
+        answer.body
+    );
+    let answer = publish_on(&nodes[2], "b", "to b from node 3").await;
+    assert_eq!(answer.status, 200, "{kind}: {answer:?}");
+    let short = Duration::from_millis(400);
+    for (i, c) in in_a.iter_mut().enumerate() {
+        let got = text_within(c, Duration::from_secs(5)).await;
+        assert_eq!(
+            got.as_deref(),
+            Some("to a from node 1"),
+            "{kind}: a-client {i}"
+        );
+        assert_eq!(
+            text_within(c, short).await,
+            None,
+            "{kind}: a-client {i} got a second message"
+        );
+    }
+    for (i, c) in in_b.iter_mut().enumerate() {
+        let got = text_within(c, Duration::from_secs(5)).await;
+        assert_eq!(
+            got.as_deref(),
+            Some("to b from node 3"),
+            "{kind}: b-client {i}"
+        );
+        assert_eq!(
+            text_within(c, short).await,
+            None,
+            "{kind}: b-client {i} got a's message"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_publish_reaches_every_node_exactly_once() {
+    every_node_gets_it_once("nats").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_publish_reaches_every_node_exactly_once() {
+    every_node_gets_it_once("redis").await;
+}
+
+async fn outage_and_recovery(kind: &'static str) {
+    let port = free_port();
+    let mut broker = Broker::start(kind, port);
+    let nodes = nodes(&broker);
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(client(node, "/?topic=a").await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.stop();
+    for node in &nodes {
+        wait_ready(node, false);
+    }
+    // Every publish during the outage is refused, on every node, with a reason.
+    for node in &nodes {
+        for _ in 0..3 {
+            let answer = publish_on(node, "a", "lost?").await;
+            assert_eq!(answer.status, 503, "{kind}: {answer:?}");
+            assert!(
+                answer.body.contains("broker is unavailable"),
+                "{}",
+                answer.body
+            );
+        }
+    }
+    // Clients stayed connected: each still answers a ping.
+    for c in &mut clients {
+        c.send(&common::client_frame(0x89, b"alive?", true)).await;
+        let pong = c.read_frame().await.expect("still connected");
+        assert_eq!(
+            (pong.opcode, pong.payload.as_slice()),
+            (0xA, &b"alive?"[..]),
+            "{kind}"
+        );
+    }
+    // The broker comes back on the same port: the nodes reconnect and resubscribe.
+    let _broker = Broker::start(kind, port);
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = publish_on(&nodes[1], "a", "after the outage").await;
+    assert_eq!(answer.status, 200, "{kind}: {answer:?}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let got = text_within(c, Duration::from_secs(5)).await;
+        assert_eq!(
+            got.as_deref(),
+            Some("after the outage"),
+            "{kind}: client {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_refuses_publishes_and_recovers() {
+    outage_and_recovery("nats").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_refuses_publishes_and_recovers() {
+    outage_and_recovery("redis").await;
+}
+
+#[test]
+fn a_bad_broker_url_names_the_flag_and_a_dead_broker_is_an_outage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--broker",
+            "kafka://x:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--broker") && err.contains("nats://"), "{err}");
+    // Nothing listens on this port: the node serves, but is not ready and refuses publishes.
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let node = Server::start(&[
+        "--connect-only",
+        "--workers",
+        "1",
+        "--api-key",
+        "k",
+        "--broker",
+        &url,
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http(node.addr, "GET", "/readyz", &[], b"").status, 503);
+    assert_eq!(http(node.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(publish(node.addr, "k", "a", "m").status, 503);
+    let metrics = http(node.addr, "GET", "/metrics", &[], b"").body;
+    assert!(metrics.contains("c1m_broker_up 0"), "{metrics}");
+}
