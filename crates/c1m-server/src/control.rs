@@ -7,6 +7,23 @@
 //! connections it reached; the master sums the answers for the worker that holds the
 //! HTTP request, which then answers its client.
 
+/// Writes as much of `queue` as `out` takes now (non-blocking), removing what was
+/// written; `WouldBlock` leaves the rest for the next writable event.
+pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::io::Result<()> {
+    while !queue.is_empty() {
+        match out.write(queue) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                queue.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A topic field that is empty means "every open connection" (`POST /broadcast`).
 pub const ALL_CONNECTIONS: &str = "";
 

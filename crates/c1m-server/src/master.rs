@@ -18,7 +18,7 @@
 //!   1001), waits for them up to `close_timeout` + 2 s, then SIGKILLs what is left.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -466,18 +466,10 @@ fn finish_relayed(relayed: &mut HashMap<(u32, u32), Relayed>, procs: &mut [Worke
     });
 }
 
-/// Writes what the control channel takes now; the rest waits for the next turn.
+/// Writes what the control channel takes now; the rest waits for the next turn. An
+/// error means the worker died: the reaper restarts it.
 fn flush(p: &mut WorkerProcess) {
-    while !p.pending.is_empty() {
-        match p.control.write(&p.pending) {
-            Ok(n) => {
-                p.pending.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // WouldBlock: later. Other errors: the worker died; the reaper restarts it.
-            Err(_) => return,
-        }
-    }
+    let _ = crate::control::write_queued(&mut p.control, &mut p.pending);
 }
 
 fn kill_all(procs: &mut [WorkerProcess], signal: libc::c_int) {

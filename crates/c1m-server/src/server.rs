@@ -12,7 +12,7 @@
 //! exits at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -39,7 +39,7 @@ use crate::connection::{
     Action, Admit, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError,
     SlowConsumerPolicy,
 };
-use crate::control::{Message, ALL_CONNECTIONS, NOT_COUNTED, NO_ORIGIN, REFUSED};
+use crate::control::{write_queued, Message, ALL_CONNECTIONS, NOT_COUNTED, NO_ORIGIN, REFUSED};
 use crate::http::{self, Outcome};
 use crate::metrics::{self, Histogram, DURATION_BUCKETS};
 use crate::per_ip::PerIp;
@@ -1082,16 +1082,7 @@ impl Server {
         let Some(worker) = self.worker.as_mut() else {
             return Ok(());
         };
-        while !worker.control_out.is_empty() {
-            match worker.control.write(&worker.control_out) {
-                Ok(n) => {
-                    worker.control_out.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_queued(&mut worker.control, &mut worker.control_out)?;
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match worker.control.read(&mut chunk) {
@@ -1110,16 +1101,7 @@ impl Server {
         }
         if had_output {
             if let Some(worker) = self.worker.as_mut() {
-                while !worker.control_out.is_empty() {
-                    match worker.control.write(&worker.control_out) {
-                        Ok(n) => {
-                            worker.control_out.drain(..n);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
-                    }
-                }
+                write_queued(&mut worker.control, &mut worker.control_out)?;
             }
         }
         Ok(())
