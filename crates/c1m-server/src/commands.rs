@@ -34,18 +34,22 @@ pub fn is_command(text: &str) -> bool {
 
 /// Reads a command; `Err` holds the error answer to send back.
 pub fn parse(text: &str) -> Result<Command, String> {
-    let wire: Wire = serde_json::from_str(text).map_err(|_| {
-        error_reply(
-            None,
-            None,
-            "expected {\"op\":\"subscribe\"|\"unsubscribe\",\"topic\":NAME}",
-        )
-    })?;
+    let wire: Wire = serde_json::from_str(text).map_err(|_| malformed_reply())?;
     match wire.op.as_str() {
         "subscribe" => Ok(Command::Subscribe(wire.topic)),
         "unsubscribe" => Ok(Command::Unsubscribe(wire.topic)),
         other => Err(error_reply(Some(other), Some(&wire.topic), "unknown op")),
     }
+}
+
+/// The answer to a text message that is not a well-formed command (or too long to be
+/// one).
+pub fn malformed_reply() -> String {
+    error_reply(
+        None,
+        None,
+        "expected {\"op\":\"subscribe\"|\"unsubscribe\",\"topic\":NAME}",
+    )
 }
 
 pub fn ok_reply(op: &str, topic: &str) -> String {

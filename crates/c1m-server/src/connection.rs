@@ -117,6 +117,9 @@ pub enum Action {
     Http(PlainRequest, Vec<u8>),
     /// A client's text message, to be read as a command.
     Command(String),
+    /// A client's text message too long to be a command (over `MAX_COMMAND_BYTES`):
+    /// answered with an error.
+    OversizedCommand,
 }
 
 /// A write could not be accepted.
@@ -728,7 +731,7 @@ impl Connection {
                     skipping |= text;
                     message = Vec::new();
                     if message_end && std::mem::take(&mut skipping) {
-                        actions.push(Action::Command(String::new())); // answered with an error
+                        actions.push(Action::OversizedCommand);
                     }
                     return;
                 }
@@ -776,7 +779,7 @@ impl Connection {
                 } else if data.len() <= MAX_COMMAND_BYTES {
                     actions.push(Action::Command(String::from_utf8_lossy(data).into_owned()));
                 } else {
-                    actions.push(Action::Command(String::new()));
+                    actions.push(Action::OversizedCommand);
                 }
                 message = Vec::new();
             }

@@ -185,6 +185,17 @@ struct WaitingPublish {
     started: Instant,
 }
 
+impl WaitingPublish {
+    fn new(conn: &Connection, key: usize, topic: &str, started: Instant) -> WaitingPublish {
+        WaitingPublish {
+            key,
+            deadline: conn.deadline(),
+            topic: topic.to_string(),
+            started,
+        }
+    }
+}
+
 impl Server {
     fn new(
         config: ServeConfig,
@@ -612,17 +623,24 @@ impl Server {
                 self.conns[key].set_allowed_topics(admission.allowed);
                 Next::Keep
             }
-            Action::Command(text) if !commands::is_command(&text) && !text.is_empty() => Next::Keep,
+            // Text that is not a JSON object is not meant as a command: no answer.
+            Action::Command(text) if !commands::is_command(&text) => Next::Keep,
             Action::Command(text) => {
                 let reply = self.command(key, &text);
-                match self.conns.get_mut(key) {
-                    Some(conn) if conn.kind() == PhaseKind::Open => {
-                        conn.reply(reply.as_bytes(), &self.limits)
-                    }
-                    _ => Next::Keep,
-                }
+                self.reply(key, &reply)
             }
+            Action::OversizedCommand => self.reply(key, &commands::malformed_reply()),
             Action::Http(request, body) => self.http(key, request, body, now),
+        }
+    }
+
+    /// Sends a command's answer to an open connection.
+    fn reply(&mut self, key: usize, reply: &str) -> Next {
+        match self.conns.get_mut(key) {
+            Some(conn) if conn.kind() == PhaseKind::Open => {
+                conn.reply(reply.as_bytes(), &self.limits)
+            }
+            _ => Next::Keep,
         }
     }
 
@@ -811,19 +829,11 @@ impl Server {
             Outcome::Publish { topic, frame }
                 if self.worker.is_none() && self.cluster.is_some() =>
             {
-                let deadline = self.conns[key].deadline();
+                let waiting = WaitingPublish::new(&self.conns[key], key, &topic, now);
                 let cluster = self.cluster.as_mut().expect("checked above");
                 let id = cluster.next_id;
                 cluster.next_id += 1;
-                cluster.waiting.insert(
-                    id,
-                    WaitingPublish {
-                        key,
-                        deadline,
-                        topic: topic.clone(),
-                        started: now,
-                    },
-                );
+                cluster.waiting.insert(id, waiting);
                 if let Some(link) = cluster.link.as_ref() {
                     link.send(broker::Command::Publish {
                         id,
@@ -837,15 +847,8 @@ impl Server {
                 if let Some(worker) = self.worker.as_mut() {
                     let request = worker.next_request;
                     worker.next_request = worker.next_request.wrapping_add(1);
-                    worker.waiting.insert(
-                        request,
-                        WaitingPublish {
-                            key,
-                            deadline: self.conns[key].deadline(),
-                            topic: topic.clone(),
-                            started: now,
-                        },
-                    );
+                    let waiting = WaitingPublish::new(&self.conns[key], key, &topic, now);
+                    worker.waiting.insert(request, waiting);
                     Message::Relay {
                         request,
                         topic,

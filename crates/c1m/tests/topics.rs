@@ -123,6 +123,13 @@ async fn clients_subscribe_and_unsubscribe_with_json_commands() {
         let reply = text_within(&mut ws, wait).await.unwrap();
         assert!(reply.contains("\"ok\":false"), "{bad} → {reply}");
     }
+    // A text message over the command size (4 KiB) is refused; an empty one, like any
+    // text that is not a JSON object, is ignored without an answer.
+    let long = format!(r#"{{"op":"subscribe","topic":"{}"}}"#, "x".repeat(5000));
+    ws.send(Message::Text(long)).await.unwrap();
+    let reply = text_within(&mut ws, wait).await.unwrap();
+    assert!(reply.contains("\"ok\":false"), "{reply}");
+    ws.send(Message::Text(String::new())).await.unwrap();
     ws.send(Message::Text(r#"{"op":"subscribe","topic":"news"}"#.into()))
         .await
         .unwrap();
