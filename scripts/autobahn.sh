@@ -17,6 +17,7 @@
 # queue limit here; with the defaults (1 MiB) those cases are closed with 1009, by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 cargo build --release -q
 cargo build --release -q --example autobahn_client -p c1m-proto
 VENV=target/autobahn-venv
@@ -24,7 +25,7 @@ if [ ! -x "$VENV/bin/kosoku" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q kosoku==0.1.0
 fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 OUT=target/autobahn-report
 rm -rf "$OUT"
 target/release/c1m serve --listen 127.0.0.1:$PORT --echo --workers 1 --connect-only \
@@ -37,7 +38,7 @@ timeout 600 "$VENV/bin/kosoku" -m fuzzingclient -x '12.*' -x '13.*' -p 4 -o "$OU
 
 # Server side again, with permessage-deflate, every case. (kosoku exits non-zero when any
 # case is not OK; the verdict below decides, as for the other runs.)
-DPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+DPORT=$(free_port)
 DOUT=target/autobahn-deflate-report
 rm -rf "$DOUT"
 target/release/c1m serve --listen 127.0.0.1:$DPORT --echo --deflate --workers 1 --connect-only \
@@ -49,7 +50,7 @@ timeout 900 "$VENV/bin/kosoku" -m fuzzingclient -p 4 -o "$DOUT" "$@" 127.0.0.1:$
 [ -f "$DOUT/index.json" ] || { cat "$DOUT.log"; echo "kosoku (deflate) wrote no report" >&2; exit 1; }
 
 # Client side.
-CPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CPORT=$(free_port)
 COUT=target/autobahn-client-report
 rm -rf "$COUT"
 "$VENV/bin/kosoku" -m fuzzingserver -x '12.*' -x '13.*' -o "$COUT" 127.0.0.1:$CPORT >"$COUT.log" 2>&1 &

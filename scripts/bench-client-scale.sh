@@ -18,14 +18,7 @@ PORT=${PORT:-18089}
 cargo build --release -q
 BIN=target/release/c1m
 OUT=$(mktemp -d)
-rss_kib() {
-  local t=0 v
-  for p in "$@"; do
-    v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
-    t=$((t + ${v:-0}))
-  done
-  echo $t
-}
+source scripts/lib.sh
 
 SERVER_PIDS=()
 cleanup() { kill "${SERVER_PIDS[@]}" 2>/dev/null || true; }

@@ -18,7 +18,7 @@ PORT=${PORT:-18088}
 cargo build --release -q
 BIN=target/release/c1m
 OUT=$(mktemp -d)
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+source scripts/lib.sh
 
 SCHEME=ws; TLS_SERVE=(); TLS_BENCH=()
 if [ "${TLS:-0}" = 1 ]; then

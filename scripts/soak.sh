@@ -14,7 +14,7 @@ PORT=${PORT:-18150}
 cargo build --release -q
 BIN=target/release/c1m
 OUT=$(mktemp -d)
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+source scripts/lib.sh
 start_server() {
   $BIN serve --listen 127.0.0.1:$PORT --workers 1 --connect-only --close-timeout 500ms >/dev/null 2>>"$OUT/serve.err" &
   SERVER=$!

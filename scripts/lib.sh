@@ -1,0 +1,17 @@
+# Helpers shared by the benchmark scripts (sourced, not run).
+
+# rss_kib PID...: the summed resident memory of the processes, in KiB (0 for a process
+# that is gone).
+rss_kib() {
+  local t=0 v p
+  for p in "$@"; do
+    v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    t=$((t + ${v:-0}))
+  done
+  echo $t
+}
+
+# free_port: a TCP port on 127.0.0.1 that was free a moment ago.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
