@@ -5,36 +5,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use c1m_bench::report::BenchResult;
-use common::Server;
-
-fn json_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("c1m-test-{}-{name}.json", std::process::id()))
-}
+use common::{json_path, Server};
 
 /// Runs `c1m bench ARGS --json FILE` and returns its output and parsed result.
 fn bench(name: &str, args: &[&str]) -> (Output, BenchResult) {
-    let path = json_path(name);
-    let output = Command::new(env!("CARGO_BIN_EXE_c1m"))
-        .arg("bench")
-        .args(args)
-        .args(["--quiet", "--json"])
-        .arg(&path)
-        .output()
-        .expect("run c1m bench");
-    assert!(
-        output.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result = serde_json::from_str(&std::fs::read_to_string(&path).expect("json written"))
-        .expect("valid result");
-    let _ = std::fs::remove_file(&path);
-    (output, result)
+    let (output, json) = common::run_bench(name, args);
+    (output, serde_json::from_str(&json).expect("valid result"))
 }
 
 fn url(addr: SocketAddr) -> String {

@@ -178,20 +178,8 @@ fn a_bad_certificate_stops_start_up_with_a_clear_message() {
 
 /// Runs `c1m bench ARGS --quiet --json FILE`; returns the parsed result.
 fn bench_json(name: &str, args: &[&str]) -> serde_json::Value {
-    let path = cert_dir("bench").join(format!("{name}.json"));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_c1m"))
-        .arg("bench")
-        .args(args)
-        .args(["--quiet", "--json"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    let (_, json) = common::run_bench(&format!("tls-{name}"), args);
+    serde_json::from_str(&json).unwrap()
 }
 
 #[test]

@@ -386,3 +386,29 @@ pub fn since_epoch() -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
 }
+
+/// A per-test-process temporary file for a JSON result.
+pub fn json_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("c1m-test-{}-{name}.json", std::process::id()))
+}
+
+/// Runs `c1m bench ARGS --quiet --json FILE` (which must succeed); returns its output and
+/// the JSON result as text. `name` keeps parallel tests' files apart.
+pub fn run_bench(name: &str, args: &[&str]) -> (std::process::Output, String) {
+    let path = json_path(name);
+    let output = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .arg("bench")
+        .args(args)
+        .args(["--quiet", "--json"])
+        .arg(&path)
+        .output()
+        .expect("run c1m bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = std::fs::read_to_string(&path).expect("json written");
+    let _ = std::fs::remove_file(&path);
+    (output, json)
+}
