@@ -11,6 +11,9 @@
 //! `Unsubscribe`), plus the broadcast subject always: broker subscriptions grow with
 //! topics, never with connections.
 //!
+//! Every node also publishes its numbers on a reports subject once a second and
+//! listens to everyone's (see `node_stats`), for the cluster-wide `GET /stats`.
+//!
 //! Faults: publishes are refused (never queued) while the link is down, and a publish
 //! counts as done only once the broker confirmed it (NATS: a flush; Redis: the PUBLISH
 //! reply), within [`CONFIRM_TIMEOUT`]. The link reconnects by itself with backoff and
@@ -70,6 +73,25 @@ impl BrokerUrl {
         }
     }
 
+    /// The subject (NATS) or channel (Redis) of node reports.
+    fn reports_subject(&self) -> &'static str {
+        match self {
+            BrokerUrl::Nats(_) => "c1m.nodes",
+            BrokerUrl::Redis(_) => "c1m:nodes",
+        }
+    }
+
+    /// What a message on `subject` is, if it is one of ours.
+    fn incoming(&self, subject: &str, payload: Vec<u8>) -> Option<Event> {
+        if subject == self.reports_subject() {
+            return Some(Event::Report(payload));
+        }
+        self.topic(subject).map(|topic| Event::Message {
+            topic: topic.to_string(),
+            frame: payload,
+        })
+    }
+
     /// The topic of a subject, if it is one of ours.
     fn topic<'a>(&self, subject: &'a str) -> Option<&'a str> {
         let (all, prefix) = match self {
@@ -94,6 +116,9 @@ pub enum Command {
         topic: String,
         frame: Vec<u8>,
     },
+    /// Publish this node's report (JSON, see `node_stats`); dropped while the link is
+    /// down, never confirmed: the next one follows within a second.
+    Report(Vec<u8>),
 }
 
 /// From the link to the owner.
@@ -103,6 +128,8 @@ pub enum Event {
     Message { topic: String, frame: Vec<u8> },
     /// Whether publish `id` was confirmed by the broker.
     Published { id: u64, ok: bool },
+    /// A node report (this node's own included).
+    Report(Vec<u8>),
     /// The link went up or down.
     Up(bool),
 }
@@ -197,34 +224,35 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
         }
     };
     let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    let subscribe = |topic: String| {
+    let subscribe = |subject: String| {
         let (client, url, out) = (client.clone(), url.clone(), out.clone());
         tokio::spawn(async move {
-            let mut subscriber = match client.subscribe(url.subject(&topic)).await {
+            let mut subscriber = match client.subscribe(subject.clone()).await {
                 Ok(s) => s,
                 Err(error) => {
-                    tracing::error!(%error, topic, "NATS subscribe failed");
+                    tracing::error!(%error, subject, "NATS subscribe failed");
                     return;
                 }
             };
             while let Some(message) = subscriber.next().await {
-                if let Some(topic) = url.topic(message.subject.as_str()) {
-                    out.emit(Event::Message {
-                        topic: topic.to_string(),
-                        frame: message.payload.to_vec(),
-                    });
+                if let Some(event) =
+                    url.incoming(message.subject.as_str(), message.payload.to_vec())
+                {
+                    out.emit(event);
                 }
             }
         })
     };
-    subscriptions.insert(BROADCAST.into(), subscribe(BROADCAST.into()));
+    subscriptions.insert(BROADCAST.into(), subscribe(url.subject(BROADCAST)));
+    // Not in `subscriptions` (keyed by topic): node reports are listened to for good.
+    let _reports = subscribe(url.reports_subject().to_string());
     while let Some(command) = commands.recv().await {
         match command {
             Command::Subscribe(topic) => {
                 if let std::collections::hash_map::Entry::Vacant(entry) =
                     subscriptions.entry(topic.clone())
                 {
-                    entry.insert(subscribe(topic));
+                    entry.insert(subscribe(url.subject(&topic)));
                 }
             }
             Command::Unsubscribe(topic) => {
@@ -245,6 +273,11 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                     .await
                     .unwrap_or(false);
                 out.emit(Event::Published { id, ok });
+            }
+            Command::Report(report) => {
+                if up.load(Ordering::SeqCst) {
+                    let _ = client.publish(url.reports_subject(), report.into()).await;
+                }
             }
         }
     }
@@ -291,6 +324,7 @@ fn remember(command: Command, wanted: &mut HashSet<String>, out: &Out) {
             wanted.remove(&topic);
         }
         Command::Publish { id, .. } => out.emit(Event::Published { id, ok: false }),
+        Command::Report(_) => {}
     }
 }
 
@@ -311,6 +345,7 @@ async fn redis_session(
         .await
         .map_err(|_| timeout("connect"))??;
     let (mut sink, mut stream) = pubsub.split();
+    sink.subscribe(url.reports_subject()).await?;
     for topic in wanted.iter() {
         sink.subscribe(url.subject(topic)).await?;
     }
@@ -322,8 +357,8 @@ async fn redis_session(
                 let Some(message) = message else {
                     return Err(io::Error::from(io::ErrorKind::ConnectionReset).into());
                 };
-                if let Some(topic) = url.topic(message.get_channel_name()) {
-                    out.emit(Event::Message { topic: topic.to_string(), frame: message.get_payload_bytes().to_vec() });
+                if let Some(event) = url.incoming(message.get_channel_name(), message.get_payload_bytes().to_vec()) {
+                    out.emit(event);
                 }
             }
             command = commands.recv() => match command {
@@ -336,6 +371,16 @@ async fn redis_session(
                 Some(Command::Unsubscribe(topic)) => {
                     if wanted.remove(&topic) {
                         sink.unsubscribe(url.subject(&topic)).await?;
+                    }
+                }
+                Some(Command::Report(report)) => {
+                    let mut command = redis::cmd("PUBLISH");
+                    command.arg(url.reports_subject()).arg(report);
+                    let publish = command.query_async::<i64>(&mut publisher);
+                    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => return Err(error),
+                        Err(_) => return Err(timeout("publish")),
                     }
                 }
                 Some(Command::Publish { id, topic, frame }) => {

@@ -67,6 +67,17 @@ pub enum Message {
     Interest { topic: String, on: bool },
     /// Master → worker: the broker link is up or down.
     BrokerUp { up: bool },
+    /// Worker → master, every `node_stats::REPORT_EVERY`: subscribers per topic (the
+    /// JSON of a `node_stats::TopicCounts`), which the master sums for `GET /stats`.
+    TopicCounts { json: Vec<u8> },
+    /// Worker → master: a client asked `GET /stats` (`cluster`: `?scope=cluster`).
+    StatsRequest { request: u32, cluster: bool },
+    /// Master → worker: the answer to `StatsRequest` (HTTP status and JSON body).
+    StatsAnswer {
+        request: u32,
+        status: u16,
+        json: Vec<u8>,
+    },
 }
 
 const PUBLISH: u8 = 1;
@@ -75,6 +86,9 @@ const DELIVERED: u8 = 3;
 const DONE: u8 = 4;
 const INTEREST: u8 = 5;
 const BROKER_UP: u8 = 6;
+const TOPIC_COUNTS: u8 = 7;
+const STATS_REQUEST: u8 = 8;
+const STATS_ANSWER: u8 = 9;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -127,6 +141,25 @@ impl Message {
             Message::BrokerUp { up } => {
                 out.push(BROKER_UP);
                 out.push(u8::from(*up));
+            }
+            Message::TopicCounts { json } => {
+                out.push(TOPIC_COUNTS);
+                out.extend_from_slice(json);
+            }
+            Message::StatsRequest { request, cluster } => {
+                out.push(STATS_REQUEST);
+                out.extend_from_slice(&request.to_le_bytes());
+                out.push(u8::from(*cluster));
+            }
+            Message::StatsAnswer {
+                request,
+                status,
+                json,
+            } => {
+                out.push(STATS_ANSWER);
+                out.extend_from_slice(&request.to_le_bytes());
+                out.extend_from_slice(&status.to_le_bytes());
+                out.extend_from_slice(json);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -181,6 +214,19 @@ impl Message {
                 }
             }
             BROKER_UP => Message::BrokerUp { up: r.u8()? != 0 },
+            TOPIC_COUNTS => Message::TopicCounts { json: r.rest() },
+            STATS_REQUEST => Message::StatsRequest {
+                request: r.u32()?,
+                cluster: r.u8()? != 0,
+            },
+            STATS_ANSWER => Message::StatsAnswer {
+                request: r.u32()?,
+                status: {
+                    let b = r.take(2)?;
+                    u16::from_le_bytes([b[0], b[1]])
+                },
+                json: r.rest(),
+            },
             other => return Err(format!("unknown control message kind {other}")),
         };
         Ok(message)
@@ -257,6 +303,18 @@ mod tests {
                 on: true,
             },
             Message::BrokerUp { up: false },
+            Message::TopicCounts {
+                json: br#"{"topics":{"a":1}}"#.to_vec(),
+            },
+            Message::StatsRequest {
+                request: 4,
+                cluster: true,
+            },
+            Message::StatsAnswer {
+                request: 4,
+                status: 503,
+                json: b"{}".to_vec(),
+            },
         ];
         let mut bytes = Vec::new();
         for m in &all {

@@ -22,6 +22,9 @@ pub enum Outcome {
     /// Publish `frame` to `topic` (`ALL_CONNECTIONS` for a broadcast), then answer with
     /// [`published`].
     Publish { topic: String, frame: Bytes },
+    /// Answer with this node's numbers, or (`cluster`) the whole cluster's: see
+    /// `node_stats`.
+    Stats { cluster: bool },
 }
 
 /// Server state a route may need.
@@ -54,6 +57,20 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
             &[],
             (cx.metrics)().as_bytes(),
         )),
+        ("GET", "/stats") => {
+            match query_pairs(query)
+                .find(|(k, _)| *k == "scope")
+                .map(|(_, v)| v)
+            {
+                None | Some("node") => Outcome::Stats { cluster: false },
+                Some("cluster") => Outcome::Stats { cluster: true },
+                Some(_) => respond(json_response(
+                    400,
+                    "Bad Request",
+                    &json!({"error": "scope must be node (the default) or cluster"}),
+                )),
+            }
+        }
         ("POST", "/publish") | ("POST", "/broadcast") => {
             let Some(key) = cx.api_key else {
                 return respond(json_response(
@@ -163,7 +180,7 @@ Connect with a WebSocket client on any path (for example ws://HOST:PORT/) to rec
 the server's clock (topic `time`), in milliseconds since the Unix epoch, at every broadcast;\n\
 ws://HOST:PORT/?topic=NAME or /topics/NAME joins other topics instead.\n\
 HTTP: POST /publish, POST /broadcast (Authorization: Bearer API_KEY), GET /metrics,\n\
-GET /healthz, GET /readyz.\n";
+GET /stats (?scope=cluster), GET /healthz, GET /readyz.\n";
 
 #[cfg(test)]
 mod tests {
@@ -190,7 +207,7 @@ mod tests {
     fn status(outcome: &Outcome) -> u16 {
         match outcome {
             Outcome::Respond(bytes) => std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap(),
-            Outcome::Publish { .. } => 0,
+            Outcome::Publish { .. } | Outcome::Stats { .. } => 0,
         }
     }
 
@@ -221,6 +238,28 @@ mod tests {
             status(&route(&post("/publish", json, Some("k")), body, &off)),
             403
         );
+    }
+
+    #[test]
+    fn stats_scopes() {
+        let get = |path: &str| PlainRequest {
+            method: "GET".into(),
+            path: path.into(),
+            authorization: None,
+            content_type: None,
+            content_length: 0,
+        };
+        for (path, cluster) in [
+            ("/stats", false),
+            ("/stats?scope=node", false),
+            ("/stats?scope=cluster", true),
+        ] {
+            match route(&get(path), b"", &cx()) {
+                Outcome::Stats { cluster: c } => assert_eq!(c, cluster, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        assert_eq!(status(&route(&get("/stats?scope=world"), b"", &cx())), 400);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`commands`]: the client's subscribe/unsubscribe text protocol.
 //! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
 //! - [`metrics`]: the Prometheus text for `GET /metrics`.
+//! - [`node_stats`]: the node's and the cluster's numbers for `GET /stats`.
 //! - [`control`]: the messages between the master and its workers.
 //! - [`broker`]: the cluster link to NATS or Redis (one per node).
 //! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
@@ -32,6 +33,7 @@ pub mod control;
 pub mod http;
 pub mod master;
 pub mod metrics;
+pub mod node_stats;
 pub mod outbox;
 pub mod per_ip;
 pub mod scoreboard;

@@ -11,6 +11,9 @@
 //!   the master sends it to every worker and sums their delivery counts for the answer;
 //! - reads every worker's counters from the shared [`Scoreboard`] for the `--total`
 //!   gate and one stats line for the whole server;
+//! - answers `GET /stats` for the whole node (workers send their topic counts up
+//!   every second; a worker that takes the request asks the master) and, with a
+//!   broker, publishes the node's report and keeps the other nodes' (`node_stats`);
 //! - respawns a worker that dies (its clients reconnect to the others; the other
 //!   workers' clients are untouched);
 //! - passes SIGHUP on to every worker (to reload the TLS certificate);
@@ -34,6 +37,7 @@ use crate::broker::{self, BrokerLink};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
 use crate::control::{Message, NOT_COUNTED, NO_ORIGIN, REFUSED};
+use crate::node_stats::{self, ClusterView, NodeReport, TopicCounts};
 use crate::scoreboard::Scoreboard;
 use crate::server::{listen_socket, ServeError};
 
@@ -75,6 +79,8 @@ struct MasterCluster {
     waiting: HashMap<u64, (u32, u32)>,
     /// Topics with local subscribers, and which workers have them.
     interest: HashMap<String, std::collections::HashSet<usize>>,
+    /// The other nodes' latest reports.
+    view: ClusterView,
 }
 
 impl MasterCluster {
@@ -163,6 +169,7 @@ pub fn run_master(
                 next_id: 0,
                 waiting: HashMap::new(),
                 interest: HashMap::new(),
+                view: ClusterView::default(),
             })
         }
     };
@@ -176,6 +183,10 @@ pub fn run_master(
     let mut last_frames = (start, 0u64);
     let mut shutdown_deadline: Option<Instant> = None;
     let mut poll = poll;
+    let node = node_stats::node_id(local_addr);
+    // Each worker's latest topic counts (empty until it sends, and after it dies).
+    let mut worker_counts = vec![TopicCounts::default(); workers];
+    let mut next_node_report = start;
 
     loop {
         let now = Instant::now();
@@ -229,6 +240,7 @@ pub fn run_master(
                 for waiting in relayed.values_mut() {
                     waiting.answered[index] = true;
                 }
+                worker_counts[index] = TopicCounts::default();
                 if let Some(cluster) = cluster.as_mut() {
                     cluster.forget_worker(index);
                     // Its replacement learns the link's state.
@@ -312,13 +324,40 @@ pub fn run_master(
                             waiting.count += count;
                         }
                     }
+                    Message::TopicCounts { json } => match serde_json::from_slice(&json) {
+                        Ok(counts) => worker_counts[index] = counts,
+                        Err(error) => tracing::warn!(%error, "bad topic counts from a worker"),
+                    },
+                    Message::StatsRequest {
+                        request,
+                        cluster: want_cluster,
+                    } => {
+                        let local = node_report(&node, &scoreboard, &procs, &worker_counts);
+                        let view = cluster.as_mut().map(|c| (&mut c.view, c.up));
+                        let (status, body) =
+                            node_stats::answer(&local, want_cluster, view, Instant::now());
+                        Message::StatsAnswer {
+                            request,
+                            status,
+                            json: body.to_string().into_bytes(),
+                        }
+                        .encode(&mut procs[index].pending);
+                    }
                     other => tracing::warn!(?other, "unexpected control message from a worker"),
                 }
             }
         }
         finish_relayed(&mut relayed, &mut procs);
         if let Some(cluster) = cluster.as_mut() {
-            broker_events(cluster, &mut procs);
+            broker_events(cluster, &mut procs, now);
+            if now >= next_node_report {
+                next_node_report = now + node_stats::REPORT_EVERY;
+                if cluster.up {
+                    let local = node_report(&node, &scoreboard, &procs, &worker_counts);
+                    let report = serde_json::to_vec(&local).unwrap_or_default();
+                    cluster.link.send(broker::Command::Report(report));
+                }
+            }
         }
         for p in &mut procs {
             flush(p);
@@ -417,7 +456,7 @@ fn send_to_all(procs: &mut [WorkerProcess], message: &Message) {
 }
 
 /// Passes what the broker link reported on to the workers.
-fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess]) {
+fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess], now: Instant) {
     while let Some(event) = cluster.link.next_event() {
         match event {
             broker::Event::Message { topic, frame } => send_to_all(
@@ -435,6 +474,11 @@ fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess]) {
                     if let Some(p) = procs.get_mut(origin as usize) {
                         Message::Done { request, count }.encode(&mut p.pending);
                     }
+                }
+            }
+            broker::Event::Report(report) => {
+                if let Err(error) = cluster.view.record(&report, now) {
+                    tracing::warn!(%error, "ignoring a node report from the broker");
                 }
             }
             broker::Event::Up(up) => {
@@ -513,6 +557,25 @@ fn reap_exited(
         }
     }
     died
+}
+
+/// The node's numbers: connections from the scoreboard, topics from the workers.
+fn node_report(
+    node: &str,
+    scoreboard: &Scoreboard,
+    procs: &[WorkerProcess],
+    worker_counts: &[TopicCounts],
+) -> NodeReport {
+    let mut counts = TopicCounts::default();
+    for part in worker_counts {
+        counts.add(part);
+    }
+    NodeReport {
+        node: node.to_string(),
+        connections: scoreboard.total_open(),
+        workers: procs.iter().filter(|p| p.child.is_some()).count() as u64,
+        counts: counts.cap(),
+    }
 }
 
 /// One stats line for the whole server, summed over the scoreboard.

@@ -42,6 +42,7 @@ use crate::connection::{
 use crate::control::{write_queued, Message, ALL_CONNECTIONS, NOT_COUNTED, NO_ORIGIN, REFUSED};
 use crate::http::{self, Outcome};
 use crate::metrics::{self, Histogram, DURATION_BUCKETS};
+use crate::node_stats::{self, ClusterView, NodeReport, TopicCounts};
 use crate::per_ip::PerIp;
 use crate::scoreboard::Scoreboard;
 use crate::stats::{rss_bytes, Stats};
@@ -140,6 +141,10 @@ struct Server {
     accepting: bool,
     shutdown_deadline: Option<Instant>,
     next_stats: Instant,
+    /// When this process next reports its numbers (to the master, or on the broker).
+    next_node_report: Instant,
+    /// This node's name in cluster reports (see `node_stats::node_id`).
+    node: String,
     /// The idle sweep: when it runs next, and every how often (see `sweep`).
     next_sweep: Option<Instant>,
     sweep_every: Duration,
@@ -160,7 +165,9 @@ struct Cluster {
     up: bool,
     next_id: u64,
     /// Publishes handed to the link, waiting for its confirmation.
-    waiting: HashMap<u64, WaitingPublish>,
+    waiting: HashMap<u64, Waiting>,
+    /// The other nodes' latest reports (single process; a worker's master keeps them).
+    view: ClusterView,
 }
 
 /// The worker side of a multi-process server.
@@ -173,25 +180,27 @@ struct Worker {
     /// Messages for the master not yet written.
     control_out: Vec<u8>,
     next_request: u32,
-    /// Publish requests relayed through the master, waiting for the total count.
-    waiting: HashMap<u32, WaitingPublish>,
+    /// Requests handed to the master (publishes, `/stats`), waiting for its answer.
+    waiting: HashMap<u32, Waiting>,
 }
 
-struct WaitingPublish {
+/// An HTTP request whose answer waits for the master or the broker.
+struct Waiting {
     key: usize,
     /// The connection's deadline, which identifies it if its slab key was reused.
     deadline: Option<Instant>,
-    topic: String,
     started: Instant,
+    /// The topic of a publish; `None` for `GET /stats`.
+    topic: Option<String>,
 }
 
-impl WaitingPublish {
-    fn new(conn: &Connection, key: usize, topic: &str, started: Instant) -> WaitingPublish {
-        WaitingPublish {
+impl Waiting {
+    fn new(conn: &Connection, key: usize, topic: Option<&str>, started: Instant) -> Waiting {
+        Waiting {
             key,
             deadline: conn.deadline(),
-            topic: topic.to_string(),
             started,
+            topic: topic.map(str::to_string),
         }
     }
 }
@@ -269,6 +278,7 @@ impl Server {
                     up: false,
                     next_id: 0,
                     waiting: HashMap::new(),
+                    view: ClusterView::default(),
                 })
             }
         };
@@ -291,6 +301,8 @@ impl Server {
             tls,
             clock: Clock::new(&clock_config, now),
             next_stats: now + config.stats_interval,
+            next_node_report: now,
+            node: node_stats::node_id(local_addr),
             next_sweep: (config.ping_interval.is_some() || config.idle_timeout.is_some())
                 .then(|| now + sweep_every),
             sweep_every,
@@ -472,6 +484,9 @@ impl Server {
             }
             self.expire(now);
             self.report(now);
+            if self.worker.is_some() || self.cluster.is_some() {
+                self.send_node_report(now);
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || now >= deadline {
                     tracing::info!(unfinished = self.conns.len(), "shutdown complete");
@@ -491,6 +506,7 @@ impl Server {
                 .deadline()
                 .filter(|_| self.shutdown_deadline.is_none()),
             Some(self.next_stats),
+            (self.worker.is_some() || self.cluster.is_some()).then_some(self.next_node_report),
             self.next_sweep,
             self.handshake_deadlines.front().map(|&(_, at)| at),
             self.closing_deadlines.front().map(|&(_, at)| at),
@@ -756,6 +772,13 @@ impl Server {
                         self.answer_publish(waiting, if ok { NOT_COUNTED } else { REFUSED }, now);
                     }
                 }
+                broker::Event::Report(report) => {
+                    if let Some(cluster) = self.cluster.as_mut() {
+                        if let Err(error) = cluster.view.record(&report, now) {
+                            tracing::warn!(%error, "ignoring a node report from the broker");
+                        }
+                    }
+                }
                 broker::Event::Up(up) => self.set_broker_up(up),
             }
         }
@@ -771,29 +794,75 @@ impl Server {
     }
 
     /// Answers a publish that waited for the master or the broker.
-    fn answer_publish(&mut self, waiting: WaitingPublish, count: u64, now: Instant) {
+    fn answer_publish(&mut self, waiting: Waiting, count: u64, now: Instant) {
+        let topic = waiting.topic.as_deref().unwrap_or(ALL_CONNECTIONS);
+        let response = match count {
+            REFUSED => broker_refusal(),
+            NOT_COUNTED => http::json_response(
+                200,
+                "OK",
+                &serde_json::json!({ "topic": topic, "published": true }),
+            ),
+            count => http::published(topic, count),
+        };
+        if self.answer_waiting(&waiting, response, now) {
+            self.publish_seconds
+                .observe(now.saturating_duration_since(waiting.started));
+        }
+    }
+
+    /// Sends `response` to the client of a request that waited, if it is still there
+    /// (it may have gone away or timed out meanwhile). Returns whether it was.
+    fn answer_waiting(&mut self, waiting: &Waiting, response: Vec<u8>, now: Instant) -> bool {
         let key = waiting.key;
         let same = self
             .conns
             .get(key)
             .is_some_and(|c| c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline);
         if !same {
-            return; // the publisher went away (or timed out) meanwhile
+            return false;
         }
-        self.publish_seconds
-            .observe(now.saturating_duration_since(waiting.started));
-        let response = match count {
-            REFUSED => broker_refusal(),
-            NOT_COUNTED => http::json_response(
-                200,
-                "OK",
-                &serde_json::json!({ "topic": waiting.topic, "published": true }),
-            ),
-            count => http::published(&waiting.topic, count),
-        };
         let deadline = now + self.config.close_timeout;
         let next = self.conns[key].finish_with(response, deadline, &self.limits);
         self.after(key, PhaseKind::Http, next);
+        true
+    }
+
+    /// This process's numbers for `GET /stats` (a single-process server: the node's).
+    fn node_report(&self) -> NodeReport {
+        NodeReport {
+            node: self.node.clone(),
+            connections: self.stats.open as u64,
+            workers: 1,
+            counts: self.topic_counts(),
+        }
+    }
+
+    fn topic_counts(&self) -> TopicCounts {
+        TopicCounts::largest(
+            self.topics
+                .summary()
+                .into_iter()
+                .map(|(name, subscribers, _)| (name, subscribers as u64)),
+        )
+    }
+
+    /// Every `REPORT_EVERY`: a worker sends its topic counts to the master; a
+    /// single-process node in a cluster publishes its report on the broker.
+    fn send_node_report(&mut self, now: Instant) {
+        if now < self.next_node_report {
+            return;
+        }
+        self.next_node_report = now + node_stats::REPORT_EVERY;
+        if self.worker.is_some() {
+            let json = serde_json::to_vec(&self.topic_counts()).unwrap_or_default();
+            if let Some(worker) = self.worker.as_mut() {
+                Message::TopicCounts { json }.encode(&mut worker.control_out);
+            }
+        } else if let Some(link) = self.cluster.as_ref().and_then(|c| c.link.as_ref()) {
+            let report = serde_json::to_vec(&self.node_report()).unwrap_or_default();
+            link.send(broker::Command::Report(report));
+        }
     }
 
     fn unsubscribe_all(&mut self, key: usize) {
@@ -823,13 +892,28 @@ impl Server {
         let outcome = http::route(&request, &body, &cx);
         let response = match outcome {
             Outcome::Respond(response) => response,
+            Outcome::Stats { cluster } => {
+                if let Some(worker) = self.worker.as_mut() {
+                    // The master sums the workers (and holds the cluster view).
+                    let request = worker.next_request;
+                    worker.next_request = worker.next_request.wrapping_add(1);
+                    let waiting = Waiting::new(&self.conns[key], key, None, now);
+                    worker.waiting.insert(request, waiting);
+                    Message::StatsRequest { request, cluster }.encode(&mut worker.control_out);
+                    return Next::Keep; // answered when the master does
+                }
+                let local = self.node_report();
+                let view = self.cluster.as_mut().map(|c| (&mut c.view, c.up));
+                let (status, body) = node_stats::answer(&local, cluster, view, now);
+                stats_response(status, &body)
+            }
             Outcome::Publish { .. } if self.cluster.as_ref().is_some_and(|c| !c.up) => {
                 broker_refusal()
             }
             Outcome::Publish { topic, frame }
                 if self.worker.is_none() && self.cluster.is_some() =>
             {
-                let waiting = WaitingPublish::new(&self.conns[key], key, &topic, now);
+                let waiting = Waiting::new(&self.conns[key], key, Some(&topic), now);
                 let cluster = self.cluster.as_mut().expect("checked above");
                 let id = cluster.next_id;
                 cluster.next_id += 1;
@@ -847,7 +931,7 @@ impl Server {
                 if let Some(worker) = self.worker.as_mut() {
                     let request = worker.next_request;
                     worker.next_request = worker.next_request.wrapping_add(1);
-                    let waiting = WaitingPublish::new(&self.conns[key], key, &topic, now);
+                    let waiting = Waiting::new(&self.conns[key], key, Some(&topic), now);
                     worker.waiting.insert(request, waiting);
                     Message::Relay {
                         request,
@@ -1143,8 +1227,26 @@ impl Server {
                     self.answer_publish(waiting, count, now);
                 }
             }
+            Message::StatsAnswer {
+                request,
+                status,
+                json,
+            } => {
+                let waiting = self
+                    .worker
+                    .as_mut()
+                    .and_then(|w| w.waiting.remove(&request));
+                if let Some(waiting) = waiting {
+                    let body = serde_json::from_slice(&json).unwrap_or_default();
+                    self.answer_waiting(&waiting, stats_response(status, &body), now);
+                }
+            }
             Message::BrokerUp { up } => self.set_broker_up(up),
-            Message::Relay { .. } | Message::Delivered { .. } | Message::Interest { .. } => {
+            Message::Relay { .. }
+            | Message::Delivered { .. }
+            | Message::Interest { .. }
+            | Message::TopicCounts { .. }
+            | Message::StatsRequest { .. } => {
                 tracing::warn!("unexpected control message from the master");
             }
         }
@@ -1259,6 +1361,16 @@ impl Server {
             self.after(key, before, next);
         }
     }
+}
+
+/// The HTTP answer of `GET /stats`.
+pub(crate) fn stats_response(status: u16, body: &serde_json::Value) -> Vec<u8> {
+    let reason = if status == 200 {
+        "OK"
+    } else {
+        "Service Unavailable"
+    };
+    http::json_response(status, reason, body)
 }
 
 /// The answer to a publish the cluster's broker did not take.

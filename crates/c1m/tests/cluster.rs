@@ -140,6 +140,30 @@ async fn every_node_gets_it_once(kind: &'static str) {
     }
     // Subscriptions travel worker → master → broker: give them a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Any node sums the cluster: 3 nodes, 5 worker processes, 12 clients (the numbers
+    // travel in reports once a second: wait for them).
+    let (addr, deadline) = (nodes[1].addr, Instant::now() + Duration::from_secs(10));
+    let cluster = tokio::task::spawn_blocking(move || loop {
+        let stats = common::stats(addr, "cluster");
+        if stats["nodes"] == 3 && stats["subscriptions"] == 12 || Instant::now() > deadline {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster["nodes"], 3, "{kind}: {cluster}");
+    assert_eq!(cluster["workers"], 5, "{kind}: {cluster}");
+    assert_eq!(cluster["connections"], 12, "{kind}: {cluster}");
+    assert_eq!(cluster["topics"]["a"], 9, "{kind}: {cluster}");
+    assert_eq!(cluster["topics"]["b"], 3, "{kind}: {cluster}");
+    assert_eq!(cluster["per_node"].as_array().map(Vec::len), Some(3));
+    let node = common::stats(nodes[1].addr, "node");
+    assert_eq!(
+        (&node["connections"], &node["topics"]["a"]),
+        (&4.into(), &3.into()),
+        "{node}"
+    );
     let answer = publish_on(&nodes[0], "a", "to a from node 1").await;
     assert_eq!(answer.status, 200, "{kind}: {answer:?}");
     assert!(
@@ -200,6 +224,12 @@ async fn outage_and_recovery(kind: &'static str) {
     broker.stop();
     for node in &nodes {
         wait_ready(node, false);
+    }
+    // Cluster numbers are unknown during the outage, and said so.
+    for node in &nodes {
+        let answer = http(node.addr, "GET", "/stats?scope=cluster", &[], b"");
+        assert_eq!(answer.status, 503, "{kind}: {answer:?}");
+        assert!(answer.body.contains("broker is down"), "{}", answer.body);
     }
     // Every publish during the outage is refused, on every node, with a reason.
     for node in &nodes {

@@ -229,3 +229,46 @@ async fn broadcast_reaches_every_connection_in_every_worker() {
         );
     }
 }
+
+#[tokio::test]
+async fn stats_count_subscribers_over_every_worker() {
+    for workers in ["1", "3"] {
+        let server = Server::start(&["--connect-only", "--workers", workers]);
+        let _clients = [
+            connect(&server, "/?topic=a").await,
+            connect(&server, "/topics/b").await,
+            connect(&server, "/?topic=a&topic=b").await,
+            connect(&server, "/").await,
+        ];
+        // Workers send their topic counts to the master once a second.
+        let addr = server.addr;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let node = tokio::task::spawn_blocking(move || loop {
+            let stats = common::stats(addr, "node");
+            if stats["subscriptions"] == 5 || std::time::Instant::now() > deadline {
+                return stats;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        })
+        .await
+        .unwrap();
+        assert_eq!(node["scope"], "node");
+        assert_eq!(node["connections"], 4, "workers={workers}: {node}");
+        assert_eq!(node["workers"], workers.parse::<u64>().unwrap(), "{node}");
+        assert_eq!(node["topics"]["a"], 2, "{node}");
+        assert_eq!(node["topics"]["b"], 2, "{node}");
+        assert_eq!(node["topics"]["time"], 1, "{node}");
+        assert_eq!(node["topics_truncated"], false, "{node}");
+        // Without a broker the cluster is this node alone.
+        let cluster = tokio::task::spawn_blocking(move || common::stats(addr, "cluster"))
+            .await
+            .unwrap();
+        assert_eq!(cluster["nodes"], 1, "{cluster}");
+        assert_eq!(cluster["topics"], node["topics"], "{cluster}");
+        let bad =
+            tokio::task::spawn_blocking(move || http(addr, "GET", "/stats?scope=galaxy", &[], b""))
+                .await
+                .unwrap();
+        assert_eq!(bad.status, 400, "{bad:?}");
+    }
+}

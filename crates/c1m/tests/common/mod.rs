@@ -329,6 +329,13 @@ pub fn http(
     }
 }
 
+/// `GET /stats?scope=SCOPE`, which must answer 200 with JSON.
+pub fn stats(addr: SocketAddr, scope: &str) -> serde_json::Value {
+    let answer = http(addr, "GET", &format!("/stats?scope={scope}"), &[], b"");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.body))
+}
+
 /// `POST /publish` of a JSON message to a topic with an API key.
 pub fn publish(addr: SocketAddr, key: &str, topic: &str, message: &str) -> HttpResponse {
     let auth = format!("Authorization: Bearer {key}");

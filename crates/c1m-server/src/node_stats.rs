@@ -1,0 +1,292 @@
+//! The numbers behind `GET /stats`: this node's connections and subscribers per topic,
+//! and (`?scope=cluster`) the same summed over every node of the cluster.
+//!
+//! Why reports over the broker rather than asking the nodes at query time: nodes know
+//! nothing of each other except the broker they share, and NATS core and Redis pub/sub
+//! have no common request/reply with "everyone answered". So every node publishes a
+//! small [`NodeReport`] every [`REPORT_EVERY`] on one subject, every node keeps the
+//! latest report of each node in a [`ClusterView`], and the cluster answer is their
+//! sum. A node that stops reporting (dead, partitioned) drops out after
+//! [`STALE_AFTER`]. The cost is one message per node per second, whatever the number
+//! of connections; the price is that cluster numbers are up to [`REPORT_EVERY`] old.
+//!
+//! A report names at most [`MAX_REPORTED_TOPICS`] topics (the largest), to stay far
+//! below the brokers' message limits (NATS: 1 MiB by default); a report that left some
+//! out says `topics_truncated`, and so does every sum it went into.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// How often a node publishes its report (and a worker sends its topic counts up).
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// A node whose last report is older than this is left out of the cluster numbers.
+pub const STALE_AFTER: Duration = Duration::from_millis(3500);
+
+/// Most topics one report names; the largest ones are kept.
+pub const MAX_REPORTED_TOPICS: usize = 1000;
+
+/// Largest report accepted from the broker (a report of `MAX_REPORTED_TOPICS` names
+/// of the longest allowed name is ~160 KB).
+const MAX_REPORT_BYTES: usize = 512 * 1024;
+
+/// This node's name in reports: `HOST:PORT/PID` (the PID of the master in a
+/// multi-process server), unique among nodes on one machine too.
+pub fn node_id(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| listen.ip().to_string());
+    format!("{host}:{}/{}", listen.port(), std::process::id())
+}
+
+/// Subscribers per topic, the `MAX_REPORTED_TOPICS` largest, and whether some were
+/// left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicCounts {
+    pub topics: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub topics_truncated: bool,
+}
+
+impl TopicCounts {
+    /// Keeps the `MAX_REPORTED_TOPICS` topics with most subscribers.
+    pub fn largest<'a>(all: impl IntoIterator<Item = (&'a str, u64)>) -> TopicCounts {
+        let mut all: Vec<(&str, u64)> = all.into_iter().collect();
+        let topics_truncated = all.len() > MAX_REPORTED_TOPICS;
+        if topics_truncated {
+            all.select_nth_unstable_by(MAX_REPORTED_TOPICS - 1, |a, b| b.1.cmp(&a.1));
+            all.truncate(MAX_REPORTED_TOPICS);
+        }
+        TopicCounts {
+            topics: all.into_iter().map(|(t, n)| (t.to_string(), n)).collect(),
+            topics_truncated,
+        }
+    }
+
+    /// Keeps the `MAX_REPORTED_TOPICS` largest (after summing several parts).
+    pub fn cap(self) -> TopicCounts {
+        let truncated = self.topics_truncated;
+        let mut capped = TopicCounts::largest(self.topics.iter().map(|(t, n)| (t.as_str(), *n)));
+        capped.topics_truncated |= truncated;
+        capped
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &TopicCounts) {
+        for (topic, n) in &other.topics {
+            *self.topics.entry(topic.clone()).or_default() += n;
+        }
+        self.topics_truncated |= other.topics_truncated;
+    }
+
+    /// Subscriptions in all (a connection in two topics counts twice).
+    pub fn subscriptions(&self) -> u64 {
+        self.topics.values().sum()
+    }
+}
+
+/// One node's numbers, as published on the broker and answered by `GET /stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node: String,
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Live worker processes (1 for a single-process server).
+    pub workers: u64,
+    #[serde(flatten)]
+    pub counts: TopicCounts,
+}
+
+impl NodeReport {
+    /// The body of `GET /stats` (scope `node`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "scope": "node",
+            "node": self.node,
+            "connections": self.connections,
+            "workers": self.workers,
+            "subscriptions": self.counts.subscriptions(),
+            "topics": self.counts.topics,
+            "topics_truncated": self.counts.topics_truncated,
+        })
+    }
+}
+
+/// The latest report of every node heard from, for `GET /stats?scope=cluster`.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    reports: HashMap<String, (NodeReport, Instant)>,
+}
+
+impl ClusterView {
+    /// Takes a report that came over the broker. Bad ones are an error (logged by the
+    /// caller), never a panic: anyone who can publish on the broker can send one.
+    pub fn record(&mut self, bytes: &[u8], now: Instant) -> Result<(), String> {
+        if bytes.len() > MAX_REPORT_BYTES {
+            return Err(format!("node report of {} bytes is too large", bytes.len()));
+        }
+        let report: NodeReport =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad node report: {e}"))?;
+        if report.node.is_empty() {
+            return Err("node report without a node name".into());
+        }
+        self.reports.insert(report.node.clone(), (report, now));
+        Ok(())
+    }
+
+    /// The cluster's numbers: `local` (this node, fresh) plus the latest report of every
+    /// other node heard from within `STALE_AFTER`. Forgets stale nodes.
+    pub fn to_json(&mut self, local: &NodeReport, now: Instant) -> Value {
+        self.reports
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= STALE_AFTER);
+        let mut others: Vec<&(NodeReport, Instant)> = self
+            .reports
+            .values()
+            .filter(|(r, _)| r.node != local.node)
+            .collect();
+        others.sort_by(|a, b| a.0.node.cmp(&b.0.node));
+        let mut counts = local.counts.clone();
+        let mut connections = local.connections;
+        let mut workers = local.workers;
+        let mut nodes = vec![json!({
+            "node": local.node,
+            "connections": local.connections,
+            "workers": local.workers,
+            "report_age_ms": 0,
+        })];
+        for (report, at) in others {
+            counts.add(&report.counts);
+            connections += report.connections;
+            workers += report.workers;
+            nodes.push(json!({
+                "node": report.node,
+                "connections": report.connections,
+                "workers": report.workers,
+                "report_age_ms": now.saturating_duration_since(*at).as_millis() as u64,
+            }));
+        }
+        json!({
+            "scope": "cluster",
+            "nodes": nodes.len(),
+            "connections": connections,
+            "workers": workers,
+            "subscriptions": counts.subscriptions(),
+            "topics": counts.topics,
+            "topics_truncated": counts.topics_truncated,
+            "per_node": nodes,
+        })
+    }
+}
+
+/// The status and JSON body of `GET /stats`: `local` alone, or (`cluster`) the sum
+/// over the cluster. `view` is `None` without `--broker` (the cluster is this node
+/// alone) and the view with the link's state otherwise.
+pub fn answer(
+    local: &NodeReport,
+    cluster: bool,
+    view: Option<(&mut ClusterView, bool)>,
+    now: Instant,
+) -> (u16, Value) {
+    if !cluster {
+        return (200, local.to_json());
+    }
+    match view {
+        None => (200, ClusterView::default().to_json(local, now)),
+        Some((_, false)) => (
+            503,
+            json!({"error": "the cluster broker is down: cluster numbers are unknown until it is back"}),
+        ),
+        Some((view, true)) => (200, view.to_json(local, now)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(node: &str, connections: u64, topics: &[(&str, u64)]) -> NodeReport {
+        NodeReport {
+            node: node.into(),
+            connections,
+            workers: 1,
+            counts: TopicCounts::largest(topics.iter().copied()),
+        }
+    }
+
+    #[test]
+    fn cluster_sums_fresh_nodes_and_forgets_stale_ones() {
+        let start = Instant::now();
+        let mut view = ClusterView::default();
+        let b = report("b", 5, &[("time", 5), ("x", 2)]);
+        let c = report("c", 7, &[("time", 7)]);
+        for r in [&b, &c] {
+            let bytes = serde_json::to_vec(r).unwrap();
+            view.record(&bytes, start).unwrap();
+        }
+        // Our own report comes back from the broker too: the local one wins.
+        let a_old = report("a", 1, &[]);
+        view.record(&serde_json::to_vec(&a_old).unwrap(), start)
+            .unwrap();
+        let a = report("a", 3, &[("time", 3), ("y", 1)]);
+        let all = view.to_json(&a, start + Duration::from_millis(10));
+        assert_eq!(all["nodes"], 3);
+        assert_eq!(all["connections"], 15);
+        assert_eq!(all["topics"]["time"], 15);
+        assert_eq!(all["topics"]["x"], 2);
+        assert_eq!(all["topics"]["y"], 1);
+        assert_eq!(all["subscriptions"], 18);
+        assert_eq!(all["per_node"][0]["node"], "a");
+        assert_eq!(all["per_node"][1]["report_age_ms"], 10);
+        // c keeps reporting, b went silent.
+        let later = start + STALE_AFTER + Duration::from_millis(1);
+        view.record(&serde_json::to_vec(&c).unwrap(), later)
+            .unwrap();
+        let all = view.to_json(&a, later);
+        assert_eq!(all["nodes"], 2);
+        assert_eq!(all["connections"], 10);
+    }
+
+    #[test]
+    fn bad_reports_are_errors() {
+        let mut view = ClusterView::default();
+        let now = Instant::now();
+        for bad in [
+            &b"not json"[..],
+            br#"{"node":"","connections":1,"workers":1,"topics":{}}"#,
+            br#"{"node":"n","connections":-1,"workers":1,"topics":{}}"#,
+            br#"{"node":"n","connections":1,"workers":1,"topics":{"a":"x"}}"#,
+        ] {
+            assert!(view.record(bad, now).is_err());
+        }
+        assert!(view.record(&vec![b' '; MAX_REPORT_BYTES + 1], now).is_err());
+    }
+
+    #[test]
+    fn only_the_largest_topics_are_reported() {
+        let names: Vec<String> = (0..MAX_REPORTED_TOPICS + 5)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let counts = TopicCounts::largest(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.as_str(), i as u64)),
+        );
+        assert!(counts.topics_truncated);
+        assert_eq!(counts.topics.len(), MAX_REPORTED_TOPICS);
+        assert!(
+            !counts.topics.contains_key("t0"),
+            "the smallest are dropped"
+        );
+        assert!(counts
+            .topics
+            .contains_key(&format!("t{}", MAX_REPORTED_TOPICS + 4)));
+        let mut sum = TopicCounts::largest([("a", 1)]);
+        sum.add(&counts);
+        assert!(sum.topics_truncated);
+    }
+}
