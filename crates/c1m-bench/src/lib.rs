@@ -7,11 +7,14 @@
 //! - [`snapshot`]: cumulative, mergeable measurements (HdrHistogram, rounds, errors).
 //! - [`meter`]: Dropwizard-style rates (mean, 1/5/15-minute EWMA).
 //! - [`report`]: the console report and the JSON result.
+//! - [`html`]: the self-contained HTML report (`c1m report html`), drawn with [`svg`].
 
+pub mod html;
 pub mod meter;
 pub mod payload;
 pub mod report;
 pub mod snapshot;
+pub mod svg;
 pub mod target;
 pub mod tls;
 pub mod worker;

@@ -17,7 +17,26 @@ pub struct BenchResult {
     pub message_rate: MeterValues,
     pub setup_rate: MeterValues,
     pub snapshot: Snapshot,
+    /// Counters over time, for the setup ramp and message-rate charts of
+    /// `c1m report html` (empty in results written before it existed).
+    #[serde(default)]
+    pub timeline: Vec<Sample>,
 }
+
+/// The counters at one moment of a run (summed over workers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the run started.
+    pub t: f64,
+    pub established: u64,
+    pub active: u64,
+    pub messages: u64,
+    pub errors: u64,
+}
+
+/// Most samples a timeline keeps: past it, every other one is dropped and the spacing
+/// doubles, so an hour-long run stays a small file.
+const MAX_SAMPLES: usize = 2000;
 
 impl BenchResult {
     /// Merges results of runs made at the same time from several machines: counts,
@@ -29,6 +48,7 @@ impl BenchResult {
             serde_json::Value::Array(results.iter().map(|r| r.config.clone()).collect());
         for r in rest {
             merged.snapshot.merge(&r.snapshot);
+            merged.timeline = merge_timelines(&merged.timeline, &r.timeline);
             for (mine, theirs) in [
                 (&mut merged.message_rate, &r.message_rate),
                 (&mut merged.setup_rate, &r.setup_rate),
@@ -44,11 +64,35 @@ impl BenchResult {
     }
 }
 
+/// Adds two timelines of runs made side by side: at each time of `a`, `b`'s latest
+/// sample at or before it (its counters are cumulative, so that is its value then).
+fn merge_timelines(a: &[Sample], b: &[Sample]) -> Vec<Sample> {
+    let mut j = 0;
+    a.iter()
+        .map(|s| {
+            while j + 1 < b.len() && b[j + 1].t <= s.t {
+                j += 1;
+            }
+            match b.get(j).filter(|o| o.t <= s.t) {
+                Some(o) => Sample {
+                    t: s.t,
+                    established: s.established + o.established,
+                    active: s.active + o.active,
+                    messages: s.messages + o.messages,
+                    errors: s.errors + o.errors,
+                },
+                None => *s,
+            }
+        })
+        .collect()
+}
+
 /// Counters summed over workers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Totals {
     pub messages: u64,
     pub established: u64,
+    pub active: u64,
     pub errors: u64,
 }
 
@@ -58,6 +102,9 @@ pub struct Aggregator {
     workers: Vec<Option<Snapshot>>,
     message_rate: Meter,
     setup_rate: Meter,
+    timeline: Vec<Sample>,
+    /// Spacing of `timeline` samples (doubles when it is thinned).
+    sample_every: f64,
 }
 
 impl Aggregator {
@@ -66,6 +113,8 @@ impl Aggregator {
             workers: vec![None; workers],
             message_rate: Meter::default(),
             setup_rate: Meter::default(),
+            timeline: Vec::new(),
+            sample_every: 0.2,
         }
     }
 
@@ -77,6 +126,35 @@ impl Aggregator {
         let totals = self.totals();
         self.message_rate.observe(totals.messages, elapsed);
         self.setup_rate.observe(totals.established, elapsed);
+        self.sample(totals, elapsed.as_secs_f64());
+    }
+
+    /// Adds a timeline sample if the last one is `sample_every` old (or replaces the
+    /// last one, so the final counters are always in).
+    fn sample(&mut self, totals: Totals, t: f64) {
+        let sample = Sample {
+            t,
+            established: totals.established,
+            active: totals.active,
+            messages: totals.messages,
+            errors: totals.errors,
+        };
+        let keep_last = match self.timeline.as_slice() {
+            [.., before, _] => t - before.t < self.sample_every,
+            _ => false,
+        };
+        if keep_last {
+            *self.timeline.last_mut().expect("two or more") = sample;
+        } else {
+            self.timeline.push(sample);
+        }
+        if self.timeline.len() > MAX_SAMPLES {
+            let last = self.timeline.pop();
+            let thinned: Vec<Sample> = self.timeline.iter().step_by(2).copied().collect();
+            self.timeline = thinned;
+            self.timeline.extend(last);
+            self.sample_every = (self.sample_every * 2.0).max(0.001);
+        }
     }
 
     /// The plain counters summed over workers: cheap, unlike [`Aggregator::merged`],
@@ -86,6 +164,7 @@ impl Aggregator {
         for s in self.workers.iter().flatten() {
             totals.messages += s.messages;
             totals.established += s.established;
+            totals.active += s.active;
             totals.errors += s.error_total();
         }
         totals
@@ -107,6 +186,7 @@ impl Aggregator {
             message_rate: self.message_rate.values(elapsed),
             setup_rate: self.setup_rate.values(elapsed),
             snapshot,
+            timeline: self.timeline.clone(),
         }
     }
 }
@@ -300,8 +380,40 @@ mod tests {
             message_rate: MeterValues::default(),
             setup_rate: MeterValues::default(),
             snapshot: s,
+            timeline: Vec::new(),
         };
         let merged = BenchResult::merge(&[r(a), r(b)]).unwrap();
         assert_eq!(merged.snapshot.latency, both.latency);
+    }
+
+    #[test]
+    fn timelines_stay_small_and_merge_by_time() {
+        let mut agg = Aggregator::new(1);
+        let mut snap = Snapshot::default();
+        for i in 1..=10 * MAX_SAMPLES as u64 {
+            snap.established = i;
+            agg.update(0, snap.clone(), Duration::from_millis(250 * i));
+        }
+        let timeline = agg.result(serde_json::json!({}), Duration::ZERO).timeline;
+        assert!(timeline.len() <= MAX_SAMPLES, "{}", timeline.len());
+        assert!(timeline.len() > MAX_SAMPLES / 4, "{}", timeline.len());
+        assert!(timeline.windows(2).all(|w| w[0].t < w[1].t));
+        assert_eq!(
+            timeline.last().map(|s| s.established),
+            Some(snap.established)
+        );
+
+        let at = |t: f64, n: u64| Sample {
+            t,
+            established: n,
+            ..Sample::default()
+        };
+        let a = [at(1.0, 1), at(2.0, 2), at(3.0, 3)];
+        let b = [at(1.5, 10), at(2.5, 20)];
+        let sums: Vec<u64> = merge_timelines(&a, &b)
+            .iter()
+            .map(|s| s.established)
+            .collect();
+        assert_eq!(sums, [1, 12, 23]);
     }
 }

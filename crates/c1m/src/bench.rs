@@ -167,7 +167,9 @@ impl BenchArgs {
             duration: self.duration,
             messages: self.messages,
             connect_timeout: self.connect_timeout,
-            snapshot_interval: Duration::from_secs(1),
+            // Often enough for a fine setup-ramp chart; with many worker processes
+            // less often, so the parent does not spend a core on their reports.
+            snapshot_interval: Duration::from_millis(250 * count.div_ceil(8).min(4) as u64),
             reconnect: self.reconnect,
             lifetime: self.lifetime,
             tls,

@@ -1,8 +1,9 @@
 //! `c1m report`: work with saved `--json` results.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use c1m_bench::html::{render, Labelled};
 use c1m_bench::report::{console, BenchResult};
 use clap::{Args, Subcommand};
 
@@ -24,19 +25,41 @@ enum ReportCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Draw one or more results as a self-contained HTML page (inline SVG, no script,
+    /// no network): latency by percentile, setup ramp, message rate, fan-out per round,
+    /// and comparison bars when given several.
+    ///
+    /// Each result is labelled with its file name without `.json`, or with LABEL when
+    /// given as LABEL=FILE (e.g. `c1m report html c1m=a.json node-ws=b.json -o r.html`).
+    Html {
+        /// `--json` files written by `c1m bench` (or `c1m report merge`), as FILE or
+        /// LABEL=FILE.
+        #[arg(required = true, value_name = "[LABEL=]FILE")]
+        files: Vec<String>,
+        /// Where to write the page.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// The page's title.
+        #[arg(long, default_value = "c1m bench report")]
+        title: String,
+    },
+}
+
+/// Reads a `c1m bench --json` result.
+fn read_result(file: &Path) -> anyhow::Result<BenchResult> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a c1m bench result", file.display()))
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     match args.command {
         ReportCommand::Merge { files, json } => {
-            let mut results = Vec::new();
-            for file in &files {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?;
-                let result: BenchResult = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a c1m bench result", file.display()))?;
-                results.push(result);
-            }
+            let results = files
+                .iter()
+                .map(|f| read_result(f))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let Some(merged) = BenchResult::merge(&results) else {
                 bail!("nothing to merge");
             };
@@ -51,6 +74,34 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
                 std::fs::write(&path, serde_json::to_string_pretty(&merged)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
+            Ok(())
+        }
+        ReportCommand::Html {
+            files,
+            output,
+            title,
+        } => {
+            let mut results = Vec::new();
+            for arg in &files {
+                let (label, file) = match arg.split_once('=') {
+                    Some((label, file)) if !label.is_empty() => (label.to_string(), file),
+                    _ => {
+                        let stem = Path::new(arg).file_stem().unwrap_or_default();
+                        (stem.to_string_lossy().into_owned(), arg.as_str())
+                    }
+                };
+                results.push((label, read_result(Path::new(file))?));
+            }
+            let labelled: Vec<Labelled> = results
+                .iter()
+                .map(|(label, result)| Labelled {
+                    label: label.clone(),
+                    result,
+                })
+                .collect();
+            std::fs::write(&output, render(&labelled, &title))
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("wrote {}", output.display());
             Ok(())
         }
     }
