@@ -57,6 +57,13 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
             &[],
             (cx.metrics)().as_bytes(),
         )),
+        ("GET", "/status") => respond(http_response_typed(
+            200,
+            "OK",
+            "text/html; charset=utf-8",
+            &[],
+            STATUS_PAGE.as_bytes(),
+        )),
         ("GET", "/stats") => {
             match query_pairs(query)
                 .find(|(k, _)| *k == "scope")
@@ -180,7 +187,10 @@ Connect with a WebSocket client on any path (for example ws://HOST:PORT/) to rec
 the server's clock (topic `time`), in milliseconds since the Unix epoch, at every broadcast;\n\
 ws://HOST:PORT/?topic=NAME or /topics/NAME joins other topics instead.\n\
 HTTP: POST /publish, POST /broadcast (Authorization: Bearer API_KEY), GET /metrics,\n\
-GET /stats (?scope=cluster), GET /healthz, GET /readyz.\n";
+GET /stats (?scope=cluster), GET /status (a live page), GET /healthz, GET /readyz.\n";
+
+/// `GET /status`: a page for a person watching a run; its script polls `/stats`.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 #[cfg(test)]
 mod tests {

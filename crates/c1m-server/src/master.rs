@@ -570,10 +570,19 @@ fn node_report(
     for part in worker_counts {
         counts.add(part);
     }
+    let slots = scoreboard.slots();
     NodeReport {
         node: node.to_string(),
         connections: scoreboard.total_open(),
         workers: procs.iter().filter(|p| p.child.is_some()).count() as u64,
+        messages_out: slots.iter().map(|s| s.frames_out.load(Relaxed)).sum(),
+        last_fanout_us: slots
+            .iter()
+            .map(|s| s.last_fanout_us.load(Relaxed))
+            .max()
+            .unwrap_or(0),
+        rss_bytes: slots.iter().map(|s| s.rss_bytes.load(Relaxed)).sum::<u64>()
+            + crate::stats::rss_bytes().unwrap_or(0),
         counts: counts.cap(),
     }
 }

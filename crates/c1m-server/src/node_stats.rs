@@ -97,6 +97,15 @@ pub struct NodeReport {
     pub connections: u64,
     /// Live worker processes (1 for a single-process server).
     pub workers: u64,
+    /// WebSocket messages sent since start.
+    #[serde(default)]
+    pub messages_out: u64,
+    /// The last fan-out's duration (the slowest worker's), in µs.
+    #[serde(default)]
+    pub last_fanout_us: u64,
+    /// Resident memory of every process of the node, in bytes.
+    #[serde(default)]
+    pub rss_bytes: u64,
     #[serde(flatten)]
     pub counts: TopicCounts,
 }
@@ -109,6 +118,9 @@ impl NodeReport {
             "node": self.node,
             "connections": self.connections,
             "workers": self.workers,
+            "messages_out": self.messages_out,
+            "last_fanout_ms": self.last_fanout_us as f64 / 1000.0,
+            "rss_bytes": self.rss_bytes,
             "subscriptions": self.counts.subscriptions(),
             "topics": self.counts.topics,
             "topics_truncated": self.counts.topics_truncated,
@@ -152,6 +164,9 @@ impl ClusterView {
         let mut counts = local.counts.clone();
         let mut connections = local.connections;
         let mut workers = local.workers;
+        let mut messages_out = local.messages_out;
+        let mut last_fanout_us = local.last_fanout_us;
+        let mut rss_bytes = local.rss_bytes;
         let mut nodes = vec![json!({
             "node": local.node,
             "connections": local.connections,
@@ -162,6 +177,9 @@ impl ClusterView {
             counts.add(&report.counts);
             connections += report.connections;
             workers += report.workers;
+            messages_out += report.messages_out;
+            last_fanout_us = last_fanout_us.max(report.last_fanout_us);
+            rss_bytes += report.rss_bytes;
             nodes.push(json!({
                 "node": report.node,
                 "connections": report.connections,
@@ -174,6 +192,9 @@ impl ClusterView {
             "nodes": nodes.len(),
             "connections": connections,
             "workers": workers,
+            "messages_out": messages_out,
+            "last_fanout_ms": last_fanout_us as f64 / 1000.0,
+            "rss_bytes": rss_bytes,
             "subscriptions": counts.subscriptions(),
             "topics": counts.topics,
             "topics_truncated": counts.topics_truncated,
@@ -213,6 +234,9 @@ mod tests {
             node: node.into(),
             connections,
             workers: 1,
+            messages_out: connections * 10,
+            last_fanout_us: connections * 100,
+            rss_bytes: 1 << 20,
             counts: TopicCounts::largest(topics.iter().copied()),
         }
     }
@@ -239,6 +263,9 @@ mod tests {
         assert_eq!(all["topics"]["x"], 2);
         assert_eq!(all["topics"]["y"], 1);
         assert_eq!(all["subscriptions"], 18);
+        assert_eq!(all["messages_out"], 150);
+        assert_eq!(all["last_fanout_ms"], 0.7, "the slowest node's");
+        assert_eq!(all["rss_bytes"], 3 << 20);
         assert_eq!(all["per_node"][0]["node"], "a");
         assert_eq!(all["per_node"][1]["report_age_ms"], 10);
         // c keeps reporting, b went silent.

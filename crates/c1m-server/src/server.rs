@@ -834,6 +834,9 @@ impl Server {
             node: self.node.clone(),
             connections: self.stats.open as u64,
             workers: 1,
+            messages_out: self.stats.frames_out,
+            last_fanout_us: self.stats.last_fanout.as_micros() as u64,
+            rss_bytes: rss_bytes().unwrap_or(0),
             counts: self.topic_counts(),
         }
     }
