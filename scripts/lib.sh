@@ -15,3 +15,11 @@ rss_kib() {
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# cpu_secs PID...: user + system CPU seconds the processes have used (0 for one that is gone).
+cpu_secs() {
+  local p
+  for p in "$@"; do
+    awk '{ print ($14 + $15) / 100 }' "/proc/$p/stat" 2>/dev/null || echo 0
+  done | awk '{ t += $1 } END { printf "%.2f", t }'
+}

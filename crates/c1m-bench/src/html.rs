@@ -8,63 +8,13 @@
 use std::fmt::Write as _;
 
 use crate::report::BenchResult;
+use crate::summary::{fanout_ms, Summary};
 use crate::svg::{bar_chart, escape, line_chart, Series, XAxis};
 
 /// One result to show, with the name it is shown under (e.g. the server's).
 pub struct Labelled<'a> {
     pub label: String,
     pub result: &'a BenchResult,
-}
-
-/// The headline numbers of one result (also the comparison bars).
-struct Summary {
-    established: u64,
-    errors: u64,
-    setup_rate: f64,
-    messages: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    rounds: usize,
-    fanout_p50_ms: f64,
-    fanout_max_ms: f64,
-    missed: u64,
-}
-
-fn summary(r: &BenchResult) -> Summary {
-    let s = &r.snapshot;
-    let q = |q: f64| s.latency.value_at_quantile(q) as f64 / 1000.0;
-    let mut fanouts = fanout_ms(r);
-    fanouts.sort_by(f64::total_cmp);
-    Summary {
-        established: s.established,
-        errors: s.error_total(),
-        setup_rate: if s.ramp_secs > 0.0 {
-            s.established as f64 / s.ramp_secs
-        } else {
-            0.0
-        },
-        messages: s.messages,
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        p999_ms: q(0.999),
-        max_ms: s.latency.max() as f64 / 1000.0,
-        rounds: s.rounds.len(),
-        fanout_p50_ms: fanouts.get(fanouts.len() / 2).copied().unwrap_or(0.0),
-        fanout_max_ms: fanouts.last().copied().unwrap_or(0.0),
-        missed: s.missed_total(),
-    }
-}
-
-/// Fan-out time of each round, in order: stamp → last client received, in ms.
-fn fanout_ms(r: &BenchResult) -> Vec<f64> {
-    r.snapshot
-        .rounds
-        .iter()
-        .filter(|(_, round)| round.delivered > 0)
-        .map(|(stamp, round)| round.last_us.saturating_sub(*stamp) as f64 / 1000.0)
-        .collect()
 }
 
 /// The percentile curve: x = log10(1/(1−q)) up to what the count supports.
@@ -124,7 +74,7 @@ pub fn render(results: &[Labelled<'_>], title: &str) -> String {
         t = escape(title)
     );
     out.push_str("<h2>Summary</h2><table><thead><tr><th>result</th><th>connections</th><th>errors</th><th>setup /s</th><th>messages</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>rounds</th><th>fan-out p50 ms</th><th>fan-out max ms</th><th>missed</th></tr></thead><tbody>");
-    let summaries: Vec<Summary> = results.iter().map(|l| summary(l.result)).collect();
+    let summaries: Vec<Summary> = results.iter().map(|l| Summary::of(l.result)).collect();
     for (l, s) in results.iter().zip(&summaries) {
         let _ = write!(
             out,
@@ -308,9 +258,6 @@ mod tests {
     fn fanout_and_percentiles() {
         let r = result(1);
         assert_eq!(fanout_ms(&r), [4.0]);
-        let s = summary(&r);
-        assert_eq!(s.setup_rate, 200.0);
-        assert!((s.p50_ms - 0.5).abs() < 0.01, "{}", s.p50_ms);
         let points = percentile_points(&r);
         assert_eq!(points.first().map(|p| p.0), Some(0.0));
         assert!(points.windows(2).all(|w| w[0].1 <= w[1].1), "monotonic");

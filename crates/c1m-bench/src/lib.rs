@@ -7,6 +7,7 @@
 //! - [`snapshot`]: cumulative, mergeable measurements (HdrHistogram, rounds, errors).
 //! - [`meter`]: Dropwizard-style rates (mean, 1/5/15-minute EWMA).
 //! - [`report`]: the console report and the JSON result.
+//! - [`summary`]: the headline numbers of a result (`c1m report summary`).
 //! - [`html`]: the self-contained HTML report (`c1m report html`), drawn with [`svg`].
 
 pub mod html;
@@ -14,6 +15,7 @@ pub mod meter;
 pub mod payload;
 pub mod report;
 pub mod snapshot;
+pub mod summary;
 pub mod svg;
 pub mod target;
 pub mod tls;

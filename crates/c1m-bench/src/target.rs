@@ -2,7 +2,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
-/// A parsed `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH` URL.
+/// A parsed `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH` URL, or `tcp://HOST:PORT`
+/// (the raw-TCP baseline: no handshake, newline-terminated messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub addr: SocketAddr,
@@ -11,13 +12,15 @@ pub struct Target {
     pub path: String,
     /// `wss://`: connect with TLS.
     pub tls: bool,
+    /// `tcp://`: no WebSocket at all.
+    pub raw: bool,
     /// The host name without port or brackets (for TLS server name checks).
     pub server_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    #[error("URL must start with ws:// or wss://: {0}")]
+    #[error("URL must start with ws://, wss:// or tcp:// (the raw-TCP baseline): {0}")]
     Scheme(String),
     #[error("cannot resolve {0}")]
     Resolve(String),
@@ -31,10 +34,14 @@ pub enum TargetError {
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, TargetError> {
-        let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
-            (Some(rest), _) => (false, rest),
-            (None, Some(rest)) => (true, rest),
-            (None, None) => return Err(TargetError::Scheme(url.to_string())),
+        let (tls, raw, rest) = if let Some(rest) = url.strip_prefix("ws://") {
+            (false, false, rest)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (true, false, rest)
+        } else if let Some(rest) = url.strip_prefix("tcp://") {
+            (false, true, rest)
+        } else {
+            return Err(TargetError::Scheme(url.to_string()));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -63,6 +70,7 @@ impl Target {
             host: authority.to_string(),
             path: path.to_string(),
             tls,
+            raw,
             server_name,
         })
     }

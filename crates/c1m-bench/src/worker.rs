@@ -157,9 +157,14 @@ impl Client {
         let _ = self.write_out(&frame);
     }
 
-    /// Starts our side of a clean close (1000); the server's close or EOF finishes it.
-    fn begin_close(&mut self) {
-        self.send_close(&close_payload(CloseCode::NORMAL, ""));
+    /// Starts our side of a clean close (1000; a raw TCP connection shuts down its
+    /// sending side); the server's close or EOF finishes it.
+    fn begin_close(&mut self, raw: bool) {
+        if raw {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        } else {
+            self.send_close(&close_payload(CloseCode::NORMAL, ""));
+        }
         self.phase = Phase::Closing;
     }
 }
@@ -409,6 +414,12 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()), // not yet
             Err(e) => return Err(Some(format!("connect.{}", io_cause(&e)))),
         }
+        if self.config.target.raw {
+            // `tcp://`: no handshake; the connection is open once connected.
+            self.clients[key].phase = Phase::Open;
+            self.opened(key);
+            return self.on_readable(key);
+        }
         if let Some(config) = &self.config.tls {
             let name =
                 rustls::pki_types::ServerName::try_from(self.config.target.server_name.clone())
@@ -486,20 +497,7 @@ impl Worker {
             let Phase::Handshake(mut hs) = std::mem::replace(&mut client.phase, Phase::Open) else {
                 unreachable!("matched above");
             };
-            client.opened_us = wall_us();
-            self.open_times.push(client.opened_us);
-            if let Some(lifetime) = self.config.lifetime {
-                let jittered = lifetime.mul_f64(0.5 + rand::random::<f64>());
-                self.expiries
-                    .push(Reverse((Instant::now() + jittered, key, client.opened_us)));
-            }
-            self.pending -= 1;
-            self.snap.active += 1;
-            self.snap.established += 1;
-            self.snap.ramp_secs = self.start.elapsed().as_secs_f64();
-            if self.config.messages == Some(0) {
-                self.done += 1;
-            }
+            self.opened(key);
             let rest = &mut hs.head[used..];
             return if rest.is_empty() {
                 Ok(())
@@ -507,7 +505,65 @@ impl Worker {
                 self.on_frames(key, rest)
             };
         }
+        if self.config.target.raw {
+            return self.on_lines(key, input);
+        }
         self.on_frames(key, input)
+    }
+
+    /// Bookkeeping of a connection that just opened (handshake done, or connected for
+    /// raw TCP).
+    fn opened(&mut self, key: usize) {
+        let client = &mut self.clients[key];
+        client.opened_us = wall_us();
+        self.open_times.push(client.opened_us);
+        if let Some(lifetime) = self.config.lifetime {
+            let jittered = lifetime.mul_f64(0.5 + rand::random::<f64>());
+            self.expiries
+                .push(Reverse((Instant::now() + jittered, key, client.opened_us)));
+        }
+        self.pending -= 1;
+        self.snap.active += 1;
+        self.snap.established += 1;
+        self.snap.ramp_secs = self.start.elapsed().as_secs_f64();
+        if self.config.messages == Some(0) {
+            self.done += 1;
+        }
+    }
+
+    /// Raw TCP input (`tcp://`, the baseline without WebSocket framing): each
+    /// newline-terminated line is one message.
+    fn on_lines(&mut self, key: usize, input: &[u8]) -> Result<(), Cause> {
+        let now_us = wall_us();
+        let Worker {
+            clients,
+            snap,
+            rounds,
+            done,
+            config,
+            ..
+        } = self;
+        let client = &mut clients[key];
+        let mut rest = input;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = &rest[..end];
+            match client.partial.take() {
+                None => record_message(snap, rounds, done, config.messages, client, line, now_us),
+                Some(mut start) => {
+                    start.extend_from_slice(line);
+                    record_message(snap, rounds, done, config.messages, client, &start, now_us);
+                }
+            }
+            rest = &rest[end + 1..];
+        }
+        if !rest.is_empty() {
+            let partial = client.partial.get_or_insert_with(Box::default);
+            partial.extend_from_slice(rest);
+            if partial.len() > MAX_MESSAGE_BYTES {
+                return Err(Some("protocol.line_too_long".into()));
+            }
+        }
+        Ok(())
     }
 
     fn on_frames(&mut self, key: usize, input: &mut [u8]) -> Result<(), Cause> {
@@ -644,7 +700,7 @@ impl Worker {
             if client.opened_us != opened_us || !matches!(client.phase, Phase::Open) {
                 continue; // the slot holds another connection by now
             }
-            client.begin_close();
+            client.begin_close(self.config.target.raw);
         }
     }
 
@@ -677,7 +733,7 @@ impl Worker {
         for key in keys {
             let client = &mut self.clients[key];
             if matches!(client.phase, Phase::Open) {
-                client.begin_close();
+                client.begin_close(self.config.target.raw);
             } else if !matches!(client.phase, Phase::Closing) {
                 self.end(key, None);
             }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use c1m_bench::html::{render, Labelled};
 use c1m_bench::report::{console, BenchResult};
+use c1m_bench::summary::Summary;
 use clap::{Args, Subcommand};
 
 #[derive(Args, Debug)]
@@ -24,6 +25,14 @@ enum ReportCommand {
         /// Also write the merged result as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+    },
+    /// Print the headline numbers of each result as one JSON object per line:
+    /// established, errors, setup rate, latency p50/p99/p99.9/max, fan-out p50/max,
+    /// missed (times in ms). For scripts (bench/compare reads it).
+    Summary {
+        /// `--json` files written by `c1m bench`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Draw one or more results as a self-contained HTML page (inline SVG, no script,
     /// no network): latency by percentile, setup ramp, message rate, fan-out per round,
@@ -73,6 +82,15 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&merged)?)
                     .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        ReportCommand::Summary { files } => {
+            for file in &files {
+                let summary = Summary::of(&read_result(file)?);
+                let mut line = serde_json::to_value(&summary)?;
+                line["file"] = file.display().to_string().into();
+                println!("{line}");
             }
             Ok(())
         }
