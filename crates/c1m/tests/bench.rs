@@ -530,3 +530,46 @@ fn connect_close_storm_spares_other_clients() {
         c.latency.value_at_quantile(0.99)
     );
 }
+
+#[test]
+fn raw_tcp_lines_are_measured_like_messages() {
+    // The raw-TCP baseline of bench/compare: no handshake, one timestamp per line, here
+    // split across writes so lines arrive in pieces.
+    let addr = fake_server(|mut stream| {
+        for _ in 0..3 {
+            let line = format!("{}\n", common::now_ms());
+            let (head, tail) = line.split_at(4);
+            let _ = stream.write_all(head.as_bytes());
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = stream.write_all(tail.as_bytes());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drain(stream);
+    });
+    let (out, result) = bench(
+        "raw-tcp",
+        &[
+            "--url",
+            &format!("tcp://{addr}"),
+            "-c",
+            "20",
+            "--messages",
+            "3",
+            "--duration",
+            "10s",
+        ],
+    );
+    let s = &result.snapshot;
+    assert_eq!(
+        s.established,
+        20,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(s.messages, 60);
+    assert_eq!(s.unparsable, 0);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    // Each line's second half came ≥ 20 ms after the stamp was taken.
+    assert!(s.latency.min() >= 15_000, "min {} µs", s.latency.min());
+    assert!(s.latency.max() < 1_000_000, "max {} µs", s.latency.max());
+}
