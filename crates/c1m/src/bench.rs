@@ -28,7 +28,9 @@ use crate::serve::parse_duration;
   c1m bench --connections 100000 --procs 6 --source-ips 127.0.0.2-127.0.0.100 --duration 2m --json run.json
   c1m report merge machine1.json machine2.json")]
 pub struct BenchArgs {
-    /// WebSocket URL to connect to (ws://HOST:PORT/PATH, or wss:// for TLS).
+    /// WebSocket URL to connect to (ws://HOST:PORT/PATH, or wss:// for TLS). tcp://HOST:PORT
+    /// loads a plain TCP server instead (the raw-TCP baseline of bench/compare: no
+    /// handshake, one newline-terminated timestamp per message).
     #[arg(long, default_value = "ws://127.0.0.1:8088/")]
     url: String,
 
