@@ -14,7 +14,8 @@
 //! below the brokers' message limits (NATS: 1 MiB by default); a report that left some
 //! out says `topics_truncated`, and so does every sum it went into.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -53,16 +54,25 @@ pub struct TopicCounts {
 }
 
 impl TopicCounts {
-    /// Keeps the `MAX_REPORTED_TOPICS` topics with most subscribers.
+    /// Keeps the `MAX_REPORTED_TOPICS` topics with most subscribers. Runs every second
+    /// over every topic of a worker, so it keeps only a bounded heap of the largest
+    /// (no copy of a million-topic list).
     pub fn largest<'a>(all: impl IntoIterator<Item = (&'a str, u64)>) -> TopicCounts {
-        let mut all: Vec<(&str, u64)> = all.into_iter().collect();
-        let topics_truncated = all.len() > MAX_REPORTED_TOPICS;
-        if topics_truncated {
-            all.select_nth_unstable_by(MAX_REPORTED_TOPICS - 1, |a, b| b.1.cmp(&a.1));
-            all.truncate(MAX_REPORTED_TOPICS);
+        let mut heap: BinaryHeap<Reverse<(u64, &str)>> =
+            BinaryHeap::with_capacity(MAX_REPORTED_TOPICS + 1);
+        let mut topics_truncated = false;
+        for (topic, n) in all {
+            heap.push(Reverse((n, topic)));
+            if heap.len() > MAX_REPORTED_TOPICS {
+                heap.pop(); // the smallest so far
+                topics_truncated = true;
+            }
         }
         TopicCounts {
-            topics: all.into_iter().map(|(t, n)| (t.to_string(), n)).collect(),
+            topics: heap
+                .into_iter()
+                .map(|Reverse((n, t))| (t.to_string(), n))
+                .collect(),
             topics_truncated,
         }
     }

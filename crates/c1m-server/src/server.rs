@@ -842,12 +842,7 @@ impl Server {
     }
 
     fn topic_counts(&self) -> TopicCounts {
-        TopicCounts::largest(
-            self.topics
-                .summary()
-                .into_iter()
-                .map(|(name, subscribers, _)| (name, subscribers as u64)),
-        )
+        TopicCounts::largest(self.topics.subscriber_counts())
     }
 
     /// Every `REPORT_EVERY`: a worker sends its topic counts to the master; a
