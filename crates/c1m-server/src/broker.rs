@@ -6,7 +6,10 @@
 //! channels: commands in, events out, with a `mio::Waker` to wake the owner's loop.
 //!
 //! What travels over the broker is the encoded WebSocket frame, so the publishing node
-//! encodes once and every node sends the bytes it got. The node subscribes to a topic's
+//! encodes once and every node sends the bytes it got. The frame is wrapped with the
+//! publisher's reply address and publish id ([`wrap`]): every node that delivers it
+//! answers on the publisher's acks subject with how many connections it reached, so a
+//! publish through the cluster is answered with a delivery count like on one node. The node subscribes to a topic's
 //! subject while it has local subscribers (the owner says so with `Subscribe` and
 //! `Unsubscribe`), plus the broadcast subject always: broker subscriptions grow with
 //! topics, never with connections.
@@ -73,6 +76,14 @@ impl BrokerUrl {
         }
     }
 
+    /// The subject (NATS) or channel (Redis) on which node `token` hears delivery counts.
+    fn acks_subject(&self, token: &str) -> String {
+        match self {
+            BrokerUrl::Nats(_) => format!("c1m.acks.{token}"),
+            BrokerUrl::Redis(_) => format!("c1m:acks:{token}"),
+        }
+    }
+
     /// The subject (NATS) or channel (Redis) of node reports.
     fn reports_subject(&self) -> &'static str {
         match self {
@@ -81,14 +92,39 @@ impl BrokerUrl {
         }
     }
 
-    /// What a message on `subject` is, if it is one of ours.
-    fn incoming(&self, subject: &str, payload: Vec<u8>) -> Option<Event> {
+    /// What a message on `subject` is, if it is one of ours (`acks`: this node's acks
+    /// subject). A malformed publication or ack is logged and dropped.
+    fn incoming(&self, subject: &str, acks: &str, payload: Vec<u8>) -> Option<Event> {
         if subject == self.reports_subject() {
             return Some(Event::Report(payload));
         }
-        self.topic(subject).map(|topic| Event::Message {
+        if subject == acks {
+            let ack = serde_json::from_slice::<AckBody>(&payload);
+            return match ack {
+                Ok(AckBody {
+                    node,
+                    id,
+                    delivered,
+                }) => Some(Event::Ack {
+                    id,
+                    node,
+                    delivered,
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, "ignoring a malformed delivery count from the broker");
+                    None
+                }
+            };
+        }
+        let topic = self.topic(subject)?;
+        let Some((reply, frame)) = unwrap(&payload) else {
+            tracing::warn!(topic, "ignoring a malformed publication from the broker");
+            return None;
+        };
+        Some(Event::Message {
             topic: topic.to_string(),
-            frame: payload,
+            frame,
+            reply,
         })
     }
 
@@ -105,6 +141,60 @@ impl BrokerUrl {
     }
 }
 
+/// Where a node answers how many connections a publication reached: the publisher's
+/// acks token and its publish id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub to: String,
+    pub id: u64,
+}
+
+/// The JSON of a delivery count on an acks subject.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AckBody {
+    node: String,
+    id: u64,
+    delivered: u64,
+}
+
+/// Version byte of the publication wrapper.
+const WIRE_VERSION: u8 = 1;
+
+/// A publication as it travels over the broker: version, the publisher's acks token
+/// (u16 length + bytes), the publish id (u64 LE), then the WebSocket frame.
+fn wrap(reply: &Reply, frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + reply.to.len() + 11);
+    out.push(WIRE_VERSION);
+    out.extend_from_slice(&(reply.to.len() as u16).to_le_bytes());
+    out.extend_from_slice(reply.to.as_bytes());
+    out.extend_from_slice(&reply.id.to_le_bytes());
+    out.extend_from_slice(frame);
+    out
+}
+
+/// The inverse of [`wrap`]; `None` for anything else.
+fn unwrap(payload: &[u8]) -> Option<(Reply, Vec<u8>)> {
+    let (&version, rest) = payload.split_first()?;
+    if version != WIRE_VERSION || rest.len() < 2 {
+        return None;
+    }
+    let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+    let to = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_string();
+    let id = u64::from_le_bytes(rest.get(2 + len..10 + len)?.try_into().ok()?);
+    let frame = rest.get(10 + len..)?.to_vec();
+    Some((Reply { to, id }, frame))
+}
+
+/// A node's acks token: its name with what a NATS subject token cannot hold replaced.
+pub fn ack_token(node: &str) -> String {
+    node.chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | ':' | '/' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
 /// From the owner to the link.
 #[derive(Debug)]
 pub enum Command {
@@ -119,13 +209,29 @@ pub enum Command {
     /// Publish this node's report (JSON, see `node_stats`); dropped while the link is
     /// down, never confirmed: the next one follows within a second.
     Report(Vec<u8>),
+    /// Tell a publisher how many of this node's connections its publication reached
+    /// (best effort, like a report).
+    Ack {
+        reply: Reply,
+        delivered: u64,
+    },
 }
 
 /// From the link to the owner.
 #[derive(Debug)]
 pub enum Event {
-    /// A publication from any node (this one included).
-    Message { topic: String, frame: Vec<u8> },
+    /// A publication from any node (this one included); answer with `Command::Ack`.
+    Message {
+        topic: String,
+        frame: Vec<u8>,
+        reply: Reply,
+    },
+    /// Node `node` delivered this node's publish `id` to `delivered` connections.
+    Ack {
+        id: u64,
+        node: String,
+        delivered: u64,
+    },
     /// Whether publish `id` was confirmed by the broker.
     Published { id: u64, ok: bool },
     /// A node report (this node's own included).
@@ -141,9 +247,11 @@ pub struct BrokerLink {
 }
 
 impl BrokerLink {
-    /// Starts the link's thread. `wake` is called after every event is queued.
+    /// Starts the link's thread for node `node` (its name in acks and reports). `wake`
+    /// is called after every event is queued.
     pub fn start(
         url: BrokerUrl,
+        node: &str,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> io::Result<BrokerLink> {
         let (commands, command_rx) = unbounded_channel();
@@ -154,6 +262,8 @@ impl BrokerLink {
         let out = Out {
             events: event_tx,
             wake: Arc::new(wake),
+            node: Arc::from(node),
+            acks: Arc::from(url.acks_subject(&ack_token(node))),
         };
         std::thread::Builder::new()
             .name("c1m-broker".into())
@@ -175,6 +285,9 @@ impl BrokerLink {
 struct Out {
     events: mpsc::Sender<Event>,
     wake: Arc<dyn Fn() + Send + Sync>,
+    /// This node's name, and the subject where it hears delivery counts.
+    node: Arc<str>,
+    acks: Arc<str>,
 }
 
 impl Out {
@@ -182,6 +295,24 @@ impl Out {
         if self.events.send(event).is_ok() {
             (self.wake)();
         }
+    }
+
+    /// The reply address of this node's publish `id`.
+    fn reply(&self, id: u64) -> Reply {
+        Reply {
+            to: ack_token(&self.node),
+            id,
+        }
+    }
+
+    /// The JSON of a delivery count from this node.
+    fn ack_body(&self, reply: &Reply, delivered: u64) -> Vec<u8> {
+        serde_json::to_vec(&AckBody {
+            node: self.node.to_string(),
+            id: reply.id,
+            delivered,
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -235,17 +366,17 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                 }
             };
             while let Some(message) = subscriber.next().await {
-                if let Some(event) =
-                    url.incoming(message.subject.as_str(), message.payload.to_vec())
-                {
+                let payload = message.payload.to_vec();
+                if let Some(event) = url.incoming(message.subject.as_str(), &out.acks, payload) {
                     out.emit(event);
                 }
             }
         })
     };
     subscriptions.insert(BROADCAST.into(), subscribe(url.subject(BROADCAST)));
-    // Not in `subscriptions` (keyed by topic): node reports are listened to for good.
+    // Not in `subscriptions` (keyed by topic): reports and acks are listened to for good.
     let _reports = subscribe(url.reports_subject().to_string());
+    let _acks = subscribe(out.acks.to_string());
     while let Some(command) = commands.recv().await {
         match command {
             Command::Subscribe(topic) => {
@@ -265,7 +396,7 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                 let ok = up.load(Ordering::SeqCst)
                     && tokio::time::timeout(CONFIRM_TIMEOUT, async {
                         client
-                            .publish(url.subject(&topic), frame.into())
+                            .publish(url.subject(&topic), wrap(&out.reply(id), &frame).into())
                             .await
                             .is_ok()
                             && client.flush().await.is_ok()
@@ -277,6 +408,14 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
             Command::Report(report) => {
                 if up.load(Ordering::SeqCst) {
                     let _ = client.publish(url.reports_subject(), report.into()).await;
+                }
+            }
+            Command::Ack { reply, delivered } => {
+                if up.load(Ordering::SeqCst) {
+                    let body = out.ack_body(&reply, delivered);
+                    let _ = client
+                        .publish(url.acks_subject(&reply.to), body.into())
+                        .await;
                 }
             }
         }
@@ -324,7 +463,7 @@ fn remember(command: Command, wanted: &mut HashSet<String>, out: &Out) {
             wanted.remove(&topic);
         }
         Command::Publish { id, .. } => out.emit(Event::Published { id, ok: false }),
-        Command::Report(_) => {}
+        Command::Report(_) | Command::Ack { .. } => {}
     }
 }
 
@@ -346,6 +485,7 @@ async fn redis_session(
         .map_err(|_| timeout("connect"))??;
     let (mut sink, mut stream) = pubsub.split();
     sink.subscribe(url.reports_subject()).await?;
+    sink.subscribe(out.acks.to_string()).await?;
     for topic in wanted.iter() {
         sink.subscribe(url.subject(topic)).await?;
     }
@@ -357,7 +497,8 @@ async fn redis_session(
                 let Some(message) = message else {
                     return Err(io::Error::from(io::ErrorKind::ConnectionReset).into());
                 };
-                if let Some(event) = url.incoming(message.get_channel_name(), message.get_payload_bytes().to_vec()) {
+                let payload = message.get_payload_bytes().to_vec();
+                if let Some(event) = url.incoming(message.get_channel_name(), &out.acks, payload) {
                     out.emit(event);
                 }
             }
@@ -376,16 +517,16 @@ async fn redis_session(
                 Some(Command::Report(report)) => {
                     let mut command = redis::cmd("PUBLISH");
                     command.arg(url.reports_subject()).arg(report);
-                    let publish = command.query_async::<i64>(&mut publisher);
-                    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(error)) => return Err(error),
-                        Err(_) => return Err(timeout("publish")),
-                    }
+                    best_effort(command, &mut publisher).await?;
+                }
+                Some(Command::Ack { reply, delivered }) => {
+                    let mut command = redis::cmd("PUBLISH");
+                    command.arg(url.acks_subject(&reply.to)).arg(out.ack_body(&reply, delivered));
+                    best_effort(command, &mut publisher).await?;
                 }
                 Some(Command::Publish { id, topic, frame }) => {
                     let mut command = redis::cmd("PUBLISH");
-                    command.arg(url.subject(&topic)).arg(frame);
+                    command.arg(url.subject(&topic)).arg(wrap(&out.reply(id), &frame));
                     let publish = command.query_async::<i64>(&mut publisher);
                     match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
                         Ok(Ok(_nodes)) => out.emit(Event::Published { id, ok: true }),
@@ -404,9 +545,56 @@ async fn redis_session(
     }
 }
 
+/// Sends a PUBLISH whose answer nobody waits for (reports, acks); an error or no
+/// answer within `CONFIRM_TIMEOUT` ends the session like any other.
+async fn best_effort(
+    command: redis::Cmd,
+    publisher: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<()> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, command.query_async::<i64>(publisher)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "publish").into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publications_are_wrapped_with_their_reply_address() {
+        let reply = Reply {
+            to: ack_token("host.example:8088/42"),
+            id: 7,
+        };
+        assert_eq!(reply.to, "host_example:8088/42");
+        let wrapped = wrap(&reply, b"\x81\x02hi");
+        assert_eq!(unwrap(&wrapped), Some((reply, b"\x81\x02hi".to_vec())));
+        for bad in [
+            &b""[..],
+            b"\x02\x00\x00",
+            b"\x01\x05\x00ab",
+            b"\x01\x01\x00a\x01",
+        ] {
+            assert_eq!(unwrap(bad), None, "{bad:?}");
+        }
+        let nats = BrokerUrl::parse("nats://127.0.0.1:4222").unwrap();
+        let acks = nats.acks_subject("n");
+        let ack = br#"{"node":"n2","id":3,"delivered":10}"#.to_vec();
+        assert!(matches!(
+            nats.incoming(&acks, &acks, ack),
+            Some(Event::Ack {
+                id: 3,
+                delivered: 10,
+                ..
+            })
+        ));
+        assert!(nats.incoming(&acks, &acks, b"{".to_vec()).is_none());
+        assert!(nats
+            .incoming("c1m.t.a", &acks, b"raw frame".to_vec())
+            .is_none());
+    }
 
     #[test]
     fn urls_and_subjects() {

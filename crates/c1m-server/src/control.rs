@@ -27,12 +27,12 @@ pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::
 /// A topic field that is empty means "every open connection" (`POST /broadcast`).
 pub const ALL_CONNECTIONS: &str = "";
 
-/// `origin` of a publication nobody waits for (the clock, or one from the broker).
+/// `origin` of a publication nobody waits for (the clock).
 pub const NO_ORIGIN: u32 = u32::MAX;
 
-/// `Done::count` of a publish handed to the cluster's broker: delivered on every node,
-/// not counted.
-pub const NOT_COUNTED: u64 = u64::MAX;
+/// `origin` of a publication from the cluster's broker: the workers' counts go back to
+/// the master, which sends their sum to the publishing node.
+pub const BROKER_ORIGIN: u32 = u32::MAX - 1;
 
 /// `Done::count` of a publish the broker did not take (down, or no confirmation).
 pub const REFUSED: u64 = u64::MAX - 1;
@@ -60,7 +60,7 @@ pub enum Message {
         count: u64,
     },
     /// Master → origin worker: the publication reached `count` connections in all (or
-    /// `NOT_COUNTED`, `REFUSED` with a broker).
+    /// `REFUSED`: the cluster's broker did not take it).
     Done { request: u32, count: u64 },
     /// Worker → master: the worker has (`on`) or no longer has local subscribers of
     /// `topic` (the master subscribes to the topic on the broker while any worker has).
@@ -72,8 +72,9 @@ pub enum Message {
     TopicCounts { json: Vec<u8> },
     /// Worker → master: a client asked `GET /stats` (`cluster`: `?scope=cluster`).
     StatsRequest { request: u32, cluster: bool },
-    /// Master → worker: the answer to `StatsRequest` (HTTP status and JSON body).
-    StatsAnswer {
+    /// Master → worker: the HTTP answer (status and JSON body) to a `StatsRequest`, or
+    /// to a `Relay` that went through the cluster's broker (with its delivery count).
+    Answer {
         request: u32,
         status: u16,
         json: Vec<u8>,
@@ -88,7 +89,7 @@ const INTEREST: u8 = 5;
 const BROKER_UP: u8 = 6;
 const TOPIC_COUNTS: u8 = 7;
 const STATS_REQUEST: u8 = 8;
-const STATS_ANSWER: u8 = 9;
+const ANSWER: u8 = 9;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -151,12 +152,12 @@ impl Message {
                 out.extend_from_slice(&request.to_le_bytes());
                 out.push(u8::from(*cluster));
             }
-            Message::StatsAnswer {
+            Message::Answer {
                 request,
                 status,
                 json,
             } => {
-                out.push(STATS_ANSWER);
+                out.push(ANSWER);
                 out.extend_from_slice(&request.to_le_bytes());
                 out.extend_from_slice(&status.to_le_bytes());
                 out.extend_from_slice(json);
@@ -219,7 +220,7 @@ impl Message {
                 request: r.u32()?,
                 cluster: r.u8()? != 0,
             },
-            STATS_ANSWER => Message::StatsAnswer {
+            ANSWER => Message::Answer {
                 request: r.u32()?,
                 status: {
                     let b = r.take(2)?;
@@ -310,7 +311,7 @@ mod tests {
                 request: 4,
                 cluster: true,
             },
-            Message::StatsAnswer {
+            Message::Answer {
                 request: 4,
                 status: 503,
                 json: b"{}".to_vec(),

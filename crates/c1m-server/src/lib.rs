@@ -15,6 +15,7 @@
 //! - [`node_stats`]: the node's and the cluster's numbers for `GET /stats`.
 //! - [`control`]: the messages between the master and its workers.
 //! - [`broker`]: the cluster link to NATS or Redis (one per node).
+//! - [`publish_acks`]: delivery counts of a publish through the cluster.
 //! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`per_ip`]: sockets per client address, for `--max-connections-per-ip`.
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod node_stats;
 pub mod outbox;
 pub mod per_ip;
+pub mod publish_acks;
 pub mod scoreboard;
 pub mod server;
 pub mod stats;

@@ -36,8 +36,9 @@ use signal_hook_mio::v1_0::Signals;
 use crate::broker::{self, BrokerLink};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
-use crate::control::{Message, NOT_COUNTED, NO_ORIGIN, REFUSED};
+use crate::control::{Message, BROKER_ORIGIN, NO_ORIGIN, REFUSED};
 use crate::node_stats::{self, ClusterView, NodeReport, TopicCounts};
+use crate::publish_acks::{Finished, PublishAcks};
 use crate::scoreboard::Scoreboard;
 use crate::server::{listen_socket, ServeError};
 
@@ -75,8 +76,11 @@ struct MasterCluster {
     link: BrokerLink,
     up: bool,
     next_id: u64,
-    /// Publishes handed to the broker: id → (origin worker, its request).
-    waiting: HashMap<u64, (u32, u32)>,
+    /// Publishes handed to the broker, waiting for its confirmation and the nodes'
+    /// counts: answered to (origin worker, its request).
+    acks: PublishAcks<(u32, u32)>,
+    /// The next id of a publication from the broker relayed to the workers.
+    next_relay: u32,
     /// Topics with local subscribers, and which workers have them.
     interest: HashMap<String, std::collections::HashSet<usize>>,
     /// The other nodes' latest reports.
@@ -121,6 +125,8 @@ struct Relayed {
     /// Workers that have answered (or died meanwhile).
     answered: Vec<bool>,
     count: u64,
+    /// For a publication from the broker: where the sum goes (the publishing node).
+    reply: Option<broker::Reply>,
 }
 
 /// Runs the master. `spawn` starts worker process `fds.index` so that it inherits the
@@ -157,17 +163,19 @@ pub fn run_master(
         procs.push(worker);
     }
     let mut relayed: HashMap<(u32, u32), Relayed> = HashMap::new();
+    let node = node_stats::node_id(local_addr);
     let mut cluster = match &config.broker {
         None => None,
         Some(url) => {
             let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), BROKER)?);
             Some(MasterCluster {
-                link: BrokerLink::start(url.clone(), move || {
+                link: BrokerLink::start(url.clone(), &node, move || {
                     let _ = waker.wake();
                 })?,
                 up: false,
                 next_id: 0,
-                waiting: HashMap::new(),
+                acks: PublishAcks::default(),
+                next_relay: 0,
                 interest: HashMap::new(),
                 view: ClusterView::default(),
             })
@@ -183,7 +191,6 @@ pub fn run_master(
     let mut last_frames = (start, 0u64);
     let mut shutdown_deadline: Option<Instant> = None;
     let mut poll = poll;
-    let node = node_stats::node_id(local_addr);
     // Each worker's latest topic counts (empty until it sends, and after it dies).
     let mut worker_counts = vec![TopicCounts::default(); workers];
     let mut next_node_report = start;
@@ -247,7 +254,7 @@ pub fn run_master(
                     Message::BrokerUp { up: cluster.up }.encode(&mut procs[index].pending);
                 }
             }
-            finish_relayed(&mut relayed, &mut procs);
+            finish_relayed(&mut relayed, &mut procs, cluster.as_ref());
         }
         if let Some(deadline) = shutdown_deadline {
             if procs.iter().all(|p| p.child.is_none()) {
@@ -286,7 +293,9 @@ pub fn run_master(
                         }
                         let id = cluster.next_id;
                         cluster.next_id += 1;
-                        cluster.waiting.insert(id, (index as u32, request));
+                        let expected = cluster.view.nodes_now(&node, now);
+                        let who = (index as u32, request);
+                        cluster.acks.start(id, who, &topic, expected, now);
                         cluster
                             .link
                             .send(broker::Command::Publish { id, topic, frame });
@@ -303,7 +312,12 @@ pub fn run_master(
                     } => {
                         let origin = index as u32;
                         let answered = procs.iter().map(|p| p.child.is_none()).collect();
-                        relayed.insert((origin, request), Relayed { answered, count: 0 });
+                        let waiting = Relayed {
+                            answered,
+                            count: 0,
+                            reply: None,
+                        };
+                        relayed.insert((origin, request), waiting);
                         send_to_all(
                             &mut procs,
                             &Message::Publish {
@@ -336,7 +350,7 @@ pub fn run_master(
                         let view = cluster.as_mut().map(|c| (&mut c.view, c.up));
                         let (status, body) =
                             node_stats::answer(&local, want_cluster, view, Instant::now());
-                        Message::StatsAnswer {
+                        Message::Answer {
                             request,
                             status,
                             json: body.to_string().into_bytes(),
@@ -347,9 +361,11 @@ pub fn run_master(
                 }
             }
         }
-        finish_relayed(&mut relayed, &mut procs);
         if let Some(cluster) = cluster.as_mut() {
-            broker_events(cluster, &mut procs, now);
+            broker_events(cluster, &mut procs, &mut relayed, now);
+            for finished in cluster.acks.expire(now) {
+                answer_cluster_publish(finished, &mut procs);
+            }
             if now >= next_node_report {
                 next_node_report = now + node_stats::REPORT_EVERY;
                 if cluster.up {
@@ -359,6 +375,7 @@ pub fn run_master(
                 }
             }
         }
+        finish_relayed(&mut relayed, &mut procs, cluster.as_ref());
         for p in &mut procs {
             flush(p);
         }
@@ -455,25 +472,51 @@ fn send_to_all(procs: &mut [WorkerProcess], message: &Message) {
     }
 }
 
-/// Passes what the broker link reported on to the workers.
-fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess], now: Instant) {
+/// Passes what the broker link reported on to the workers. A publication is relayed
+/// like a local publish (the workers' counts are summed in `relayed`), and the sum goes
+/// back to the publishing node.
+fn broker_events(
+    cluster: &mut MasterCluster,
+    procs: &mut [WorkerProcess],
+    relayed: &mut HashMap<(u32, u32), Relayed>,
+    now: Instant,
+) {
     while let Some(event) = cluster.link.next_event() {
         match event {
-            broker::Event::Message { topic, frame } => send_to_all(
-                procs,
-                &Message::Publish {
-                    origin: NO_ORIGIN,
-                    request: 0,
+            broker::Event::Message {
+                topic,
+                frame,
+                reply,
+            } => {
+                let request = cluster.next_relay;
+                cluster.next_relay = cluster.next_relay.wrapping_add(1);
+                let answered = procs.iter().map(|p| p.child.is_none()).collect();
+                let waiting = Relayed {
+                    answered,
+                    count: 0,
+                    reply: Some(reply),
+                };
+                relayed.insert((BROKER_ORIGIN, request), waiting);
+                let publish = Message::Publish {
+                    origin: BROKER_ORIGIN,
+                    request,
                     topic,
                     frame,
-                },
-            ),
+                };
+                send_to_all(procs, &publish);
+            }
             broker::Event::Published { id, ok } => {
-                if let Some((origin, request)) = cluster.waiting.remove(&id) {
-                    let count = if ok { NOT_COUNTED } else { REFUSED };
-                    if let Some(p) = procs.get_mut(origin as usize) {
-                        Message::Done { request, count }.encode(&mut p.pending);
-                    }
+                if let Some(finished) = cluster.acks.confirmed(id, ok) {
+                    answer_cluster_publish(finished, procs);
+                }
+            }
+            broker::Event::Ack {
+                id,
+                node,
+                delivered,
+            } => {
+                if let Some(finished) = cluster.acks.ack(id, node, delivered) {
+                    answer_cluster_publish(finished, procs);
                 }
             }
             broker::Event::Report(report) => {
@@ -492,11 +535,47 @@ fn broker_events(cluster: &mut MasterCluster, procs: &mut [WorkerProcess], now: 
     }
 }
 
-/// Answers the origin worker of every relayed publish that all workers have counted.
-fn finish_relayed(relayed: &mut HashMap<(u32, u32), Relayed>, procs: &mut [WorkerProcess]) {
+/// Answers the worker that took a publish through the cluster, once it is over.
+fn answer_cluster_publish(finished: Finished<(u32, u32)>, procs: &mut [WorkerProcess]) {
+    let (worker, message) = match finished {
+        Finished::Refused((worker, request)) => (
+            worker,
+            Message::Done {
+                request,
+                count: REFUSED,
+            },
+        ),
+        Finished::Delivered((worker, request), body) => (
+            worker,
+            Message::Answer {
+                request,
+                status: 200,
+                json: body.to_string().into_bytes(),
+            },
+        ),
+    };
+    if let Some(p) = procs.get_mut(worker as usize) {
+        message.encode(&mut p.pending);
+    }
+}
+
+/// Answers every relayed publish that all workers have counted: the origin worker of a
+/// local one, the publishing node of one from the broker.
+fn finish_relayed(
+    relayed: &mut HashMap<(u32, u32), Relayed>,
+    procs: &mut [WorkerProcess],
+    cluster: Option<&MasterCluster>,
+) {
     relayed.retain(|&(origin, request), waiting| {
         if !waiting.answered.iter().all(|&a| a) {
             return true;
+        }
+        if let Some(reply) = waiting.reply.take() {
+            if let Some(cluster) = cluster {
+                let delivered = waiting.count;
+                cluster.link.send(broker::Command::Ack { reply, delivered });
+            }
+            return false;
         }
         if let Some(p) = procs.get_mut(origin as usize) {
             Message::Done {

@@ -160,6 +160,18 @@ impl ClusterView {
         Ok(())
     }
 
+    /// How many nodes are in the cluster as far as this node knows: itself and every
+    /// other node heard from within `STALE_AFTER`.
+    pub fn nodes_now(&self, local: &str, now: Instant) -> usize {
+        1 + self
+            .reports
+            .iter()
+            .filter(|(node, (_, at))| {
+                node.as_str() != local && now.saturating_duration_since(*at) <= STALE_AFTER
+            })
+            .count()
+    }
+
     /// The cluster's numbers: `local` (this node, fresh) plus the latest report of every
     /// other node heard from within `STALE_AFTER`. Forgets stale nodes.
     pub fn to_json(&mut self, local: &NodeReport, now: Instant) -> Value {
@@ -282,6 +294,7 @@ mod tests {
         let later = start + STALE_AFTER + Duration::from_millis(1);
         view.record(&serde_json::to_vec(&c).unwrap(), later)
             .unwrap();
+        assert_eq!(view.nodes_now("a", later), 2);
         let all = view.to_json(&a, later);
         assert_eq!(all["nodes"], 2);
         assert_eq!(all["connections"], 10);

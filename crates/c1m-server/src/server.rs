@@ -39,11 +39,12 @@ use crate::connection::{
     Action, Admit, Connection, End, Limits, Next, PhaseKind, ReadContext, SendError,
     SlowConsumerPolicy,
 };
-use crate::control::{write_queued, Message, ALL_CONNECTIONS, NOT_COUNTED, NO_ORIGIN, REFUSED};
+use crate::control::{write_queued, Message, ALL_CONNECTIONS, NO_ORIGIN, REFUSED};
 use crate::http::{self, Outcome};
 use crate::metrics::{self, Histogram, DURATION_BUCKETS};
 use crate::node_stats::{self, ClusterView, NodeReport, TopicCounts};
 use crate::per_ip::PerIp;
+use crate::publish_acks::{Finished, PublishAcks};
 use crate::scoreboard::Scoreboard;
 use crate::stats::{rss_bytes, Stats};
 use crate::topics::{validate_name, TopicId, Topics};
@@ -164,8 +165,8 @@ struct Cluster {
     link: Option<BrokerLink>,
     up: bool,
     next_id: u64,
-    /// Publishes handed to the link, waiting for its confirmation.
-    waiting: HashMap<u64, Waiting>,
+    /// Publishes handed to the link, waiting for its confirmation and the nodes' counts.
+    acks: PublishAcks<Waiting>,
     /// The other nodes' latest reports (single process; a worker's master keeps them).
     view: ClusterView,
 }
@@ -268,7 +269,8 @@ impl Server {
                     Some(_) => None, // the master holds the link
                     None => {
                         let waker = Arc::new(mio::Waker::new(poll.registry(), BROKER)?);
-                        Some(BrokerLink::start(url.clone(), move || {
+                        let node = node_stats::node_id(local_addr);
+                        Some(BrokerLink::start(url.clone(), &node, move || {
                             let _ = waker.wake();
                         })?)
                     }
@@ -277,7 +279,7 @@ impl Server {
                     link,
                     up: false,
                     next_id: 0,
-                    waiting: HashMap::new(),
+                    acks: PublishAcks::default(),
                     view: ClusterView::default(),
                 })
             }
@@ -483,6 +485,14 @@ impl Server {
                 self.sweep(now);
             }
             self.expire(now);
+            let late = self
+                .cluster
+                .as_mut()
+                .map(|c| c.acks.expire(now))
+                .unwrap_or_default();
+            for finished in late {
+                self.finish_cluster_publish(Some(finished), now);
+            }
             self.report(now);
             if self.worker.is_some() || self.cluster.is_some() {
                 self.send_node_report(now);
@@ -509,6 +519,7 @@ impl Server {
             (self.worker.is_some() || self.cluster.is_some()).then_some(self.next_node_report),
             self.next_sweep,
             self.handshake_deadlines.front().map(|&(_, at)| at),
+            self.cluster.as_ref().and_then(|c| c.acks.next_deadline()),
             self.closing_deadlines.front().map(|&(_, at)| at),
             self.accept_paused_until,
             self.shutdown_deadline,
@@ -761,16 +772,34 @@ impl Server {
                 return;
             };
             match event {
-                broker::Event::Message { topic, frame } => {
-                    if self.shutdown_deadline.is_none() {
-                        self.publish_named(&topic, &Bytes::from(frame));
+                broker::Event::Message {
+                    topic,
+                    frame,
+                    reply,
+                } => {
+                    let delivered = if self.shutdown_deadline.is_none() {
+                        self.publish_named(&topic, &Bytes::from(frame))
+                    } else {
+                        0
+                    };
+                    if let Some(link) = self.cluster.as_ref().and_then(|c| c.link.as_ref()) {
+                        link.send(broker::Command::Ack { reply, delivered });
                     }
                 }
                 broker::Event::Published { id, ok } => {
-                    let waiting = self.cluster.as_mut().and_then(|c| c.waiting.remove(&id));
-                    if let Some(waiting) = waiting {
-                        self.answer_publish(waiting, if ok { NOT_COUNTED } else { REFUSED }, now);
-                    }
+                    let finished = self.cluster.as_mut().and_then(|c| c.acks.confirmed(id, ok));
+                    self.finish_cluster_publish(finished, now);
+                }
+                broker::Event::Ack {
+                    id,
+                    node,
+                    delivered,
+                } => {
+                    let finished = self
+                        .cluster
+                        .as_mut()
+                        .and_then(|c| c.acks.ack(id, node, delivered));
+                    self.finish_cluster_publish(finished, now);
                 }
                 broker::Event::Report(report) => {
                     if let Some(cluster) = self.cluster.as_mut() {
@@ -780,6 +809,21 @@ impl Server {
                     }
                 }
                 broker::Event::Up(up) => self.set_broker_up(up),
+            }
+        }
+    }
+
+    /// Answers a publish through the cluster that is over (see `publish_acks`).
+    fn finish_cluster_publish(&mut self, finished: Option<Finished<Waiting>>, now: Instant) {
+        match finished {
+            None => {}
+            Some(Finished::Refused(waiting)) => self.answer_publish(waiting, REFUSED, now),
+            Some(Finished::Delivered(waiting, body)) => {
+                let response = http::json_response(200, "OK", &body);
+                if self.answer_waiting(&waiting, response, now) {
+                    self.publish_seconds
+                        .observe(now.saturating_duration_since(waiting.started));
+                }
             }
         }
     }
@@ -798,11 +842,6 @@ impl Server {
         let topic = waiting.topic.as_deref().unwrap_or(ALL_CONNECTIONS);
         let response = match count {
             REFUSED => broker_refusal(),
-            NOT_COUNTED => http::json_response(
-                200,
-                "OK",
-                &serde_json::json!({ "topic": topic, "published": true }),
-            ),
             count => http::published(topic, count),
         };
         if self.answer_waiting(&waiting, response, now) {
@@ -915,7 +954,8 @@ impl Server {
                 let cluster = self.cluster.as_mut().expect("checked above");
                 let id = cluster.next_id;
                 cluster.next_id += 1;
-                cluster.waiting.insert(id, waiting);
+                let expected = cluster.view.nodes_now(&self.node, now);
+                cluster.acks.start(id, waiting, &topic, expected, now);
                 if let Some(link) = cluster.link.as_ref() {
                     link.send(broker::Command::Publish {
                         id,
@@ -923,7 +963,7 @@ impl Server {
                         frame: frame.to_vec(),
                     });
                 }
-                return Next::Keep; // answered when the broker confirms
+                return Next::Keep; // answered when the broker confirms and the nodes count
             }
             Outcome::Publish { topic, frame } => {
                 if let Some(worker) = self.worker.as_mut() {
@@ -1225,7 +1265,7 @@ impl Server {
                     self.answer_publish(waiting, count, now);
                 }
             }
-            Message::StatsAnswer {
+            Message::Answer {
                 request,
                 status,
                 json,
@@ -1236,7 +1276,12 @@ impl Server {
                     .and_then(|w| w.waiting.remove(&request));
                 if let Some(waiting) = waiting {
                     let body = serde_json::from_slice(&json).unwrap_or_default();
-                    self.answer_waiting(&waiting, stats_response(status, &body), now);
+                    let answered =
+                        self.answer_waiting(&waiting, stats_response(status, &body), now);
+                    if answered && waiting.topic.is_some() {
+                        self.publish_seconds
+                            .observe(now.saturating_duration_since(waiting.started));
+                    }
                 }
             }
             Message::BrokerUp { up } => self.set_broker_up(up),
@@ -1361,7 +1406,7 @@ impl Server {
     }
 }
 
-/// The HTTP answer of `GET /stats`.
+/// An HTTP answer the master composed (`GET /stats`, a publish through the cluster).
 pub(crate) fn stats_response(status: u16, body: &serde_json::Value) -> Vec<u8> {
     let reason = if status == 200 {
         "OK"

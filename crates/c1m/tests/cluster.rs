@@ -129,7 +129,7 @@ async fn publish_on(node: &Server, topic: &str, message: &str) -> common::HttpRe
 
 async fn every_node_gets_it_once(kind: &'static str) {
     let broker = Broker::start(kind, free_port());
-    let nodes = nodes(&broker);
+    let mut nodes = nodes(&broker);
     let mut in_a = Vec::new();
     let mut in_b = Vec::new();
     for node in &nodes {
@@ -164,15 +164,23 @@ async fn every_node_gets_it_once(kind: &'static str) {
         (&4.into(), &3.into()),
         "{node}"
     );
+    // Every node counts its deliveries back to the publisher: 9 clients of a, 3 of b.
     let answer = publish_on(&nodes[0], "a", "to a from node 1").await;
     assert_eq!(answer.status, 200, "{kind}: {answer:?}");
-    assert!(
-        answer.body.contains("\"published\":true"),
-        "{}",
-        answer.body
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(body["published"], true, "{body}");
+    assert_eq!(body["delivered"], 9, "{kind}: {body}");
+    assert_eq!(
+        (&body["nodes"], &body["nodes_expected"]),
+        (&3.into(), &3.into())
     );
     let answer = publish_on(&nodes[2], "b", "to b from node 3").await;
     assert_eq!(answer.status, 200, "{kind}: {answer:?}");
+    assert!(
+        answer.body.contains("\"delivered\":3"),
+        "{kind}: {}",
+        answer.body
+    );
     let short = Duration::from_millis(400);
     for (i, c) in in_a.iter_mut().enumerate() {
         let got = text_within(c, Duration::from_secs(5)).await;
@@ -200,6 +208,23 @@ async fn every_node_gets_it_once(kind: &'static str) {
             "{kind}: b-client {i} got a's message"
         );
     }
+    // A node dies: a publish waits for its count at most publish_acks::ACK_WAIT (5 s),
+    // then answers with the nodes that counted, never pretending the count is whole.
+    let _ = nodes[2].child.kill();
+    let _ = nodes[2].child.wait();
+    let started = Instant::now();
+    let answer = publish_on(&nodes[0], "a", "after node 3 died").await;
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(body["delivered"], 6, "{kind}: {body}");
+    assert_eq!(
+        (&body["nodes"], &body["nodes_expected"]),
+        (&2.into(), &3.into())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

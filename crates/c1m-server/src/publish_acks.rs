@@ -1,0 +1,200 @@
+//! Delivery counts of a publish through the cluster (`--broker`).
+//!
+//! On one node `POST /publish` answers `{"delivered": N}`. Through a cluster the
+//! publishing node cannot count other nodes' connections itself, so every node that
+//! delivers a publication sends back how many it reached (`broker::Command::Ack`), and
+//! the publisher answers once the broker confirmed the publish and every node it
+//! expects has answered, or after [`ACK_WAIT`] with what it has. The nodes it expects
+//! are those whose reports it heard lately (`node_stats::ClusterView`), itself
+//! included: a node that joined less than a second ago may be missed, and the answer
+//! says how many nodes answered out of how many were expected, so a partial count is
+//! never mistaken for a whole one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::control::ALL_CONNECTIONS;
+
+/// Longest a publish waits for the nodes' counts (from the moment it was sent).
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How a publish ended: its answer, or refused by the broker (or no confirmation).
+#[derive(Debug, PartialEq)]
+pub enum Finished<T> {
+    Delivered(T, Value),
+    Refused(T),
+}
+
+#[derive(Debug)]
+struct Pending<T> {
+    who: T,
+    topic: String,
+    expected: usize,
+    confirmed: bool,
+    nodes: HashSet<String>,
+    delivered: u64,
+    deadline: Instant,
+}
+
+impl<T> Pending<T> {
+    fn done(&self) -> bool {
+        self.confirmed && self.nodes.len() >= self.expected
+    }
+
+    fn answer(self) -> Finished<T> {
+        let mut body = json!({
+            "published": true,
+            "delivered": self.delivered,
+            "nodes": self.nodes.len(),
+            "nodes_expected": self.expected,
+        });
+        if self.topic != ALL_CONNECTIONS {
+            body["topic"] = self.topic.into();
+        }
+        Finished::Delivered(self.who, body)
+    }
+}
+
+/// The publishes of this node waiting for the broker's confirmation and the nodes'
+/// counts; `T` identifies who to answer (an HTTP connection, or a worker's request).
+#[derive(Debug)]
+pub struct PublishAcks<T> {
+    pending: HashMap<u64, Pending<T>>,
+}
+
+impl<T> Default for PublishAcks<T> {
+    fn default() -> Self {
+        PublishAcks {
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<T> PublishAcks<T> {
+    /// Publish `id` was handed to the broker; `expected` nodes should answer.
+    pub fn start(&mut self, id: u64, who: T, topic: &str, expected: usize, now: Instant) {
+        self.pending.insert(
+            id,
+            Pending {
+                who,
+                topic: topic.to_string(),
+                expected: expected.max(1),
+                confirmed: false,
+                nodes: HashSet::new(),
+                delivered: 0,
+                deadline: now + ACK_WAIT,
+            },
+        );
+    }
+
+    /// The broker confirmed (or refused) publish `id`.
+    pub fn confirmed(&mut self, id: u64, ok: bool) -> Option<Finished<T>> {
+        if !ok {
+            return self.pending.remove(&id).map(|p| Finished::Refused(p.who));
+        }
+        self.pending.get_mut(&id)?.confirmed = true;
+        self.finish_if_done(id)
+    }
+
+    /// Node `node` delivered publish `id` to `delivered` connections (a second count
+    /// from the same node is ignored).
+    pub fn ack(&mut self, id: u64, node: String, delivered: u64) -> Option<Finished<T>> {
+        let pending = self.pending.get_mut(&id)?;
+        if pending.nodes.insert(node) {
+            pending.delivered += delivered;
+        }
+        self.finish_if_done(id)
+    }
+
+    fn finish_if_done(&mut self, id: u64) -> Option<Finished<T>> {
+        if self.pending.get(&id)?.done() {
+            return self.pending.remove(&id).map(Pending::answer);
+        }
+        None
+    }
+
+    /// Publishes past their deadline: answered with the counts that came (or refused,
+    /// if the broker never confirmed them).
+    pub fn expire(&mut self, now: Instant) -> Vec<Finished<T>> {
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        late.into_iter()
+            .filter_map(|id| self.pending.remove(&id))
+            .map(|p| {
+                if p.confirmed {
+                    p.answer()
+                } else {
+                    Finished::Refused(p.who)
+                }
+            })
+            .collect()
+    }
+
+    /// The earliest deadline, for the event loop's timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_when_confirmed_and_every_node_counted() {
+        let now = Instant::now();
+        let mut acks = PublishAcks::default();
+        acks.start(1, "client", "a", 2, now);
+        // A count may come before the broker's confirmation.
+        assert_eq!(acks.ack(1, "n1".into(), 5), None);
+        assert_eq!(acks.ack(1, "n1".into(), 5), None, "counted once per node");
+        assert_eq!(acks.confirmed(1, true), None);
+        match acks.ack(1, "n2".into(), 7) {
+            Some(Finished::Delivered("client", body)) => {
+                assert_eq!(body["delivered"], 12);
+                assert_eq!(
+                    (&body["nodes"], &body["nodes_expected"]),
+                    (&2.into(), &2.into())
+                );
+                assert_eq!(body["topic"], "a");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(acks.ack(1, "n3".into(), 1), None, "late counts are dropped");
+    }
+
+    #[test]
+    fn refusals_and_deadlines() {
+        let now = Instant::now();
+        let mut acks = PublishAcks::default();
+        acks.start(1, 'a', ALL_CONNECTIONS, 3, now);
+        acks.start(2, 'b', "t", 3, now);
+        acks.start(3, 'c', "t", 3, now + Duration::from_secs(1));
+        assert_eq!(acks.confirmed(2, false), Some(Finished::Refused('b')));
+        acks.confirmed(1, true);
+        acks.ack(1, "n1".into(), 4);
+        assert_eq!(acks.next_deadline(), Some(now + ACK_WAIT));
+        let expired = acks.expire(now + ACK_WAIT);
+        match &expired[..] {
+            [Finished::Delivered('a', body)] => {
+                assert_eq!(body["delivered"], 4);
+                assert_eq!(
+                    (&body["nodes"], &body["nodes_expected"]),
+                    (&1.into(), &3.into())
+                );
+                assert!(body.get("topic").is_none(), "a broadcast has no topic");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Never confirmed by its deadline: refused, not "delivered to 0".
+        let expired = acks.expire(now + ACK_WAIT + Duration::from_secs(1));
+        assert_eq!(expired, [Finished::Refused('c')]);
+        assert_eq!(acks.next_deadline(), None);
+    }
+}
