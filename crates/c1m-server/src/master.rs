@@ -293,7 +293,9 @@ pub fn run_master(
                         }
                         let id = cluster.next_id;
                         cluster.next_id += 1;
-                        let expected = cluster.view.nodes_now(&node, now);
+                        // The workers' interest says whether this node has subscribers.
+                        let local_has = cluster.interest.contains_key(&topic);
+                        let expected = cluster.view.nodes_with(&topic, &node, local_has, now);
                         let who = (index as u32, request);
                         cluster.acks.start(id, who, &topic, expected, now);
                         cluster

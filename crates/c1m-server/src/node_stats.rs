@@ -15,12 +15,14 @@
 //! out says `topics_truncated`, and so does every sum it went into.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+
+use crate::control::ALL_CONNECTIONS;
 
 /// How often a node publishes its report (and a worker sends its topic counts up).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -160,16 +162,31 @@ impl ClusterView {
         Ok(())
     }
 
-    /// How many nodes are in the cluster as far as this node knows: itself and every
-    /// other node heard from within `STALE_AFTER`.
-    pub fn nodes_now(&self, local: &str, now: Instant) -> usize {
-        1 + self
+    /// The nodes that should deliver a publication to `topic` (`ALL_CONNECTIONS`: every
+    /// node): those heard from within `STALE_AFTER` whose last report has subscribers of
+    /// it, and this node (`local`) if `local_has` says it has some.
+    pub fn nodes_with(
+        &self,
+        topic: &str,
+        local: &str,
+        local_has: bool,
+        now: Instant,
+    ) -> HashSet<String> {
+        let everyone = topic == ALL_CONNECTIONS;
+        let mut nodes: HashSet<String> = self
             .reports
             .iter()
-            .filter(|(node, (_, at))| {
-                node.as_str() != local && now.saturating_duration_since(*at) <= STALE_AFTER
+            .filter(|(node, (report, at))| {
+                node.as_str() != local
+                    && now.saturating_duration_since(*at) <= STALE_AFTER
+                    && (everyone || report.counts.topics.get(topic).is_some_and(|&n| n > 0))
             })
-            .count()
+            .map(|(node, _)| node.clone())
+            .collect();
+        if everyone || local_has {
+            nodes.insert(local.to_string());
+        }
+        nodes
     }
 
     /// The cluster's numbers: `local` (this node, fresh) plus the latest report of every
@@ -294,7 +311,18 @@ mod tests {
         let later = start + STALE_AFTER + Duration::from_millis(1);
         view.record(&serde_json::to_vec(&c).unwrap(), later)
             .unwrap();
-        assert_eq!(view.nodes_now("a", later), 2);
+        let expect = |topic, has| {
+            let mut v: Vec<String> = view
+                .nodes_with(topic, "a", has, later)
+                .into_iter()
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(expect("time", false), ["c"]);
+        assert_eq!(expect("x", false), Vec::<String>::new(), "b went silent");
+        assert_eq!(expect("y", true), ["a"]);
+        assert_eq!(expect(ALL_CONNECTIONS, false), ["a", "c"]);
         let all = view.to_json(&a, later);
         assert_eq!(all["nodes"], 2);
         assert_eq!(all["connections"], 10);

@@ -4,11 +4,16 @@
 //! publishing node cannot count other nodes' connections itself, so every node that
 //! delivers a publication sends back how many it reached (`broker::Command::Ack`), and
 //! the publisher answers once the broker confirmed the publish and every node it
-//! expects has answered, or after [`ACK_WAIT`] with what it has. The nodes it expects
-//! are those whose reports it heard lately (`node_stats::ClusterView`), itself
-//! included: a node that joined less than a second ago may be missed, and the answer
-//! says how many nodes answered out of how many were expected, so a partial count is
-//! never mistaken for a whole one.
+//! expects has answered, or after [`ACK_WAIT`] with what it has; the answer says
+//! whether every expected node counted (`complete`), so a partial count is never
+//! mistaken for a whole one.
+//!
+//! The nodes it expects are those with subscribers of the topic in their last report
+//! (`node_stats::ClusterView`; every node for a broadcast): a node without any never
+//! receives the publication (it subscribes to a topic's subject only while it has
+//! subscribers), so it could not answer. A node whose first subscriber arrived since
+//! its last report (≤ 1 s) is not expected; its count is added if it comes before the
+//! answer.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -31,7 +36,7 @@ pub enum Finished<T> {
 struct Pending<T> {
     who: T,
     topic: String,
-    expected: usize,
+    expected: HashSet<String>,
     confirmed: bool,
     nodes: HashSet<String>,
     delivered: u64,
@@ -40,7 +45,7 @@ struct Pending<T> {
 
 impl<T> Pending<T> {
     fn done(&self) -> bool {
-        self.confirmed && self.nodes.len() >= self.expected
+        self.confirmed && self.expected.is_subset(&self.nodes)
     }
 
     fn answer(self) -> Finished<T> {
@@ -48,7 +53,8 @@ impl<T> Pending<T> {
             "published": true,
             "delivered": self.delivered,
             "nodes": self.nodes.len(),
-            "nodes_expected": self.expected,
+            "nodes_expected": self.expected.len(),
+            "complete": self.expected.is_subset(&self.nodes),
         });
         if self.topic != ALL_CONNECTIONS {
             body["topic"] = self.topic.into();
@@ -73,14 +79,14 @@ impl<T> Default for PublishAcks<T> {
 }
 
 impl<T> PublishAcks<T> {
-    /// Publish `id` was handed to the broker; `expected` nodes should answer.
-    pub fn start(&mut self, id: u64, who: T, topic: &str, expected: usize, now: Instant) {
+    /// Publish `id` was handed to the broker; the `expected` nodes should answer.
+    pub fn start(&mut self, id: u64, who: T, topic: &str, expected: HashSet<String>, now: Instant) {
         self.pending.insert(
             id,
             Pending {
                 who,
                 topic: topic.to_string(),
-                expected: expected.max(1),
+                expected,
                 confirmed: false,
                 nodes: HashSet::new(),
                 delivered: 0,
@@ -146,36 +152,49 @@ impl<T> PublishAcks<T> {
 mod tests {
     use super::*;
 
+    fn nodes(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     #[test]
-    fn answered_when_confirmed_and_every_node_counted() {
+    fn answered_when_confirmed_and_every_expected_node_counted() {
         let now = Instant::now();
         let mut acks = PublishAcks::default();
-        acks.start(1, "client", "a", 2, now);
+        acks.start(1, "client", "a", nodes(&["n1", "n2"]), now);
         // A count may come before the broker's confirmation.
         assert_eq!(acks.ack(1, "n1".into(), 5), None);
         assert_eq!(acks.ack(1, "n1".into(), 5), None, "counted once per node");
         assert_eq!(acks.confirmed(1, true), None);
+        // A node not expected (a new subscriber since its report) adds its count but
+        // does not stand in for an expected one.
+        assert_eq!(acks.ack(1, "n9".into(), 1), None);
         match acks.ack(1, "n2".into(), 7) {
             Some(Finished::Delivered("client", body)) => {
-                assert_eq!(body["delivered"], 12);
-                assert_eq!(
-                    (&body["nodes"], &body["nodes_expected"]),
-                    (&2.into(), &2.into())
-                );
+                assert_eq!(body["delivered"], 13);
+                assert_eq!(body["nodes"], 3);
+                assert_eq!(body["nodes_expected"], 2);
+                assert_eq!(body["complete"], true);
                 assert_eq!(body["topic"], "a");
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(acks.ack(1, "n3".into(), 1), None, "late counts are dropped");
+        // Nobody has subscribers: answered on the broker's confirmation.
+        acks.start(2, "other", "empty", HashSet::new(), now);
+        match acks.confirmed(2, true) {
+            Some(Finished::Delivered("other", body)) => assert_eq!(body["delivered"], 0),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn refusals_and_deadlines() {
         let now = Instant::now();
         let mut acks = PublishAcks::default();
-        acks.start(1, 'a', ALL_CONNECTIONS, 3, now);
-        acks.start(2, 'b', "t", 3, now);
-        acks.start(3, 'c', "t", 3, now + Duration::from_secs(1));
+        let three = nodes(&["n1", "n2", "n3"]);
+        acks.start(1, 'a', ALL_CONNECTIONS, three.clone(), now);
+        acks.start(2, 'b', "t", three.clone(), now);
+        acks.start(3, 'c', "t", three, now + Duration::from_secs(1));
         assert_eq!(acks.confirmed(2, false), Some(Finished::Refused('b')));
         acks.confirmed(1, true);
         acks.ack(1, "n1".into(), 4);
@@ -184,10 +203,9 @@ mod tests {
         match &expired[..] {
             [Finished::Delivered('a', body)] => {
                 assert_eq!(body["delivered"], 4);
-                assert_eq!(
-                    (&body["nodes"], &body["nodes_expected"]),
-                    (&1.into(), &3.into())
-                );
+                assert_eq!(body["nodes"], 1);
+                assert_eq!(body["nodes_expected"], 3);
+                assert_eq!(body["complete"], false);
                 assert!(body.get("topic").is_none(), "a broadcast has no topic");
             }
             other => panic!("{other:?}"),

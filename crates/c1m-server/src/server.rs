@@ -954,7 +954,12 @@ impl Server {
                 let cluster = self.cluster.as_mut().expect("checked above");
                 let id = cluster.next_id;
                 cluster.next_id += 1;
-                let expected = cluster.view.nodes_now(&self.node, now);
+                let local_has = topic == ALL_CONNECTIONS
+                    || self
+                        .topics
+                        .id(&topic)
+                        .is_some_and(|t| !self.topics.subscribers(t).is_empty());
+                let expected = cluster.view.nodes_with(&topic, &self.node, local_has, now);
                 cluster.acks.start(id, waiting, &topic, expected, now);
                 if let Some(link) = cluster.link.as_ref() {
                     link.send(broker::Command::Publish {
