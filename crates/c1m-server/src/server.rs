@@ -777,11 +777,7 @@ impl Server {
                     frame,
                     reply,
                 } => {
-                    let delivered = if self.shutdown_deadline.is_none() {
-                        self.publish_named(&topic, &Bytes::from(frame))
-                    } else {
-                        0
-                    };
+                    let delivered = self.deliver(&topic, frame);
                     if let Some(link) = self.cluster.as_ref().and_then(|c| c.link.as_ref()) {
                         link.send(broker::Command::Ack { reply, delivered });
                     }
@@ -1064,6 +1060,15 @@ impl Server {
         let _ = self.poll.registry().deregister(conn.stream_mut());
     }
 
+    /// Fans out a publication that came from the master or the broker, unless shutting
+    /// down (the clients are being closed). Returns how many connections it reached.
+    fn deliver(&mut self, topic: &str, frame: Vec<u8>) -> u64 {
+        if self.shutdown_deadline.is_some() {
+            return 0;
+        }
+        self.publish_named(topic, &Bytes::from(frame))
+    }
+
     /// Publishes to a topic by name (`ALL_CONNECTIONS`: to every open connection).
     /// Returns how many connections it reached; an unknown topic reaches none.
     fn publish_named(&mut self, topic: &str, frame: &Bytes) -> u64 {
@@ -1245,11 +1250,7 @@ impl Server {
                 topic,
                 frame,
             } => {
-                let count = if self.shutdown_deadline.is_none() {
-                    self.publish_named(&topic, &Bytes::from(frame))
-                } else {
-                    0
-                };
+                let count = self.deliver(&topic, frame);
                 if origin != NO_ORIGIN {
                     if let Some(worker) = self.worker.as_mut() {
                         Message::Delivered {
