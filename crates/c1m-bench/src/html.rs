@@ -15,6 +15,19 @@ use crate::svg::{bar_chart, escape, line_chart, Series, XAxis};
 pub struct Labelled<'a> {
     pub label: String,
     pub result: &'a BenchResult,
+    /// What the server cost during the run, measured outside the bench (bench/compare).
+    pub server: Option<ServerCost>,
+}
+
+/// A server's cost during a run: `c1m report html --server-costs FILE` reads these per
+/// label (bench/compare writes the file).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCost {
+    /// Growth of the server's resident memory over its idle start, per connection.
+    pub memory_per_connection_bytes: f64,
+    /// User + system CPU seconds the server used during the run.
+    pub cpu_seconds: f64,
 }
 
 /// The percentile curve: x = log10(1/(1−q)) up to what the count supports.
@@ -165,6 +178,27 @@ pub fn render(results: &[Labelled<'_>], title: &str) -> String {
         ));
         out.push_str("</div>");
     }
+    let costs: Vec<(&str, ServerCost)> = results
+        .iter()
+        .filter_map(|l| l.server.map(|c| (l.label.as_str(), c)))
+        .collect();
+    if !costs.is_empty() {
+        let bars = |f: &dyn Fn(&ServerCost) -> f64| -> Vec<(String, f64)> {
+            costs.iter().map(|(l, c)| (l.to_string(), f(c))).collect()
+        };
+        out.push_str("<h2>Server cost</h2><div class=\"charts\">");
+        out.push_str(&bar_chart(
+            "Server memory per connection (RSS growth)",
+            "B",
+            &bars(&|c| c.memory_per_connection_bytes),
+        ));
+        out.push_str(&bar_chart(
+            "Server CPU over the run",
+            "s",
+            &bars(&|c| c.cpu_seconds),
+        ));
+        out.push_str("</div><p class=\"note\">Measured outside the bench: the server's resident memory and CPU time, from /proc.</p>");
+    }
     out.push_str("<h2>Runs</h2><ul>");
     for l in results {
         let _ = write!(
@@ -229,27 +263,35 @@ mod tests {
             &[Labelled {
                 label: "c1m".into(),
                 result: &a,
+                server: None,
             }],
             "t",
         );
         assert_eq!(one.matches("class=\"series\"").count(), 4);
-        assert!(!one.contains("Comparison"));
+        assert!(!one.contains("Comparison") && !one.contains("Server cost"));
         assert!(one.contains("&lt;x&gt;"), "config is escaped");
         let two = render(
             &[
                 Labelled {
                     label: "c1m".into(),
                     result: &a,
+                    server: Some(ServerCost {
+                        memory_per_connection_bytes: 70.0,
+                        cpu_seconds: 3.0,
+                    }),
                 },
                 Labelled {
                     label: "peer".into(),
                     result: &b,
+                    server: None,
                 },
             ],
             "t",
         );
         assert_eq!(two.matches("class=\"series\"").count(), 8);
-        assert_eq!(two.matches("class=\"bar\"").count(), 10);
+        // Five comparison charts of two bars, two cost charts of the one known cost.
+        assert_eq!(two.matches("class=\"bar\"").count(), 12);
+        assert!(two.contains("70 B"), "the cost is written on its bar");
         assert!(!two.contains("<script"), "no script");
         assert!(!two.contains("src="), "no external resource");
     }

@@ -1,9 +1,10 @@
 //! `c1m report`: work with saved `--json` results.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use c1m_bench::html::{render, Labelled};
+use c1m_bench::html::{render, Labelled, ServerCost};
 use c1m_bench::report::{console, BenchResult};
 use c1m_bench::summary::Summary;
 use clap::{Args, Subcommand};
@@ -51,6 +52,10 @@ enum ReportCommand {
         /// The page's title.
         #[arg(long, default_value = "c1m bench report")]
         title: String,
+        /// Also chart what each server cost: a JSON object from label to
+        /// `{"memory_per_connection_bytes": B, "cpu_seconds": S}` (bench/compare writes it).
+        #[arg(long, value_name = "FILE")]
+        server_costs: Option<PathBuf>,
     },
 }
 
@@ -98,7 +103,21 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             files,
             output,
             title,
+            server_costs,
         } => {
+            let mut costs: BTreeMap<String, ServerCost> = match &server_costs {
+                None => BTreeMap::new(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text).with_context(|| {
+                        format!(
+                            "{}: expected {{\"LABEL\": {{\"memory_per_connection_bytes\": B, \"cpu_seconds\": S}}}}",
+                            path.display()
+                        )
+                    })?
+                }
+            };
             let mut results = Vec::new();
             for arg in &files {
                 let (label, file) = match arg.split_once('=') {
@@ -115,8 +134,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
                 .map(|(label, result)| Labelled {
                     label: label.clone(),
                     result,
+                    server: costs.remove(label),
                 })
                 .collect();
+            if let Some(label) = costs.keys().next() {
+                bail!("--server-costs names {label:?}, which is not the label of any result");
+            }
             std::fs::write(&output, render(&labelled, &title))
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("wrote {}", output.display());

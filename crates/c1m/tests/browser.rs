@@ -99,11 +99,19 @@ fn the_html_report_draws_every_chart() {
     let dir = artifacts();
     let result = dir.join("browser-result.json");
     std::fs::write(&result, json).unwrap();
+    let costs = dir.join("browser-costs.json");
+    std::fs::write(
+        &costs,
+        r#"{"c1m": {"memory_per_connection_bytes": 70, "cpu_seconds": 1.5}}"#,
+    )
+    .unwrap();
     let page = dir.join("report.html");
     let status = Command::new(env!("CARGO_BIN_EXE_c1m"))
         .args(["report", "html"])
         .arg(format!("c1m={}", result.display()))
         .arg(format!("again={}", result.display()))
+        .arg("--server-costs")
+        .arg(&costs)
         .arg("-o")
         .arg(&page)
         .status()
@@ -115,9 +123,10 @@ fn the_html_report_draws_every_chart() {
         "self-contained"
     );
     let dom = render(&format!("file://{}", page.display()), 1000, "report");
-    // Four line charts with a line per result, five comparison charts with a bar each.
+    // Four line charts with a line per result, five comparison charts with a bar each,
+    // two server-cost charts with the one cost given.
     assert_eq!(dom.matches("class=\"series\"").count(), 8, "line paths");
-    assert_eq!(dom.matches("class=\"bar\"").count(), 10, "bars");
+    assert_eq!(dom.matches("class=\"bar\"").count(), 12, "bars");
     assert!(!dom.contains("no data"), "every chart had data");
 }
 
