@@ -35,6 +35,9 @@ pub struct PlainRequest {
     pub content_type: Option<String>,
     /// The body's length from `Content-Length` (0 without the header).
     pub content_length: usize,
+    /// Whether the client wants the connection kept for another request: HTTP/1.1
+    /// without `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
+    pub keep_alive: bool,
 }
 
 /// What the server needs from a valid upgrade request.
@@ -149,6 +152,10 @@ pub fn parse_request(
                 authorization: header("Authorization").map(str::to_string),
                 content_type: header("Content-Type").map(str::to_string),
                 content_length,
+                keep_alive: match req.version {
+                    Some(1) => !has_token("Connection", "close"),
+                    _ => has_token("Connection", "keep-alive"),
+                },
             }),
             head_len,
         )));
@@ -255,6 +262,24 @@ pub fn http_response_typed(
     let mut out = out.into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+/// Turns a response of [`http_response_typed`] into one that keeps the connection:
+/// its `Connection: close` header becomes `Connection: keep-alive`.
+pub fn keeping_alive(mut response: Vec<u8>) -> Vec<u8> {
+    const CLOSE: &[u8] = b"\r\nConnection: close\r\n";
+    const KEEP: &[u8] = b"\r\nConnection: keep-alive\r\n";
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |i| i + 2);
+    if let Some(at) = response[..head_end]
+        .windows(CLOSE.len())
+        .position(|w| w == CLOSE)
+    {
+        response.splice(at..at + CLOSE.len(), KEEP.iter().copied());
+    }
+    response
 }
 
 /// The response to a refused handshake.
@@ -392,7 +417,27 @@ mod tests {
                 authorization: None,
                 content_type: None,
                 content_length: 0,
+                keep_alive: true,
             })
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        let keep = |head: &[u8]| match parse_request(head, MAX).unwrap().unwrap().0 {
+            Request::Plain(plain) => plain.keep_alive,
+            other => panic!("{other:?}"),
+        };
+        assert!(keep(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(!keep(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(!keep(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(keep(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+        let kept = keeping_alive(http_response(200, "OK", &[], "Connection: close\r\n"));
+        let text = String::from_utf8(kept).unwrap();
+        assert!(text.contains("\r\nConnection: keep-alive\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\nConnection: close\r\n"),
+            "the body is untouched"
         );
     }
 

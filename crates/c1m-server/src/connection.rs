@@ -414,9 +414,19 @@ impl Connection {
             let next = match self.kind {
                 PhaseKind::Handshake => self.handshake_input(&input[..n], cx),
                 PhaseKind::Open => self.frame_input(&mut input[..n], cx),
-                // An HTTP request is being answered, or the connection is closing:
-                // further input is of no use.
-                PhaseKind::Http | PhaseKind::Closing => Next::Keep,
+                // An HTTP request is being answered: what comes meanwhile is a pipelined
+                // request, which is not served (see `answer_http`); it is kept, bounded,
+                // only so the answer knows to close.
+                PhaseKind::Http => {
+                    let limit = cx.limits.max_head_bytes;
+                    let head = &mut self.extra().head;
+                    if head.len() < limit {
+                        head.extend_from_slice(&input[..n.min(limit - head.len())]);
+                    }
+                    Next::Keep
+                }
+                // Closing: further input is of no use.
+                PhaseKind::Closing => Next::Keep,
             };
             cx.scratch = input;
             if next != Next::Keep {
@@ -538,6 +548,40 @@ impl Connection {
             &mut frame,
         );
         self.finish_with(frame, deadline, limits)
+    }
+
+    /// Answers an HTTP request. When the client asked to keep the connection
+    /// (`keep_alive`) and sent nothing more meanwhile, the connection goes back to
+    /// waiting for a request, until `idle_deadline`; the caller must queue that
+    /// deadline. Requests are not pipelined: a client that sends its next request
+    /// before this answer gets this answer and a close (curl, browsers and HTTP client
+    /// libraries wait for the answer). Otherwise as `finish_with`.
+    pub fn answer_http(
+        &mut self,
+        response: Vec<u8>,
+        keep_alive: bool,
+        idle_deadline: Instant,
+        closing_deadline: Instant,
+        limits: &Limits,
+    ) -> Next {
+        let pipelined = self.extra.as_ref().is_some_and(|e| !e.head.is_empty());
+        if !keep_alive || pipelined || self.kind != PhaseKind::Http {
+            return self.finish_with(response, closing_deadline, limits);
+        }
+        self.kind = PhaseKind::Handshake;
+        self.extra().deadline = Some(idle_deadline);
+        // An answer is allowed past the pending-output bound, like a last message.
+        let limits = Limits {
+            max_pending_bytes: usize::MAX,
+            ..*limits
+        };
+        match self.send(&Bytes::from(handshake::keeping_alive(response)), &limits) {
+            Err(SendError::Io(_)) => Next::Remove(End::Io),
+            _ => {
+                self.tidy();
+                Next::Keep
+            }
+        }
     }
 
     /// Sends a last message (close frame or HTTP response), then closes our side.
@@ -682,7 +726,11 @@ impl Connection {
                     return Next::Keep; // the body is still arriving
                 }
                 let body = extra.head[used..used + plain.content_length].to_vec();
-                extra.head = Vec::new();
+                // What follows the body is a pipelined request (see `answer_http`).
+                extra.head.drain(..used + plain.content_length);
+                if extra.head.is_empty() {
+                    extra.head = Vec::new();
+                }
                 self.kind = PhaseKind::Http;
                 cx.stats.plain_http += 1;
                 cx.actions.push(Action::Http(plain, body));

@@ -1,9 +1,10 @@
 //! Plain HTTP on the WebSocket port: the info page, the publish API, metrics, health.
 //!
-//! Every request is answered on its own connection (`Connection: close`): publishers
-//! are few and `curl` is the expected client, so the event loop needs no keep-alive or
-//! pipelining state. The request body has been read whole (bounded by
-//! `--max-message-size`) before [`route`] sees it. See `docs/openapi.yaml`.
+//! A connection is kept for the next request when the client asks (HTTP/1.1's default;
+//! see `Connection::answer_http`), so a publisher need not connect per message;
+//! requests are not pipelined (one at a time per connection, as HTTP clients send
+//! them). The request body has been read whole (bounded by `--max-message-size`)
+//! before [`route`] sees it. See `docs/openapi.yaml`.
 
 use bytes::Bytes;
 use c1m_proto::handshake::{http_response, http_response_typed, PlainRequest};
@@ -203,6 +204,7 @@ mod tests {
             authorization: key.map(|k| format!("Bearer {k}")),
             content_type: content_type.map(str::to_string),
             content_length: 0,
+            keep_alive: true,
         }
     }
 
@@ -258,6 +260,7 @@ mod tests {
             authorization: None,
             content_type: None,
             content_length: 0,
+            keep_alive: true,
         };
         for (path, cluster) in [
             ("/stats", false),

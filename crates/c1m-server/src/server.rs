@@ -193,15 +193,24 @@ struct Waiting {
     started: Instant,
     /// The topic of a publish; `None` for `GET /stats`.
     topic: Option<String>,
+    /// Whether the client asked to keep the connection for another request.
+    keep_alive: bool,
 }
 
 impl Waiting {
-    fn new(conn: &Connection, key: usize, topic: Option<&str>, started: Instant) -> Waiting {
+    fn new(
+        conn: &Connection,
+        key: usize,
+        keep_alive: bool,
+        topic: Option<&str>,
+        started: Instant,
+    ) -> Waiting {
         Waiting {
             key,
             deadline: conn.deadline(),
             started,
             topic: topic.map(str::to_string),
+            keep_alive,
         }
     }
 }
@@ -857,10 +866,32 @@ impl Server {
         if !same {
             return false;
         }
-        let deadline = now + self.config.close_timeout;
-        let next = self.conns[key].finish_with(response, deadline, &self.limits);
+        let next = self.answer_http(key, response, waiting.keep_alive, now);
         self.after(key, PhaseKind::Http, next);
         true
+    }
+
+    /// Sends an HTTP answer on connection `key`, keeping the connection for the next
+    /// request when the client asked (see `Connection::answer_http`); a kept connection
+    /// waits for it under the handshake timeout.
+    fn answer_http(
+        &mut self,
+        key: usize,
+        response: Vec<u8>,
+        keep_alive: bool,
+        now: Instant,
+    ) -> Next {
+        let idle = now + self.config.handshake_timeout;
+        let closing = now + self.config.close_timeout;
+        let next = self.conns[key].answer_http(response, keep_alive, idle, closing, &self.limits);
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.kind() == PhaseKind::Handshake)
+        {
+            self.handshake_deadlines.push_back((key, idle));
+        }
+        next
     }
 
     /// This process's numbers for `GET /stats` (a single-process server: the node's).
@@ -913,6 +944,7 @@ impl Server {
         body: Vec<u8>,
         now: Instant,
     ) -> Next {
+        let keep_alive = request.keep_alive;
         let ready = self.shutdown_deadline.is_none()
             && self.has_room()
             && self.cluster.as_ref().is_none_or(|c| c.up);
@@ -930,7 +962,7 @@ impl Server {
                     // The master sums the workers (and holds the cluster view).
                     let request = worker.next_request;
                     worker.next_request = worker.next_request.wrapping_add(1);
-                    let waiting = Waiting::new(&self.conns[key], key, None, now);
+                    let waiting = Waiting::new(&self.conns[key], key, keep_alive, None, now);
                     worker.waiting.insert(request, waiting);
                     Message::StatsRequest { request, cluster }.encode(&mut worker.control_out);
                     return Next::Keep; // answered when the master does
@@ -946,7 +978,7 @@ impl Server {
             Outcome::Publish { topic, frame }
                 if self.worker.is_none() && self.cluster.is_some() =>
             {
-                let waiting = Waiting::new(&self.conns[key], key, Some(&topic), now);
+                let waiting = Waiting::new(&self.conns[key], key, keep_alive, Some(&topic), now);
                 let cluster = self.cluster.as_mut().expect("checked above");
                 let id = cluster.next_id;
                 cluster.next_id += 1;
@@ -970,7 +1002,8 @@ impl Server {
                 if let Some(worker) = self.worker.as_mut() {
                     let request = worker.next_request;
                     worker.next_request = worker.next_request.wrapping_add(1);
-                    let waiting = Waiting::new(&self.conns[key], key, Some(&topic), now);
+                    let waiting =
+                        Waiting::new(&self.conns[key], key, keep_alive, Some(&topic), now);
                     worker.waiting.insert(request, waiting);
                     Message::Relay {
                         request,
@@ -988,8 +1021,7 @@ impl Server {
                 http::published(&topic, delivered)
             }
         };
-        let deadline = now + self.config.close_timeout;
-        self.conns[key].finish_with(response, deadline, &self.limits)
+        self.answer_http(key, response, keep_alive, now)
     }
 
     fn render_metrics(&self) -> String {

@@ -218,13 +218,17 @@ async fn bad_frames_get_their_close_codes_and_spare_other_clients() {
 async fn plain_http_and_bad_handshakes_get_proper_responses() {
     let server = Server::start(&["--connect-only"]);
     let cases: Vec<(String, &str)> = vec![
-        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n".into(), "HTTP/1.1 200 "),
+        // `Connection: close`: a plain request is answered on a kept connection otherwise.
         (
-            "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+            "HTTP/1.1 200 ",
+        ),
+        (
+            "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
             "HTTP/1.1 404 ",
         ),
         (
-            "DELETE / HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "DELETE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
             "HTTP/1.1 405 ",
         ),
         (
@@ -254,7 +258,7 @@ async fn plain_http_and_bad_handshakes_get_proper_responses() {
         );
     }
     let mut raw = RawClient::connect(server.addr).await;
-    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    raw.send(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await; // HTTP/1.0: closed after
     let page = String::from_utf8_lossy(&raw.read_to_end().await).to_string();
     assert!(page.contains("WebSocket push server"), "{page}");
 }
@@ -607,4 +611,109 @@ async fn a_compression_bomb_gets_1009_and_bad_data_1007() {
         echo.payload
     };
     assert_eq!(text, b"still here");
+}
+
+/// Reads one HTTP response (head and a `Content-Length` body) from a kept connection.
+fn read_response(reader: &mut std::io::BufReader<std::net::TcpStream>) -> (String, String) {
+    use std::io::{BufRead, Read};
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "closed mid-head: {head}"
+        );
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Content-Length");
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test]
+async fn http_keeps_the_connection_for_the_next_request() {
+    use std::io::{Read, Write};
+    for workers in ["1", "2"] {
+        let server = Server::start(&[
+            "--connect-only",
+            "--api-key",
+            "k",
+            "--workers",
+            workers,
+            "--handshake-timeout",
+            "500ms",
+        ]);
+        let mut subscriber = RawClient::connect(server.addr).await;
+        subscriber
+            .send(UPGRADE.replace("/ws", "/?topic=a").as_bytes())
+            .await;
+        assert!(subscriber
+            .read_http_head()
+            .await
+            .starts_with("HTTP/1.1 101"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let addr = server.addr;
+        tokio::task::spawn_blocking(move || {
+            let stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = std::io::BufReader::new(stream);
+            // Several requests, publishes included (answered after the master's count in a
+            // multi-process server), on one connection.
+            for i in 0..3 {
+                let body = format!(r#"{{"topic":"a","message":"m{i}"}}"#);
+                write!(
+                    writer,
+                    "POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let (head, body) = read_response(&mut reader);
+                assert!(head.contains("Connection: keep-alive"), "{head}");
+                assert_eq!(body.trim(), r#"{"delivered":1,"topic":"a"}"#, "workers={workers}");
+                writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                assert_eq!(read_response(&mut reader).1, "ok\n");
+            }
+            // `Connection: close` ends it after the answer.
+            writer
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let (head, _) = read_response(&mut reader);
+            assert!(head.contains("Connection: close"), "{head}");
+            let mut rest = Vec::new();
+            assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "closed");
+
+            // Pipelined requests are not served: the first is answered, then a close.
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut all = String::new();
+            stream.read_to_string(&mut all).unwrap();
+            assert_eq!(all.matches("HTTP/1.1 200").count(), 1, "{all}");
+
+            // An idle kept connection is closed after the handshake timeout.
+            let stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = std::io::BufReader::new(stream);
+            writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            read_response(&mut reader);
+            let started = std::time::Instant::now();
+            let mut rest = Vec::new();
+            assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0);
+            assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        })
+        .await
+        .unwrap();
+    }
 }
