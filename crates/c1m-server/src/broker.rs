@@ -596,6 +596,27 @@ mod tests {
             .is_none());
     }
 
+    proptest::proptest! {
+        // What comes from the broker is network input: any bytes on a topic or acks
+        // subject give an event or nothing, never a panic, and a wrapped publication
+        // comes back whole.
+        #[test]
+        fn broker_input_never_panics(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let nats = BrokerUrl::parse("nats://127.0.0.1:4222").unwrap();
+            let acks = nats.acks_subject("me");
+            let _ = nats.incoming("c1m.t.a", &acks, payload.clone());
+            let _ = nats.incoming(&acks, &acks, payload.clone());
+            let _ = unwrap(&payload);
+        }
+
+        #[test]
+        fn wrap_round_trips(to in "[a-z:/_0-9]{0,40}", id in proptest::num::u64::ANY,
+                            frame in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let reply = Reply { to, id };
+            proptest::prop_assert_eq!(unwrap(&wrap(&reply, &frame)), Some((reply, frame)));
+        }
+    }
+
     #[test]
     fn urls_and_subjects() {
         let nats = BrokerUrl::parse("nats://127.0.0.1:4222").unwrap();

@@ -343,6 +343,18 @@ mod tests {
         assert!(view.record(&vec![b' '; MAX_REPORT_BYTES + 1], now).is_err());
     }
 
+    proptest::proptest! {
+        // Node reports come from the broker: any bytes are recorded or refused, never a
+        // panic.
+        #[test]
+        fn any_report_bytes_are_safe(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let mut view = ClusterView::default();
+            let _ = view.record(&bytes, Instant::now());
+            let local = report("me", 1, &[("a", 1)]);
+            let _ = view.to_json(&local, Instant::now());
+        }
+    }
+
     #[test]
     fn only_the_largest_topics_are_reported() {
         let names: Vec<String> = (0..MAX_REPORTED_TOPICS + 5)
