@@ -259,11 +259,13 @@ impl BrokerLink {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let token = ack_token(node);
         let out = Out {
             events: event_tx,
             wake: Arc::new(wake),
             node: Arc::from(node),
-            acks: Arc::from(url.acks_subject(&ack_token(node))),
+            acks: Arc::from(url.acks_subject(&token)),
+            token: Arc::from(token),
         };
         std::thread::Builder::new()
             .name("c1m-broker".into())
@@ -285,8 +287,9 @@ impl BrokerLink {
 struct Out {
     events: mpsc::Sender<Event>,
     wake: Arc<dyn Fn() + Send + Sync>,
-    /// This node's name, and the subject where it hears delivery counts.
+    /// This node's name, its acks token, and the subject where it hears delivery counts.
     node: Arc<str>,
+    token: Arc<str>,
     acks: Arc<str>,
 }
 
@@ -300,7 +303,7 @@ impl Out {
     /// The reply address of this node's publish `id`.
     fn reply(&self, id: u64) -> Reply {
         Reply {
-            to: ack_token(&self.node),
+            to: self.token.to_string(),
             id,
         }
     }

@@ -570,18 +570,23 @@ impl Connection {
         }
         self.kind = PhaseKind::Handshake;
         self.extra().deadline = Some(idle_deadline);
-        // An answer is allowed past the pending-output bound, like a last message.
-        let limits = Limits {
-            max_pending_bytes: usize::MAX,
-            ..*limits
-        };
-        match self.send(&Bytes::from(handshake::keeping_alive(response)), &limits) {
+        match self.send_answer(handshake::keeping_alive(response), limits) {
             Err(SendError::Io(_)) => Next::Remove(End::Io),
             _ => {
                 self.tidy();
                 Next::Keep
             }
         }
+    }
+
+    /// Sends an answer (HTTP response, or a last close frame) past the pending-output
+    /// bound: it is small and the client is waiting for it, not falling behind.
+    fn send_answer(&mut self, bytes: Vec<u8>, limits: &Limits) -> Result<(), SendError> {
+        let limits = Limits {
+            max_pending_bytes: usize::MAX,
+            ..*limits
+        };
+        self.send(&Bytes::from(bytes), &limits)
     }
 
     /// Sends a last message (close frame or HTTP response), then closes our side.
@@ -600,12 +605,7 @@ impl Connection {
         extra.head = Vec::new();
         extra.decoder = None;
         extra.message = Vec::new();
-        // A last message is allowed past the bound: it is small and ends the queue.
-        let limits = Limits {
-            max_pending_bytes: usize::MAX,
-            ..*limits
-        };
-        if let Err(SendError::Io(_)) = self.send(&Bytes::from(last), &limits) {
+        if let Err(SendError::Io(_)) = self.send_answer(last, limits) {
             return Next::Remove(End::Io);
         }
         if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {

@@ -970,7 +970,7 @@ impl Server {
                 let local = self.node_report();
                 let view = self.cluster.as_mut().map(|c| (&mut c.view, c.up));
                 let (status, body) = node_stats::answer(&local, cluster, view, now);
-                stats_response(status, &body)
+                json_answer(status, &body)
             }
             Outcome::Publish { .. } if self.cluster.as_ref().is_some_and(|c| !c.up) => {
                 broker_refusal()
@@ -1314,8 +1314,7 @@ impl Server {
                     .and_then(|w| w.waiting.remove(&request));
                 if let Some(waiting) = waiting {
                     let body = serde_json::from_slice(&json).unwrap_or_default();
-                    let answered =
-                        self.answer_waiting(&waiting, stats_response(status, &body), now);
+                    let answered = self.answer_waiting(&waiting, json_answer(status, &body), now);
                     if answered && waiting.topic.is_some() {
                         self.publish_seconds
                             .observe(now.saturating_duration_since(waiting.started));
@@ -1445,7 +1444,7 @@ impl Server {
 }
 
 /// An HTTP answer the master composed (`GET /stats`, a publish through the cluster).
-pub(crate) fn stats_response(status: u16, body: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn json_answer(status: u16, body: &serde_json::Value) -> Vec<u8> {
     let reason = if status == 200 {
         "OK"
     } else {
