@@ -117,6 +117,27 @@ fn the_html_report_draws_every_chart() {
         .status()
         .unwrap();
     assert!(status.success());
+    // A costs file that names no result, or has the wrong shape, is refused clearly.
+    for (bad, says) in [
+        (
+            r#"{"nope": {"memory_per_connection_bytes": 1, "cpu_seconds": 1}}"#,
+            "nope",
+        ),
+        (r#"{"c1m": {"memory": 1}}"#, "memory_per_connection_bytes"),
+    ] {
+        std::fs::write(&costs, bad).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_c1m"))
+            .args(["report", "html"])
+            .arg(format!("c1m={}", result.display()))
+            .arg("--server-costs")
+            .arg(&costs)
+            .arg("-o")
+            .arg(dir.join("refused.html"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(
         !html.contains("<script") && !html.contains(" src="),
