@@ -170,10 +170,23 @@ impl Aggregator {
         totals
     }
 
+    /// Every worker's latest snapshot added up. A round some worker has not reported
+    /// yet (it learns every round's stamp from the parent, a moment later) is not
+    /// complete: that worker's connections are not counted in it yet.
     pub fn merged(&self) -> Snapshot {
         let mut merged = Snapshot::default();
         for snapshot in self.workers.iter().flatten() {
             merged.merge(snapshot);
+        }
+        for (stamp, round) in merged.rounds.iter_mut() {
+            if self
+                .workers
+                .iter()
+                .flatten()
+                .any(|s| !s.rounds.contains_key(stamp))
+            {
+                round.complete = false;
+            }
         }
         merged
     }

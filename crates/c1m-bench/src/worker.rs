@@ -63,6 +63,10 @@ pub struct WorkerConfig {
     pub lifetime: Option<Duration>,
     /// TLS settings, for a `wss://` target.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Stamps of rounds other workers saw (with `--procs`, the parent fills it). A
+    /// worker whose connections received none of a round still counts them as
+    /// expected for it, so a total loss on one worker is counted as missed.
+    pub rounds_elsewhere: Option<std::sync::Arc<std::sync::Mutex<Vec<u64>>>>,
 }
 
 /// First reconnect delay; it doubles with every consecutive failure, up to the cap.
@@ -752,6 +756,13 @@ impl Worker {
     /// Refreshes the cumulative snapshot: rounds with their expected deliveries.
     fn update_snapshot(&mut self, start: Instant) {
         self.snap.elapsed_secs = start.elapsed().as_secs_f64();
+        if let Some(shared) = &self.config.rounds_elsewhere {
+            let stamps = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
+            for stamp in stamps {
+                // A round none of ours received: delivered to none of them.
+                self.rounds.entry(stamp).or_default();
+            }
+        }
         let latest = self.rounds.keys().copied().max().unwrap_or(0);
         let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {

@@ -81,7 +81,7 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm);
         // Small allowance for clock skew between the token issuer and this server.
-        validation.leeway = 5;
+        validation.leeway = TOKEN_LEEWAY_SECS;
         validation.validate_nbf = true;
         match &config.audience {
             Some(aud) => {
@@ -98,9 +98,11 @@ impl Verifier {
         })
     }
 
-    /// The topics the token allows, or `None` when it names none (all allowed).
-    fn verify(&self, token: &str) -> Result<Option<HashSet<String>>, jsonwebtoken::errors::Error> {
+    /// The topics the token allows (`None` when it names none: all allowed), and its
+    /// `exp` (Unix seconds).
+    fn verify(&self, token: &str) -> Result<Verified, jsonwebtoken::errors::Error> {
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)?;
+        let expires = data.claims.get("exp").and_then(serde_json::Value::as_u64);
         let topics = data.claims.get(&self.topics_claim).map(|claim| {
             claim
                 .as_array()
@@ -112,7 +114,7 @@ impl Verifier {
                 })
                 .unwrap_or_default() // a malformed claim allows nothing
         });
-        Ok(topics)
+        Ok(Verified { topics, expires })
     }
 }
 
@@ -132,6 +134,32 @@ fn load_public_key(path: &Path) -> Result<(DecodingKey, Algorithm), AuthConfigEr
     })
 }
 
+/// What a verified token says.
+struct Verified {
+    topics: Option<HashSet<String>>,
+    expires: Option<u64>,
+}
+
+/// Seconds of clock skew allowed between the token issuer and this server, at the
+/// upgrade and for the expiry of open connections alike.
+pub const TOKEN_LEEWAY_SECS: u64 = 5;
+
+/// Seconds since the Unix epoch, the clock of a token's `exp`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What a fresh token (`{"op":"refresh"}`) grants an open connection.
+#[derive(Debug)]
+pub struct Grant {
+    /// Topics it may join, when the token limits them.
+    pub allowed: Option<Box<[Box<str>]>>,
+    /// When the connection must close unless refreshed again (Unix seconds).
+    pub expires: Option<u64>,
+}
+
 /// What an admitted upgrade may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
@@ -139,6 +167,9 @@ pub struct Admission {
     pub topics: Vec<String>,
     /// Topics the client may join later, when its token limits them.
     pub allowed: Option<Box<[Box<str>]>>,
+    /// The token's `exp` (Unix seconds): the connection is closed past it (plus
+    /// [`TOKEN_LEEWAY_SECS`]) unless it refreshes its token. `None` without a token.
+    pub expires: Option<u64>,
 }
 
 /// The upgrade policy: origins, tokens, topics.
@@ -215,6 +246,7 @@ impl Gate {
             return Ok(Admission {
                 topics,
                 allowed: None,
+                expires: None,
             });
         };
         let token = token.or_else(|| {
@@ -227,8 +259,11 @@ impl Gate {
         let Some(token) = token else {
             return Err(unauthorized());
         };
-        let allowed = match verifier.verify(&token) {
-            Ok(allowed) => allowed,
+        let Verified {
+            topics: allowed,
+            expires,
+        } = match verifier.verify(&token) {
+            Ok(verified) => verified,
             Err(error) => {
                 tracing::debug!(%error, "token refused");
                 return Err(unauthorized());
@@ -243,7 +278,28 @@ impl Gate {
         Ok(Admission {
             topics,
             allowed: allowed.map(|set| set.into_iter().map(Into::into).collect()),
+            expires,
         })
+    }
+
+    /// Checks a token an open connection sent to extend its life (see
+    /// `commands::Command::Refresh`). `Err` says why it was refused.
+    pub fn verify_refresh(&self, token: &str) -> Result<Grant, &'static str> {
+        let Some(verifier) = &self.verifier else {
+            return Err("this server does not use tokens");
+        };
+        match verifier.verify(token) {
+            Ok(verified) => Ok(Grant {
+                allowed: verified
+                    .topics
+                    .map(|set| set.into_iter().map(Into::into).collect()),
+                expires: verified.expires,
+            }),
+            Err(error) => {
+                tracing::debug!(%error, "refresh token refused");
+                Err("invalid or expired token")
+            }
+        }
     }
 }
 

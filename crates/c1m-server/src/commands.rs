@@ -18,12 +18,17 @@ use serde_json::json;
 pub enum Command {
     Subscribe(String),
     Unsubscribe(String),
+    /// `{"op":"refresh","token":"..."}`: a fresh JWT, so the connection outlives the
+    /// token it connected with (it is closed with 4001 at that token's expiry
+    /// otherwise). Answered `{"ok":true,"op":"refresh","exp":N}` or with an error.
+    Refresh(String),
 }
 
 #[derive(Deserialize)]
 struct Wire {
     op: String,
-    topic: String,
+    topic: Option<String>,
+    token: Option<String>,
 }
 
 /// Whether a client's text message is meant as a command: a JSON object. Other text
@@ -35,10 +40,13 @@ pub fn is_command(text: &str) -> bool {
 /// Reads a command; `Err` holds the error answer to send back.
 pub fn parse(text: &str) -> Result<Command, String> {
     let wire: Wire = serde_json::from_str(text).map_err(|_| malformed_reply())?;
-    match wire.op.as_str() {
-        "subscribe" => Ok(Command::Subscribe(wire.topic)),
-        "unsubscribe" => Ok(Command::Unsubscribe(wire.topic)),
-        other => Err(error_reply(Some(other), Some(&wire.topic), "unknown op")),
+    match (wire.op.as_str(), wire.topic, wire.token) {
+        ("subscribe", Some(topic), _) => Ok(Command::Subscribe(topic)),
+        ("unsubscribe", Some(topic), _) => Ok(Command::Unsubscribe(topic)),
+        ("refresh", _, Some(token)) => Ok(Command::Refresh(token)),
+        ("refresh", _, None) => Err(refresh_reply(Err("missing \"token\""))),
+        ("subscribe" | "unsubscribe", None, _) => Err(malformed_reply()),
+        (other, topic, _) => Err(error_reply(Some(other), topic.as_deref(), "unknown op")),
     }
 }
 
@@ -50,6 +58,14 @@ pub fn malformed_reply() -> String {
         None,
         "expected {\"op\":\"subscribe\"|\"unsubscribe\",\"topic\":NAME}",
     )
+}
+
+/// The answer to a refresh: the new expiry (Unix seconds), or why it was refused.
+pub fn refresh_reply(result: Result<Option<u64>, &str>) -> String {
+    match result {
+        Ok(exp) => json!({"ok": true, "op": "refresh", "exp": exp}).to_string(),
+        Err(error) => json!({"ok": false, "op": "refresh", "error": error}).to_string(),
+    }
 }
 
 pub fn ok_reply(op: &str, topic: &str) -> String {
@@ -74,6 +90,10 @@ mod tests {
             parse(r#"{"topic":"a","op":"unsubscribe"}"#),
             Ok(Command::Unsubscribe("a".into()))
         );
+        assert_eq!(
+            parse(r#"{"op":"refresh","token":"t"}"#),
+            Ok(Command::Refresh("t".into()))
+        );
         assert!(is_command(" {\"op\":1}") && !is_command("hello"));
         for bad in [
             "",
@@ -81,6 +101,8 @@ mod tests {
             "{}",
             r#"{"op":"subscribe"}"#,
             r#"{"op":"x","topic":"a"}"#,
+            r#"{"op":"refresh"}"#,
+            r#"{"op":"refresh","token":7}"#,
         ] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("\"ok\":false"), "{bad}: {err}");

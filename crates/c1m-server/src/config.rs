@@ -94,6 +94,9 @@ pub struct Faults {
     pub stamp_offset: Duration,
     /// Skip every Nth open connection in each broadcast (the bench must count misses).
     pub skip_every: Option<usize>,
+    /// Skip every connection from this address in each broadcast (a bench worker whose
+    /// connections all come from it must count every round as missed).
+    pub skip_source: Option<std::net::IpAddr>,
 }
 
 impl Default for ServeConfig {

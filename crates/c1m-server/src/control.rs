@@ -7,6 +7,8 @@
 //! connections it reached; the master sums the answers for the worker that holds the
 //! HTTP request, which then answers its client.
 
+use crate::target::{Delivery, Target};
+
 /// Writes as much of `queue` as `out` takes now (non-blocking), removing what was
 /// written; `WouldBlock` leaves the rest for the next writable event.
 pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::io::Result<()> {
@@ -24,44 +26,37 @@ pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::
     Ok(())
 }
 
-/// A topic field that is empty means "every open connection" (`POST /broadcast`).
-pub const ALL_CONNECTIONS: &str = "";
-
-/// `origin` of a publication nobody waits for (the clock).
-pub const NO_ORIGIN: u32 = u32::MAX;
-
-/// `origin` of a publication from the cluster's broker: the workers' counts go back to
-/// the master, which sends their sum to the publishing node.
-pub const BROKER_ORIGIN: u32 = u32::MAX - 1;
-
-/// `Done::count` of a publish the broker did not take (down, or no confirmation).
-pub const REFUSED: u64 = u64::MAX - 1;
+/// Who waits for the workers' counts of a publication the master sends them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// Nobody: a clock tick. Workers do not answer.
+    Clock,
+    /// Worker `index` took it over HTTP as its request `request`.
+    Worker { index: u32, request: u32 },
+    /// It came from the cluster's broker (the master's relay `relay`): the sum goes
+    /// back to the publishing node.
+    Broker { relay: u32 },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Master → worker: send `frame` to the subscribers of `topic`, then (unless
-    /// `origin` is `NO_ORIGIN`) answer with `Delivered`.
+    /// Master → worker: send `frame` to `target`, then (unless `origin` is the clock)
+    /// answer with `Delivered`.
     Publish {
-        origin: u32,
-        request: u32,
-        topic: String,
+        origin: Origin,
+        target: Target,
         frame: Vec<u8>,
     },
     /// Worker → master: please relay this publication to every worker.
     Relay {
         request: u32,
-        topic: String,
+        target: Target,
         frame: Vec<u8>,
     },
     /// Worker → master: how many local connections a relayed publication reached.
-    Delivered {
-        origin: u32,
-        request: u32,
-        count: u64,
-    },
-    /// Master → origin worker: the publication reached `count` connections in all (or
-    /// `REFUSED`: the cluster's broker did not take it).
-    Done { request: u32, count: u64 },
+    Delivered { origin: Origin, count: u64 },
+    /// Master → origin worker: what a relayed publish came to.
+    Done { request: u32, delivery: Delivery },
     /// Worker → master: the worker has (`on`) or no longer has local subscribers of
     /// `topic` (the master subscribes to the topic on the broker while any worker has).
     Interest { topic: String, on: bool },
@@ -99,39 +94,44 @@ impl Message {
         match self {
             Message::Publish {
                 origin,
-                request,
-                topic,
+                target,
                 frame,
             } => {
                 out.push(PUBLISH);
-                out.extend_from_slice(&origin.to_le_bytes());
-                out.extend_from_slice(&request.to_le_bytes());
-                put_bytes(out, topic.as_bytes());
+                put_origin(out, origin);
+                put_bytes(out, target.to_wire().as_bytes());
                 out.extend_from_slice(frame);
             }
             Message::Relay {
                 request,
-                topic,
+                target,
                 frame,
             } => {
                 out.push(RELAY);
                 out.extend_from_slice(&request.to_le_bytes());
-                put_bytes(out, topic.as_bytes());
+                put_bytes(out, target.to_wire().as_bytes());
                 out.extend_from_slice(frame);
             }
-            Message::Delivered {
-                origin,
-                request,
-                count,
-            } => {
+            Message::Delivered { origin, count } => {
                 out.push(DELIVERED);
-                out.extend_from_slice(&origin.to_le_bytes());
-                out.extend_from_slice(&request.to_le_bytes());
+                put_origin(out, origin);
                 out.extend_from_slice(&count.to_le_bytes());
             }
-            Message::Done { request, count } => {
+            Message::Done { request, delivery } => {
                 out.push(DONE);
                 out.extend_from_slice(&request.to_le_bytes());
+                let (tag, count) = match *delivery {
+                    Delivery::Counted {
+                        connections,
+                        complete: true,
+                    } => (0, connections),
+                    Delivery::Counted {
+                        connections,
+                        complete: false,
+                    } => (1, connections),
+                    Delivery::Refused => (2, 0),
+                };
+                out.push(tag);
                 out.extend_from_slice(&count.to_le_bytes());
             }
             Message::Interest { topic, on } => {
@@ -188,25 +188,33 @@ impl Message {
         let kind = r.u8()?;
         let message = match kind {
             PUBLISH => Message::Publish {
-                origin: r.u32()?,
-                request: r.u32()?,
-                topic: r.string()?,
+                origin: r.origin()?,
+                target: Target::from_wire(r.string()?),
                 frame: r.rest(),
             },
             RELAY => Message::Relay {
                 request: r.u32()?,
-                topic: r.string()?,
+                target: Target::from_wire(r.string()?),
                 frame: r.rest(),
             },
             DELIVERED => Message::Delivered {
-                origin: r.u32()?,
-                request: r.u32()?,
+                origin: r.origin()?,
                 count: r.u64()?,
             },
-            DONE => Message::Done {
-                request: r.u32()?,
-                count: r.u64()?,
-            },
+            DONE => {
+                let request = r.u32()?;
+                let tag = r.u8()?;
+                let connections = r.u64()?;
+                let delivery = match tag {
+                    0 | 1 => Delivery::Counted {
+                        connections,
+                        complete: tag == 0,
+                    },
+                    2 => Delivery::Refused,
+                    other => return Err(format!("unknown delivery kind {other}")),
+                };
+                Message::Done { request, delivery }
+            }
             INTEREST => {
                 let on = r.u8()? != 0;
                 Message::Interest {
@@ -232,6 +240,17 @@ impl Message {
         };
         Ok(message)
     }
+}
+
+fn put_origin(out: &mut Vec<u8>, origin: &Origin) {
+    let (tag, a, b) = match *origin {
+        Origin::Clock => (0, 0, 0),
+        Origin::Worker { index, request } => (1, index, request),
+        Origin::Broker { relay } => (2, relay, 0),
+    };
+    out.push(tag);
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -267,6 +286,18 @@ impl Reader<'_> {
         let len = u16::from_le_bytes([b[0], b[1]]) as usize;
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "topic is not UTF-8".into())
     }
+    fn origin(&mut self) -> Result<Origin, String> {
+        let (tag, a, b) = (self.u8()?, self.u32()?, self.u32()?);
+        match tag {
+            0 => Ok(Origin::Clock),
+            1 => Ok(Origin::Worker {
+                index: a,
+                request: b,
+            }),
+            2 => Ok(Origin::Broker { relay: a }),
+            other => Err(format!("unknown origin kind {other}")),
+        }
+    }
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.0).to_vec()
     }
@@ -280,24 +311,41 @@ mod tests {
     fn round_trip_in_pieces() {
         let all = vec![
             Message::Publish {
-                origin: NO_ORIGIN,
-                request: 0,
-                topic: "time".into(),
+                origin: Origin::Clock,
+                target: Target::Topic("time".into()),
                 frame: vec![0x81, 1, b'7'],
+            },
+            Message::Publish {
+                origin: Origin::Broker { relay: 7 },
+                target: Target::All,
+                frame: vec![0x81, 0],
             },
             Message::Relay {
                 request: 9,
-                topic: ALL_CONNECTIONS.into(),
+                target: Target::All,
                 frame: vec![0x82, 0],
             },
             Message::Delivered {
-                origin: 3,
-                request: 9,
+                origin: Origin::Worker {
+                    index: 3,
+                    request: 9,
+                },
                 count: 1 << 40,
             },
             Message::Done {
                 request: 9,
-                count: 5,
+                delivery: Delivery::whole(5),
+            },
+            Message::Done {
+                request: 10,
+                delivery: Delivery::Counted {
+                    connections: 2,
+                    complete: false,
+                },
+            },
+            Message::Done {
+                request: 11,
+                delivery: Delivery::Refused,
             },
             Message::Interest {
                 topic: "prices".into(),

@@ -12,7 +12,7 @@ use c1m_proto::{encode_frame, OpCode};
 use serde_json::{json, Value};
 
 use crate::auth::{check_api_key, query_pairs, split_target, unauthorized};
-use crate::control::ALL_CONNECTIONS;
+use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
 
 /// What the server must do with a request.
@@ -20,9 +20,8 @@ use crate::topics::validate_name;
 pub enum Outcome {
     /// Send this complete response.
     Respond(Vec<u8>),
-    /// Publish `frame` to `topic` (`ALL_CONNECTIONS` for a broadcast), then answer with
-    /// [`published`].
-    Publish { topic: String, frame: Bytes },
+    /// Publish `frame` to `target`, then answer with [`published`].
+    Publish { target: Target, frame: Bytes },
     /// Answer with this node's numbers, or (`cluster`) the whole cluster's: see
     /// `node_stats`.
     Stats { cluster: bool },
@@ -91,7 +90,7 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
                 return respond(unauthorized());
             }
             match parse_publish(path == "/broadcast", request, query, body) {
-                Ok((topic, frame)) => Outcome::Publish { topic, frame },
+                Ok((target, frame)) => Outcome::Publish { target, frame },
                 Err(error) => respond(json_response(
                     400,
                     "Bad Request",
@@ -120,14 +119,54 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
     }
 }
 
-/// The answer to a publish that reached `delivered` connections.
-pub fn published(topic: &str, delivered: u64) -> Vec<u8> {
-    let body = if topic == ALL_CONNECTIONS {
-        json!({ "delivered": delivered })
-    } else {
-        json!({ "topic": topic, "delivered": delivered })
+/// The answer to a publish to `target`: how many connections it reached (with
+/// `"complete": false` when some worker did not count in time), or 503 if the
+/// cluster's broker did not take it.
+pub fn published(target: &Target, delivery: Delivery) -> Vec<u8> {
+    let (delivered, complete) = match delivery {
+        Delivery::Refused => return broker_refusal(),
+        Delivery::Counted {
+            connections,
+            complete,
+        } => (connections, complete),
     };
+    let mut body = json!({ "delivered": delivered });
+    if let Target::Topic(name) = target {
+        body["topic"] = name.as_str().into();
+    }
+    if !complete {
+        body["complete"] = false.into();
+    }
     json_response(200, "OK", &body)
+}
+
+/// The answer to a publish the cluster's broker did not take.
+pub fn broker_refusal() -> Vec<u8> {
+    json_response(
+        503,
+        "Service Unavailable",
+        &json!({ "error": "the broker is unavailable: the message was not published" }),
+    )
+}
+
+/// An answer composed elsewhere (the master's `GET /stats`, a publish through the
+/// cluster): 200, or 503 for anything else.
+pub fn json_answer(status: u16, body: &Value) -> Vec<u8> {
+    let reason = if status == 200 {
+        "OK"
+    } else {
+        "Service Unavailable"
+    };
+    json_response(status, reason, body)
+}
+
+/// The answer to a request that waited for another process longer than `bound`.
+pub fn no_answer_in_time(bound: std::time::Duration) -> Vec<u8> {
+    json_response(
+        504,
+        "Gateway Timeout",
+        &json!({ "error": format!("the master process did not answer within {} s", bound.as_secs()) }),
+    )
 }
 
 pub fn json_response(status: u16, reason: &str, body: &Value) -> Vec<u8> {
@@ -144,7 +183,7 @@ fn parse_publish(
     request: &PlainRequest,
     query: &str,
     body: &[u8],
-) -> Result<(String, Bytes), String> {
+) -> Result<(Target, Bytes), String> {
     let is_json = request
         .content_type
         .as_deref()
@@ -170,17 +209,17 @@ fn parse_publish(
         let text = std::str::from_utf8(body).is_ok();
         (topic, text, body.to_vec())
     };
-    let topic = if broadcast {
-        ALL_CONNECTIONS.to_string()
+    let target = if broadcast {
+        Target::All
     } else {
         let topic = topic.ok_or("missing topic: give \"topic\" in the JSON body or ?topic=NAME")?;
         validate_name(&topic)?;
-        topic
+        Target::Topic(topic)
     };
     let mut frame = Vec::with_capacity(payload.len() + 10);
     let opcode = if text { OpCode::Text } else { OpCode::Binary };
     encode_frame(opcode, &payload, None, &mut frame);
-    Ok((topic, Bytes::from(frame)))
+    Ok((target, Bytes::from(frame)))
 }
 
 const INFO: &str = "c1m: a WebSocket push server.\n\
@@ -236,8 +275,8 @@ mod tests {
             401
         );
         match route(&post("/publish", json, Some("k")), body, &cx()) {
-            Outcome::Publish { topic, frame } => {
-                assert_eq!(topic, "a");
+            Outcome::Publish { target, frame } => {
+                assert_eq!(target, Target::Topic("a".into()));
                 assert_eq!(&frame[..], b"\x81\x02hi");
             }
             other => panic!("{other:?}"),
@@ -250,6 +289,29 @@ mod tests {
             status(&route(&post("/publish", json, Some("k")), body, &off)),
             403
         );
+    }
+
+    #[test]
+    fn publish_answers_say_what_was_counted() {
+        let body = |answer: Vec<u8>| {
+            let text = String::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            (head[9..12].to_string(), body.trim().to_string())
+        };
+        let topic = Target::Topic("a".into());
+        assert_eq!(
+            body(published(&topic, Delivery::whole(3))),
+            ("200".into(), r#"{"delivered":3,"topic":"a"}"#.into())
+        );
+        let partial = Delivery::Counted {
+            connections: 2,
+            complete: false,
+        };
+        assert_eq!(
+            body(published(&Target::All, partial)),
+            ("200".into(), r#"{"complete":false,"delivered":2}"#.into())
+        );
+        assert_eq!(body(published(&topic, Delivery::Refused)).0, "503");
     }
 
     #[test]
@@ -282,8 +344,8 @@ mod tests {
             &[0xff, 0],
             &cx(),
         ) {
-            Outcome::Publish { topic, frame } => {
-                assert_eq!(topic, "b");
+            Outcome::Publish { target, frame } => {
+                assert_eq!(target, Target::Topic("b".into()));
                 assert_eq!(
                     &frame[..],
                     b"\x82\x02\xff\x00",
@@ -309,8 +371,8 @@ mod tests {
             br#"{"message":{"n":1}}"#,
             &cx(),
         ) {
-            Outcome::Publish { topic, frame } => {
-                assert_eq!(topic, ALL_CONNECTIONS);
+            Outcome::Publish { target, frame } => {
+                assert_eq!(target, Target::All);
                 assert_eq!(&frame[2..], br#"{"n":1}"#);
             }
             other => panic!("{other:?}"),

@@ -5,6 +5,7 @@
 //! pieces, each in its own module:
 //!
 //! - [`config`]: every setting of `c1m serve`, in one typed struct.
+//! - [`target`]: where a publication goes and what came of it.
 //! - [`clock`]: when to broadcast and what (the seed's time push), stamped once.
 //! - [`topics`]: which connections a publication goes to.
 //! - [`connection`]: one client: handshake, frame decoding, bounded pending output.
@@ -19,7 +20,13 @@
 //! - [`tls`]: `wss://` with rustls: certificate loading, non-blocking session I/O.
 //! - [`outbox`]: the bytes a connection could not write yet.
 //! - [`per_ip`]: sockets per client address, for `--max-connections-per-ip`.
-//! - [`server`]: the event loop: accept, read, fan out, time out, shut down.
+//! - [`server`]: the event loop of one process and its dispatch.
+//! - [`listener`]: accepting, and leaving the listener to other workers when full.
+//! - [`registry`]: the connections and everything indexed by them (topics,
+//!   deadlines, per-address counts, token expiry).
+//! - [`fanout`]: the hot path, one frame to many connections.
+//! - [`upstream`]: where publications come from: local, via the master, via the broker.
+//! - [`cluster`]: a node's cluster membership, shared by single process and master.
 //! - [`stats`]: counters and the periodic stats line.
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
 //! - [`scoreboard`]: per-worker counters in shared memory.
@@ -27,22 +34,28 @@
 pub mod auth;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod fanout;
 pub mod http;
+pub mod listener;
 pub mod master;
 pub mod metrics;
 pub mod node_stats;
 pub mod outbox;
 pub mod per_ip;
 pub mod publish_acks;
+pub mod registry;
 pub mod scoreboard;
 pub mod server;
 pub mod stats;
+pub mod target;
 pub mod tls;
 pub mod topics;
+pub mod upstream;
 
 pub use config::{
     BrokerUrl, Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, TlsFiles,

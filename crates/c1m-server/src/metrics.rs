@@ -91,6 +91,9 @@ pub struct View<'a> {
     pub worker: Option<(usize, &'a Scoreboard)>,
     /// With `--broker`: whether the cluster link is up.
     pub broker_up: Option<bool>,
+    /// HTTP requests waiting for another process's answer (a worker's relayed
+    /// publishes and `/stats`).
+    pub waiting_requests: usize,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
@@ -201,6 +204,13 @@ pub fn render(view: &View<'_>) -> String {
         "Resident memory of the server (all processes).",
         "gauge",
         sum(view.rss_bytes, |x| &x.rss_bytes),
+    );
+    counter(
+        &mut out,
+        "c1m_requests_waiting",
+        "HTTP requests of this process waiting for another process's answer.",
+        "gauge",
+        view.waiting_requests,
     );
     if let Some(up) = view.broker_up {
         counter(

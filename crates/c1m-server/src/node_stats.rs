@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::control::ALL_CONNECTIONS;
+use crate::target::Target;
 
 /// How often a node publishes its report (and a worker sends its topic counts up).
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -162,17 +162,18 @@ impl ClusterView {
         Ok(())
     }
 
-    /// The nodes that should deliver a publication to `topic` (`ALL_CONNECTIONS`: every
-    /// node): those heard from within `STALE_AFTER` whose last report has subscribers of
+    /// The nodes that should deliver a publication to `target` (every node, for
+    /// [`Target::All`]): those heard from within `STALE_AFTER` whose last report has subscribers of
     /// it, and this node (`local`) if `local_has` says it has some.
     pub fn nodes_with(
         &self,
-        topic: &str,
+        target: &Target,
         local: &str,
         local_has: bool,
         now: Instant,
     ) -> HashSet<String> {
-        let everyone = topic == ALL_CONNECTIONS;
+        let everyone = *target == Target::All;
+        let topic = target.to_wire();
         let mut nodes: HashSet<String> = self
             .reports
             .iter()
@@ -311,9 +312,9 @@ mod tests {
         let later = start + STALE_AFTER + Duration::from_millis(1);
         view.record(&serde_json::to_vec(&c).unwrap(), later)
             .unwrap();
-        let expect = |topic, has| {
+        let expect = |topic: &str, has| {
             let mut v: Vec<String> = view
-                .nodes_with(topic, "a", has, later)
+                .nodes_with(&Target::from_wire(topic.into()), "a", has, later)
                 .into_iter()
                 .collect();
             v.sort();
@@ -322,7 +323,7 @@ mod tests {
         assert_eq!(expect("time", false), ["c"]);
         assert_eq!(expect("x", false), Vec::<String>::new(), "b went silent");
         assert_eq!(expect("y", true), ["a"]);
-        assert_eq!(expect(ALL_CONNECTIONS, false), ["a", "c"]);
+        assert_eq!(expect("", false), ["a", "c"], "every node");
         let all = view.to_json(&a, later);
         assert_eq!(all["nodes"], 2);
         assert_eq!(all["connections"], 10);

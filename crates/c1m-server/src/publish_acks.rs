@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::control::ALL_CONNECTIONS;
+use crate::target::Target;
 
 /// Longest a publish waits for the nodes' counts (from the moment it was sent).
 pub const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -35,7 +35,7 @@ pub enum Finished<T> {
 #[derive(Debug)]
 struct Pending<T> {
     who: T,
-    topic: String,
+    target: Target,
     expected: HashSet<String>,
     confirmed: bool,
     nodes: HashSet<String>,
@@ -56,8 +56,8 @@ impl<T> Pending<T> {
             "nodes_expected": self.expected.len(),
             "complete": self.expected.is_subset(&self.nodes),
         });
-        if self.topic != ALL_CONNECTIONS {
-            body["topic"] = self.topic.into();
+        if let Target::Topic(name) = self.target {
+            body["topic"] = name.into();
         }
         Finished::Delivered(self.who, body)
     }
@@ -80,12 +80,19 @@ impl<T> Default for PublishAcks<T> {
 
 impl<T> PublishAcks<T> {
     /// Publish `id` was handed to the broker; the `expected` nodes should answer.
-    pub fn start(&mut self, id: u64, who: T, topic: &str, expected: HashSet<String>, now: Instant) {
+    pub fn start(
+        &mut self,
+        id: u64,
+        who: T,
+        target: Target,
+        expected: HashSet<String>,
+        now: Instant,
+    ) {
         self.pending.insert(
             id,
             Pending {
                 who,
-                topic: topic.to_string(),
+                target,
                 expected,
                 confirmed: false,
                 nodes: HashSet::new(),
@@ -152,6 +159,10 @@ impl<T> PublishAcks<T> {
 mod tests {
     use super::*;
 
+    fn topic(name: &str) -> Target {
+        Target::Topic(name.into())
+    }
+
     fn nodes(names: &[&str]) -> HashSet<String> {
         names.iter().map(|n| n.to_string()).collect()
     }
@@ -160,7 +171,7 @@ mod tests {
     fn answered_when_confirmed_and_every_expected_node_counted() {
         let now = Instant::now();
         let mut acks = PublishAcks::default();
-        acks.start(1, "client", "a", nodes(&["n1", "n2"]), now);
+        acks.start(1, "client", topic("a"), nodes(&["n1", "n2"]), now);
         // A count may come before the broker's confirmation.
         assert_eq!(acks.ack(1, "n1".into(), 5), None);
         assert_eq!(acks.ack(1, "n1".into(), 5), None, "counted once per node");
@@ -180,7 +191,7 @@ mod tests {
         }
         assert_eq!(acks.ack(1, "n3".into(), 1), None, "late counts are dropped");
         // Nobody has subscribers: answered on the broker's confirmation.
-        acks.start(2, "other", "empty", HashSet::new(), now);
+        acks.start(2, "other", topic("empty"), HashSet::new(), now);
         match acks.confirmed(2, true) {
             Some(Finished::Delivered("other", body)) => assert_eq!(body["delivered"], 0),
             other => panic!("{other:?}"),
@@ -192,9 +203,9 @@ mod tests {
         let now = Instant::now();
         let mut acks = PublishAcks::default();
         let three = nodes(&["n1", "n2", "n3"]);
-        acks.start(1, 'a', ALL_CONNECTIONS, three.clone(), now);
-        acks.start(2, 'b', "t", three.clone(), now);
-        acks.start(3, 'c', "t", three, now + Duration::from_secs(1));
+        acks.start(1, 'a', Target::All, three.clone(), now);
+        acks.start(2, 'b', topic("t"), three.clone(), now);
+        acks.start(3, 'c', topic("t"), three, now + Duration::from_secs(1));
         assert_eq!(acks.confirmed(2, false), Some(Finished::Refused('b')));
         acks.confirmed(1, true);
         acks.ack(1, "n1".into(), 4);

@@ -7,13 +7,54 @@
 //! round trip. Plain atomics with relaxed ordering: every value is an independent
 //! counter, and a stale read by a few microseconds is harmless.
 //!
+//! Behind the slots, each worker has a table of sockets per client address (hashed)
+//! for `--max-connections-per-ip`, so the limit holds for the whole server: a worker
+//! adds and removes its own sockets in its own table, and a lookup sums every
+//! worker's. Two rows with different hashes, and the smaller sum counts (a count-min
+//! sketch): a collision can only make the limit stricter for an address, never
+//! looser, and needs a collision in both rows. A dead worker's table is emptied with
+//! its slot. The tables cost nothing until used: the memfd is sparse, and emptying
+//! punches a hole instead of writing zeroes.
+//!
 //! Written by hand with `libc` because no crate offers a shared, fixed-layout table of
 //! atomics across `exec`; the unsafe parts are the `mmap` calls and the cast of the
 //! mapping to `[Slot]`, both commented below.
 
+use std::hash::{Hash, Hasher};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+/// Buckets per row of a worker's per-address table.
+const IP_BUCKETS: usize = 32 * 1024;
+/// Rows (hash functions) of a per-address table.
+const IP_ROWS: usize = 2;
+
+/// One worker's sockets per client address, hashed (see the module doc).
+#[repr(C)]
+struct IpTable {
+    rows: [[AtomicU32; IP_BUCKETS]; IP_ROWS],
+}
+
+/// Bytes of the slot area, rounded up to whole pages so the tables can be punched.
+fn slots_len(slots: usize) -> usize {
+    let page = 4096;
+    (slots * std::mem::size_of::<Slot>()).div_ceil(page) * page
+}
+
+/// Bytes of a whole scoreboard of `slots` workers.
+fn total_len(slots: usize) -> usize {
+    slots_len(slots) + slots * std::mem::size_of::<IpTable>()
+}
+
+/// The bucket of `ip` in row `row`.
+fn bucket(ip: IpAddr, row: usize) -> usize {
+    // SipHash with fixed keys: the same in every process of the server.
+    let mut hasher = std::hash::DefaultHasher::new();
+    (row, ip).hash(&mut hasher);
+    (hasher.finish() % IP_BUCKETS as u64) as usize
+}
 
 /// One worker's counters, aligned to cache lines so workers never share a line.
 #[repr(C, align(64))]
@@ -44,6 +85,21 @@ pub struct Slot {
     pub rejected_per_ip: AtomicU64,
 }
 
+impl Slot {
+    /// Every counter of the slot (all its fields are `AtomicU64`).
+    fn counters(&self) -> &[AtomicU64] {
+        // SAFETY: `Slot` is `repr(C)` and holds only `AtomicU64` fields, so it is an
+        // array of them; the padding up to its 64-byte alignment is a whole number of
+        // u64s of zero-filled shared memory, valid as atomics too.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const Slot).cast::<AtomicU64>(),
+                std::mem::size_of::<Slot>() / 8,
+            )
+        }
+    }
+}
+
 /// The shared table. Dropping it unmaps the memory (the file lives while any process
 /// holds its descriptor or mapping).
 #[derive(Debug)]
@@ -67,7 +123,7 @@ impl Scoreboard {
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = (slots * std::mem::size_of::<Slot>()) as libc::off_t;
+        let len = total_len(slots) as libc::off_t;
         // SAFETY: fd is a valid memfd; ftruncate zero-fills the new length.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
             return Err(io::Error::last_os_error());
@@ -75,17 +131,33 @@ impl Scoreboard {
         Scoreboard::map(fd, slots)
     }
 
-    /// Maps an inherited table (worker side). Takes ownership of `fd`.
+    /// Maps an inherited table (worker side). Takes ownership of `fd`. A file whose
+    /// size is not that of a `slots`-slot scoreboard is an error (mapping it would turn
+    /// a wrong `--worker-count` into a SIGBUS at the first access past its end).
     ///
     /// # Safety
-    /// `fd` must be a descriptor of a scoreboard created with `slots` slots, owned by
-    /// nothing else in this process.
+    /// `fd` must be an open descriptor owned by nothing else in this process.
     pub unsafe fn from_fd(fd: RawFd, slots: usize) -> io::Result<Scoreboard> {
-        Scoreboard::map(OwnedFd::from_raw_fd(fd), slots)
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut stat) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let expected = total_len(slots);
+        if slots == 0 || stat.st_size as usize != expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the scoreboard is {} bytes, not the {expected} of {slots} workers (wrong --worker-count?)",
+                    stat.st_size
+                ),
+            ));
+        }
+        Scoreboard::map(fd, slots)
     }
 
     fn map(fd: OwnedFd, slots: usize) -> io::Result<Scoreboard> {
-        let len = slots * std::mem::size_of::<Slot>();
+        let len = total_len(slots);
         // SAFETY: mapping `len` bytes of a file at least that long, shared, read-write.
         let ptr = unsafe {
             libc::mmap(
@@ -126,20 +198,70 @@ impl Scoreboard {
         self.slots().iter().map(|s| s.open.load(Relaxed)).sum()
     }
 
-    /// Zeroes a slot (for a respawned worker).
+    /// Zeroes a slot and empties its per-address table (a worker that died or starts).
     pub fn reset(&self, index: usize) {
-        let s = self.slot(index);
-        for counter in [
-            &s.pid,
-            &s.open,
-            &s.other_sockets,
-            &s.frames_out,
-            &s.broadcasts,
-            &s.last_fanout_us,
-            &s.rss_bytes,
-            &s.rejected_full,
-        ] {
+        for counter in self.slot(index).counters() {
             counter.store(0, Relaxed);
+        }
+        let size = std::mem::size_of::<IpTable>();
+        let offset = slots_len(self.slots) + index * size;
+        // SAFETY: punching a hole in our own memfd, inside its length: the range reads
+        // as zeroes afterwards (for every process mapping it) and its pages are freed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                size as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // Not expected on a memfd; zero by hand instead.
+            for row in &self.ip_table(index).rows {
+                for count in row {
+                    count.store(0, Relaxed);
+                }
+            }
+        }
+    }
+
+    fn ip_table(&self, index: usize) -> &IpTable {
+        assert!(index < self.slots, "worker index out of range");
+        // SAFETY: the tables follow the page-aligned slot area, one per worker, inside
+        // the mapping (whose size `map` made sure of); zero-filled memory is a valid
+        // table of atomics.
+        unsafe {
+            let base = self.ptr.cast::<u8>().add(slots_len(self.slots));
+            &*base.cast::<IpTable>().add(index)
+        }
+    }
+
+    /// Sockets from `ip` over every worker (an upper bound: see the module doc).
+    pub fn ip_count(&self, ip: IpAddr) -> u32 {
+        (0..IP_ROWS)
+            .map(|row| {
+                let b = bucket(ip, row);
+                (0..self.slots)
+                    .map(|w| self.ip_table(w).rows[row][b].load(Relaxed))
+                    .sum::<u32>()
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Worker `index` holds one more socket from `ip`.
+    pub fn ip_add(&self, index: usize, ip: IpAddr) {
+        for row in 0..IP_ROWS {
+            self.ip_table(index).rows[row][bucket(ip, row)].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Worker `index` holds one socket from `ip` fewer.
+    pub fn ip_remove(&self, index: usize, ip: IpAddr) {
+        for row in 0..IP_ROWS {
+            let count = &self.ip_table(index).rows[row][bucket(ip, row)];
+            // Never below zero, even after a reset raced with a removal.
+            let _ = count.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
         }
     }
 }
@@ -147,7 +269,7 @@ impl Scoreboard {
 impl Drop for Scoreboard {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the region mapped in `map`.
-        unsafe { libc::munmap(self.ptr.cast(), self.slots * std::mem::size_of::<Slot>()) };
+        unsafe { libc::munmap(self.ptr.cast(), total_len(self.slots)) };
     }
 }
 
@@ -166,5 +288,57 @@ mod tests {
         assert_eq!(a.total_open(), 12);
         b.reset(1);
         assert_eq!(a.total_open(), 7);
+    }
+
+    #[test]
+    fn reset_zeroes_every_counter_of_the_slot_and_no_other() {
+        let board = Scoreboard::create(2).unwrap();
+        for slot in board.slots() {
+            for counter in slot.counters() {
+                counter.store(9, Relaxed);
+            }
+        }
+        board.reset(0);
+        let s = board.slot(0);
+        assert!(s.counters().iter().all(|c| c.load(Relaxed) == 0));
+        assert_eq!(s.counters().len(), std::mem::size_of::<Slot>() / 8);
+        // The named fields are among them.
+        assert_eq!(s.rejected_per_ip.load(Relaxed), 0);
+        assert_eq!(s.handshake_timeouts.load(Relaxed), 0);
+        assert_eq!(board.slot(1).idle_timeouts.load(Relaxed), 9);
+    }
+
+    #[test]
+    fn a_file_of_the_wrong_size_is_an_error_not_a_sigbus() {
+        let board = Scoreboard::create(2).unwrap();
+        for slots in [0, 1, 3, 64] {
+            // SAFETY: dup gives a new descriptor owned by the call alone.
+            let result = unsafe { Scoreboard::from_fd(libc::dup(board.raw_fd()), slots) };
+            let error = result.expect_err("wrong size");
+            assert!(error.to_string().contains("--worker-count"), "{error}");
+        }
+        // SAFETY: as above.
+        assert!(unsafe { Scoreboard::from_fd(libc::dup(board.raw_fd()), 2) }.is_ok());
+    }
+
+    #[test]
+    fn sockets_per_address_are_summed_over_workers_and_freed_with_a_worker() {
+        let a = Scoreboard::create(3).unwrap();
+        // SAFETY: as above.
+        let b = unsafe { Scoreboard::from_fd(libc::dup(a.raw_fd()), 3).unwrap() };
+        let one: IpAddr = "127.0.0.2".parse().unwrap();
+        let two: IpAddr = "::1".parse().unwrap();
+        a.ip_add(0, one);
+        b.ip_add(1, one);
+        b.ip_add(2, one);
+        b.ip_add(2, two);
+        assert_eq!((a.ip_count(one), a.ip_count(two)), (3, 1));
+        b.ip_remove(1, one);
+        assert_eq!(a.ip_count(one), 2);
+        // Worker 2 died: its sockets are gone with it.
+        a.reset(2);
+        assert_eq!((b.ip_count(one), b.ip_count(two)), (1, 0));
+        a.ip_remove(2, two); // a late removal does not wrap below zero
+        assert_eq!(a.ip_count(two), 0);
     }
 }

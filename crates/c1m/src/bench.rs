@@ -20,7 +20,7 @@ use c1m_bench::target::{parse_sources, Target};
 use c1m_bench::worker::{self, WorkerConfig};
 use clap::Args;
 
-use crate::serve::parse_duration;
+use crate::cli::parse_duration;
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Examples:
@@ -175,6 +175,7 @@ impl BenchArgs {
             reconnect: self.reconnect,
             lifetime: self.lifetime,
             tls,
+            rounds_elsewhere: None,
         })
     }
 }
@@ -195,7 +196,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     args.worker_config(0, 1)?; // report bad flags before starting anything
     let per_proc = args.connections.div_ceil(args.procs);
-    let nofile = nofile_limit();
+    let nofile = crate::tune::nofile().0;
     if per_proc as u64 + 64 > nofile {
         bail!(
             "{per_proc} connections per process exceed the open-file limit ({nofile}); \
@@ -300,7 +301,21 @@ struct ChildLine {
 }
 
 fn run_child(args: &BenchArgs, index: usize) -> anyhow::Result<()> {
-    let config = args.worker_config(index, args.worker_count)?;
+    let mut config = args.worker_config(index, args.worker_count)?;
+    // The parent sends the stamp of every round any worker saw, one per line.
+    let elsewhere = Arc::new(std::sync::Mutex::new(Vec::new()));
+    config.rounds_elsewhere = Some(Arc::clone(&elsewhere));
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if let Ok(stamp) = line.trim().parse::<u64>() {
+                elsewhere
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(stamp);
+            }
+        }
+    });
     let stop = stop_flag()?;
     let mut stdout = std::io::stdout().lock();
     let mut emit = |snapshot: &Snapshot, done: bool| -> std::io::Result<()> {
@@ -343,7 +358,7 @@ fn run_children(
             .args(["--worker-index", &index.to_string()])
             .args(["--worker-count", &args.procs.to_string()])
             .stdout(Stdio::piped())
-            .stdin(Stdio::null());
+            .stdin(Stdio::piped());
         if let Some(spec) = &args.source_ips {
             cmd.args(["--source-ips", spec]);
         }
@@ -379,6 +394,10 @@ fn run_children(
         children.push(child);
     }
     drop(tx);
+    // Every worker learns every round's stamp, so one whose connections received
+    // none of a round still counts them as expected (and missed) for it.
+    let mut stdins: Vec<_> = children.iter_mut().map(|c| c.stdin.take()).collect();
+    let mut stamps_sent = std::collections::BTreeSet::new();
     let mut agg = Aggregator::new(args.procs);
     let mut finished = vec![false; args.procs];
     let mut forwarded = false;
@@ -392,6 +411,25 @@ fn run_children(
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((index, Some(line))) => {
+                let new: Vec<u64> = line
+                    .snapshot
+                    .rounds
+                    .keys()
+                    .filter(|stamp| stamps_sent.insert(**stamp))
+                    .copied()
+                    .collect();
+                if !new.is_empty() {
+                    let text: String = new.iter().map(|s| format!("{s}\n")).collect();
+                    for stdin in stdins.iter_mut() {
+                        // A worker that has finished has closed its end: forget it.
+                        if stdin
+                            .as_mut()
+                            .is_some_and(|s| s.write_all(text.as_bytes()).is_err())
+                        {
+                            *stdin = None;
+                        }
+                    }
+                }
                 agg.update(index, line.snapshot, start.elapsed());
                 if line.done {
                     finished[index] = true;
@@ -412,9 +450,4 @@ fn run_children(
         let _ = child.wait();
     }
     Ok(agg.result(args.config_json(), start.elapsed()))
-}
-
-/// The soft open-file limit of this process.
-pub fn nofile_limit() -> u64 {
-    crate::tune::nofile().0
 }

@@ -27,7 +27,7 @@ pub struct DemoArgs {
 
     /// Time between broadcasts. Default: 2 s, or 25 µs per connection if longer, so one
     /// fan-out ends before the next begins (≈12 µs per connection was measured here).
-    #[arg(long, value_parser = crate::serve::parse_duration)]
+    #[arg(long, value_parser = crate::cli::parse_duration)]
     interval: Option<Duration>,
 
     /// Connections opened per second.
@@ -113,7 +113,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = crate::bench::stop_flag()?;
     let exe = std::env::current_exe().context("finding the c1m executable")?;
     let n = args.connections;
-    let nofile = crate::bench::nofile_limit();
+    let nofile = crate::tune::nofile().0;
     let per_proc = nofile.saturating_sub(200).max(100);
     let procs = n.div_ceil(per_proc).max(1);
     if n > 100_000 {

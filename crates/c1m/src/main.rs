@@ -3,6 +3,7 @@
 //! sets up logging, and hands a typed config to the library crates.
 
 mod bench;
+mod cli;
 mod config_file;
 mod demo;
 mod report;

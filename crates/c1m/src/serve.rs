@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::cli::{parse_duration, parse_positive_duration};
 use c1m_server::master::WorkerFds;
 use c1m_server::scoreboard::Scoreboard;
 use c1m_server::{
@@ -230,6 +232,11 @@ pub struct ServeArgs {
     /// Test fault: skip every Nth connection in each broadcast (checks miss detection).
     #[arg(long, hide = true)]
     fault_skip_every: Option<usize>,
+
+    /// Test fault: skip every connection from this address in each broadcast (checks
+    /// that a bench worker receiving nothing counts its misses).
+    #[arg(long, hide = true)]
+    fault_skip_source: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -298,7 +305,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         audience: args.jwt_audience.clone(),
         topics_claim: args.jwt_topics_claim.clone(),
     });
-    let nofile = crate::bench::nofile_limit();
+    let nofile = crate::tune::nofile().0;
     // Leave room under the open-file limit for the listener, logs and the like.
     let max_sockets = nofile.saturating_sub(200).max(100) as usize;
     let config = ServeConfig {
@@ -344,6 +351,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),
+            skip_source: args.fault_skip_source,
         },
         ..ServeConfig::default()
     };
@@ -429,16 +437,4 @@ fn run_worker(config: ServeConfig, args: &ServeArgs, index: usize) -> anyhow::Re
     };
     c1m_server::run_worker(config, listener, role)
         .with_context(|| format!("c1m serve worker {index}"))
-}
-
-/// Parses a human duration such as `250ms`, `10s` or `1m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 250ms, 10s, 1m)"))
-}
-
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    match parse_duration(text)? {
-        d if d.is_zero() => Err("must be greater than zero".into()),
-        d => Ok(d),
-    }
 }

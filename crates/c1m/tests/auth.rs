@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{upgrade_status, Server};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -286,4 +286,61 @@ fn only_allowed_origins_may_connect() {
     assert_eq!(status(&["Origin: https://admin.example"]), 101);
     assert_eq!(status(&["Origin: https://evil.example"]), 403);
     assert_eq!(status(&[]), 403, "no Origin at all");
+}
+
+/// A connection does not outlive its token: past `exp` (and the 5 s of clock-skew
+/// allowance the upgrade gets too) it is closed with 4001, unless it sent a fresh token
+/// with `{"op":"refresh","token":...}`.
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires_unless_refreshed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = Server::start(&["--connect-only", "--workers", "1", "--jwt-secret", "s3cret"]);
+    let short = hs256("s3cret", &json!({ "exp": now() + 1 }));
+    let url = server.url(&format!("/?token={short}"));
+    let (mut stale, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut fresh, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    async fn reply(
+        ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+    ) -> Value {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => break serde_json::from_str(&t).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+    // A token that does not verify changes nothing.
+    let forged = hs256("wrong", &json!({ "exp": now() + 600 }));
+    let refresh =
+        |token: &str| Message::Text(json!({ "op": "refresh", "token": token }).to_string());
+    fresh.send(refresh(&forged)).await.unwrap();
+    let answer = reply(&mut fresh).await;
+    assert_eq!(answer["ok"], false, "{answer}");
+    let long = hs256("s3cret", &json!({ "exp": now() + 600 }));
+    fresh.send(refresh(&long)).await.unwrap();
+    let answer = reply(&mut fresh).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["op"], "refresh", "{answer}");
+
+    let started = std::time::Instant::now();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(12), stale.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close code");
+    assert_eq!(close.code, CloseCode::from(4001), "{close:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // The refreshed connection is still served.
+    let subscribe = json!({ "op": "subscribe", "topic": "a" }).to_string();
+    fresh.send(Message::Text(subscribe)).await.unwrap();
+    assert_eq!(reply(&mut fresh).await["ok"], true);
 }

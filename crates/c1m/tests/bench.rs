@@ -87,6 +87,49 @@ fn missed_deliveries_are_detected() {
     }
 }
 
+/// With `--procs 2` each bench worker has its own source address; the server skips
+/// every message to one of them. That worker never sees a round, yet its connections
+/// were open at every stamp: they must count as missed, 10 of 20 per round.
+#[test]
+fn a_bench_worker_that_receives_nothing_counts_every_round_as_missed() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--interval",
+        "300ms",
+        "--total",
+        "20",
+        "--fault-skip-source",
+        "127.0.0.3",
+    ]);
+    let (_, result) = bench(
+        "missed-procs",
+        &[
+            "--url",
+            &server.url("/"),
+            "-c",
+            "20",
+            "--procs",
+            "2",
+            "--source-ips",
+            "127.0.0.2-127.0.0.3",
+            "--duration",
+            "3s",
+        ],
+    );
+    let complete: Vec<_> = result
+        .snapshot
+        .rounds
+        .values()
+        .filter(|r| r.complete)
+        .collect();
+    assert!(complete.len() >= 3, "rounds: {:?}", result.snapshot.rounds);
+    for round in complete {
+        assert_eq!(round.expected, 20, "{round:?}");
+        assert_eq!(round.missed(), 10, "{round:?}");
+    }
+}
+
 #[test]
 fn connect_refused_is_counted() {
     let port = TcpListener::bind("127.0.0.1:0")

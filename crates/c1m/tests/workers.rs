@@ -232,3 +232,147 @@ async fn sigterm_drains_every_worker() {
         );
     }
 }
+
+/// `--max-connections-per-ip` holds for the whole server: each worker in turn is made
+/// the only one accepting (the other is stopped), and the second still counts the
+/// first one's sockets from the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_ip_counts_over_every_worker() {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--connect-only",
+        "--max-connections-per-ip",
+        "2",
+    ]);
+    let (workers, _) = workers_at_rest(&server);
+    let signal = |pid: u32, sig: i32| {
+        // SAFETY: kill(2) on a worker process of the server this test started.
+        unsafe { libc::kill(pid as i32, sig) };
+    };
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for (accepting, stopped) in [(0, 1), (1, 0)] {
+        signal(workers[stopped], libc::SIGSTOP);
+        signal(workers[accepting], libc::SIGCONT);
+        for _ in 0..3 {
+            match tokio_tungstenite::connect_async(server.url("/")).await {
+                Ok((ws, _)) => held.push(ws),
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    assert_eq!(response.status(), 429);
+                    refused += 1;
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+    }
+    signal(workers[0], libc::SIGCONT);
+    assert_eq!(
+        (held.len(), refused),
+        (2, 4),
+        "the limit is per server, not per worker"
+    );
+    // Room again once one leaves.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    connect(&server).await;
+}
+
+/// A worker that does not read its control channel (SIGSTOP here; in life a worker
+/// stuck in a long fan-out or swapped out) must not hold publishes taken by the others:
+/// every one is answered within the documented bound with what was counted, and once the
+/// worker runs again its clients get every message and counts are complete again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_delays_publishes_by_a_bounded_time_only() {
+    const CLIENTS: usize = 24;
+    const PUBLISHES: usize = 8;
+    let server = Server::start(&["--workers", "2", "--connect-only", "--api-key", "k"]);
+    let (workers, baseline) = workers_at_rest(&server);
+    let mut clients = Vec::new();
+    let mut counts = Vec::new();
+    // Connect until both workers hold some clients (the kernel picks the worker).
+    for _ in 0..20 {
+        while clients.len() < CLIENTS {
+            clients.push(connect(&server).await);
+        }
+        counts = wait_for_sockets(&workers, &baseline, clients.len());
+        if counts.iter().all(|&c| c > 0) {
+            break;
+        }
+        clients.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    let (stopped, running) = (workers[0], counts[1]);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut got = 0;
+                while got < 2 * PUBLISHES {
+                    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(_)))) => got += 1,
+                        Ok(Some(Ok(_))) => {}
+                        _ => break,
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+
+    let master = server.child.id();
+    let addr = server.addr;
+    let publish_all = move || {
+        let threads: Vec<_> = (0..PUBLISHES)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let started = std::time::Instant::now();
+                    let answer = common::publish(addr, "k", "time", &format!("m{i}"));
+                    (started.elapsed(), answer)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // SAFETY: kill(2) on a worker process of the server this test started.
+    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    let rss_before = common::rss_kib(master);
+    let answers = tokio::task::spawn_blocking(publish_all).await.unwrap();
+    for (took, answer) in &answers {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(
+            *took < Duration::from_secs(7),
+            "answered after {took:?}, past the 5 s bound"
+        );
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["delivered"], running as u64, "{body}");
+        assert_eq!(body["complete"], false, "{body}");
+    }
+    let rss_after = common::rss_kib(master);
+    assert!(
+        rss_after < rss_before + 1024,
+        "the master's memory grew from {rss_before} to {rss_after} KiB"
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped as i32, libc::SIGCONT) };
+    let answers = tokio::task::spawn_blocking(publish_all).await.unwrap();
+    for (took, answer) in &answers {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(*took < Duration::from_secs(2), "answered after {took:?}");
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["delivered"], CLIENTS as u64, "{body}");
+        assert!(body.get("complete").is_none(), "a whole count: {body}");
+    }
+    for reader in readers {
+        assert_eq!(
+            reader.await.unwrap(),
+            2 * PUBLISHES,
+            "every client got every message, the stopped worker's too"
+        );
+    }
+}

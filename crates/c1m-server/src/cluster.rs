@@ -1,0 +1,239 @@
+//! A node's membership in a cluster (`--broker`): the one type behind both the
+//! single-process node and the master of a multi-process one.
+//!
+//! It owns the node's [`BrokerLink`] and everything that follows from it: which topics
+//! the node subscribes to on the broker (the union of its members' interest; a member
+//! is a worker of the master, or the single process itself as member 0), the
+//! publishes waiting for their delivery counts ([`PublishAcks`]), the other nodes'
+//! latest reports ([`ClusterView`]) and this node's own report once a second.
+//!
+//! The owner drives it from its event loop: [`ClusterNode::events`] when the link's
+//! waker fires, [`ClusterNode::expire`] and [`ClusterNode::report_due`] on timers. It
+//! never touches connections: publications to deliver come back as
+//! [`ClusterEvent::Deliver`], and the owner answers them with [`ClusterNode::ack`].
+//! `W` identifies who waits for a publish's answer (an HTTP connection in a single
+//! process, a worker's request in the master).
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::{Registry, Token};
+use serde_json::Value;
+
+use crate::broker::{self, BrokerLink, Reply};
+use crate::config::BrokerUrl;
+use crate::node_stats::{self, ClusterView, NodeReport};
+use crate::publish_acks::{Finished, PublishAcks};
+use crate::target::Target;
+
+/// What the link brought that the owner must act on.
+#[derive(Debug)]
+pub enum ClusterEvent<W> {
+    /// A publication from any node (this one included): deliver it to the local
+    /// connections of `target`, then call [`ClusterNode::ack`] with the count.
+    Deliver {
+        target: Target,
+        frame: Vec<u8>,
+        reply: Reply,
+    },
+    /// A publish of this node's is over: answer whoever waits for it.
+    Finished(Finished<W>),
+    /// The link went up or down (already logged).
+    Up(bool),
+}
+
+pub struct ClusterNode<W> {
+    link: BrokerLink,
+    /// This node's name in reports and acks (see `node_stats::node_id`).
+    node: String,
+    up: bool,
+    next_id: u64,
+    acks: PublishAcks<W>,
+    view: ClusterView,
+    /// Topics with local subscribers, and which members have them: the broker
+    /// subscription follows the first member in and the last one out.
+    interest: HashMap<String, HashSet<usize>>,
+    next_report: Instant,
+}
+
+impl<W> ClusterNode<W> {
+    /// Starts the link; its events wake `registry` with `token`.
+    pub fn start(
+        url: BrokerUrl,
+        node: String,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<ClusterNode<W>> {
+        let waker = Arc::new(mio::Waker::new(registry, token)?);
+        let link = BrokerLink::start(url, &node, move || {
+            let _ = waker.wake();
+        })?;
+        Ok(ClusterNode {
+            link,
+            node,
+            up: false,
+            next_id: 0,
+            acks: PublishAcks::default(),
+            view: ClusterView::default(),
+            interest: HashMap::new(),
+            next_report: Instant::now(),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Member `member` has (`on`) or no longer has subscribers of `topic`.
+    pub fn interest(&mut self, member: usize, topic: &str, on: bool) {
+        if on {
+            let members = self.interest.entry(topic.to_string()).or_default();
+            if members.is_empty() {
+                self.link
+                    .send(broker::Command::Subscribe(topic.to_string()));
+            }
+            members.insert(member);
+        } else if let Some(members) = self.interest.get_mut(topic) {
+            members.remove(&member);
+            if members.is_empty() {
+                self.interest.remove(topic);
+                self.link
+                    .send(broker::Command::Unsubscribe(topic.to_string()));
+            }
+        }
+    }
+
+    /// A member is gone (a dead worker): it has no subscribers any more.
+    pub fn forget_member(&mut self, member: usize) {
+        let topics: Vec<String> = self
+            .interest
+            .iter()
+            .filter(|(_, members)| members.contains(&member))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in topics {
+            self.interest(member, &topic, false);
+        }
+    }
+
+    /// Hands a publish to the broker; `who` is answered through
+    /// [`ClusterEvent::Finished`] or [`ClusterNode::expire`]. While the link is down it
+    /// is refused at once: `Err(who)`.
+    pub fn publish(
+        &mut self,
+        who: W,
+        target: Target,
+        frame: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), W> {
+        if !self.up {
+            return Err(who);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let local_has = match &target {
+            Target::All => true,
+            Target::Topic(name) => self.interest.contains_key(name),
+        };
+        let expected = self.view.nodes_with(&target, &self.node, local_has, now);
+        let topic = target.to_wire().to_string();
+        self.acks.start(id, who, target, expected, now);
+        self.link
+            .send(broker::Command::Publish { id, topic, frame });
+        Ok(())
+    }
+
+    /// Takes what the link reported. Node reports are recorded here; the rest is for
+    /// the owner.
+    pub fn events(&mut self, now: Instant) -> Vec<ClusterEvent<W>> {
+        let mut out = Vec::new();
+        while let Some(event) = self.link.next_event() {
+            match event {
+                broker::Event::Message {
+                    topic,
+                    frame,
+                    reply,
+                } => out.push(ClusterEvent::Deliver {
+                    target: Target::from_wire(topic),
+                    frame,
+                    reply,
+                }),
+                broker::Event::Published { id, ok } => {
+                    out.extend(self.acks.confirmed(id, ok).map(ClusterEvent::Finished))
+                }
+                broker::Event::Ack {
+                    id,
+                    node,
+                    delivered,
+                } => out.extend(
+                    self.acks
+                        .ack(id, node, delivered)
+                        .map(ClusterEvent::Finished),
+                ),
+                broker::Event::Report(report) => {
+                    if let Err(error) = self.view.record(&report, now) {
+                        tracing::warn!(%error, "ignoring a node report from the broker");
+                    }
+                }
+                broker::Event::Up(up) => {
+                    if self.up != up {
+                        if up {
+                            tracing::info!("broker link up");
+                        } else {
+                            tracing::warn!(
+                                "broker link down: publishes are refused until it is back"
+                            );
+                        }
+                    }
+                    self.up = up;
+                    out.push(ClusterEvent::Up(up));
+                }
+            }
+        }
+        out
+    }
+
+    /// Tells a publishing node how many local connections its publication reached.
+    pub fn ack(&self, reply: Reply, delivered: u64) {
+        self.link.send(broker::Command::Ack { reply, delivered });
+    }
+
+    /// Publishes past `publish_acks::ACK_WAIT`, answered with what was counted.
+    pub fn expire(&mut self, now: Instant) -> Vec<Finished<W>> {
+        self.acks.expire(now)
+    }
+
+    /// The earliest time [`ClusterNode::expire`] or [`ClusterNode::report_due`] has work.
+    pub fn next_deadline(&self) -> Instant {
+        match self.acks.next_deadline() {
+            Some(at) => at.min(self.next_report),
+            None => self.next_report,
+        }
+    }
+
+    /// Whether this node's report is due (every `node_stats::REPORT_EVERY`); if so,
+    /// the owner sends it with [`ClusterNode::send_report`].
+    pub fn report_due(&mut self, now: Instant) -> bool {
+        if now < self.next_report {
+            return false;
+        }
+        self.next_report = now + node_stats::REPORT_EVERY;
+        self.up
+    }
+
+    pub fn send_report(&self, report: &NodeReport) {
+        let json = serde_json::to_vec(report).unwrap_or_default();
+        self.link.send(broker::Command::Report(json));
+    }
+
+    /// The status and body of `GET /stats` (`cluster`: `?scope=cluster`).
+    pub fn stats(&mut self, local: &NodeReport, cluster: bool, now: Instant) -> (u16, Value) {
+        node_stats::answer(local, cluster, Some((&mut self.view, self.up)), now)
+    }
+}

@@ -1,0 +1,580 @@
+//! The master of a multi-process server (`c1m serve --workers N`).
+//!
+//! Why processes: where the per-process open-file limit is capped (20,000 here), a
+//! million connections need ~51 processes. The master:
+//! - binds the listening socket once; every worker inherits it and accepts from it
+//!   while it has room (see `Server::set_accepting`), so a full worker is never handed
+//!   a connection it cannot take;
+//! - keeps the clock: it stamps each broadcast once, encodes the frame once, and sends
+//!   it to every worker over a Unix socket (see `control`);
+//! - relays publishes: a worker that takes `POST /publish` sends the encoded frame up,
+//!   the master sends it to every worker and sums their delivery counts for the answer
+//!   (`relays`: within `RELAY_WAIT`, partial if a worker did not count in time);
+//! - reads every worker's counters from the shared [`Scoreboard`] for the `--total`
+//!   gate and one stats line for the whole server;
+//! - answers `GET /stats` for the whole node (workers send their topic counts up
+//!   every second; a worker that takes the request asks the master) and, with a
+//!   broker, publishes the node's report and keeps the other nodes' (`node_stats`);
+//! - respawns a worker that dies (its clients reconnect to the others; the other
+//!   workers' clients are untouched);
+//! - passes SIGHUP on to every worker (to reload the TLS certificate);
+//! - on SIGINT/SIGTERM passes SIGTERM to every worker (each closes its clients with
+//!   1001), waits for them up to `close_timeout` + 2 s, then SIGKILLs what is left.
+
+mod relays;
+mod workers;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::process::Child;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::clock::Clock;
+use crate::cluster::{ClusterEvent, ClusterNode};
+use crate::config::ServeConfig;
+use crate::control::{Message, Origin};
+use crate::listener::listen_socket;
+use crate::node_stats::{self, NodeReport, TopicCounts};
+use crate::publish_acks::Finished;
+use crate::scoreboard::Scoreboard;
+use crate::server::ServeError;
+use crate::target::{Delivery, Target};
+
+pub use relays::RELAY_WAIT;
+use relays::{Counted, Relays};
+pub use workers::WorkerFds;
+use workers::WorkerProcess;
+
+const SIGNALS: Token = Token(usize::MAX - 1);
+const BROKER: Token = Token(usize::MAX - 2);
+
+/// Runs the master. `spawn` starts worker process `fds.index` so that it inherits the
+/// three descriptors in `fds` (the binary knows how to re-execute itself).
+pub fn run_master<S: Fn(WorkerFds) -> io::Result<Child>>(
+    config: ServeConfig,
+    workers: usize,
+    spawn: S,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    // Check what workers would otherwise each fail on, once, with a clear error.
+    if let Some(files) = &config.tls {
+        crate::tls::load(files)?;
+    }
+    crate::auth::Gate::new(
+        config.allowed_origins.clone(),
+        config.jwt.as_ref(),
+        config.max_topics_per_connection,
+    )?;
+    let mut master = Master::start(config, workers, spawn)?;
+    tracing::info!(addr = %master.local_addr, workers, "listening");
+    on_listening(master.local_addr);
+    master.run()
+}
+
+/// A publish through the cluster answered to worker `.0`'s request `.1`.
+type WorkerRequest = (u32, u32);
+
+struct Master<S> {
+    config: ServeConfig,
+    spawn: S,
+    /// Inherited by every worker; the master never accepts from it.
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    poll: Poll,
+    signals: Signals,
+    scoreboard: Scoreboard,
+    workers: Vec<WorkerProcess>,
+    clock: Clock,
+    relays: Relays,
+    /// The next id of a publication from the broker relayed to the workers.
+    next_relay: u32,
+    /// With `--broker`: the node's one cluster link, for all its workers.
+    cluster: Option<ClusterNode<WorkerRequest>>,
+    /// Each worker's latest topic counts (empty until it sends, and after it dies).
+    worker_counts: Vec<TopicCounts>,
+    node: String,
+    next_stats: Instant,
+    /// (when, messages out) at the previous stats line, for its rate.
+    last_frames: (Instant, u64),
+    shutdown_deadline: Option<Instant>,
+}
+
+/// Whether the master's loop goes on.
+#[derive(PartialEq)]
+enum Flow {
+    Continue,
+    Exit,
+}
+
+impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
+    fn start(config: ServeConfig, count: usize, spawn: S) -> Result<Master<S>, ServeError> {
+        let addr = config.listen;
+        let listen_error = |source| ServeError::Listen { addr, source };
+        let listener =
+            listen_socket(addr, config.backlog, config.reuse_port).map_err(listen_error)?;
+        let local_addr = listener.local_addr()?;
+        // Signal handlers first: a SIGTERM that arrives while workers start must still drain.
+        let poll = Poll::new()?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let scoreboard = Scoreboard::create(count)?;
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let fd = listener.as_raw_fd();
+            workers.push(WorkerProcess::start(
+                &spawn,
+                &poll,
+                index,
+                count,
+                fd,
+                &scoreboard,
+            )?);
+        }
+        let node = node_stats::node_id(local_addr);
+        let cluster = match &config.broker {
+            None => None,
+            Some(url) => Some(ClusterNode::start(
+                url.clone(),
+                node.clone(),
+                poll.registry(),
+                BROKER,
+            )?),
+        };
+        let now = Instant::now();
+        Ok(Master {
+            clock: Clock::new(&config, now),
+            next_stats: now + config.stats_interval,
+            last_frames: (now, 0),
+            config,
+            spawn,
+            listener,
+            local_addr,
+            poll,
+            signals,
+            scoreboard,
+            workers,
+            relays: Relays::default(),
+            next_relay: 0,
+            cluster,
+            worker_counts: vec![TopicCounts::default(); count],
+            node,
+            shutdown_deadline: None,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), ServeError> {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = Instant::now();
+            let wake = [
+                self.clock.deadline(),
+                Some(self.next_stats),
+                self.shutdown_deadline,
+                self.relays.next_deadline(),
+                self.cluster.as_ref().map(ClusterNode::next_deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| {
+                at.saturating_duration_since(now)
+                    .min(Duration::from_millis(50))
+            });
+            if let Err(e) = self.poll.poll(&mut events, wake) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            let now = Instant::now();
+            if self.on_signals(now) == Flow::Exit {
+                return Ok(());
+            }
+            if self.shutdown_deadline.is_some() {
+                if self.on_shutdown_tick(now) == Flow::Exit {
+                    return Ok(());
+                }
+                continue;
+            }
+            for index in 0..self.workers.len() {
+                for message in self.workers[index].read_messages() {
+                    self.on_worker_message(index, message, now);
+                }
+            }
+            self.on_cluster_events(now);
+            self.on_tick(now);
+        }
+    }
+
+    /// SIGCHLD reaps (and respawns); SIGHUP goes to every worker (each reloads its own
+    /// TLS certificate); SIGINT/SIGTERM starts the shutdown, a second one ends it now.
+    fn on_signals(&mut self, now: Instant) -> Flow {
+        let mut reap = false;
+        let signals: Vec<i32> = self.signals.pending().collect();
+        for signal in signals {
+            match signal {
+                SIGCHLD => reap = true,
+                SIGHUP => self.signal_all(libc::SIGHUP),
+                _ if self.shutdown_deadline.is_some() => {
+                    tracing::warn!("second signal: killing workers now");
+                    self.signal_all(libc::SIGKILL);
+                    return Flow::Exit;
+                }
+                _ => {
+                    tracing::info!("shutting down: stopping every worker");
+                    self.signal_all(libc::SIGTERM);
+                    let grace = self.config.close_timeout + Duration::from_secs(2);
+                    self.shutdown_deadline = Some(now + grace);
+                }
+            }
+        }
+        // Catch exits whose SIGCHLD merged with another, too.
+        if reap || self.shutdown_deadline.is_some() {
+            self.reap();
+        }
+        Flow::Continue
+    }
+
+    /// Collects exited workers; while serving, starts a replacement for each.
+    fn reap(&mut self) {
+        let respawn = self.shutdown_deadline.is_none();
+        let count = self.workers.len();
+        for index in 0..count {
+            let Some(status) = self.workers[index].reap() else {
+                continue;
+            };
+            self.scoreboard.reset(index);
+            // A dead worker will not answer: it is done with every waiting relay.
+            self.relays.worker_gone(index);
+            self.worker_counts[index] = TopicCounts::default();
+            if let Some(cluster) = self.cluster.as_mut() {
+                cluster.forget_member(index);
+            }
+            if !respawn {
+                continue;
+            }
+            tracing::warn!(worker = index, %status, "worker exited; starting a new one");
+            let fd = self.listener.as_raw_fd();
+            match WorkerProcess::start(&self.spawn, &self.poll, index, count, fd, &self.scoreboard)
+            {
+                Ok(mut fresh) => {
+                    fresh.restarts = self.workers[index].restarts + 1;
+                    if let Some(cluster) = &self.cluster {
+                        // The replacement learns the link's state.
+                        fresh.send(&Message::BrokerUp {
+                            up: cluster.is_up(),
+                        });
+                    }
+                    self.workers[index] = fresh;
+                }
+                Err(error) => tracing::error!(worker = index, %error, "cannot restart worker"),
+            }
+        }
+        self.finish_relays(Instant::now());
+    }
+
+    /// While shutting down: done once every worker exited, or at the deadline.
+    fn on_shutdown_tick(&mut self, now: Instant) -> Flow {
+        if self.workers.iter().all(|w| !w.is_alive()) {
+            tracing::info!("shutdown complete");
+            return Flow::Exit;
+        }
+        if self
+            .shutdown_deadline
+            .is_some_and(|deadline| now >= deadline)
+        {
+            tracing::warn!("workers did not stop in time: killing them");
+            self.signal_all(libc::SIGKILL);
+            for worker in &mut self.workers {
+                if let Some(mut child) = worker.child.take() {
+                    let _ = child.wait();
+                }
+            }
+            return Flow::Exit;
+        }
+        Flow::Continue
+    }
+
+    fn on_worker_message(&mut self, index: usize, message: Message, now: Instant) {
+        match message {
+            Message::Relay {
+                request,
+                target,
+                frame,
+            } => self.on_relay(index, request, target, frame, now),
+            Message::Interest { topic, on } => {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.interest(index, &topic, on);
+                }
+            }
+            Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
+            Message::TopicCounts { json } => match serde_json::from_slice(&json) {
+                Ok(counts) => self.worker_counts[index] = counts,
+                Err(error) => tracing::warn!(%error, "bad topic counts from a worker"),
+            },
+            Message::StatsRequest { request, cluster } => {
+                let local = self.node_report();
+                let (status, body) = match self.cluster.as_mut() {
+                    Some(node) => node.stats(&local, cluster, now),
+                    None => node_stats::answer(&local, cluster, None, now),
+                };
+                self.workers[index].send(&Message::Answer {
+                    request,
+                    status,
+                    json: body.to_string().into_bytes(),
+                });
+            }
+            other => tracing::warn!(?other, "unexpected control message from a worker"),
+        }
+    }
+
+    /// A worker took a publish: through the broker with a cluster (every node, this
+    /// one too, gets it from there), else to every worker here.
+    fn on_relay(
+        &mut self,
+        index: usize,
+        request: u32,
+        target: Target,
+        frame: Vec<u8>,
+        now: Instant,
+    ) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            let origin = Origin::Worker {
+                index: index as u32,
+                request,
+            };
+            self.relay(origin, target, frame, None, now);
+            return;
+        };
+        if let Err((_, request)) = cluster.publish((index as u32, request), target, frame, now) {
+            self.workers[index].send(&Message::Done {
+                request,
+                delivery: Delivery::Refused,
+            });
+        }
+    }
+
+    /// Sends a publication to every live worker and waits (bounded) for their counts.
+    fn relay(
+        &mut self,
+        origin: Origin,
+        target: Target,
+        frame: Vec<u8>,
+        reply: Option<crate::broker::Reply>,
+        now: Instant,
+    ) {
+        let mut bytes = Vec::new();
+        Message::Publish {
+            origin,
+            target,
+            frame,
+        }
+        .encode(&mut bytes);
+        let (sent_to, skipped) = self.send_to_all(&bytes);
+        if origin != Origin::Clock {
+            self.relays.start(origin, sent_to, skipped, reply, now);
+        }
+    }
+
+    /// Queues encoded message bytes for every live worker and writes what the channels
+    /// take. Returns which workers got them, and whether any live one was skipped
+    /// because it is not reading.
+    fn send_to_all(&mut self, bytes: &[u8]) -> (Vec<bool>, bool) {
+        let mut skipped = false;
+        let sent_to = self
+            .workers
+            .iter_mut()
+            .map(|worker| {
+                if !worker.is_alive() {
+                    return false;
+                }
+                if !worker.queue(bytes) {
+                    tracing::warn!(
+                        "a worker is not reading its control channel; it misses a publication"
+                    );
+                    skipped = true;
+                    return false;
+                }
+                worker.flush();
+                true
+            })
+            .collect();
+        (sent_to, skipped)
+    }
+
+    /// What the broker link reported: publications to relay to the workers (their
+    /// summed count goes back to the publishing node), answers to publishes.
+    fn on_cluster_events(&mut self, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        for event in cluster.events(now) {
+            match event {
+                ClusterEvent::Deliver {
+                    target,
+                    frame,
+                    reply,
+                } => {
+                    let relay = self.next_relay;
+                    self.next_relay = self.next_relay.wrapping_add(1);
+                    self.relay(Origin::Broker { relay }, target, frame, Some(reply), now);
+                }
+                ClusterEvent::Finished(finished) => self.answer_cluster_publish(finished),
+                ClusterEvent::Up(up) => {
+                    let mut bytes = Vec::new();
+                    Message::BrokerUp { up }.encode(&mut bytes);
+                    self.send_to_all(&bytes);
+                }
+            }
+        }
+    }
+
+    /// Answers the worker that took a publish through the cluster, once it is over.
+    fn answer_cluster_publish(&mut self, finished: Finished<WorkerRequest>) {
+        let (worker, message) = match finished {
+            Finished::Refused((worker, request)) => (
+                worker,
+                Message::Done {
+                    request,
+                    delivery: Delivery::Refused,
+                },
+            ),
+            Finished::Delivered((worker, request), body) => (
+                worker,
+                Message::Answer {
+                    request,
+                    status: 200,
+                    json: body.to_string().into_bytes(),
+                },
+            ),
+        };
+        if let Some(w) = self.workers.get_mut(worker as usize) {
+            w.send(&message);
+        }
+    }
+
+    /// Answers every relay that is over: the origin worker of a local publish, the
+    /// publishing node of one from the broker.
+    fn finish_relays(&mut self, now: Instant) {
+        for Counted {
+            origin,
+            delivery,
+            reply,
+        } in self.relays.take_finished(now)
+        {
+            match origin {
+                Origin::Worker { index, request } => {
+                    if let Some(worker) = self.workers.get_mut(index as usize) {
+                        worker.send(&Message::Done { request, delivery });
+                    }
+                }
+                Origin::Broker { .. } => {
+                    if let (Some(cluster), Some(reply), Delivery::Counted { connections, .. }) =
+                        (&self.cluster, reply, delivery)
+                    {
+                        cluster.ack(reply, connections);
+                    }
+                }
+                Origin::Clock => {}
+            }
+        }
+    }
+
+    /// Every loop turn: relays and cluster publishes that are over, the node report,
+    /// the clock, the stats line; then everything queued for the workers is written.
+    fn on_tick(&mut self, now: Instant) {
+        self.finish_relays(now);
+        if let Some(cluster) = self.cluster.as_mut() {
+            for finished in cluster.expire(now) {
+                self.answer_cluster_publish(finished);
+            }
+        }
+        if self.cluster.as_mut().is_some_and(|c| c.report_due(now)) {
+            let report = self.node_report();
+            if let Some(cluster) = &self.cluster {
+                cluster.send_report(&report);
+            }
+        }
+        if self.clock.due(now, self.scoreboard.total_open() as usize) {
+            let (stamp, frame) = self.clock.stamp();
+            let time = Target::Topic(crate::topics::TIME.to_string());
+            self.relay(Origin::Clock, time, frame.to_vec(), None, now);
+            tracing::debug!(stamp, "broadcast relayed to workers");
+        }
+        if now >= self.next_stats {
+            self.next_stats = now + self.config.stats_interval;
+            self.stats_line(now);
+        }
+        for worker in &mut self.workers {
+            worker.flush();
+        }
+    }
+
+    fn signal_all(&self, signal: libc::c_int) {
+        for worker in &self.workers {
+            worker.signal(signal);
+        }
+    }
+
+    /// The node's numbers: connections from the scoreboard, topics from the workers.
+    fn node_report(&self) -> NodeReport {
+        let mut counts = TopicCounts::default();
+        for part in &self.worker_counts {
+            counts.add(part);
+        }
+        let slots = self.scoreboard.slots();
+        NodeReport {
+            node: self.node.clone(),
+            connections: self.scoreboard.total_open(),
+            workers: self.workers.iter().filter(|w| w.is_alive()).count() as u64,
+            messages_out: slots.iter().map(|s| s.frames_out.load(Relaxed)).sum(),
+            last_fanout_us: slots
+                .iter()
+                .map(|s| s.last_fanout_us.load(Relaxed))
+                .max()
+                .unwrap_or(0),
+            rss_bytes: slots.iter().map(|s| s.rss_bytes.load(Relaxed)).sum::<u64>()
+                + crate::stats::rss_bytes().unwrap_or(0),
+            counts: counts.cap(),
+        }
+    }
+
+    /// One stats line for the whole server, summed over the scoreboard.
+    fn stats_line(&mut self, now: Instant) {
+        let slots = self.scoreboard.slots();
+        let sum = |f: fn(&crate::scoreboard::Slot) -> u64| slots.iter().map(f).sum::<u64>();
+        let frames = sum(|s| s.frames_out.load(Relaxed));
+        let (last_at, last_frames) = self.last_frames;
+        let rate =
+            frames.saturating_sub(last_frames) as f64 / (now - last_at).as_secs_f64().max(1e-9);
+        self.last_frames = (now, frames);
+        let fanout_ms = slots
+            .iter()
+            .map(|s| s.last_fanout_us.load(Relaxed))
+            .max()
+            .unwrap_or(0) as f64
+            / 1e3;
+        tracing::info!(
+            open = sum(|s| s.open.load(Relaxed)),
+            sockets = sum(|s| s.open.load(Relaxed) + s.other_sockets.load(Relaxed)),
+            workers = self.workers.iter().filter(|w| w.is_alive()).count(),
+            restarts = self.workers.iter().map(|w| w.restarts).sum::<u32>(),
+            relays_waiting = self.relays.len(),
+            msgs_out_per_s = format_args!("{rate:.0}"),
+            slowest_worker_fanout_ms = format_args!("{fanout_ms:.1}"),
+            rss_mib = format_args!(
+                "{:.1}",
+                sum(|s| s.rss_bytes.load(Relaxed)) as f64 / (1 << 20) as f64
+            ),
+            rejected_full = sum(|s| s.rejected_full.load(Relaxed)),
+            "stats"
+        );
+    }
+}

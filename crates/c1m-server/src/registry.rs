@@ -1,0 +1,418 @@
+//! Every connection of this process, and what is indexed by it: the slab, the topics'
+//! subscriber lists, the handshake and closing deadlines, sockets per client address
+//! and token expiry times.
+//!
+//! One owner for all of it because they must change together: a connection leaving
+//! the open phase leaves its topics, a removed connection leaves every index. The
+//! invariants kept here:
+//! - only open connections are in topics (`Topics` relies on it);
+//! - `stats.open` is the number of open connections;
+//! - a deadline queue entry whose connection moved on is dropped, never acted on
+//!   (entries are matched by slab key *and* deadline, since keys are reused).
+//!
+//! Timeouts need no timer per connection: every handshake gets the same time limit,
+//! so deadlines are pushed in order and kept in a FIFO (likewise for closing
+//! connections); [`Registry::expire`] pops the expired ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use c1m_proto::CloseCode;
+use mio::net::TcpStream;
+use mio::{Interest, Registry as MioRegistry, Token};
+use slab::Slab;
+
+use crate::connection::{Connection, End, Limits, Next, PhaseKind, SendError};
+use crate::per_ip::PerIp;
+use crate::stats::Stats;
+use crate::topics::{TopicId, Topics};
+
+/// Close code for a connection whose token expired (see [`Registry::expire_tokens`]):
+/// in the private-use range (4000–4999), so a client can tell it from other closes
+/// and reconnect with a fresh token.
+pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
+
+pub struct Registry {
+    pub conns: Slab<Connection>,
+    pub topics: Topics,
+    pub stats: Stats,
+    pub limits: Limits,
+    handshake_timeout: Duration,
+    close_timeout: Duration,
+    /// Sockets per client address, when `--max-connections-per-ip` is set.
+    per_ip: Option<PerIp>,
+    /// (slab key, deadline) of connections in the handshake or waiting for an HTTP
+    /// answer, oldest first.
+    handshake_deadlines: VecDeque<(usize, Instant)>,
+    /// (slab key, deadline) of closing connections, oldest first.
+    closing_deadlines: VecDeque<(usize, Instant)>,
+    /// Connections whose input was not drained in their last turn.
+    pub read_again: Vec<usize>,
+    /// Topics that got their first (`true`) or lost their last (`false`) local
+    /// subscriber since the owner last took them (the cluster follows them).
+    interest_changes: Vec<(String, bool)>,
+    /// `exp` (Unix seconds) of each open connection admitted with a token that has one.
+    token_expiry: HashMap<usize, u64>,
+}
+
+impl Registry {
+    pub fn new(
+        limits: Limits,
+        handshake_timeout: Duration,
+        close_timeout: Duration,
+        per_ip: Option<PerIp>,
+    ) -> Registry {
+        Registry {
+            conns: Slab::new(),
+            topics: Topics::default(),
+            stats: Stats::default(),
+            limits,
+            handshake_timeout,
+            close_timeout,
+            per_ip,
+            handshake_deadlines: VecDeque::new(),
+            closing_deadlines: VecDeque::new(),
+            read_again: Vec::new(),
+            interest_changes: Vec::new(),
+            token_expiry: HashMap::new(),
+        }
+    }
+
+    /// Adds an accepted socket, in the handshake phase under the handshake timeout.
+    pub fn register(
+        &mut self,
+        registry: &MioRegistry,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<rustls::ServerConnection>,
+        now: Instant,
+    ) -> io::Result<usize> {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        registry.register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let deadline = now + self.handshake_timeout;
+        entry.insert(Connection::new(stream, deadline, tls));
+        if let Some(per_ip) = self.per_ip.as_mut() {
+            per_ip.add(key, peer.ip());
+        }
+        self.handshake_deadlines.push_back((key, deadline));
+        self.stats.accepted += 1;
+        Ok(key)
+    }
+
+    /// Whether the socket at `key` is within `--max-connections-per-ip`.
+    pub fn within_ip_limit(&self, key: usize) -> bool {
+        self.per_ip.as_ref().is_none_or(|p| p.within_limit(key))
+    }
+
+    /// Bookkeeping after a connection handled an event: phase counters, topics,
+    /// deadlines, removal.
+    pub fn after(&mut self, registry: &MioRegistry, key: usize, before: PhaseKind, next: Next) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let after = conn.kind();
+        // Count phase changes first, even for a connection about to be removed: one read
+        // can upgrade a connection and then find EOF, and `remove` uncounts open ones.
+        if before != after && after == PhaseKind::Open {
+            self.stats.open += 1;
+        }
+        if before == PhaseKind::Open && after != PhaseKind::Open {
+            self.stats.open -= 1;
+        }
+        match next {
+            Next::Remove(end) => return self.remove(registry, key, end),
+            Next::ReadAgain => self.read_again.push(key),
+            Next::Keep => {}
+        }
+        if before == after {
+            return;
+        }
+        if after != PhaseKind::Open {
+            self.unsubscribe_all(key);
+            self.token_expiry.remove(&key);
+        }
+        if after == PhaseKind::Closing {
+            let conn = &mut self.conns[key];
+            conn.settle_closing();
+            if let Some(deadline) = conn.deadline() {
+                self.closing_deadlines.push_back((key, deadline));
+            }
+        }
+    }
+
+    /// Drops a connection and its every index entry, closing the socket.
+    pub fn remove(&mut self, registry: &MioRegistry, key: usize, end: End) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        if conn.kind() == PhaseKind::Open {
+            self.stats.open -= 1;
+        }
+        self.unsubscribe_all(key);
+        self.token_expiry.remove(&key);
+        if let Some(per_ip) = self.per_ip.as_mut() {
+            per_ip.remove(key);
+        }
+        match end {
+            End::SlowConsumer => self.stats.slow_consumers += 1,
+            End::Io => self.stats.io_errors += 1,
+            End::PeerClosed => self.stats.peer_closed += 1,
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = registry.deregister(conn.stream_mut());
+    }
+
+    /// Joins `key` to topic `name` (creating the topic).
+    pub fn subscribe(&mut self, key: usize, name: &str) {
+        if self.topics.id(name).is_none() {
+            self.interest_changes.push((name.to_string(), true));
+        }
+        let id = self.topics.get_or_create(name);
+        let sub = self.topics.add(id, key);
+        self.conns[key].add_subscription(sub);
+    }
+
+    pub fn unsubscribe(&mut self, key: usize, topic: TopicId) {
+        let Some(sub) = self.conns[key].take_subscription(topic) else {
+            return;
+        };
+        let name = self.topics.name(topic).to_string();
+        if let Some(moved) = self.topics.remove(sub) {
+            self.conns[moved].move_subscription(sub.topic, sub.position);
+        }
+        if self.topics.id(&name).is_none() {
+            self.interest_changes.push((name, false)); // its last local subscriber left
+        }
+    }
+
+    fn unsubscribe_all(&mut self, key: usize) {
+        let topics: Vec<TopicId> = self.conns[key].subscriptions().map(|s| s.topic).collect();
+        for topic in topics {
+            self.unsubscribe(key, topic);
+        }
+    }
+
+    /// Topics that gained their first or lost their last subscriber since last asked.
+    pub fn take_interest_changes(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.interest_changes)
+    }
+
+    /// Records (or forgets) when the token of open connection `key` expires.
+    pub fn set_token_expiry(&mut self, key: usize, exp: Option<u64>) {
+        match exp {
+            Some(exp) => self.token_expiry.insert(key, exp),
+            None => self.token_expiry.remove(&key),
+        };
+    }
+
+    /// Closes (with [`TOKEN_EXPIRED`]) every open connection whose token expired before
+    /// `now_unix`. One pass over the connections that have a token, every second: no
+    /// timer per connection.
+    pub fn expire_tokens(&mut self, registry: &MioRegistry, now_unix: u64, now: Instant) {
+        let expired: Vec<usize> = self
+            .token_expiry
+            .iter()
+            .filter(|(_, &exp)| exp < now_unix)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in expired {
+            self.token_expiry.remove(&key);
+            self.close_open(registry, key, TOKEN_EXPIRED, "token expired", now);
+        }
+    }
+
+    /// Sends an HTTP answer on connection `key`, keeping the connection for the next
+    /// request when the client asked (see `Connection::answer_http`); a kept connection
+    /// waits for it under the handshake timeout.
+    pub fn answer_http(
+        &mut self,
+        key: usize,
+        response: Vec<u8>,
+        keep_alive: bool,
+        now: Instant,
+    ) -> Next {
+        let idle = now + self.handshake_timeout;
+        let closing = now + self.close_timeout;
+        let next = self.conns[key].answer_http(response, keep_alive, idle, closing, &self.limits);
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.kind() == PhaseKind::Handshake)
+        {
+            self.handshake_deadlines.push_back((key, idle));
+        }
+        next
+    }
+
+    /// Starts the close handshake of an open connection (code and reason to the peer);
+    /// the close timeout bounds the wait for its answer.
+    pub fn close_open(
+        &mut self,
+        registry: &MioRegistry,
+        key: usize,
+        code: CloseCode,
+        reason: &str,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.kind() != PhaseKind::Open {
+            return;
+        }
+        let next = conn.begin_close(code, reason, now + self.close_timeout, &self.limits);
+        self.after(registry, key, PhaseKind::Open, next);
+    }
+
+    /// Ends a connection that failed during a fan-out: a slow consumer is told why with
+    /// close code 1008 (its close frame waits behind the queued output, and the close
+    /// timeout bounds the wait); a broken socket is dropped.
+    pub fn end_failed(&mut self, registry: &MioRegistry, key: usize, end: End, now: Instant) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        if end != End::SlowConsumer || conn.kind() != PhaseKind::Open {
+            return self.remove(registry, key, end);
+        }
+        self.stats.slow_consumers += 1;
+        self.close_open(
+            registry,
+            key,
+            CloseCode::POLICY,
+            "slow consumer: output queue full",
+            now,
+        );
+    }
+
+    /// The idle sweep: a connection heard from since the last sweep is fine; a silent
+    /// one gets `ping` (if any), and one silent for `idle_sweeps` sweeps is closed with
+    /// 1001. One pass over the slab replaces a timer per connection; the ping frame is
+    /// encoded once and shared.
+    pub fn sweep(
+        &mut self,
+        registry: &MioRegistry,
+        ping: Option<&bytes::Bytes>,
+        idle_sweeps: Option<u8>,
+        now: Instant,
+    ) {
+        let mut idle = Vec::new();
+        let mut failed = Vec::new();
+        let mut pings = 0u64;
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.kind() != PhaseKind::Open {
+                continue;
+            }
+            let silent = conn.sweep();
+            if silent == 0 {
+                continue;
+            }
+            if idle_sweeps.is_some_and(|limit| silent >= limit) {
+                idle.push(key);
+            } else if let Some(ping) = ping {
+                match conn.send(ping, &self.limits) {
+                    Ok(()) => pings += 1,
+                    Err(SendError::Overflow) => {} // it has output queued: no ping needed
+                    Err(SendError::Io(_)) => failed.push(key),
+                }
+            }
+        }
+        for key in failed {
+            self.remove(registry, key, End::Io);
+        }
+        for &key in &idle {
+            self.close_open(registry, key, CloseCode::GOING_AWAY, "idle timeout", now);
+        }
+        self.stats.idle_timeouts += idle.len() as u64;
+        tracing::debug!(pings, idle = idle.len(), "idle sweep");
+    }
+
+    /// Closes connections whose handshake, HTTP answer or close handshake took too long.
+    ///
+    /// Entries whose connection has moved on (upgraded, closed, or its slot reused) are
+    /// dropped from the front as soon as they are seen, not when their deadline comes:
+    /// under heavy churn the queues would otherwise hold one entry per connection accepted
+    /// in the last `--handshake-timeout`.
+    pub fn expire(&mut self, registry: &MioRegistry, now: Instant) {
+        let mut expired = Vec::new();
+        pop_expired(
+            &mut self.handshake_deadlines,
+            &self.conns,
+            &[PhaseKind::Handshake, PhaseKind::Http],
+            now,
+            &mut expired,
+        );
+        self.stats.handshake_timeouts += expired.len() as u64;
+        for key in expired.drain(..) {
+            self.remove(registry, key, End::PeerClosed);
+        }
+        pop_expired(
+            &mut self.closing_deadlines,
+            &self.conns,
+            &[PhaseKind::Closing],
+            now,
+            &mut expired,
+        );
+        for key in expired {
+            self.remove(registry, key, End::PeerClosed);
+        }
+    }
+
+    /// The earliest deadline in either queue.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let handshake = self.handshake_deadlines.front().map(|&(_, at)| at);
+        let closing = self.closing_deadlines.front().map(|&(_, at)| at);
+        handshake.into_iter().chain(closing).min()
+    }
+
+    /// Shutdown: every open connection gets close 1001, sockets still in the handshake
+    /// are dropped, closing ones finish.
+    pub fn close_all(&mut self, registry: &MioRegistry, now: Instant) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            match self.conns[key].kind() {
+                PhaseKind::Open => self.close_open(
+                    registry,
+                    key,
+                    CloseCode::GOING_AWAY,
+                    "server shutting down",
+                    now,
+                ),
+                PhaseKind::Handshake | PhaseKind::Http => {
+                    self.remove(registry, key, End::PeerClosed)
+                }
+                PhaseKind::Closing => {}
+            }
+        }
+    }
+}
+
+/// Pops the front of a deadline queue of connections in one of the phases `kinds`:
+/// entries whose connection has moved on (left the phase, or its slot was reused with
+/// another deadline) at once, live ones once due, whose keys go to `expired`.
+fn pop_expired(
+    queue: &mut VecDeque<(usize, Instant)>,
+    conns: &Slab<Connection>,
+    kinds: &[PhaseKind],
+    now: Instant,
+    expired: &mut Vec<usize>,
+) {
+    while let Some(&(key, deadline)) = queue.front() {
+        let waiting = conns
+            .get(key)
+            .is_some_and(|c| kinds.contains(&c.kind()) && c.deadline() == Some(deadline));
+        if waiting && deadline > now {
+            break;
+        }
+        queue.pop_front();
+        if waiting {
+            expired.push(key);
+        }
+    }
+}

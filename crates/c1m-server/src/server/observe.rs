@@ -1,0 +1,101 @@
+//! What this process tells the outside: its counters (a stats line, or the shared
+//! scoreboard in a worker), `/metrics`, and its numbers for `GET /stats`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::metrics;
+use crate::node_stats::{self, NodeReport, TopicCounts};
+use crate::stats::rss_bytes;
+use crate::upstream::Upstream;
+
+use super::Server;
+
+impl Server {
+    /// Publishes counters: to the scoreboard (a worker, every loop turn: the master's
+    /// gate and every worker's `--max-connections` check read it), or as a stats line.
+    pub(super) fn publish_counters(&mut self, now: Instant) {
+        let due = now >= self.timers.next_stats;
+        if due {
+            self.timers.next_stats = now + self.config.stats_interval;
+        }
+        let sockets = self.registry.conns.len();
+        let s = &mut self.registry.stats;
+        let Upstream::ViaMaster(link) = &self.upstream else {
+            if due {
+                s.report(now, sockets);
+            }
+            return;
+        };
+        let slot = link.scoreboard.slot(link.index);
+        slot.open.store(s.open as u64, Relaxed);
+        slot.other_sockets.store((sockets - s.open) as u64, Relaxed);
+        slot.frames_out.store(s.frames_out, Relaxed);
+        slot.broadcasts.store(s.broadcasts, Relaxed);
+        slot.last_fanout_us
+            .store(s.last_fanout.as_micros() as u64, Relaxed);
+        slot.rejected_full.store(s.rejected_full, Relaxed);
+        slot.accepted.store(s.accepted, Relaxed);
+        slot.bytes_out.store(s.bytes_out, Relaxed);
+        slot.messages_in.store(s.messages_in, Relaxed);
+        slot.dropped.store(s.dropped, Relaxed);
+        slot.handshake_rejects.store(s.handshake_rejects, Relaxed);
+        slot.peer_closed.store(s.peer_closed, Relaxed);
+        slot.io_errors.store(s.io_errors, Relaxed);
+        slot.protocol_errors.store(s.protocol_errors, Relaxed);
+        slot.slow_consumers.store(s.slow_consumers, Relaxed);
+        slot.idle_timeouts.store(s.idle_timeouts, Relaxed);
+        slot.handshake_timeouts.store(s.handshake_timeouts, Relaxed);
+        slot.rejected_per_ip.store(s.rejected_per_ip, Relaxed);
+        if due || slot.rss_bytes.load(Relaxed) == 0 {
+            slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
+        }
+    }
+
+    pub(super) fn render_metrics(&self) -> String {
+        let (worker, parked) = match &self.upstream {
+            Upstream::ViaMaster(link) => (Some((link.index, &*link.scoreboard)), link.parked()),
+            _ => (None, 0),
+        };
+        metrics::render(&metrics::View {
+            stats: &self.registry.stats,
+            topics: self.registry.topics.summary(),
+            fanout: &self.fanout_seconds,
+            publish: &self.publish_seconds,
+            rss_bytes: rss_bytes().unwrap_or(0),
+            worker,
+            broker_up: self.upstream.cluster_up(),
+            waiting_requests: parked,
+        })
+    }
+
+    /// This process's numbers for `GET /stats` (a single-process server: the node's).
+    pub(super) fn node_report(&self) -> NodeReport {
+        let stats = &self.registry.stats;
+        NodeReport {
+            node: self.node.clone(),
+            connections: stats.open as u64,
+            workers: 1,
+            messages_out: stats.frames_out,
+            last_fanout_us: stats.last_fanout.as_micros() as u64,
+            rss_bytes: rss_bytes().unwrap_or(0),
+            counts: self.topic_counts(),
+        }
+    }
+
+    pub(super) fn topic_counts(&self) -> TopicCounts {
+        TopicCounts::largest(self.registry.topics.subscriber_counts())
+    }
+
+    /// `GET /stats` answered by this process (a single process, with or without a
+    /// cluster; a worker asks its master instead).
+    pub(super) fn node_stats(&mut self, cluster: bool, now: Instant) -> (u16, Value) {
+        let local = self.node_report();
+        match &mut self.upstream {
+            Upstream::ViaBroker(node) => node.stats(&local, cluster, now),
+            _ => node_stats::answer(&local, cluster, None, now),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! What a connection asks of its server: reads and writes, the client's commands, and
+//! plain HTTP requests (`http::route` decides; this carries the outcome out, at once or
+//! once another process answered).
+
+use std::time::Instant;
+
+use crate::commands::{self, Command};
+use crate::connection::{Action, Admit, Next, PhaseKind, ReadContext};
+use crate::http::{self, Outcome};
+use crate::target::{Delivery, Target};
+use crate::topics::validate_name;
+use crate::upstream::{Upstream, Waiting, WaitingFor};
+
+use super::Server;
+
+impl Server {
+    /// Upgraded connections in the whole server (all workers).
+    fn total_open(&self) -> u64 {
+        let here = self.registry.stats.open as u64;
+        match &self.upstream {
+            Upstream::ViaMaster(link) => {
+                let board = &link.scoreboard;
+                let mine = board
+                    .slot(link.index)
+                    .open
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                board.total_open() - mine + here
+            }
+            _ => here,
+        }
+    }
+
+    /// Whether a new upgrade may be accepted under `--max-connections`.
+    pub(super) fn has_room(&self) -> bool {
+        self.config
+            .max_connections
+            .is_none_or(|max| self.total_open() < max)
+    }
+
+    pub(super) fn read(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.registry.conns.get(key) else {
+            return;
+        };
+        let before = conn.kind();
+        let admit = if before != PhaseKind::Handshake {
+            Admit::Yes // only an upgrade request uses it
+        } else if !self.has_room() {
+            Admit::ServerFull
+        } else if !self.registry.within_ip_limit(key) {
+            Admit::TooManyFromAddress
+        } else {
+            Admit::Yes
+        };
+        let buffers = &mut self.buffers;
+        let mut actions = std::mem::take(&mut buffers.actions);
+        let registry = &mut self.registry;
+        let mut cx = ReadContext {
+            scratch: &mut buffers.scratch,
+            limits: &registry.limits,
+            gate: &self.gate,
+            admit,
+            closing_deadline: now + self.config.close_timeout,
+            stats: &mut registry.stats,
+            actions: &mut actions,
+            inflater: &mut buffers.inflater,
+            inflated: &mut buffers.inflated,
+        };
+        let mut next = registry.conns[key].on_readable(&mut cx);
+        for action in actions.drain(..) {
+            if let Next::Remove(end) = self.apply(key, action, now) {
+                next = Next::Remove(end);
+            }
+        }
+        self.buffers.actions = actions;
+        self.registry.after(self.poll.registry(), key, before, next);
+    }
+
+    pub(super) fn write(&mut self, key: usize) {
+        let Some(conn) = self.registry.conns.get_mut(key) else {
+            return;
+        };
+        let before = conn.kind();
+        let next = conn.on_writable();
+        self.registry.after(self.poll.registry(), key, before, next);
+    }
+
+    /// Does what a connection asked for after a read.
+    fn apply(&mut self, key: usize, action: Action, now: Instant) -> Next {
+        match action {
+            Action::Joined(admission) => {
+                // The same read may already have closed it (a close right behind the
+                // upgrade request): then it joins nothing.
+                if self.registry.conns[key].kind() != PhaseKind::Open {
+                    return Next::Keep;
+                }
+                for name in &admission.topics {
+                    self.registry.subscribe(key, name);
+                }
+                self.registry.conns[key].set_allowed_topics(admission.allowed);
+                self.registry.set_token_expiry(key, admission.expires);
+                Next::Keep
+            }
+            // Text that is not a JSON object is not meant as a command: no answer.
+            Action::Command(text) if !commands::is_command(&text) => Next::Keep,
+            Action::Command(text) => {
+                let reply = self.command(key, &text);
+                self.reply(key, &reply)
+            }
+            Action::OversizedCommand => self.reply(key, &commands::malformed_reply()),
+            Action::Http(request, body) => self.http(key, request, body, now),
+        }
+    }
+
+    /// Sends a command's answer to an open connection.
+    fn reply(&mut self, key: usize, reply: &str) -> Next {
+        let registry = &mut self.registry;
+        match registry.conns.get_mut(key) {
+            Some(conn) if conn.kind() == PhaseKind::Open => {
+                conn.reply(reply.as_bytes(), &registry.limits)
+            }
+            _ => Next::Keep,
+        }
+    }
+
+    /// Runs a client's command; returns the answer to send it.
+    fn command(&mut self, key: usize, text: &str) -> String {
+        let command = match commands::parse(text) {
+            Ok(command) => command,
+            Err(reply) => return reply,
+        };
+        let (op, name) = match &command {
+            Command::Subscribe(name) => ("subscribe", name.as_str()),
+            Command::Unsubscribe(name) => ("unsubscribe", name.as_str()),
+            Command::Refresh(token) => return self.refresh(key, token),
+        };
+        let error = |e: &str| commands::error_reply(Some(op), Some(name), e);
+        if let Err(e) = validate_name(name) {
+            return error(&e);
+        }
+        let registry = &mut self.registry;
+        let conn = &registry.conns[key];
+        match command {
+            Command::Subscribe(_) => {
+                if !conn.may_join(name) {
+                    return error("forbidden");
+                }
+                let already = registry
+                    .topics
+                    .id(name)
+                    .is_some_and(|id| conn.is_subscribed(id));
+                if !already {
+                    if conn.subscription_count() >= self.config.max_topics_per_connection {
+                        return error(&format!(
+                            "at most {} topics per connection",
+                            self.config.max_topics_per_connection
+                        ));
+                    }
+                    registry.subscribe(key, name);
+                }
+            }
+            Command::Unsubscribe(_) => {
+                if let Some(id) = registry.topics.id(name) {
+                    registry.unsubscribe(key, id);
+                }
+            }
+            Command::Refresh(_) => unreachable!("answered above"),
+        }
+        commands::ok_reply(op, name)
+    }
+
+    /// `{"op":"refresh","token":...}`: a fresh token moves the connection's expiry. It
+    /// must verify like an upgrade's token and allow every topic the connection is in;
+    /// its topics claim then limits later subscribes. A refused token changes nothing.
+    fn refresh(&mut self, key: usize, token: &str) -> String {
+        let error = |e: &str| commands::refresh_reply(Err(e));
+        let conn = &self.registry.conns[key];
+        let topics: Vec<String> = conn
+            .subscriptions()
+            .map(|s| self.registry.topics.name(s.topic).to_string())
+            .collect();
+        let grant = match self.gate.verify_refresh(token) {
+            Ok(grant) => grant,
+            Err(e) => return error(e),
+        };
+        if let Some(allowed) = &grant.allowed {
+            if !topics.iter().all(|t| allowed.iter().any(|a| **a == **t)) {
+                return error("the token does not allow every topic this connection is in");
+            }
+        }
+        let expires = grant.expires;
+        self.registry.conns[key].set_allowed_topics(grant.allowed);
+        self.registry.set_token_expiry(key, expires);
+        commands::refresh_reply(Ok(expires))
+    }
+
+    /// Answers a plain HTTP request, at once or once another process answered.
+    fn http(
+        &mut self,
+        key: usize,
+        request: c1m_proto::handshake::PlainRequest,
+        body: Vec<u8>,
+        now: Instant,
+    ) -> Next {
+        let keep_alive = request.keep_alive;
+        let cluster_up = self.upstream.cluster_up();
+        let ready =
+            self.shutdown_deadline.is_none() && self.has_room() && cluster_up != Some(false);
+        let render = || self.render_metrics();
+        let cx = http::Context {
+            api_key: self.config.api_key.as_deref(),
+            ready,
+            metrics: &render,
+        };
+        let outcome = http::route(&request, &body, &cx);
+        let waiting = |this: &Self, request| {
+            Waiting::new(&this.registry.conns[key], key, keep_alive, request, now)
+        };
+        let response = match outcome {
+            Outcome::Respond(response) => response,
+            Outcome::Stats { cluster } => match &mut self.upstream {
+                Upstream::ViaMaster(_) => {
+                    // The master sums the workers (and holds the cluster view).
+                    let parked = waiting(self, WaitingFor::Stats);
+                    self.ask_master_for_stats(parked, cluster, now);
+                    return Next::Keep;
+                }
+                Upstream::ViaBroker(_) | Upstream::Local => {
+                    let (status, body) = self.node_stats(cluster, now);
+                    http::json_answer(status, &body)
+                }
+            },
+            Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
+            Outcome::Publish { target, frame } => {
+                if matches!(self.upstream, Upstream::Local) {
+                    let delivered = self.deliver(&target, &frame);
+                    self.publish_seconds.observe(now.elapsed());
+                    http::published(&target, Delivery::whole(delivered))
+                } else {
+                    let parked = waiting(self, WaitingFor::Publish(target.clone()));
+                    match self.publish_upstream(parked, target, frame.to_vec(), now) {
+                        Ok(()) => return Next::Keep, // answered when it is counted
+                        Err(response) => response,
+                    }
+                }
+            }
+        };
+        self.registry.answer_http(key, response, keep_alive, now)
+    }
+
+    /// Sends `response` to the client of a request that waited, if it is still there
+    /// (it may have gone away or timed out meanwhile). Returns whether it was.
+    pub(super) fn answer_waiting(
+        &mut self,
+        waiting: &Waiting,
+        response: Vec<u8>,
+        now: Instant,
+    ) -> bool {
+        let key = waiting.key;
+        let same = self
+            .registry
+            .conns
+            .get(key)
+            .is_some_and(|c| c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline);
+        if !same {
+            return false;
+        }
+        let next = self
+            .registry
+            .answer_http(key, response, waiting.keep_alive, now);
+        self.registry
+            .after(self.poll.registry(), key, PhaseKind::Http, next);
+        if matches!(waiting.request, WaitingFor::Publish(_)) {
+            self.publish_seconds
+                .observe(now.saturating_duration_since(waiting.started));
+        }
+        true
+    }
+
+    /// Answers a waiting publish with what it came to.
+    pub(super) fn answer_publish(&mut self, waiting: Waiting, delivery: Delivery, now: Instant) {
+        let response = match &waiting.request {
+            WaitingFor::Publish(target) => http::published(target, delivery),
+            WaitingFor::Stats => http::published(&Target::All, delivery),
+        };
+        self.answer_waiting(&waiting, response, now);
+    }
+}

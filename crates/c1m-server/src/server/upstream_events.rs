@@ -1,0 +1,202 @@
+//! Publications and answers from upstream (the master, or the cluster's broker), and
+//! the requests that wait for them.
+//!
+//! Every waiting request is answered within a bound: a worker's within
+//! `upstream::MASTER_ANSWER_WAIT` (504 if the master is stuck), a publish through the
+//! broker within `publish_acks::ACK_WAIT` (with what was counted, `"complete": false`).
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::cluster::ClusterEvent;
+use crate::control::{Message, Origin};
+use crate::http;
+use crate::publish_acks::Finished;
+use crate::target::{Delivery, Target};
+use crate::upstream::{Upstream, Waiting, MASTER_ANSWER_WAIT};
+
+use super::Server;
+
+impl Server {
+    /// Hands a publish to the master or the broker; answered later. `Err` holds the
+    /// answer to send now (the broker is down).
+    pub(super) fn publish_upstream(
+        &mut self,
+        waiting: Waiting,
+        target: Target,
+        frame: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), Vec<u8>> {
+        match &mut self.upstream {
+            Upstream::Local => unreachable!("a local publish is delivered at once"),
+            Upstream::ViaMaster(link) => {
+                let request = link.park(waiting, now);
+                link.send(&Message::Relay {
+                    request,
+                    target,
+                    frame,
+                });
+                self.flush_to_master(now);
+                Ok(())
+            }
+            Upstream::ViaBroker(cluster) => cluster
+                .publish(waiting, target, frame, now)
+                .map_err(|_| http::broker_refusal()),
+        }
+    }
+
+    /// A worker's `GET /stats`: the master answers for the node.
+    pub(super) fn ask_master_for_stats(&mut self, waiting: Waiting, cluster: bool, now: Instant) {
+        if let Upstream::ViaMaster(link) = &mut self.upstream {
+            let request = link.park(waiting, now);
+            link.send(&Message::StatsRequest { request, cluster });
+        }
+    }
+
+    /// Writes what is queued for the master. Losing the master ends this worker.
+    pub(super) fn flush_to_master(&mut self, now: Instant) {
+        let Upstream::ViaMaster(link) = &mut self.upstream else {
+            return;
+        };
+        if link.has_output() {
+            if let Err(error) = link.flush() {
+                self.master_lost(error, now);
+            }
+        }
+    }
+
+    fn master_lost(&mut self, error: std::io::Error, now: Instant) {
+        if self.shutdown_deadline.is_none() {
+            tracing::warn!(%error, "control channel to the master lost: shutting down");
+            self.begin_shutdown(now);
+        }
+    }
+
+    /// The control channel is ready: read and act on what the master sent.
+    pub(super) fn on_master_messages(&mut self, now: Instant) {
+        let Upstream::ViaMaster(link) = &mut self.upstream else {
+            return;
+        };
+        let messages = match link.io() {
+            Ok(messages) => messages,
+            Err(error) => return self.master_lost(error, now),
+        };
+        for message in messages {
+            self.on_master_message(message, now);
+        }
+        self.flush_to_master(now);
+    }
+
+    fn on_master_message(&mut self, message: Message, now: Instant) {
+        let Upstream::ViaMaster(link) = &mut self.upstream else {
+            return;
+        };
+        match message {
+            Message::Publish {
+                origin,
+                target,
+                frame,
+            } => {
+                let count = self.deliver(&target, &Bytes::from(frame));
+                if origin != Origin::Clock {
+                    if let Upstream::ViaMaster(link) = &mut self.upstream {
+                        link.send(&Message::Delivered { origin, count });
+                    }
+                }
+            }
+            Message::Done { request, delivery } => {
+                if let Some(waiting) = link.unpark(request) {
+                    self.answer_publish(waiting, delivery, now);
+                }
+            }
+            Message::Answer {
+                request,
+                status,
+                json,
+            } => {
+                if let Some(waiting) = link.unpark(request) {
+                    let body: Value = serde_json::from_slice(&json).unwrap_or_default();
+                    self.answer_waiting(&waiting, http::json_answer(status, &body), now);
+                }
+            }
+            Message::BrokerUp { up } => link.cluster_up = Some(up),
+            Message::Relay { .. }
+            | Message::Delivered { .. }
+            | Message::Interest { .. }
+            | Message::TopicCounts { .. }
+            | Message::StatsRequest { .. } => {
+                tracing::warn!("unexpected control message from the master");
+            }
+        }
+    }
+
+    /// The broker link's waker fired (single process in a cluster).
+    pub(super) fn on_cluster_events(&mut self, now: Instant) {
+        let Upstream::ViaBroker(cluster) = &mut self.upstream else {
+            return;
+        };
+        for event in cluster.events(now) {
+            match event {
+                ClusterEvent::Deliver {
+                    target,
+                    frame,
+                    reply,
+                } => {
+                    let delivered = self.deliver(&target, &Bytes::from(frame));
+                    if let Upstream::ViaBroker(cluster) = &self.upstream {
+                        cluster.ack(reply, delivered);
+                    }
+                }
+                ClusterEvent::Finished(finished) => self.finish_cluster_publish(finished, now),
+                ClusterEvent::Up(_) => {}
+            }
+        }
+    }
+
+    fn finish_cluster_publish(&mut self, finished: Finished<Waiting>, now: Instant) {
+        match finished {
+            Finished::Refused(waiting) => self.answer_publish(waiting, Delivery::Refused, now),
+            Finished::Delivered(waiting, body) => {
+                self.answer_waiting(&waiting, http::json_answer(200, &body), now);
+            }
+        }
+    }
+
+    /// Timed upstream work: expired waiting requests, the node's report.
+    pub(super) fn upstream_timers(&mut self, now: Instant) {
+        match &mut self.upstream {
+            Upstream::Local => {}
+            Upstream::ViaMaster(link) => {
+                for waiting in link.expire(now) {
+                    tracing::warn!("the master did not answer a request in time");
+                    self.answer_waiting(&waiting, http::no_answer_in_time(MASTER_ANSWER_WAIT), now);
+                }
+                let Upstream::ViaMaster(link) = &mut self.upstream else {
+                    return;
+                };
+                if link.report_due(now) {
+                    let json = serde_json::to_vec(&self.topic_counts()).unwrap_or_default();
+                    if let Upstream::ViaMaster(link) = &mut self.upstream {
+                        link.send(&Message::TopicCounts { json });
+                    }
+                }
+            }
+            Upstream::ViaBroker(cluster) => {
+                for finished in cluster.expire(now) {
+                    self.finish_cluster_publish(finished, now);
+                }
+                let Upstream::ViaBroker(cluster) = &mut self.upstream else {
+                    return;
+                };
+                if cluster.report_due(now) {
+                    let report = self.node_report();
+                    if let Upstream::ViaBroker(cluster) = &self.upstream {
+                        cluster.send_report(&report);
+                    }
+                }
+            }
+        }
+    }
+}
