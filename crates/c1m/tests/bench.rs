@@ -74,6 +74,12 @@ fn missed_deliveries_are_detected() {
         "missed",
         &["--url", &server.url("/"), "-c", "50", "--duration", "2s"],
     );
+    assert_complete_rounds_miss(&result, 50, 5);
+}
+
+/// At least three rounds completed, each expected at `expected` connections and missed
+/// by `missed` of them.
+fn assert_complete_rounds_miss(result: &BenchResult, expected: u64, missed: u64) {
     let complete: Vec<_> = result
         .snapshot
         .rounds
@@ -82,8 +88,8 @@ fn missed_deliveries_are_detected() {
         .collect();
     assert!(complete.len() >= 3, "rounds: {:?}", result.snapshot.rounds);
     for round in complete {
-        assert_eq!(round.expected, 50, "{round:?}");
-        assert_eq!(round.missed(), 5, "{round:?}");
+        assert_eq!(round.expected, expected, "{round:?}");
+        assert_eq!(round.missed(), missed, "{round:?}");
     }
 }
 
@@ -117,17 +123,7 @@ fn a_bench_worker_that_receives_nothing_counts_every_round_as_missed() {
             "3s",
         ],
     );
-    let complete: Vec<_> = result
-        .snapshot
-        .rounds
-        .values()
-        .filter(|r| r.complete)
-        .collect();
-    assert!(complete.len() >= 3, "rounds: {:?}", result.snapshot.rounds);
-    for round in complete {
-        assert_eq!(round.expected, 20, "{round:?}");
-        assert_eq!(round.missed(), 10, "{round:?}");
-    }
+    assert_complete_rounds_miss(&result, 20, 10);
 }
 
 #[test]
