@@ -20,7 +20,7 @@ def row(out, n):
     setup = "%s/s (%s in %.1f s)" % (format(round(s["established"] / s["ramp_secs"]), ","), format(s["established"], ","), s["ramp_secs"])
     latency = "%s / %s / %s ms" % (grab(r"median = ([\d.]+)"), grab(r"99% <= ([\d.]+)"), grab(r"max = ([\d.]+)"))
     cells = [
-        format(int(n), ","),
+        format(int(n), ",") if n.isdigit() else n,
         setup,
         fan,
         latency,

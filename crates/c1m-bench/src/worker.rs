@@ -24,6 +24,13 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
 
+mod client;
+mod socket;
+
+use client::{Client, Handshake, Phase};
+pub use socket::io_cause;
+use socket::{connect, error_cause};
+
 use crate::payload::stamp_micros;
 use crate::snapshot::{Round, Snapshot, MAX_LATENCY_US};
 use crate::target::Target;
@@ -81,96 +88,6 @@ pub fn backoff(attempt: u32) -> Duration {
         .saturating_mul(1 << attempt.min(16))
         .min(BACKOFF_CAP);
     step / 2 + step.mul_f64(rand::random::<f64>() / 2.0)
-}
-
-#[derive(Debug)]
-enum Phase {
-    Connecting {
-        deadline: Instant,
-    },
-    Handshake(Box<Handshake>),
-    Open,
-    /// We sent close at the end of the run; waiting for the server's close or EOF.
-    Closing,
-}
-
-#[derive(Debug)]
-struct Handshake {
-    key: String,
-    head: Vec<u8>,
-    deadline: Instant,
-}
-
-#[derive(Debug)]
-struct Client {
-    stream: TcpStream,
-    phase: Phase,
-    decoder: Option<Box<Decoder>>,
-    /// A message split across frames or reads, while it is being reassembled.
-    #[allow(clippy::box_collection)] // a thin pointer keeps the idle state 16 bytes smaller
-    partial: Option<Box<Vec<u8>>>,
-    /// Wall-clock µs when the handshake completed.
-    opened_us: u64,
-    /// Stamp of the latest round received.
-    last_stamp: u64,
-    received: u64,
-    /// Which of the worker's connections this is (picks its source address).
-    index: u32,
-    /// Consecutive failed attempts before this one (for the backoff).
-    attempt: u32,
-    /// The TLS session of a `wss://` connection.
-    tls: Option<Box<rustls::ClientConnection>>,
-}
-
-impl Client {
-    /// Reads input: from the socket, or decrypted from the TLS session.
-    fn read_in(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.tls.as_deref_mut() {
-            None => self.stream.read(buf),
-            Some(session) => tls_io::read(session, &mut self.stream, buf),
-        }
-    }
-
-    /// Writes `bytes`. A plain socket takes what it takes (a load tool does not queue
-    /// its few small writes); a TLS session keeps what the socket did not take and
-    /// sends it on the next event (see `flush_tls`).
-    fn write_out(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        match self.tls.as_deref_mut() {
-            None => self.stream.write(bytes),
-            Some(session) => {
-                session.writer().write_all(bytes)?;
-                tls_io::flush(session, &mut self.stream)?;
-                Ok(bytes.len())
-            }
-        }
-    }
-
-    /// Sends TLS records still pending (handshake messages, queued output).
-    fn flush_tls(&mut self) -> io::Result<()> {
-        if let Some(session) = self.tls.as_deref_mut() {
-            tls_io::flush(session, &mut self.stream)?;
-        }
-        Ok(())
-    }
-
-    /// Sends a masked close frame carrying `payload` (best effort: the connection is
-    /// ending either way).
-    fn send_close(&mut self, payload: &[u8]) {
-        let mut frame = Vec::new();
-        encode_frame(OpCode::Close, payload, Some(rand::random()), &mut frame);
-        let _ = self.write_out(&frame);
-    }
-
-    /// Starts our side of a clean close (1000; a raw TCP connection shuts down its
-    /// sending side); the server's close or EOF finishes it.
-    fn begin_close(&mut self, raw: bool) {
-        if raw {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
-        } else {
-            self.send_close(&close_payload(CloseCode::NORMAL, ""));
-        }
-        self.phase = Phase::Closing;
-    }
 }
 
 /// Why a connection ended, as an error cause; `None` for an orderly end we asked for.
@@ -830,74 +747,6 @@ fn record_message(
     round.last_us = round.last_us.max(now_us);
     if client.opened_us < stamp {
         round.delivered_expected += 1;
-    }
-}
-
-/// Opens a non-blocking connection from `source` (port chosen at connect time).
-fn connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.set_nodelay(true)?;
-    if let Some(source) = source {
-        set_bind_address_no_port(&socket)?;
-        socket.bind(&SocketAddr::new(source, 0).into())?;
-    }
-    match socket.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(TcpStream::from_std(socket.into()))
-}
-
-/// `IP_BIND_ADDRESS_NO_PORT`: defer the port choice from `bind` to `connect`.
-/// (socket2 does not expose this Linux option, so it is set by hand.)
-fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd, a pointer to a live c_int and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// A short, stable name for an I/O error, used as an error cause.
-/// The error cause of a failed read or write: `tls.*` for a TLS failure (for example
-/// an untrusted certificate), else `io.*`.
-fn error_cause(e: &io::Error) -> String {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(rustls::Error::InvalidCertificate(_)) => "tls.bad_certificate".into(),
-        Some(rustls::Error::AlertReceived(_)) => "tls.alert_received".into(),
-        Some(_) => "tls.error".into(),
-        None => format!("io.{}", io_cause(e)),
-    }
-}
-
-pub fn io_cause(e: &io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "refused",
-        Some(libc::ECONNRESET) => "reset",
-        Some(libc::ETIMEDOUT) => "timeout",
-        Some(libc::EADDRNOTAVAIL) => "no_source_port",
-        Some(libc::EADDRINUSE) => "address_in_use",
-        Some(libc::EMFILE) | Some(libc::ENFILE) => "too_many_open_files",
-        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable",
-        Some(libc::EPIPE) => "broken_pipe",
-        _ => "other",
     }
 }
 
