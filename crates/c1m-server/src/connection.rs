@@ -192,9 +192,22 @@ impl Extra {
     }
 }
 
+/// What a connection needs of its socket: non-blocking reads and writes, and closing
+/// the write side. A `TcpStream` in the server; an in-memory pipe in the tests, so the
+/// state machine is tested without sockets.
+pub trait Stream: Read + Write {
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
 #[derive(Debug)]
-pub struct Connection {
-    stream: TcpStream,
+pub struct Connection<S = TcpStream> {
+    stream: S,
     /// The first topic subscription (`topic == NO_TOPIC` for none); or, once
     /// the `DEADLINE_INLINE` flag is set, the close deadline in milliseconds since
     /// [`deadline_epoch`] (high half in `topic`). A closing connection has left its
@@ -211,12 +224,12 @@ pub struct Connection {
     extra: Option<Box<Extra>>,
 }
 
-impl Connection {
+impl<S: Stream> Connection<S> {
     pub fn new(
-        stream: TcpStream,
+        stream: S,
         handshake_deadline: Instant,
         tls: Option<rustls::ServerConnection>,
-    ) -> Connection {
+    ) -> Connection<S> {
         Connection {
             stream,
             first: Subscription {
@@ -235,7 +248,7 @@ impl Connection {
         }
     }
 
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
+    pub fn stream_mut(&mut self) -> &mut S {
         &mut self.stream
     }
 
@@ -448,7 +461,7 @@ impl Connection {
             Ok(true) => {
                 self.outbox = None;
                 if self.kind == PhaseKind::Closing {
-                    let _ = self.stream.shutdown(Shutdown::Write);
+                    let _ = self.stream.shutdown_write();
                 }
                 Next::Keep
             }
@@ -616,7 +629,7 @@ impl Connection {
         match self.flush_output() {
             Ok(true) => {
                 self.outbox = None;
-                let _ = self.stream.shutdown(Shutdown::Write);
+                let _ = self.stream.shutdown_write();
             }
             // The rest goes out when the socket is writable (see `on_writable`).
             Ok(false) => {
@@ -647,7 +660,10 @@ fn deadline_epoch() -> Instant {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod size {
     use super::*;
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Connection {
+impl<S: Stream> Connection<S> {
     pub(super) fn handshake_input(&mut self, input: &[u8], cx: &mut ReadContext<'_>) -> Next {
         let limits = cx.limits;
         let extra = self.extra();
