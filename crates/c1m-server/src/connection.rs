@@ -27,8 +27,8 @@ use mio::net::TcpStream;
 mod input;
 
 use crate::auth::{Admission, Gate};
+use crate::counters::Counters;
 use crate::outbox::Outbox;
-use crate::stats::Stats;
 use crate::tls;
 use crate::topics::{Subscription, TopicId};
 
@@ -141,7 +141,7 @@ pub struct ReadContext<'a> {
     pub admit: Admit,
     /// Deadline for a close handshake or final response started now.
     pub closing_deadline: Instant,
-    pub stats: &'a mut Stats,
+    pub counters: &'a mut Counters,
     pub actions: &'a mut Vec<Action>,
     /// The worker's decompressor and its output buffer (permessage-deflate).
     pub inflater: &'a mut Inflater,

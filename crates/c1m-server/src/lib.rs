@@ -27,7 +27,7 @@
 //! - [`fanout`]: the hot path, one frame to many connections.
 //! - [`upstream`]: where publications come from: local, via the master, via the broker.
 //! - [`cluster`]: a node's cluster membership, shared by single process and master.
-//! - [`stats`]: counters and the periodic stats line.
+//! - [`counters`]: what one process counts, and its periodic stats line.
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
 //! - [`scoreboard`]: per-worker counters in shared memory.
 
@@ -39,6 +39,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod counters;
 pub mod fanout;
 pub mod http;
 pub mod listener;
@@ -51,7 +52,6 @@ pub mod publish_acks;
 pub mod registry;
 pub mod scoreboard;
 pub mod server;
-pub mod stats;
 pub mod target;
 pub mod tls;
 pub mod topics;

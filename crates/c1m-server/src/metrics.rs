@@ -1,7 +1,7 @@
 //! `GET /metrics` in the Prometheus text format (version 0.0.4).
 //!
 //! Written by hand rather than with a metrics crate: the event loop is single-threaded
-//! and already counts everything in plain integers ([`Stats`]), so all that is needed is
+//! and already counts everything in plain integers ([`Counters`]), so all that is needed is
 //! to print them, plus two fixed-bucket histograms. A registry with atomics and its own
 //! collection machinery would add cost to the hot path for nothing.
 //!
@@ -12,8 +12,8 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::counters::Counters;
 use crate::scoreboard::{Scoreboard, Slot};
-use crate::stats::Stats;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Picks one counter out of a worker's scoreboard slot.
@@ -81,7 +81,7 @@ impl Histogram {
 
 /// Everything `/metrics` shows.
 pub struct View<'a> {
-    pub stats: &'a Stats,
+    pub counters: &'a Counters,
     /// (topic, subscribers, messages published) in this process.
     pub topics: Vec<(&'a str, usize, u64)>,
     pub fanout: &'a Histogram,
@@ -105,7 +105,7 @@ fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: impl std
 
 pub fn render(view: &View<'_>) -> String {
     let mut out = String::with_capacity(4096);
-    let s = view.stats;
+    let s = view.counters;
     // Server-wide values: this process's, or the sum over every worker's slot.
     let sum = |own: u64, field: Field| -> u64 {
         match view.worker {

@@ -25,8 +25,8 @@ use mio::{Interest, Registry as MioRegistry, Token};
 use slab::Slab;
 
 use crate::connection::{Connection, End, Limits, Next, PhaseKind, SendError};
+use crate::counters::Counters;
 use crate::per_ip::PerIp;
-use crate::stats::Stats;
 use crate::topics::{TopicId, Topics};
 
 /// Close code for a connection whose token expired (see [`Registry::expire_tokens`]):
@@ -37,7 +37,7 @@ pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
 pub struct Registry {
     pub conns: Slab<Connection>,
     pub topics: Topics,
-    pub stats: Stats,
+    pub counters: Counters,
     pub limits: Limits,
     handshake_timeout: Duration,
     close_timeout: Duration,
@@ -67,7 +67,7 @@ impl Registry {
         Registry {
             conns: Slab::new(),
             topics: Topics::default(),
-            stats: Stats::default(),
+            counters: Counters::default(),
             limits,
             handshake_timeout,
             close_timeout,
@@ -102,7 +102,7 @@ impl Registry {
             per_ip.add(key, peer.ip());
         }
         self.handshake_deadlines.push_back((key, deadline));
-        self.stats.accepted += 1;
+        self.counters.accepted += 1;
         Ok(key)
     }
 
@@ -121,10 +121,10 @@ impl Registry {
         // Count phase changes first, even for a connection about to be removed: one read
         // can upgrade a connection and then find EOF, and `remove` uncounts open ones.
         if before != after && after == PhaseKind::Open {
-            self.stats.open += 1;
+            self.counters.open += 1;
         }
         if before == PhaseKind::Open && after != PhaseKind::Open {
-            self.stats.open -= 1;
+            self.counters.open -= 1;
         }
         match next {
             Next::Remove(end) => return self.remove(registry, key, end),
@@ -153,7 +153,7 @@ impl Registry {
             return;
         };
         if conn.kind() == PhaseKind::Open {
-            self.stats.open -= 1;
+            self.counters.open -= 1;
         }
         self.unsubscribe_all(key);
         self.token_expiry.remove(&key);
@@ -161,9 +161,9 @@ impl Registry {
             per_ip.remove(key);
         }
         match end {
-            End::SlowConsumer => self.stats.slow_consumers += 1,
-            End::Io => self.stats.io_errors += 1,
-            End::PeerClosed => self.stats.peer_closed += 1,
+            End::SlowConsumer => self.counters.slow_consumers += 1,
+            End::Io => self.counters.io_errors += 1,
+            End::PeerClosed => self.counters.peer_closed += 1,
         }
         let mut conn = self.conns.remove(key);
         let _ = registry.deregister(conn.stream_mut());
@@ -281,7 +281,7 @@ impl Registry {
         if end != End::SlowConsumer || conn.kind() != PhaseKind::Open {
             return self.remove(registry, key, end);
         }
-        self.stats.slow_consumers += 1;
+        self.counters.slow_consumers += 1;
         self.close_open(
             registry,
             key,
@@ -329,7 +329,7 @@ impl Registry {
         for &key in &idle {
             self.close_open(registry, key, CloseCode::GOING_AWAY, "idle timeout", now);
         }
-        self.stats.idle_timeouts += idle.len() as u64;
+        self.counters.idle_timeouts += idle.len() as u64;
         tracing::debug!(pings, idle = idle.len(), "idle sweep");
     }
 
@@ -348,7 +348,7 @@ impl Registry {
             now,
             &mut expired,
         );
-        self.stats.handshake_timeouts += expired.len() as u64;
+        self.counters.handshake_timeouts += expired.len() as u64;
         for key in expired.drain(..) {
             self.remove(registry, key, End::PeerClosed);
         }

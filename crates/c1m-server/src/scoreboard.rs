@@ -70,7 +70,7 @@ pub struct Slot {
     pub last_fanout_us: AtomicU64,
     pub rss_bytes: AtomicU64,
     pub rejected_full: AtomicU64,
-    // Totals for `/metrics` (see `Stats` for their meaning).
+    // Totals for `/metrics` (see `Counters` for their meaning).
     pub accepted: AtomicU64,
     pub bytes_out: AtomicU64,
     pub messages_in: AtomicU64,

@@ -321,7 +321,7 @@ impl Server {
         }
         self.flush_to_master(now);
         self.update_accepting(now);
-        if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.stats.open) {
+        if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.counters.open) {
             let (stamp, frame) = self.clock.stamp();
             tracing::debug!(stamp, "broadcast");
             self.deliver(&Target::Topic(crate::topics::TIME.into()), &frame);
@@ -468,7 +468,7 @@ impl Server {
             self.registry
                 .end_failed(self.poll.registry(), key, end, now);
         }
-        let stats = &mut self.registry.stats;
+        let stats = &mut self.registry.counters;
         stats.broadcasts += 1;
         stats.frames_out += out.sent;
         stats.bytes_out += out.sent * frame.len() as u64;
@@ -546,7 +546,7 @@ impl Server {
 
     fn begin_shutdown(&mut self, now: Instant) {
         tracing::info!(
-            open = self.registry.stats.open,
+            open = self.registry.counters.open,
             "shutting down: closing every connection with 1001"
         );
         self.acceptor.close(&self.poll);

@@ -13,7 +13,7 @@ impl<S: Stream> Connection<S> {
             Ok(None) => return Next::Keep,
             Ok(Some(parsed)) => parsed,
             Err(error) => {
-                cx.stats.handshake_rejects += 1;
+                cx.counters.handshake_rejects += 1;
                 return self.finish_with(handshake::rejection(&error), cx.closing_deadline, limits);
             }
         };
@@ -22,7 +22,7 @@ impl<S: Stream> Connection<S> {
                 let admission = match cx.admit {
                     Admit::Yes => cx.gate.admit(&upgrade),
                     Admit::ServerFull => {
-                        cx.stats.rejected_full += 1;
+                        cx.counters.rejected_full += 1;
                         Err(handshake::http_response(
                             503,
                             "Service Unavailable",
@@ -31,7 +31,7 @@ impl<S: Stream> Connection<S> {
                         ))
                     }
                     Admit::TooManyFromAddress => {
-                        cx.stats.rejected_per_ip += 1;
+                        cx.counters.rejected_per_ip += 1;
                         Err(handshake::http_response(
                             429,
                             "Too Many Requests",
@@ -43,7 +43,7 @@ impl<S: Stream> Connection<S> {
                 let admission = match admission {
                     Ok(admission) => admission,
                     Err(response) => {
-                        cx.stats.handshake_rejects += 1;
+                        cx.counters.handshake_rejects += 1;
                         return self.finish_with(response, cx.closing_deadline, limits);
                     }
                 };
@@ -81,7 +81,7 @@ impl<S: Stream> Connection<S> {
             }
             Request::Plain(plain) => {
                 if plain.content_length > limits.max_body_bytes {
-                    cx.stats.handshake_rejects += 1;
+                    cx.counters.handshake_rejects += 1;
                     let body = format!(
                         "request body too large: the limit is {} bytes\n",
                         limits.max_body_bytes
@@ -100,7 +100,7 @@ impl<S: Stream> Connection<S> {
                     extra.head = Vec::new();
                 }
                 self.kind = PhaseKind::Http;
-                cx.stats.plain_http += 1;
+                cx.counters.plain_http += 1;
                 cx.actions.push(Action::Http(plain, body));
                 Next::Keep
             }
@@ -124,7 +124,7 @@ impl<S: Stream> Connection<S> {
         let mut peer_close: Option<Option<CloseCode>> = None;
         // A failure found after decoding (bad compressed data): close with this.
         let mut failure: Option<(CloseCode, &'static str)> = None;
-        let stats = &mut *cx.stats;
+        let stats = &mut *cx.counters;
         let actions = &mut *cx.actions;
         let inflater = &mut *cx.inflater;
         let inflated = &mut *cx.inflated;
@@ -218,7 +218,7 @@ impl<S: Stream> Connection<S> {
             }
         }
         if let Some((code, reason)) = failure {
-            cx.stats.protocol_errors += 1;
+            cx.counters.protocol_errors += 1;
             return self.begin_close(code, reason, cx.closing_deadline, limits);
         }
         if let Some(code) = peer_close {
@@ -240,7 +240,7 @@ impl<S: Stream> Connection<S> {
                 Next::Keep
             }
             Err(error) => {
-                cx.stats.protocol_errors += 1;
+                cx.counters.protocol_errors += 1;
                 tracing::debug!(%error, "protocol error");
                 self.begin_close(
                     error.close_code(),

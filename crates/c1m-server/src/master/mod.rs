@@ -541,7 +541,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 .max()
                 .unwrap_or(0),
             rss_bytes: slots.iter().map(|s| s.rss_bytes.load(Relaxed)).sum::<u64>()
-                + crate::stats::rss_bytes().unwrap_or(0),
+                + crate::counters::rss_bytes().unwrap_or(0),
             counts: counts.cap(),
         }
     }

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::counters::rss_bytes;
 use crate::metrics;
 use crate::node_stats::{self, NodeReport, TopicCounts};
-use crate::stats::rss_bytes;
 use crate::upstream::Upstream;
 
 use super::Server;
@@ -22,10 +22,10 @@ impl Server {
             self.timers.next_stats = now + self.config.stats_interval;
         }
         let sockets = self.registry.conns.len();
-        let s = &mut self.registry.stats;
+        let s = &mut self.registry.counters;
         let Upstream::ViaMaster(link) = &self.upstream else {
             if due {
-                s.report(now, sockets);
+                s.log_line(now, sockets);
             }
             return;
         };
@@ -60,7 +60,7 @@ impl Server {
             _ => (None, 0),
         };
         metrics::render(&metrics::View {
-            stats: &self.registry.stats,
+            counters: &self.registry.counters,
             topics: self.registry.topics.summary(),
             fanout: &self.fanout_seconds,
             publish: &self.publish_seconds,
@@ -73,7 +73,7 @@ impl Server {
 
     /// This process's numbers for `GET /stats` (a single-process server: the node's).
     pub(super) fn node_report(&self) -> NodeReport {
-        let stats = &self.registry.stats;
+        let stats = &self.registry.counters;
         NodeReport {
             node: self.node.clone(),
             connections: stats.open as u64,

@@ -16,7 +16,7 @@ use super::Server;
 impl Server {
     /// Upgraded connections in the whole server (all workers).
     fn total_open(&self) -> u64 {
-        let here = self.registry.stats.open as u64;
+        let here = self.registry.counters.open as u64;
         match &self.upstream {
             Upstream::ViaMaster(link) => {
                 let board = &link.scoreboard;
@@ -60,7 +60,7 @@ impl Server {
             gate: &self.gate,
             admit,
             closing_deadline: now + self.config.close_timeout,
-            stats: &mut registry.stats,
+            counters: &mut registry.counters,
             actions: &mut actions,
             inflater: &mut buffers.inflater,
             inflated: &mut buffers.inflated,

@@ -1,10 +1,11 @@
-//! Counters of one worker and the periodic stats line.
+//! What one server process counts (connections, messages, errors), and its periodic
+//! stats line. A worker also copies them to its scoreboard slot (see `scoreboard`).
 
 use std::time::{Duration, Instant};
 
 /// What the server counts. Plain integers: the event loop is single-threaded.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub struct Counters {
     pub accepted: u64,
     /// Connections upgraded and receiving broadcasts now.
     pub open: usize,
@@ -34,19 +35,19 @@ pub struct Stats {
     pub rejected_per_ip: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
-    last_report: Option<(Instant, u64)>,
+    last_line: Option<(Instant, u64)>,
 }
 
-impl Stats {
+impl Counters {
     /// Logs one stats line: connections, output rate, memory.
-    pub fn report(&mut self, now: Instant, connections: usize) {
-        let rate = match self.last_report {
+    pub fn log_line(&mut self, now: Instant, connections: usize) {
+        let rate = match self.last_line {
             Some((at, frames)) if now > at => {
                 (self.frames_out - frames) as f64 / (now - at).as_secs_f64()
             }
             _ => 0.0,
         };
-        self.last_report = Some((now, self.frames_out));
+        self.last_line = Some((now, self.frames_out));
         tracing::info!(
             open = self.open,
             sockets = connections,
