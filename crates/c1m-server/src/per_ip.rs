@@ -6,7 +6,10 @@
 //! single address cannot fill a worker with idle handshakes either. A socket accepted past
 //! the limit is not dropped at once (its request would be lost and the client would see a
 //! reset, not a reason): it is marked, and its upgrade request is answered with 429.
-//! The bookkeeping exists only when the limit is set.
+//! The bookkeeping exists only when the limit is set. Across workers the check and the
+//! count are two steps, so two workers accepting from one address at the same instant
+//! may both admit the last socket: the limit can be passed by at most one socket per
+//! worker, and only in that race.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

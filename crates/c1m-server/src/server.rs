@@ -316,10 +316,6 @@ impl Server {
     /// The end of every loop turn: what the turn changed, then whatever is due.
     /// Returns whether the process is done (shutdown complete).
     fn turn_over(&mut self, mut now: Instant) -> bool {
-        for (topic, on) in self.registry.take_interest_changes() {
-            self.upstream.interest(&topic, on);
-        }
-        self.flush_to_master(now);
         self.update_accepting(now);
         if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.counters.open) {
             let (stamp, frame) = self.clock.stamp();
@@ -339,6 +335,13 @@ impl Server {
         }
         self.registry.expire(self.poll.registry(), now);
         self.upstream_timers(now);
+        // What this turn changed goes upstream now: topics that got their first or lost
+        // their last subscriber (reads, sweeps and expiries all change them), then
+        // everything queued for the master (counts, relays, reports).
+        for (topic, on) in self.registry.take_interest_changes() {
+            self.upstream.interest(&topic, on);
+        }
+        self.flush_to_master(now);
         self.publish_counters(now);
         match self.shutdown_deadline {
             Some(deadline) if self.registry.conns.is_empty() || now >= deadline => {

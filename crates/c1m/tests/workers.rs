@@ -254,17 +254,17 @@ async fn max_connections_per_ip_counts_over_every_worker() {
         "2",
     ]);
     let (workers, _) = workers_at_rest(&server);
-    let signal = |pid: u32, sig: i32| {
-        // SAFETY: kill(2) on a worker process of the server this test started.
-        unsafe { libc::kill(pid as i32, sig) };
-    };
     let mut held = Vec::new();
     let mut refused = 0;
     for (accepting, stopped) in [(0, 1), (1, 0)] {
-        signal(workers[stopped], libc::SIGSTOP);
-        signal(workers[accepting], libc::SIGCONT);
+        common::stop_process(workers[stopped]);
+        common::resume_process(workers[accepting]);
         for _ in 0..3 {
-            match tokio_tungstenite::connect_async(server.url("/")).await {
+            let attempt = tokio_tungstenite::connect_async(server.url("/"));
+            match tokio::time::timeout(Duration::from_secs(10), attempt)
+                .await
+                .expect("an answer within 10 s")
+            {
                 Ok((ws, _)) => held.push(ws),
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                     assert_eq!(response.status(), 429);
@@ -274,7 +274,7 @@ async fn max_connections_per_ip_counts_over_every_worker() {
             }
         }
     }
-    signal(workers[0], libc::SIGCONT);
+    common::resume_process(workers[0]);
     assert_eq!(
         (held.len(), refused),
         (2, 4),
@@ -346,8 +346,7 @@ async fn a_stopped_worker_delays_publishes_by_a_bounded_time_only() {
             .map(|t| t.join().unwrap())
             .collect::<Vec<_>>()
     };
-    // SAFETY: kill(2) on a worker process of the server this test started.
-    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    common::stop_process(stopped);
     let rss_before = common::rss_kib(master);
     let answers = tokio::task::spawn_blocking(publish_all).await.unwrap();
     for (took, answer) in &answers {
@@ -366,8 +365,7 @@ async fn a_stopped_worker_delays_publishes_by_a_bounded_time_only() {
         "the master's memory grew from {rss_before} to {rss_after} KiB"
     );
 
-    // SAFETY: as above.
-    unsafe { libc::kill(stopped as i32, libc::SIGCONT) };
+    common::resume_process(stopped);
     let answers = tokio::task::spawn_blocking(publish_all).await.unwrap();
     for (took, answer) in &answers {
         assert_eq!(answer.status, 200, "{answer:?}");

@@ -280,6 +280,7 @@ impl Server {
     pub(super) fn answer_publish(&mut self, waiting: Waiting, delivery: Delivery, now: Instant) {
         let response = match &waiting.request {
             WaitingFor::Publish(target) => http::published(target, delivery),
+            // Never sent: the master answers `/stats` with `Answer`.
             WaitingFor::Stats => http::published(&Target::All, delivery),
         };
         self.answer_waiting(&waiting, response, now);

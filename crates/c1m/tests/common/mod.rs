@@ -431,3 +431,30 @@ pub fn rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Stops process `pid` (SIGSTOP) and waits until it is stopped: `kill` returns before
+/// the target has stopped, and a worker still running could take one more connection
+/// (and then stop with it unanswered).
+pub fn stop_process(pid: u32) {
+    // SAFETY: kill(2) on a process the calling test started.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    for _ in 0..500 {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
+            });
+        if state.as_deref() == Some("T") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("process {pid} did not stop within 5 s");
+}
+
+/// Lets a stopped process run again (SIGCONT).
+pub fn resume_process(pid: u32) {
+    // SAFETY: kill(2) on a process the calling test started.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+}
