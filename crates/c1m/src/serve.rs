@@ -192,8 +192,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS")]
     max_connections: Option<u64>,
 
-    /// Most connections one client address may hold (per worker process); upgrades past
-    /// it get HTTP 429. Off by default: many clients may share an address behind NAT.
+    /// Most connections one client address may hold (over every worker process);
+    /// upgrades past it get HTTP 429. Off by default: many clients may share an address behind NAT.
     #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_ip: Option<u32>,
 
