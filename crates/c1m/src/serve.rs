@@ -110,7 +110,9 @@ pub struct ServeArgs {
     allowed_origins: Option<Vec<String>>,
 
     /// Require a JWT signed with this HS256 secret, from `?token=` or an
-    /// `Authorization: Bearer` header (401 without a valid, unexpired one).
+    /// `Authorization: Bearer` header (401 without a valid, unexpired one). A connection
+    /// is closed with 4001 when its token expires, unless it sent a fresh one:
+    /// `{"op":"refresh","token":"..."}`.
     #[arg(
         long,
         value_name = "SECRET",
