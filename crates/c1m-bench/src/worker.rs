@@ -369,6 +369,7 @@ impl Worker {
             key: key_text,
             head: Vec::new(),
             deadline,
+            retry_after: None,
         }));
         // The response may already be here.
         self.on_readable(key)
@@ -410,8 +411,10 @@ impl Worker {
             let used = match handshake::parse_response(&hs.head, &hs.key, MAX_HEAD_BYTES) {
                 Ok(None) => return Ok(()),
                 Ok(Some(used)) => used,
-                Err(ClientHandshakeError::Status(code)) => {
-                    return Err(Some(format!("handshake.status.{code}")))
+                Err(ClientHandshakeError::Status { code, retry_after }) => {
+                    // Honoured by the reconnect (see `end`).
+                    hs.retry_after = retry_after.map(Duration::from_secs);
+                    return Err(Some(format!("handshake.status.{code}")));
                 }
                 Err(_) => return Err(Some("handshake.invalid".into())),
             };
@@ -579,6 +582,15 @@ impl Worker {
             }
             // A connection that got through starts its backoff afresh.
             Phase::Open | Phase::Closing => self.schedule_retry(client.index, 0, Instant::now()),
+            // The server said when to come back (503 or 429 with Retry-After): not before.
+            Phase::Handshake(ref hs) if hs.retry_after.is_some() => {
+                let wait = hs.retry_after.unwrap_or_default();
+                if self.config.reconnect && !self.stopping {
+                    let at = Instant::now() + wait;
+                    self.retries
+                        .push(Reverse((at, client.index, client.attempt + 1)));
+                }
+            }
             _ => self.schedule_retry(client.index, client.attempt + 1, Instant::now()),
         }
         match client.phase {

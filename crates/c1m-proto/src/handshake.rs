@@ -311,8 +311,13 @@ pub fn client_request(host: &str, path: &str, key: &str) -> Vec<u8> {
 /// Why a server's answer to an upgrade was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientHandshakeError {
-    #[error("server answered HTTP {0} instead of 101")]
-    Status(u16),
+    #[error("server answered HTTP {code} instead of 101")]
+    Status {
+        code: u16,
+        /// The answer's `Retry-After`, in seconds (its delta-seconds form; an HTTP
+        /// date is ignored): how long the server asks the client to wait.
+        retry_after: Option<u64>,
+    },
     #[error("malformed HTTP response: {0}")]
     Malformed(String),
     #[error("response head exceeds {0} bytes")]
@@ -340,7 +345,13 @@ pub fn parse_response(
     };
     let code = resp.code.unwrap_or(0);
     if code != 101 {
-        return Err(ClientHandshakeError::Status(code));
+        let retry_after = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("Retry-After"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .and_then(|v| v.trim().parse().ok());
+        return Err(ClientHandshakeError::Status { code, retry_after });
     }
     let expected = accept_key(key);
     let accepted = resp.headers.iter().any(|h| {
@@ -535,7 +546,31 @@ mod tests {
         let refused = http_response(503, "Service Unavailable", &[], "full");
         assert_eq!(
             parse_response(&refused, &key, MAX),
-            Err(ClientHandshakeError::Status(503))
+            Err(ClientHandshakeError::Status {
+                code: 503,
+                retry_after: None
+            })
+        );
+        let later = http_response(503, "Service Unavailable", &[("Retry-After", "3")], "later");
+        assert_eq!(
+            parse_response(&later, &key, MAX),
+            Err(ClientHandshakeError::Status {
+                code: 503,
+                retry_after: Some(3)
+            })
+        );
+        let dated = http_response(
+            429,
+            "Too Many Requests",
+            &[("Retry-After", "Wed, 21 Oct 2026 07:28:00 GMT")],
+            "",
+        );
+        assert_eq!(
+            parse_response(&dated, &key, MAX),
+            Err(ClientHandshakeError::Status {
+                code: 429,
+                retry_after: None
+            })
         );
     }
 

@@ -75,7 +75,8 @@ pub struct BenchArgs {
     report_interval: Duration,
 
     /// Reopen connections that fail or end, after a jittered exponential backoff
-    /// (0.1 s doubling to 10 s; reset by a successful connection).
+    /// (0.1 s doubling to 10 s; reset by a successful connection). An upgrade refused
+    /// with `Retry-After` (a 503 or 429) is retried no sooner than the server asked.
     #[arg(long)]
     reconnect: bool,
 

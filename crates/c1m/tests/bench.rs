@@ -186,6 +186,40 @@ fn drain(mut stream: std::net::TcpStream) {
     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
+/// A server that refuses every upgrade with 503 and `Retry-After: 2`: with
+/// `--reconnect`, the bench comes back no sooner than asked, so in 3 s one connection
+/// tries twice (at 0 s and 2 s), not the ~7 times its own backoff would allow.
+#[test]
+fn reconnects_honour_retry_after() {
+    let addr = fake_server(|mut s| {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n",
+        );
+    });
+    let (_, result) = bench(
+        "retry-after",
+        &[
+            "--url",
+            &url(addr),
+            "-c",
+            "1",
+            "--reconnect",
+            "--duration",
+            "3s",
+        ],
+    );
+    let refused = result.snapshot.errors.get("handshake.status.503").copied();
+    assert_eq!(refused, Some(2), "{:?}", result.snapshot.errors);
+}
+
 #[test]
 fn each_error_cause_is_counted() {
     let cases: Vec<(&str, Handler, &str)> = vec![

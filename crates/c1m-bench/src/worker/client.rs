@@ -18,6 +18,8 @@ pub(super) struct Handshake {
     pub(super) key: String,
     pub(super) head: Vec<u8>,
     pub(super) deadline: Instant,
+    /// The server refused the upgrade with a `Retry-After`: reconnect no sooner.
+    pub(super) retry_after: Option<Duration>,
 }
 
 #[derive(Debug)]
