@@ -77,6 +77,8 @@ pub struct ServeConfig {
     pub max_connections: Option<u64>,
     /// Most sockets one client address may hold in one process; upgrades past it get 429.
     pub max_connections_per_ip: Option<u32>,
+    /// Upgrades admitted per second by the whole node; past it 503 + Retry-After.
+    pub max_accept_rate: Option<u32>,
     /// Most sockets one process holds (keep it under the process's `nofile` limit); a
     /// full process stops accepting and leaves new connections to other workers.
     pub max_sockets: usize,
@@ -130,6 +132,7 @@ impl Default for ServeConfig {
             deflate: false,
             max_connections: None,
             max_connections_per_ip: None,
+            max_accept_rate: None,
             max_sockets: 1 << 20,
             faults: Faults::default(),
         }

@@ -26,6 +26,7 @@ use mio::net::TcpStream;
 
 mod input;
 
+use crate::admission::{monotonic_ms, AcceptRate};
 use crate::auth::{Admission, Gate};
 use crate::counters::Counters;
 use crate::outbox::Outbox;
@@ -139,6 +140,8 @@ pub struct ReadContext<'a> {
     pub gate: &'a Gate,
     /// Whether an upgrade completed now may be admitted.
     pub admit: Admit,
+    /// `--max-accept-rate`, asked only when an upgrade completes.
+    pub accept_rate: Option<&'a AcceptRate>,
     /// Deadline for a close handshake or final response started now.
     pub closing_deadline: Instant,
     pub counters: &'a mut Counters,

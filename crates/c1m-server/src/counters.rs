@@ -33,6 +33,8 @@ pub struct Counters {
     pub rejected_full: u64,
     /// Upgrades refused with 429 by `--max-connections-per-ip`.
     pub rejected_per_ip: u64,
+    /// Upgrades refused with 503 by `--max-accept-rate`.
+    pub rejected_rate: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,

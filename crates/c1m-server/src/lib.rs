@@ -9,6 +9,7 @@
 //! - [`clock`]: when to broadcast and what (the seed's time push), stamped once.
 //! - [`topics`]: which connections a publication goes to.
 //! - [`connection`]: one client: handshake, frame decoding, bounded pending output.
+//! - [`admission`]: `--max-accept-rate`, upgrades per second for the whole node.
 //! - [`auth`]: who may connect to which topics (origin, JWT), and the publish API key.
 //! - [`commands`]: the client's subscribe/unsubscribe text protocol.
 //! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
@@ -31,6 +32,7 @@
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
 //! - [`scoreboard`]: per-worker counters in shared memory.
 
+pub mod admission;
 pub mod auth;
 pub mod broker;
 pub mod clock;

@@ -175,6 +175,13 @@ pub fn render(view: &View<'_>) -> String {
     );
     counter(
         &mut out,
+        "c1m_rejected_rate_total",
+        "Upgrades refused with 503 and Retry-After by --max-accept-rate.",
+        "counter",
+        sum(s.rejected_rate, |x| &x.rejected_rate),
+    );
+    counter(
+        &mut out,
         "c1m_handshake_rejects_total",
         "Upgrade requests refused (malformed, unauthorized, forbidden).",
         "counter",

@@ -37,10 +37,18 @@ struct IpTable {
     rows: [[AtomicU32; IP_BUCKETS]; IP_ROWS],
 }
 
-/// Bytes of the slot area, rounded up to whole pages so the tables can be punched.
+/// Node-wide values behind the slots, on a cache line of their own.
+#[repr(C, align(64))]
+struct NodeWide {
+    /// The `--max-accept-rate` window (see `admission`).
+    accept_window: AtomicU64,
+}
+
+/// Bytes of the slot area (the slots, then [`NodeWide`]), rounded up to whole pages so
+/// the tables behind it can be punched.
 fn slots_len(slots: usize) -> usize {
     let page = 4096;
-    (slots * std::mem::size_of::<Slot>()).div_ceil(page) * page
+    (slots * std::mem::size_of::<Slot>() + std::mem::size_of::<NodeWide>()).div_ceil(page) * page
 }
 
 /// Bytes of a whole scoreboard of `slots` workers.
@@ -83,6 +91,7 @@ pub struct Slot {
     pub idle_timeouts: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub rejected_per_ip: AtomicU64,
+    pub rejected_rate: AtomicU64,
 }
 
 impl Slot {
@@ -191,6 +200,14 @@ impl Scoreboard {
 
     pub fn slot(&self, index: usize) -> &Slot {
         &self.slots()[index]
+    }
+
+    /// The node's `--max-accept-rate` window word (see `admission`).
+    pub fn accept_window(&self) -> &AtomicU64 {
+        // SAFETY: `NodeWide` follows the slots inside the slot area (see `slots_len`),
+        // 64-byte aligned since `Slot` is; zero-filled memory is a valid atomic.
+        let node = unsafe { &*self.ptr.add(self.slots).cast::<NodeWide>() };
+        &node.accept_window
     }
 
     /// Upgraded connections over all workers.

@@ -38,6 +38,7 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::admission::AcceptRate;
 use crate::auth::{AuthConfigError, Gate};
 use crate::clock::Clock;
 use crate::cluster::ClusterNode;
@@ -146,6 +147,8 @@ struct Server {
     publish_seconds: Histogram,
     /// This node's name in cluster reports (see `node_stats::node_id`).
     node: String,
+    /// `--max-accept-rate`, shared with the other workers through the scoreboard.
+    accept_rate: Option<AcceptRate>,
     /// Test fault `--fault-skip-source`: slab keys of connections from that address.
     muted: HashSet<usize>,
     shutdown_deadline: Option<Instant>,
@@ -164,7 +167,7 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let node = node_stats::node_id(local_addr);
         let cluster = config.broker.is_some();
-        let (upstream, per_ip) = match role {
+        let (upstream, per_ip, accept_rate) = match role {
             Some(role) => {
                 role.control.set_nonblocking(true)?;
                 let mut control = mio::net::UnixStream::from_std(role.control);
@@ -182,8 +185,11 @@ impl Server {
                 let per_ip = config
                     .max_connections_per_ip
                     .map(|limit| PerIp::shared(limit, Arc::clone(&scoreboard), role.index));
+                let accept_rate = config
+                    .max_accept_rate
+                    .map(|rate| AcceptRate::shared(rate, Arc::clone(&scoreboard)));
                 let link = MasterLink::new(role.index, scoreboard, control, cluster);
-                (Upstream::ViaMaster(link), per_ip)
+                (Upstream::ViaMaster(link), per_ip, accept_rate)
             }
             None => {
                 let per_ip = config.max_connections_per_ip.map(PerIp::new);
@@ -196,7 +202,11 @@ impl Server {
                         BROKER,
                     )?),
                 };
-                (upstream, per_ip)
+                (
+                    upstream,
+                    per_ip,
+                    config.max_accept_rate.map(AcceptRate::new),
+                )
             }
         };
         let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
@@ -263,6 +273,7 @@ impl Server {
             local_addr,
             signals,
             upstream,
+            accept_rate,
             muted: HashSet::new(),
             shutdown_deadline: None,
         };
@@ -316,6 +327,10 @@ impl Server {
     /// The end of every loop turn: what the turn changed, then whatever is due.
     /// Returns whether the process is done (shutdown complete).
     fn turn_over(&mut self, mut now: Instant) -> bool {
+        // Topics this turn's reads joined or left go upstream first: before this node's
+        // report (in `upstream_timers`) tells the cluster about subscribers, the broker
+        // subscription for them is on its way.
+        self.send_upstream_changes(now);
         self.update_accepting(now);
         if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.counters.open) {
             let (stamp, frame) = self.clock.stamp();
@@ -335,13 +350,8 @@ impl Server {
         }
         self.registry.expire(self.poll.registry(), now);
         self.upstream_timers(now);
-        // What this turn changed goes upstream now: topics that got their first or lost
-        // their last subscriber (reads, sweeps and expiries all change them), then
-        // everything queued for the master (counts, relays, reports).
-        for (topic, on) in self.registry.take_interest_changes() {
-            self.upstream.interest(&topic, on);
-        }
-        self.flush_to_master(now);
+        // Sweeps and expiries change topics too; and the timers queue reports.
+        self.send_upstream_changes(now);
         self.publish_counters(now);
         match self.shutdown_deadline {
             Some(deadline) if self.registry.conns.is_empty() || now >= deadline => {
@@ -350,6 +360,15 @@ impl Server {
             }
             _ => false,
         }
+    }
+
+    /// Tells upstream about topics that got their first or lost their last local
+    /// subscriber, then writes everything queued for the master.
+    fn send_upstream_changes(&mut self, now: Instant) {
+        for (topic, on) in self.registry.take_interest_changes() {
+            self.upstream.interest(&topic, on);
+        }
+        self.flush_to_master(now);
     }
 
     /// How long `poll` may sleep: until the nearest deadline of any kind.

@@ -199,6 +199,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "C1M_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_ip: Option<u32>,
 
+    /// Most upgrades the server admits per second, all workers together; past it an
+    /// upgrade is answered at once with 503 and a Retry-After of 1 to 5 s (random, so
+    /// refused clients come back spread out) instead of waiting in the backlog. For
+    /// reconnect storms: after a restart, clients are let in at this pace. Off by default.
+    #[arg(long, value_name = "N", env = "C1M_MAX_ACCEPT_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    max_accept_rate: Option<u32>,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
@@ -347,6 +354,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         reuse_port: args.reuse_port,
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
+        max_accept_rate: args.max_accept_rate,
         echo: args.echo,
         deflate: args.deflate,
         max_sockets,

@@ -220,6 +220,40 @@ fn reconnects_honour_retry_after() {
     assert_eq!(refused, Some(2), "{:?}", result.snapshot.errors);
 }
 
+/// Against the real server's `--max-accept-rate`: a burst of 40 is mostly refused, and
+/// every client gets in by coming back when asked.
+#[test]
+fn every_client_gets_in_through_an_accept_rate_by_retrying() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--connect-only",
+        "--max-accept-rate",
+        "50",
+    ]);
+    let (_, result) = bench(
+        "accept-rate",
+        &[
+            "--url",
+            &server.url("/"),
+            "-c",
+            "40",
+            "--reconnect",
+            "--duration",
+            "12s",
+        ],
+    );
+    let s = &result.snapshot;
+    assert_eq!(s.active, 40, "{:?}", s.errors);
+    let refused = s.errors.get("handshake.status.503").copied().unwrap_or(0);
+    assert!(
+        refused >= 10,
+        "most of the burst was refused first: {:?}",
+        s.errors
+    );
+    assert_eq!(s.error_total(), refused, "no other error: {:?}", s.errors);
+}
+
 #[test]
 fn each_error_cause_is_counted() {
     let cases: Vec<(&str, Handler, &str)> = vec![

@@ -142,13 +142,24 @@ async fn every_node_gets_it_once(kind: &'static str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Any node sums the cluster: 3 nodes, 5 worker processes, 12 clients (the numbers
     // travel in reports once a second: wait for them).
-    let (addr, deadline) = (nodes[1].addr, Instant::now() + Duration::from_secs(10));
-    let cluster = tokio::task::spawn_blocking(move || loop {
-        let stats = common::stats(addr, "cluster");
-        if stats["nodes"] == 3 && stats["subscriptions"] == 12 || Instant::now() > deadline {
-            return stats;
+    // A publisher expects the nodes its own view knows to have subscribers (see
+    // `publish_acks`), so every node must have heard every report before the publishes
+    // below: wait until each one sums the whole cluster.
+    let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cluster = tokio::task::spawn_blocking(move || {
+        let mut last = serde_json::Value::Null;
+        for addr in addrs {
+            last = loop {
+                let stats = common::stats(addr, "cluster");
+                if stats["nodes"] == 3 && stats["subscriptions"] == 12 || Instant::now() > deadline
+                {
+                    break stats;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
         }
-        std::thread::sleep(Duration::from_millis(200));
+        last
     })
     .await
     .unwrap();

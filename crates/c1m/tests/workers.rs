@@ -382,3 +382,50 @@ async fn a_stopped_worker_delays_publishes_by_a_bounded_time_only() {
         );
     }
 }
+
+/// `--max-accept-rate` holds for the node (2 workers share 2 upgrades a second): a burst
+/// past it is answered at once with 503 and a Retry-After of 1 to 5 s, and a client
+/// that comes back after that time is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_accept_rate_answers_a_burst_with_503_and_retry_after() {
+    let server = Server::start(&["--workers", "2", "--connect-only", "--max-accept-rate", "2"]);
+    let mut admitted = Vec::new();
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let attempt = tokio_tungstenite::connect_async(server.url("/"));
+        match tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .expect("an answer at once, not a wait in the backlog")
+        {
+            Ok((ws, _)) => admitted.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+                let secs: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=5).contains(&secs), "Retry-After {secs}");
+                waits.push(secs);
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    // One upgrade per 500 ms window: the burst may straddle two windows.
+    assert!(
+        (1..=2).contains(&admitted.len()),
+        "{} admitted",
+        admitted.len()
+    );
+    assert_eq!(admitted.len() + waits.len(), 4);
+    tokio::time::sleep(Duration::from_secs(waits[0])).await;
+    connect(&server).await;
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
+    let refused: f64 = metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("c1m_rejected_rate_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("c1m_rejected_rate_total");
+    assert_eq!(refused as usize, waits.len(), "{}", metrics.body);
+}

@@ -20,7 +20,17 @@ impl<S: Stream> Connection<S> {
         match request {
             Request::Upgrade(upgrade) => {
                 let admission = match cx.admit {
-                    Admit::Yes => cx.gate.admit(&upgrade),
+                    Admit::Yes => {
+                        cx.gate
+                            .admit(&upgrade)
+                            .and_then(|admission| match cx.accept_rate {
+                                Some(rate) if !rate.try_admit(monotonic_ms()) => {
+                                    cx.counters.rejected_rate += 1;
+                                    Err(rate.refusal())
+                                }
+                                _ => Ok(admission),
+                            })
+                    }
                     Admit::ServerFull => {
                         cx.counters.rejected_full += 1;
                         Err(handshake::http_response(

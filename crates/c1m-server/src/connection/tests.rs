@@ -130,6 +130,7 @@ impl Harness {
             limits: &self.limits,
             gate: &self.gate,
             admit,
+            accept_rate: None,
             closing_deadline: Instant::now() + Duration::from_secs(3),
             counters: &mut self.counters,
             actions: &mut actions,

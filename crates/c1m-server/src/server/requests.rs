@@ -59,6 +59,7 @@ impl Server {
             limits: &registry.limits,
             gate: &self.gate,
             admit,
+            accept_rate: self.accept_rate.as_ref(),
             closing_deadline: now + self.config.close_timeout,
             counters: &mut registry.counters,
             actions: &mut actions,
