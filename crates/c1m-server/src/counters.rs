@@ -35,6 +35,9 @@ pub struct Counters {
     pub rejected_per_ip: u64,
     /// Upgrades refused with 503 by `--max-accept-rate`.
     pub rejected_rate: u64,
+    /// Clock ticks not sent because a newer one was queued behind them (a worker that
+    /// was busy longer than the interval sends only the newest).
+    pub ticks_coalesced: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,

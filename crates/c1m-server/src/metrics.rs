@@ -182,6 +182,30 @@ pub fn render(view: &View<'_>) -> String {
     );
     counter(
         &mut out,
+        "c1m_clock_ticks_coalesced_total",
+        "Clock ticks not sent because a newer one was queued behind them (a busy worker sends only the newest).",
+        "counter",
+        sum(s.ticks_coalesced, |x| &x.ticks_coalesced),
+    );
+    if let Some((_, board)) = view.worker {
+        let skipped: u64 = board
+            .slots()
+            .iter()
+            .map(|x| {
+                x.publications_skipped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        counter(
+            &mut out,
+            "c1m_publications_skipped_total",
+            "Publications the master did not queue for a worker that stopped reading (past 16 MiB queued).",
+            "counter",
+            skipped,
+        );
+    }
+    counter(
+        &mut out,
         "c1m_handshake_rejects_total",
         "Upgrade requests refused (malformed, unauthorized, forbidden).",
         "counter",

@@ -429,3 +429,65 @@ async fn max_accept_rate_answers_a_burst_with_503_and_retry_after() {
         .expect("c1m_rejected_rate_total");
     assert_eq!(refused as usize, waits.len(), "{}", metrics.body);
 }
+
+/// Clock ticks do not pile up behind a busy worker: stopped for 1.5 s under a 100 ms
+/// interval, a worker sends its clients only the newest of the ticks queued meanwhile
+/// (a late time is worthless), so they see one gap of about the stop, while the other
+/// worker's clients see every tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_sends_only_the_newest_of_the_ticks_it_missed() {
+    const CLIENTS: usize = 40;
+    let server = Server::start(&["--workers", "2", "--interval", "100ms"]);
+    let (workers, baseline) = workers_at_rest(&server);
+    let mut clients = Vec::new();
+    let mut counts = Vec::new();
+    for _ in 0..20 {
+        while clients.len() < CLIENTS {
+            clients.push(connect(&server).await);
+        }
+        counts = wait_for_sockets(&workers, &baseline, clients.len());
+        if counts.iter().all(|&c| c > 0) {
+            break;
+        }
+        clients.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    let until = tokio::time::Instant::now() + Duration::from_millis(3000);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(stamps_until(ws, until)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = workers[0];
+    tokio::task::spawn_blocking(move || {
+        common::stop_process(stopped);
+        std::thread::sleep(Duration::from_millis(1500));
+        common::resume_process(stopped);
+    })
+    .await
+    .unwrap();
+    let mut gapped = 0;
+    for task in tasks {
+        let stamps = task.await.unwrap().expect("the connection stayed open");
+        let stamps: Vec<u64> = stamps.into_iter().collect();
+        let widest = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        if widest >= 1000 {
+            gapped += 1;
+        } else {
+            assert!(widest < 600, "a client saw a gap of {widest} ms");
+        }
+    }
+    assert_eq!(
+        gapped, counts[0],
+        "the stopped worker's clients, and only they, skipped ticks"
+    );
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
+    let coalesced: f64 = metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("c1m_clock_ticks_coalesced_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("c1m_clock_ticks_coalesced_total");
+    assert!(coalesced >= 10.0, "{coalesced} ticks coalesced");
+}

@@ -388,17 +388,21 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
     /// because it is not reading.
     fn send_to_all(&mut self, bytes: &[u8]) -> (Vec<bool>, bool) {
         let mut skipped = false;
+        let board = &self.scoreboard;
         let sent_to = self
             .workers
             .iter_mut()
-            .map(|worker| {
+            .enumerate()
+            .map(|(index, worker)| {
                 if !worker.is_alive() {
                     return false;
                 }
                 if !worker.queue(bytes) {
                     tracing::warn!(
+                        worker = index,
                         "a worker is not reading its control channel; it misses a publication"
                     );
+                    board.slot(index).publications_skipped.fetch_add(1, Relaxed);
                     skipped = true;
                     return false;
                 }

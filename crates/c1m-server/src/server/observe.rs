@@ -50,6 +50,7 @@ impl Server {
         slot.handshake_timeouts.store(s.handshake_timeouts, Relaxed);
         slot.rejected_per_ip.store(s.rejected_per_ip, Relaxed);
         slot.rejected_rate.store(s.rejected_rate, Relaxed);
+        slot.ticks_coalesced.store(s.ticks_coalesced, Relaxed);
         if due || slot.rss_bytes.load(Relaxed) == 0 {
             slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
         }
