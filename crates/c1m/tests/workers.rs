@@ -43,6 +43,29 @@ fn workers_at_rest(server: &Server) -> (Vec<u32>, Vec<usize>) {
     (workers, baseline)
 }
 
+/// Connects `n` clients, again until every worker holds some (the kernel picks the
+/// worker); returns them and each worker's count.
+async fn clients_on_every_worker(
+    server: &Server,
+    workers: &[u32],
+    baseline: &[usize],
+    n: usize,
+) -> (Vec<Ws>, Vec<usize>) {
+    for _ in 0..20 {
+        let mut clients = Vec::new();
+        while clients.len() < n {
+            clients.push(connect(server).await);
+        }
+        let counts = wait_for_sockets(workers, baseline, n);
+        if counts.iter().all(|&c| c > 0) {
+            return (clients, counts);
+        }
+        drop(clients);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the kernel never spread {n} clients over every worker");
+}
+
 /// Waits until the workers hold `n` client connections in total; returns each one's.
 fn wait_for_sockets(workers: &[u32], baseline: &[usize], n: usize) -> Vec<usize> {
     for _ in 0..100 {
@@ -296,21 +319,7 @@ async fn a_stopped_worker_delays_publishes_by_a_bounded_time_only() {
     const PUBLISHES: usize = 8;
     let server = Server::start(&["--workers", "2", "--connect-only", "--api-key", "k"]);
     let (workers, baseline) = workers_at_rest(&server);
-    let mut clients = Vec::new();
-    let mut counts = Vec::new();
-    // Connect until both workers hold some clients (the kernel picks the worker).
-    for _ in 0..20 {
-        while clients.len() < CLIENTS {
-            clients.push(connect(&server).await);
-        }
-        counts = wait_for_sockets(&workers, &baseline, clients.len());
-        if counts.iter().all(|&c| c > 0) {
-            break;
-        }
-        clients.clear();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    let (clients, counts) = clients_on_every_worker(&server, &workers, &baseline, CLIENTS).await;
     let (stopped, running) = (workers[0], counts[1]);
     let readers: Vec<_> = clients
         .into_iter()
@@ -439,20 +448,7 @@ async fn a_busy_worker_sends_only_the_newest_of_the_ticks_it_missed() {
     const CLIENTS: usize = 40;
     let server = Server::start(&["--workers", "2", "--interval", "100ms"]);
     let (workers, baseline) = workers_at_rest(&server);
-    let mut clients = Vec::new();
-    let mut counts = Vec::new();
-    for _ in 0..20 {
-        while clients.len() < CLIENTS {
-            clients.push(connect(&server).await);
-        }
-        counts = wait_for_sockets(&workers, &baseline, clients.len());
-        if counts.iter().all(|&c| c > 0) {
-            break;
-        }
-        clients.clear();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    let (clients, counts) = clients_on_every_worker(&server, &workers, &baseline, CLIENTS).await;
     let until = tokio::time::Instant::now() + Duration::from_millis(3000);
     let tasks: Vec<_> = clients
         .into_iter()
