@@ -218,18 +218,16 @@ impl Server {
         };
         let response = match outcome {
             Outcome::Respond(response) => response,
-            Outcome::Stats { cluster } => match &mut self.upstream {
-                Upstream::ViaMaster(_) => {
-                    // The master sums the workers (and holds the cluster view).
-                    let parked = waiting(self, WaitingFor::Stats);
-                    self.ask_master_for_stats(parked, cluster, now);
-                    return Next::Keep;
-                }
-                Upstream::ViaBroker(_) | Upstream::Local => {
-                    let (status, body) = self.node_stats(cluster, now);
-                    http::json_answer(status, &body)
-                }
-            },
+            Outcome::Stats { cluster } if matches!(self.upstream, Upstream::ViaMaster(_)) => {
+                // The master sums the workers (and holds the cluster view).
+                let parked = waiting(self, WaitingFor::Stats);
+                self.ask_master_for_stats(parked, cluster, now);
+                return Next::Keep;
+            }
+            Outcome::Stats { cluster } => {
+                let (status, body) = self.node_stats(cluster, now);
+                http::json_answer(status, &body)
+            }
             Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
             Outcome::Publish { target, frame } => {
                 if matches!(self.upstream, Upstream::Local) {
@@ -249,13 +247,8 @@ impl Server {
     }
 
     /// Sends `response` to the client of a request that waited, if it is still there
-    /// (it may have gone away or timed out meanwhile). Returns whether it was.
-    pub(super) fn answer_waiting(
-        &mut self,
-        waiting: &Waiting,
-        response: Vec<u8>,
-        now: Instant,
-    ) -> bool {
+    /// (it may have gone away or timed out meanwhile).
+    pub(super) fn answer_waiting(&mut self, waiting: &Waiting, response: Vec<u8>, now: Instant) {
         let key = waiting.key;
         let same = self
             .registry
@@ -263,7 +256,7 @@ impl Server {
             .get(key)
             .is_some_and(|c| c.kind() == PhaseKind::Http && c.deadline() == waiting.deadline);
         if !same {
-            return false;
+            return;
         }
         let next = self
             .registry
@@ -274,7 +267,6 @@ impl Server {
             self.publish_seconds
                 .observe(now.saturating_duration_since(waiting.started));
         }
-        true
     }
 
     /// Answers a waiting publish with what it came to.

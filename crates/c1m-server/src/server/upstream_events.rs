@@ -118,9 +118,7 @@ impl Server {
             } => {
                 let count = self.deliver(&target, &Bytes::from(frame));
                 if origin != Origin::Clock {
-                    if let Upstream::ViaMaster(link) = &mut self.upstream {
-                        link.send(&Message::Delivered { origin, count });
-                    }
+                    self.send_to_master(&Message::Delivered { origin, count });
                 }
             }
             Message::Done { request, delivery } => {
@@ -186,34 +184,38 @@ impl Server {
         match &mut self.upstream {
             Upstream::Local => {}
             Upstream::ViaMaster(link) => {
-                for waiting in link.expire(now) {
+                let late = link.expire(now);
+                let counts_due = link.report_due(now);
+                for waiting in late {
                     tracing::warn!("the master did not answer a request in time");
-                    self.answer_waiting(&waiting, http::no_answer_in_time(MASTER_ANSWER_WAIT), now);
+                    let response = http::no_answer_in_time(MASTER_ANSWER_WAIT);
+                    self.answer_waiting(&waiting, response, now);
                 }
-                let Upstream::ViaMaster(link) = &mut self.upstream else {
-                    return;
-                };
-                if link.report_due(now) {
+                if counts_due {
                     let json = serde_json::to_vec(&self.topic_counts()).unwrap_or_default();
-                    if let Upstream::ViaMaster(link) = &mut self.upstream {
-                        link.send(&Message::TopicCounts { json });
-                    }
+                    self.send_to_master(&Message::TopicCounts { json });
                 }
             }
             Upstream::ViaBroker(cluster) => {
-                for finished in cluster.expire(now) {
+                let late = cluster.expire(now);
+                let report_due = cluster.report_due(now);
+                for finished in late {
                     self.finish_cluster_publish(finished, now);
                 }
-                let Upstream::ViaBroker(cluster) = &mut self.upstream else {
-                    return;
-                };
-                if cluster.report_due(now) {
+                if report_due {
                     let report = self.node_report();
                     if let Upstream::ViaBroker(cluster) = &self.upstream {
                         cluster.send_report(&report);
                     }
                 }
             }
+        }
+    }
+
+    /// Queues a message for the master (written at the end of the turn).
+    fn send_to_master(&mut self, message: &Message) {
+        if let Upstream::ViaMaster(link) = &mut self.upstream {
+            link.send(message);
         }
     }
 }
