@@ -19,6 +19,34 @@ async fn connect(server: &Server) -> Ws {
         .0
 }
 
+/// An upgrade that must be answered within 10 s: the connection, or the HTTP answer
+/// that refused it.
+async fn try_upgrade(
+    server: &Server,
+) -> Result<Ws, tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>> {
+    let attempt = tokio_tungstenite::connect_async(server.url("/"));
+    match tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("an answer within 10 s, not a wait in the backlog")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+/// The value of an unlabelled metric in the server's `/metrics`.
+fn metric(server: &Server, name: &str) -> f64 {
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
+    let prefix = format!("{name} ");
+    metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {}", metrics.body))
+}
+
 /// Collects the stamps a client receives until `until`; `None` if its connection ended.
 async fn stamps_until(mut ws: Ws, until: tokio::time::Instant) -> Option<BTreeSet<u64>> {
     let mut stamps = BTreeSet::new();
@@ -283,17 +311,12 @@ async fn max_connections_per_ip_counts_over_every_worker() {
         common::stop_process(workers[stopped]);
         common::resume_process(workers[accepting]);
         for _ in 0..3 {
-            let attempt = tokio_tungstenite::connect_async(server.url("/"));
-            match tokio::time::timeout(Duration::from_secs(10), attempt)
-                .await
-                .expect("an answer within 10 s")
-            {
-                Ok((ws, _)) => held.push(ws),
-                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            match try_upgrade(&server).await {
+                Ok(ws) => held.push(ws),
+                Err(response) => {
                     assert_eq!(response.status(), 429);
                     refused += 1;
                 }
-                Err(other) => panic!("{other}"),
             }
         }
     }
@@ -401,13 +424,9 @@ async fn max_accept_rate_answers_a_burst_with_503_and_retry_after() {
     let mut admitted = Vec::new();
     let mut waits = Vec::new();
     for _ in 0..4 {
-        let attempt = tokio_tungstenite::connect_async(server.url("/"));
-        match tokio::time::timeout(Duration::from_secs(10), attempt)
-            .await
-            .expect("an answer at once, not a wait in the backlog")
-        {
-            Ok((ws, _)) => admitted.push(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+        match try_upgrade(&server).await {
+            Ok(ws) => admitted.push(ws),
+            Err(response) => {
                 assert_eq!(response.status(), 503);
                 let secs: u64 = response.headers()["retry-after"]
                     .to_str()
@@ -417,7 +436,6 @@ async fn max_accept_rate_answers_a_burst_with_503_and_retry_after() {
                 assert!((1..=5).contains(&secs), "Retry-After {secs}");
                 waits.push(secs);
             }
-            Err(other) => panic!("{other}"),
         }
     }
     // One upgrade per 500 ms window: the burst may straddle two windows.
@@ -429,14 +447,8 @@ async fn max_accept_rate_answers_a_burst_with_503_and_retry_after() {
     assert_eq!(admitted.len() + waits.len(), 4);
     tokio::time::sleep(Duration::from_secs(waits[0])).await;
     connect(&server).await;
-    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
-    let refused: f64 = metrics
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("c1m_rejected_rate_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("c1m_rejected_rate_total");
-    assert_eq!(refused as usize, waits.len(), "{}", metrics.body);
+    let refused = metric(&server, "c1m_rejected_rate_total");
+    assert_eq!(refused as usize, waits.len());
 }
 
 /// Clock ticks do not pile up behind a busy worker: stopped for 1.5 s under a 100 ms
@@ -478,12 +490,6 @@ async fn a_busy_worker_sends_only_the_newest_of_the_ticks_it_missed() {
         gapped, counts[0],
         "the stopped worker's clients, and only they, skipped ticks"
     );
-    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
-    let coalesced: f64 = metrics
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("c1m_clock_ticks_coalesced_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("c1m_clock_ticks_coalesced_total");
+    let coalesced = metric(&server, "c1m_clock_ticks_coalesced_total");
     assert!(coalesced >= 10.0, "{coalesced} ticks coalesced");
 }
