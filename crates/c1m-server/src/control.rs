@@ -386,5 +386,28 @@ mod tests {
         assert!(Message::decode_all(&mut buf).is_err());
         let mut buf = vec![3, 0, 0, 0, DONE, 1, 2];
         assert!(Message::decode_all(&mut buf).is_err());
+        // Unknown tags of the typed fields: an error naming them, never a guess.
+        let mut done = vec![DONE, 9, 0, 0, 0, 7];
+        done.extend_from_slice(&5u64.to_le_bytes());
+        let mut delivered = vec![DELIVERED, 3];
+        delivered.extend_from_slice(&[0; 16]);
+        for body in [done, delivered] {
+            let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+            buf.extend_from_slice(&body);
+            let error = Message::decode_all(&mut buf).unwrap_err();
+            assert!(error.contains("unknown"), "{error}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any message body, framed with its true length: a message or an error.
+        #[test]
+        fn any_body_decodes_to_a_message_or_an_error(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)
+        ) {
+            let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+            buf.extend_from_slice(&body);
+            let _ = Message::decode_all(&mut buf);
+        }
     }
 }
