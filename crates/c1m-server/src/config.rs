@@ -85,6 +85,9 @@ pub struct ServeConfig {
     /// Set `SO_REUSEPORT`, so several independent server processes can share the port
     /// (the kernel spreads connections among them by hash, regardless of their load).
     pub reuse_port: bool,
+    /// Connections a broadcast is written to per turn of the event loop (see
+    /// `fanout::Broadcast`).
+    pub fanout_slice: usize,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -99,6 +102,8 @@ pub struct Faults {
     /// Skip every connection from this address in each broadcast (a bench worker whose
     /// connections all come from it must count every round as missed).
     pub skip_source: Option<std::net::IpAddr>,
+    /// Wait this long between two slices of a broadcast.
+    pub slice_pause: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -134,6 +139,7 @@ impl Default for ServeConfig {
             max_connections_per_ip: None,
             max_accept_rate: None,
             max_sockets: 1 << 20,
+            fanout_slice: 1024,
             faults: Faults::default(),
         }
     }

@@ -38,6 +38,10 @@ pub struct Counters {
     /// Clock ticks not sent because a newer one was queued behind them (a worker that
     /// was busy longer than the interval sends only the newest).
     pub ticks_coalesced: u64,
+    /// Local `POST /publish` refused with 503 because the fan-out queue was full.
+    pub publishes_refused_busy: u64,
+    /// Publications being fanned out or waiting for it, now (a gauge).
+    pub publications_queued: u64,
     pub io_errors: u64,
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,

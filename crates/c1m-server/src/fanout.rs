@@ -1,10 +1,20 @@
 //! The hot path: one already-encoded frame handed to many connections.
 //!
 //! Pure bookkeeping over a slab: no event loop, no clock, no topics. The caller picks
-//! the recipients ([`Recipients`]: a topic's subscriber list, or every open
-//! connection) and handles what failed after the walk (a connection cannot be removed
-//! while the slab is being walked). Generic over [`Recipient`] so it is unit-tested
-//! with fake connections; the server instantiates it with `Connection` only.
+//! the recipients ([`Recipients`]: a snapshot of a topic's subscriber list, or every
+//! open connection) and handles what failed after each step (a connection cannot be
+//! removed while the slab is being walked). Generic over [`Recipient`] so it is
+//! unit-tested with fake connections; the server instantiates it with `Connection` only.
+//!
+//! A [`Broadcast`] is walked in **slices** ([`Broadcast::step`] with a budget): a
+//! worker holding 19,000 connections on a loaded machine may need seconds for one
+//! broadcast, and between slices its event loop accepts, answers handshakes, pongs and
+//! closes, so a broadcast never shuts the door on newcomers. The recipients are fixed
+//! when the broadcast starts (a copy of the subscriber list, 4 bytes each: leaving a
+//! topic moves its last subscriber into the hole, which a live cursor would skip), and
+//! each one is checked again when reached (still open, still subscribed), since a slab
+//! key may have changed owner in between. One broadcast at a time per process keeps
+//! the order of messages on every connection.
 //!
 //! Cost: one non-blocking `write` per connection of a shared `Bytes` (a refcount, no
 //! copy); a short write queues the rest in the connection's outbox. Connections that
@@ -19,11 +29,14 @@ use c1m_proto::frame::{encode_compressed_frame, split_frame};
 use slab::Slab;
 
 use crate::connection::{Connection, End, Limits, PhaseKind, SendError, SlowConsumerPolicy};
+use crate::topics::TopicId;
 
 /// What the fan-out needs of a connection.
 pub trait Recipient {
     /// Upgraded and not closing.
     fn is_open(&self) -> bool;
+    /// Whether it is (still) in `topic`.
+    fn is_subscribed(&self, topic: TopicId) -> bool;
     /// The server's permessage-deflate window bits (9 to 15), if negotiated.
     fn deflate_window(&self) -> Option<u8>;
     /// Writes or queues `bytes` (see `Connection::send`).
@@ -34,6 +47,9 @@ impl Recipient for Connection {
     fn is_open(&self) -> bool {
         self.kind() == PhaseKind::Open
     }
+    fn is_subscribed(&self, topic: TopicId) -> bool {
+        Connection::is_subscribed(self, topic)
+    }
     fn deflate_window(&self) -> Option<u8> {
         Connection::deflate_window(self)
     }
@@ -42,75 +58,149 @@ impl Recipient for Connection {
     }
 }
 
-/// Who gets a publication.
-#[derive(Debug, Clone, Copy)]
-pub enum Recipients<'a> {
-    /// These slab keys (a topic's subscribers: all open, by `Topics`' invariant).
-    Keys(&'a [u32]),
-    /// Every open connection in the slab.
+/// Who gets a publication, fixed when its fan-out starts.
+#[derive(Debug, Clone)]
+pub enum Recipients {
+    /// These slab keys: a copy of a topic's subscriber list (`topic` is then set), or
+    /// the open connections a test fault left. A key whose connection is no longer
+    /// open, or no longer in `topic`, when its turn comes is passed over.
+    Keys {
+        keys: Vec<u32>,
+        topic: Option<TopicId>,
+    },
+    /// Every open connection, in slab key order (one that opens at a key not yet
+    /// reached gets the message too: it was open when it was delivered).
     EveryOpen,
 }
 
-/// The result of one fan-out.
+/// What a fan-out came to so far.
 #[derive(Debug, Default, PartialEq)]
 pub struct FanOut {
     /// Connections the frame was written or queued to.
     pub sent: u64,
     /// Connections that skipped it (`--slow-consumer drop` with a full queue).
     pub dropped: u64,
-    /// Connections to end once the walk is over, and why.
+    /// Connections to end, and why (the caller takes them after each step).
     pub failed: Vec<(usize, End)>,
     /// Time from the first write to the last.
     pub took: Duration,
 }
 
-/// Hands `frame` to every recipient.
+/// One publication on its way to its recipients, a slice at a time.
+#[derive(Debug)]
+pub struct Broadcast {
+    frame: Bytes,
+    /// One compressed frame per server window size (9 to 15 bits) in use.
+    compressed: [Option<Bytes>; 7],
+    recipients: Recipients,
+    /// The next index into `keys`, or the next slab key.
+    next: usize,
+    started: Option<Instant>,
+    out: FanOut,
+}
+
+impl Broadcast {
+    pub fn new(frame: Bytes, recipients: Recipients) -> Broadcast {
+        Broadcast {
+            frame,
+            compressed: Default::default(),
+            recipients,
+            next: 0,
+            started: None,
+            out: FanOut::default(),
+        }
+    }
+
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    /// What it came to so far (`failed` is emptied by [`Broadcast::take_failed`]).
+    pub fn progress(&self) -> &FanOut {
+        &self.out
+    }
+
+    /// The connections that failed since the last call, to be ended by the caller.
+    pub fn take_failed(&mut self) -> Vec<(usize, End)> {
+        std::mem::take(&mut self.out.failed)
+    }
+
+    /// Hands the frame to at most `budget` more recipients (passed-over keys are
+    /// free). Returns how much of the budget it used and whether every recipient had
+    /// it; `took` covers the first write to the last so far.
+    pub fn step<R: Recipient>(
+        &mut self,
+        conns: &mut Slab<R>,
+        limits: &Limits,
+        budget: usize,
+    ) -> (usize, bool) {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        // Past the last occupied slab key there is nobody (for `EveryOpen`).
+        let slab_end = conns.iter().next_back().map_or(0, |(key, _)| key + 1);
+        let mut used = 0;
+        let done = loop {
+            if used == budget {
+                break match &self.recipients {
+                    Recipients::Keys { keys, .. } => self.next >= keys.len(),
+                    Recipients::EveryOpen => self.next >= slab_end,
+                };
+            }
+            let key = match &self.recipients {
+                Recipients::Keys { keys, topic } => {
+                    let Some(&key) = keys.get(self.next) else {
+                        break true;
+                    };
+                    self.next += 1;
+                    let wanted = conns
+                        .get(key as usize)
+                        .is_some_and(|c| c.is_open() && topic.is_none_or(|t| c.is_subscribed(t)));
+                    if !wanted {
+                        continue;
+                    }
+                    key as usize
+                }
+                Recipients::EveryOpen => {
+                    if self.next >= slab_end {
+                        break true;
+                    }
+                    self.next += 1;
+                    if !conns.get(self.next - 1).is_some_and(|c| c.is_open()) {
+                        continue;
+                    }
+                    self.next - 1
+                }
+            };
+            used += 1;
+            let conn = &mut conns[key];
+            let bytes = match conn.deflate_window() {
+                Some(bits) => self.compressed[usize::from(bits - 9)]
+                    .get_or_insert_with(|| compress_frame(&self.frame, bits)),
+                None => &self.frame,
+            };
+            match conn.send(bytes, limits) {
+                Ok(()) => self.out.sent += 1,
+                Err(SendError::Overflow) if limits.slow_consumer == SlowConsumerPolicy::Drop => {
+                    self.out.dropped += 1
+                }
+                Err(SendError::Overflow) => self.out.failed.push((key, End::SlowConsumer)),
+                Err(SendError::Io(_)) => self.out.failed.push((key, End::Io)),
+            }
+        };
+        self.out.took = started.elapsed();
+        (used, done)
+    }
+}
+
+/// Hands `frame` to every recipient at once (a broadcast in one step).
 pub fn fan_out<R: Recipient>(
     frame: &Bytes,
     conns: &mut Slab<R>,
-    recipients: Recipients<'_>,
+    recipients: Recipients,
     limits: &Limits,
 ) -> FanOut {
-    let started = Instant::now();
-    let mut out = FanOut::default();
-    // One compressed frame per server window size (9 to 15 bits) in use.
-    let mut compressed: [Option<Bytes>; 7] = Default::default();
-    let mut deliver = |key: usize, conn: &mut R| {
-        let bytes = match conn.deflate_window() {
-            Some(bits) => {
-                compressed[usize::from(bits - 9)].get_or_insert_with(|| compress_frame(frame, bits))
-            }
-            None => frame,
-        };
-        match conn.send(bytes, limits) {
-            Ok(()) => out.sent += 1,
-            Err(SendError::Overflow) if limits.slow_consumer == SlowConsumerPolicy::Drop => {
-                out.dropped += 1
-            }
-            Err(SendError::Overflow) => out.failed.push((key, End::SlowConsumer)),
-            Err(SendError::Io(_)) => out.failed.push((key, End::Io)),
-        }
-    };
-    match recipients {
-        Recipients::Keys(keys) => {
-            for &key in keys {
-                // A key is always live (`Topics` drops a connection's subscriptions
-                // before the slab does); `get_mut` keeps a broken invariant harmless.
-                if let Some(conn) = conns.get_mut(key as usize) {
-                    deliver(key as usize, conn);
-                }
-            }
-        }
-        Recipients::EveryOpen => {
-            for (key, conn) in conns.iter_mut() {
-                if conn.is_open() {
-                    deliver(key, conn);
-                }
-            }
-        }
-    }
-    out.took = started.elapsed();
-    out
+    let mut broadcast = Broadcast::new(frame.clone(), recipients);
+    broadcast.step(conns, limits, usize::MAX);
+    broadcast.out
 }
 
 /// The permessage-deflate version of a broadcast frame: its payload compressed, RSV1
@@ -143,11 +233,15 @@ mod tests {
         /// Refuse sends: with an overflow, or with an I/O error.
         full: bool,
         broken: bool,
+        topics: Vec<TopicId>,
     }
 
     impl Recipient for Fake {
         fn is_open(&self) -> bool {
             self.open
+        }
+        fn is_subscribed(&self, topic: TopicId) -> bool {
+            self.topics.contains(&topic)
         }
         fn deflate_window(&self) -> Option<u8> {
             self.window
@@ -234,7 +328,10 @@ mod tests {
         let out = fan_out(
             &frame,
             &mut conns,
-            Recipients::Keys(&keys),
+            Recipients::Keys {
+                keys: keys.to_vec(),
+                topic: None,
+            },
             &limits(SlowConsumerPolicy::Disconnect),
         );
         assert_eq!(out.sent, 1);
@@ -250,7 +347,10 @@ mod tests {
         let out = fan_out(
             &frame,
             &mut conns,
-            Recipients::Keys(&keys),
+            Recipients::Keys {
+                keys: keys.to_vec(),
+                topic: None,
+            },
             &limits(SlowConsumerPolicy::Drop),
         );
         assert_eq!((out.sent, out.dropped), (1, 1));
@@ -295,5 +395,78 @@ mod tests {
             &limits(SlowConsumerPolicy::Disconnect),
         );
         assert_eq!(conns[w10].got[1], tiny);
+    }
+
+    #[test]
+    fn a_broadcast_walks_its_recipients_a_slice_at_a_time() {
+        let mut conns = Slab::new();
+        let keys: Vec<u32> = (0..5).map(|_| conns.insert(open()) as u32).collect();
+        let limits = limits(SlowConsumerPolicy::Disconnect);
+        let mut broadcast = Broadcast::new(
+            text("x"),
+            Recipients::Keys {
+                keys: keys.clone(),
+                topic: None,
+            },
+        );
+        assert_eq!(broadcast.step(&mut conns, &limits, 2), (2, false));
+        let got = |conns: &Slab<Fake>| {
+            keys.iter()
+                .map(|&k| conns[k as usize].got.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(got(&conns), [1, 1, 0, 0, 0]);
+        assert_eq!(broadcast.step(&mut conns, &limits, 2), (2, false));
+        assert_eq!(broadcast.step(&mut conns, &limits, 2), (1, true));
+        assert_eq!(got(&conns), [1, 1, 1, 1, 1]);
+        assert_eq!(broadcast.progress().sent, 5);
+        // A budget that ends exactly at the last recipient finishes too.
+        let mut again = Broadcast::new(text("y"), Recipients::EveryOpen);
+        assert_eq!(again.step(&mut conns, &limits, 5), (5, true));
+    }
+
+    #[test]
+    fn recipients_that_left_or_changed_hands_between_slices_are_passed_over() {
+        const TOPIC: TopicId = 7;
+        let subscribed = || Fake {
+            topics: vec![TOPIC],
+            ..open()
+        };
+        let mut conns = Slab::new();
+        let keys: Vec<u32> = (0..4).map(|_| conns.insert(subscribed()) as u32).collect();
+        let limits = limits(SlowConsumerPolicy::Disconnect);
+        let mut broadcast = Broadcast::new(
+            text("x"),
+            Recipients::Keys {
+                keys: keys.clone(),
+                topic: Some(TOPIC),
+            },
+        );
+        assert_eq!(broadcast.step(&mut conns, &limits, 1), (1, false));
+        // Between slices: key 1 closes and its key goes to a newcomer in no topic;
+        // key 2 leaves the topic; key 3 starts closing.
+        conns.remove(keys[1] as usize);
+        assert_eq!(conns.insert(open()), keys[1] as usize);
+        conns[keys[2] as usize].topics.clear();
+        conns[keys[3] as usize].open = false;
+        assert_eq!(broadcast.step(&mut conns, &limits, 10), (0, true));
+        let got: Vec<usize> = keys.iter().map(|&k| conns[k as usize].got.len()).collect();
+        assert_eq!(got, [1, 0, 0, 0]);
+        assert_eq!(broadcast.progress().sent, 1);
+    }
+
+    #[test]
+    fn a_connection_opened_ahead_of_the_walk_gets_a_message_to_everyone() {
+        let mut conns = Slab::new();
+        let first = conns.insert(open());
+        let second = conns.insert(open());
+        let limits = limits(SlowConsumerPolicy::Disconnect);
+        let mut broadcast = Broadcast::new(text("x"), Recipients::EveryOpen);
+        assert_eq!(broadcast.step(&mut conns, &limits, 1), (1, false));
+        let newcomer = conns.insert(open());
+        assert_eq!(broadcast.step(&mut conns, &limits, 10), (2, true));
+        for key in [first, second, newcomer] {
+            assert_eq!(conns[key].got.len(), 1);
+        }
     }
 }

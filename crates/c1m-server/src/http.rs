@@ -149,6 +149,22 @@ pub fn broker_refusal() -> Vec<u8> {
     )
 }
 
+/// A publish that found this process's fan-out queue full
+/// (`server::delivery::MAX_QUEUED_PUBLICATIONS`): not published, retry shortly.
+pub fn fan_out_busy() -> Vec<u8> {
+    let mut text =
+        json!({ "error": "the fan-out queue is full: the message was not published; retry later" })
+            .to_string();
+    text.push('\n');
+    http_response_typed(
+        503,
+        "Service Unavailable",
+        "application/json",
+        &[("Retry-After", "1")],
+        text.as_bytes(),
+    )
+}
+
 /// An answer composed elsewhere (the master's `GET /stats`, a publish through the
 /// cluster): 200, or 503 for anything else.
 pub fn json_answer(status: u16, body: &Value) -> Vec<u8> {

@@ -187,6 +187,20 @@ pub fn render(view: &View<'_>) -> String {
         "counter",
         sum(s.ticks_coalesced, |x| &x.ticks_coalesced),
     );
+    counter(
+        &mut out,
+        "c1m_publish_refused_busy_total",
+        "POST /publish refused with 503 because the fan-out queue was full.",
+        "counter",
+        sum(s.publishes_refused_busy, |x| &x.publishes_refused_busy),
+    );
+    counter(
+        &mut out,
+        "c1m_publications_queued",
+        "Publications being fanned out or waiting for it (at most 257 per process).",
+        "gauge",
+        sum(s.publications_queued, |x| &x.publications_queued),
+    );
     if let Some((_, board)) = view.worker {
         let skipped: u64 = board
             .slots()

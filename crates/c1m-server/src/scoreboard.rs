@@ -93,6 +93,8 @@ pub struct Slot {
     pub rejected_per_ip: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub ticks_coalesced: AtomicU64,
+    pub publishes_refused_busy: AtomicU64,
+    pub publications_queued: AtomicU64,
     /// Written by the master: publications it could not queue for this worker (its
     /// control queue was past `master::MAX_PENDING_TO_WORKER`).
     pub publications_skipped: AtomicU64,

@@ -52,6 +52,7 @@ use crate::registry::Registry;
 use crate::scoreboard::Scoreboard;
 use crate::target::Target;
 use crate::upstream::{MasterLink, Upstream};
+use delivery::WhenDelivered;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -149,6 +150,11 @@ struct Server {
     node: String,
     /// `--max-accept-rate`, shared with the other workers through the scoreboard.
     accept_rate: Option<AcceptRate>,
+    /// Publications being fanned out and waiting (`server/delivery.rs`).
+    publications: delivery::Publications,
+    /// This process stopped reading its master's channel or the broker's events
+    /// because `publications` was full; read again once it has room.
+    upstream_paused: bool,
     /// Test fault `--fault-skip-source`: slab keys of connections from that address.
     muted: HashSet<usize>,
     shutdown_deadline: Option<Instant>,
@@ -275,6 +281,8 @@ impl Server {
             upstream,
             accept_rate,
             muted: HashSet::new(),
+            publications: delivery::Publications::default(),
+            upstream_paused: false,
             shutdown_deadline: None,
         };
         server.update_accepting(now);
@@ -335,9 +343,21 @@ impl Server {
         if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.counters.open) {
             let (stamp, frame) = self.clock.stamp();
             tracing::debug!(stamp, "broadcast");
-            self.deliver(&Target::Topic(crate::topics::TIME.into()), &frame);
-            now = Instant::now();
+            let time = Target::Topic(crate::topics::TIME.into());
+            self.publish(time, frame, WhenDelivered::Clock);
         }
+        self.fan_out_slice(now);
+        if self.upstream_paused && self.publications.has_room() {
+            // Messages that waited while the queue was full (edge-triggered: no new
+            // event will say they are there).
+            self.upstream_paused = false;
+            match self.upstream {
+                Upstream::ViaMaster(_) => self.on_master_messages(now),
+                Upstream::ViaBroker(_) => self.on_cluster_events(now),
+                Upstream::Local => {}
+            }
+        }
+        now = Instant::now();
         if self.timers.next_sweep.is_some_and(|at| now >= at) {
             self.timers.next_sweep = Some(now + self.timers.sweep_every);
             self.sweep(now);
@@ -386,6 +406,7 @@ impl Server {
             self.registry.next_deadline(),
             self.upstream.next_deadline(),
             self.acceptor.paused_until(),
+            self.publications.deadline(now),
             self.shutdown_deadline,
         ]
         .into_iter()

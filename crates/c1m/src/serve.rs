@@ -206,6 +206,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "C1M_MAX_ACCEPT_RATE", value_parser = clap::value_parser!(u32).range(1..))]
     max_accept_rate: Option<u32>,
 
+    /// Connections a broadcast is written to per turn of the event loop. Between two
+    /// slices the process accepts, answers handshakes, pongs and closes, so a long
+    /// broadcast never keeps newcomers waiting; every connection still gets messages
+    /// in publication order. Smaller: newcomers wait less; larger: slightly less
+    /// overhead per broadcast.
+    #[arg(long, value_name = "N", default_value_t = 1024, env = "C1M_FANOUT_SLICE", value_parser = clap::value_parser!(u32).range(1..))]
+    fanout_slice: u32,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
@@ -246,6 +254,11 @@ pub struct ServeArgs {
     /// that a bench worker receiving nothing counts its misses).
     #[arg(long, hide = true)]
     fault_skip_source: Option<std::net::IpAddr>,
+
+    /// Test fault: wait this long between two slices of a broadcast (makes a broadcast
+    /// long enough for a test to act during it).
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    fault_slice_pause: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -358,10 +371,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         echo: args.echo,
         deflate: args.deflate,
         max_sockets,
+        fanout_slice: args.fanout_slice as usize,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),
             skip_source: args.fault_skip_source,
+            slice_pause: args.fault_slice_pause,
         },
         ..ServeConfig::default()
     };

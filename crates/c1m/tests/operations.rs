@@ -414,3 +414,67 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+/// Reads one text frame's payload.
+async fn text_of(client: &mut RawClient) -> String {
+    let frame = client.read_frame().await.expect("a frame");
+    assert_eq!(frame.opcode, 1, "{frame:?}");
+    String::from_utf8(frame.payload).expect("utf-8")
+}
+
+#[tokio::test]
+async fn a_newcomer_is_answered_while_a_long_broadcast_is_in_progress() {
+    // 40 clients in slices of 4 with a pause of 300 ms between slices (a test fault):
+    // one broadcast takes about 2.7 s, long enough to act in the middle of it.
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--connect-only",
+        "--api-key",
+        "k",
+        "--fanout-slice",
+        "4",
+        "--fault-slice-pause",
+        "300ms",
+    ]);
+    let addr = server.addr;
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(RawClient::upgraded(addr).await);
+    }
+    let first = tokio::task::spawn_blocking(move || publish(addr, "k", "time", "first"));
+    // The first slice is out...
+    assert_eq!(text_of(&mut clients[0]).await, "first");
+    // ...and a newcomer's upgrade is answered before the broadcast is over: the last
+    // client has not had it yet.
+    let mut newcomer = RawClient::upgraded(addr).await;
+    let last = clients.last_mut().unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), last.read_frame()).await;
+    assert!(
+        early.is_err(),
+        "the broadcast was over before the newcomer was answered"
+    );
+    // A second publication waits for the first: every client gets both, in order. The
+    // newcomer joined after the first started, so it gets only the second.
+    let second = tokio::task::spawn_blocking(move || publish(addr, "k", "time", "second"));
+    for (i, client) in clients.iter_mut().enumerate() {
+        if i > 0 {
+            assert_eq!(text_of(client).await, "first");
+        }
+        assert_eq!(text_of(client).await, "second");
+    }
+    assert_eq!(text_of(&mut newcomer).await, "second");
+    // Each publish is answered once its fan-out is over, with its own count.
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    assert_eq!(
+        first.body.trim(),
+        r#"{"delivered":40,"topic":"time"}"#,
+        "{first:?}"
+    );
+    assert_eq!(
+        second.body.trim(),
+        r#"{"delivered":41,"topic":"time"}"#,
+        "{second:?}"
+    );
+}

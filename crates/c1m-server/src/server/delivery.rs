@@ -1,53 +1,203 @@
-//! Every publication goes out through [`Server::deliver`]: the clock, an HTTP publish,
-//! the master and the broker alike. It picks the recipients and hands the frame to the
-//! fan-out (`fanout.rs`); test faults choose recipients here, never inside the loop.
+//! Every publication goes out through [`Server::publish`]: the clock, an HTTP publish,
+//! the master and the broker alike. Publications wait in one FIFO and go out one at a
+//! time, each a slice of `--fanout-slice` connections per turn of the event loop
+//! (`fanout::Broadcast`), so accepting, handshakes, pongs and closes are served during
+//! a long broadcast, and every connection still gets messages in publication order.
+//! What a publication's count is for (an HTTP answer, the master, the broker) is done
+//! when its last slice is.
+//!
+//! Bounds: at most [`MAX_QUEUED_PUBLICATIONS`] wait behind the running one. Past it a
+//! local `POST /publish` gets 503 with `Retry-After`, and this process stops reading
+//! its master's channel or the broker's events until the queue has room again (the
+//! master then skips a worker whose channel stays full, counted as
+//! `c1m_publications_skipped_total`). Clock ticks coalesce: a tick that finds an older
+//! one still queued replaces it (`c1m_clock_ticks_coalesced_total`), since a late time
+//! is worthless; a client of a busy server sees fewer, never stale-ordered, ticks.
+//! Test faults choose recipients here, never inside the fan-out.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::broker::Reply;
 use crate::connection::PhaseKind;
-use crate::fanout::{fan_out, Recipients};
-use crate::target::Target;
+use crate::control::{Message, Origin};
+use crate::fanout::{Broadcast, Recipients};
+use crate::target::{Delivery, Target};
 use crate::topics::TopicId;
+use crate::upstream::{Upstream, Waiting};
 
 use super::Server;
 
+/// Publications that may wait behind the one being fanned out.
+pub const MAX_QUEUED_PUBLICATIONS: usize = 256;
+
+/// What a publication's count is for, once its fan-out is over.
+#[derive(Debug)]
+pub(super) enum WhenDelivered {
+    /// A clock tick: nobody waits for it.
+    Clock,
+    /// A `POST /publish` to this process alone: answer its client.
+    Answer(Waiting),
+    /// A publication the master relayed: report the count (a clock tick's is not).
+    TellMaster(Origin),
+    /// A publication from the broker: acknowledge the count to its publisher.
+    AckBroker(Reply),
+}
+
+#[derive(Debug)]
+struct Queued {
+    target: Target,
+    frame: Bytes,
+    then: WhenDelivered,
+}
+
+#[derive(Debug)]
+struct Running {
+    broadcast: Broadcast,
+    then: WhenDelivered,
+}
+
+/// The publications of this process: the one being fanned out and those waiting.
+#[derive(Debug, Default)]
+pub(super) struct Publications {
+    running: Option<Running>,
+    queued: VecDeque<Queued>,
+    /// Test fault `--fault-slice-pause`: no slice before this time.
+    next_slice_at: Option<Instant>,
+}
+
+impl Publications {
+    /// Whether another publication may be queued.
+    pub(super) fn has_room(&self) -> bool {
+        self.queued.len() < MAX_QUEUED_PUBLICATIONS
+    }
+
+    /// Whether a fan-out has work: the loop must not sleep past `deadline`.
+    pub(super) fn deadline(&self, now: Instant) -> Option<Instant> {
+        if self.running.is_none() && self.queued.is_empty() {
+            return None;
+        }
+        Some(self.next_slice_at.unwrap_or(now))
+    }
+
+    /// Waiting plus running.
+    pub(super) fn len(&self) -> usize {
+        self.queued.len() + usize::from(self.running.is_some())
+    }
+}
+
 impl Server {
-    /// The one fan-out entry point: a publication to `target`, whether from the clock,
-    /// an HTTP publish, the master or the broker. Returns how many connections it
-    /// reached (none while shutting down: the clients are being closed).
-    pub(super) fn deliver(&mut self, target: &Target, frame: &Bytes) -> u64 {
+    /// Queues a publication to `target`. Its fan-out starts at the end of this turn of
+    /// the loop (`Server::turn_over`), never inside the read or message handler that
+    /// published it, so whatever it answers finds that handler done.
+    pub(super) fn publish(&mut self, target: Target, frame: Bytes, then: WhenDelivered) {
+        let queue = &mut self.publications.queued;
+        if matches!(then, WhenDelivered::Clock) {
+            let before = queue.len();
+            queue.retain(|q| !matches!(q.then, WhenDelivered::Clock));
+            self.registry.counters.ticks_coalesced += (before - queue.len()) as u64;
+        }
+        queue.push_back(Queued {
+            target,
+            frame,
+            then,
+        });
+    }
+
+    /// One slice of fan-out work: up to `--fanout-slice` writes, over as many queued
+    /// publications as that covers. Called again each turn while work remains.
+    pub(super) fn fan_out_slice(&mut self, now: Instant) {
         if self.shutdown_deadline.is_some() {
-            return 0;
+            // The clients are being closed: nothing reaches them any more.
+            return self.abandon_publications();
         }
-        let topic = match target {
-            Target::All => None,
-            Target::Topic(name) => match self.registry.topics.id(name) {
-                Some(id) => Some(id),
-                None => return 0, // nobody here has subscribed to it
-            },
+        if self.publications.next_slice_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let mut budget = self.config.fanout_slice.max(1);
+        while budget > 0 {
+            if self.publications.running.is_none() && !self.start_next() {
+                break;
+            }
+            let Some(running) = &mut self.publications.running else {
+                break;
+            };
+            let registry = &mut self.registry;
+            let (used, done) =
+                running
+                    .broadcast
+                    .step(&mut registry.conns, &registry.limits, budget);
+            budget -= used;
+            let failed = running.broadcast.take_failed();
+            let now = Instant::now();
+            for (key, end) in failed {
+                self.registry
+                    .end_failed(self.poll.registry(), key, end, now);
+            }
+            if done {
+                self.finish_running();
+            }
+        }
+        self.publications.next_slice_at = self
+            .config
+            .faults
+            .slice_pause
+            .filter(|_| self.publications.running.is_some())
+            .map(|pause| Instant::now() + pause);
+    }
+
+    /// Takes the next queued publication and fixes its recipients. Returns false when
+    /// nothing is queued.
+    fn start_next(&mut self) -> bool {
+        while let Some(Queued {
+            target,
+            frame,
+            then,
+        }) = self.publications.queued.pop_front()
+        {
+            let topic = match &target {
+                Target::All => None,
+                Target::Topic(name) => match self.registry.topics.id(name) {
+                    Some(id) => Some(id),
+                    None => {
+                        // Nobody here has subscribed to it.
+                        self.delivered(then, 0);
+                        continue;
+                    }
+                },
+            };
+            if let Some(id) = topic {
+                self.registry.topics.count_published(id);
+            }
+            let recipients = match (self.recipients_with_faults(topic), topic) {
+                (Some(keys), _) => Recipients::Keys { keys, topic },
+                (None, Some(id)) => Recipients::Keys {
+                    keys: self.registry.topics.subscribers(id).to_vec(),
+                    topic,
+                },
+                (None, None) => Recipients::EveryOpen,
+            };
+            self.publications.running = Some(Running {
+                broadcast: Broadcast::new(frame, recipients),
+                then,
+            });
+            return true;
+        }
+        false
+    }
+
+    /// The running publication reached everyone: count it, report it.
+    fn finish_running(&mut self) {
+        let Some(Running { broadcast, then }) = self.publications.running.take() else {
+            return;
         };
-        if let Some(id) = topic {
-            self.registry.topics.count_published(id);
-        }
-        let faulty = self.recipients_with_faults(topic);
-        let registry = &mut self.registry;
-        let recipients = match (&faulty, topic) {
-            (Some(keys), _) => Recipients::Keys(keys),
-            (None, Some(id)) => Recipients::Keys(registry.topics.subscribers(id)),
-            (None, None) => Recipients::EveryOpen,
-        };
-        let out = fan_out(frame, &mut registry.conns, recipients, &registry.limits);
-        let now = Instant::now();
-        for (key, end) in out.failed {
-            self.registry
-                .end_failed(self.poll.registry(), key, end, now);
-        }
+        let out = broadcast.progress();
         let stats = &mut self.registry.counters;
         stats.broadcasts += 1;
         stats.frames_out += out.sent;
-        stats.bytes_out += out.sent * frame.len() as u64;
+        stats.bytes_out += out.sent * broadcast.frame().len() as u64;
         stats.dropped += out.dropped;
         stats.last_fanout = out.took;
         self.fanout_seconds.observe(out.took);
@@ -56,7 +206,39 @@ impl Server {
             fanout_ms = out.took.as_secs_f64() * 1e3,
             "fan-out done"
         );
-        out.sent
+        let sent = out.sent;
+        self.delivered(then, sent);
+    }
+
+    /// Does what a publication's count was for.
+    fn delivered(&mut self, then: WhenDelivered, count: u64) {
+        match then {
+            WhenDelivered::Clock => {}
+            WhenDelivered::Answer(waiting) => {
+                self.answer_publish(waiting, Delivery::whole(count), Instant::now())
+            }
+            WhenDelivered::TellMaster(origin) => {
+                if origin != Origin::Clock {
+                    self.send_to_master(&Message::Delivered { origin, count });
+                }
+            }
+            WhenDelivered::AckBroker(reply) => {
+                if let Upstream::ViaBroker(cluster) = &self.upstream {
+                    cluster.ack(reply, count);
+                }
+            }
+        }
+    }
+
+    /// Shutting down: what is running or queued ends with what it reached so far.
+    fn abandon_publications(&mut self) {
+        if let Some(running) = self.publications.running.take() {
+            let sent = running.broadcast.progress().sent;
+            self.delivered(running.then, sent);
+        }
+        for queued in std::mem::take(&mut self.publications.queued) {
+            self.delivered(queued.then, 0);
+        }
     }
 
     /// With test faults on (`--fault-skip-every`, `--fault-skip-source`), the

@@ -23,6 +23,7 @@ impl Server {
         }
         let sockets = self.registry.conns.len();
         let s = &mut self.registry.counters;
+        s.publications_queued = self.publications.len() as u64;
         let Upstream::ViaMaster(link) = &self.upstream else {
             if due {
                 s.log_line(now, sockets);
@@ -51,6 +52,10 @@ impl Server {
         slot.rejected_per_ip.store(s.rejected_per_ip, Relaxed);
         slot.rejected_rate.store(s.rejected_rate, Relaxed);
         slot.ticks_coalesced.store(s.ticks_coalesced, Relaxed);
+        slot.publishes_refused_busy
+            .store(s.publishes_refused_busy, Relaxed);
+        slot.publications_queued
+            .store(s.publications_queued, Relaxed);
         if due || slot.rss_bytes.load(Relaxed) == 0 {
             slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
         }

@@ -11,6 +11,7 @@ use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
 use crate::upstream::{Upstream, Waiting, WaitingFor};
 
+use super::delivery::WhenDelivered;
 use super::Server;
 
 impl Server {
@@ -231,9 +232,15 @@ impl Server {
             Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
             Outcome::Publish { target, frame } => {
                 if matches!(self.upstream, Upstream::Local) {
-                    let delivered = self.deliver(&target, &frame);
-                    self.publish_seconds.observe(now.elapsed());
-                    http::published(&target, Delivery::whole(delivered))
+                    if !self.publications.has_room() {
+                        self.registry.counters.publishes_refused_busy += 1;
+                        http::fan_out_busy()
+                    } else {
+                        // Answered when its fan-out is over (`delivery.rs`).
+                        let parked = waiting(self, WaitingFor::Publish(target.clone()));
+                        self.publish(target, frame, WhenDelivered::Answer(parked));
+                        return Next::Keep;
+                    }
                 } else {
                     let parked = waiting(self, WaitingFor::Publish(target.clone()));
                     match self.publish_upstream(parked, target, frame.to_vec(), now) {

@@ -17,6 +17,7 @@ use crate::publish_acks::Finished;
 use crate::target::{Delivery, Target};
 use crate::upstream::{Upstream, Waiting, MASTER_ANSWER_WAIT};
 
+use super::delivery::WhenDelivered;
 use super::Server;
 
 fn is_clock_tick(message: &Message) -> bool {
@@ -86,6 +87,11 @@ impl Server {
 
     /// The control channel is ready: read and act on what the master sent.
     pub(super) fn on_master_messages(&mut self, now: Instant) {
+        if !self.publications.has_room() {
+            // Back-pressure: the master's queue to this worker fills instead.
+            self.upstream_paused = true;
+            return;
+        }
         let Upstream::ViaMaster(link) = &mut self.upstream else {
             return;
         };
@@ -116,10 +122,11 @@ impl Server {
                 target,
                 frame,
             } => {
-                let count = self.deliver(&target, &Bytes::from(frame));
-                if origin != Origin::Clock {
-                    self.send_to_master(&Message::Delivered { origin, count });
-                }
+                let then = match origin {
+                    Origin::Clock => WhenDelivered::Clock,
+                    origin => WhenDelivered::TellMaster(origin),
+                };
+                self.publish(target, Bytes::from(frame), then);
             }
             Message::Done { request, delivery } => {
                 if let Some(waiting) = link.unpark(request) {
@@ -149,6 +156,11 @@ impl Server {
 
     /// The broker link's waker fired (single process in a cluster).
     pub(super) fn on_cluster_events(&mut self, now: Instant) {
+        if !self.publications.has_room() {
+            // Back-pressure: the broker link's queue fills instead.
+            self.upstream_paused = true;
+            return;
+        }
         let Upstream::ViaBroker(cluster) = &mut self.upstream else {
             return;
         };
@@ -159,10 +171,8 @@ impl Server {
                     frame,
                     reply,
                 } => {
-                    let delivered = self.deliver(&target, &Bytes::from(frame));
-                    if let Upstream::ViaBroker(cluster) = &self.upstream {
-                        cluster.ack(reply, delivered);
-                    }
+                    let then = WhenDelivered::AckBroker(reply);
+                    self.publish(target, Bytes::from(frame), then);
                 }
                 ClusterEvent::Finished(finished) => self.finish_cluster_publish(finished, now),
                 ClusterEvent::Up(_) => {}
@@ -213,7 +223,7 @@ impl Server {
     }
 
     /// Queues a message for the master (written at the end of the turn).
-    fn send_to_master(&mut self, message: &Message) {
+    pub(super) fn send_to_master(&mut self, message: &Message) {
         if let Upstream::ViaMaster(link) = &mut self.upstream {
             link.send(message);
         }
