@@ -10,6 +10,7 @@ OUT=$(cd "$OUT" && pwd)
 
 need=()
 command -v gcc >/dev/null || need+=(gcc)
+[ -f /usr/include/openssl/sha.h ] || need+=(libssl-dev)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v go >/dev/null || need+=(golang-go)
@@ -23,8 +24,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
-echo "raw TCP (gcc)"
-gcc -O2 -Wall -o "$OUT/rawtcp-server" "$here/rawtcp/server.c"
+echo "baselines: raw TCP and minimal WebSocket (gcc, libcrypto)"
+gcc -O2 -Wall -o "$OUT/baseline-server" "$here/baseline/server.c" -lcrypto
 
 echo "Node.js ws (npm)"
 mkdir -p "$OUT/node-ws"
