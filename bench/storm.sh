@@ -5,6 +5,10 @@
 #
 #   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R]
 #   bench/storm.sh --restart [--max-accept-rate R] [--connections N]
+#   bench/storm.sh --kill-worker [--connections N]
+#   bench/storm.sh --mass-disconnect [--connections N]
+# Common: --rate R (connects/s asked of the bench), --connect-timeout D (the bench's
+# connect and handshake timeout, 10s by default like `c1m bench`).
 #
 # Defaults: 190000 connections, 1 run, servers "raw cws c1m" (also: cws-shared; interleaved, run by run, so
 # drift hits them alike), a connect rate of 200,000/s (more than any of them takes: the
@@ -21,6 +25,14 @@
 #     `GET /stats`, polled every second), the server's peak memory and whether a worker
 #     died, then the bench's errors by cause. With --max-accept-rate the restarted server
 #     admits that many upgrades per second (503 + Retry-After past it).
+#   --kill-worker: c1m only, a broadcast every 15 s; once all N (`--reconnect`) are
+#     connected one worker is SIGKILLed; reports the time until all N are back and the
+#     rounds missed by the connections that stayed (the bench counts a round as missed
+#     only for connections open when it was stamped).
+#   --mass-disconnect: c1m only, a broadcast every 15 s; N connections from two benches;
+#     once all are up one bench (N/2) is SIGKILLed, so its connections end at once, and
+#     10,000 newcomers connect at 2,000/s from a third bench; the same newcomers also
+#     connect without the disconnect, and both connect-time distributions are reported.
 # Writes bench/out/storm/{LABEL.json, LABEL.server.log, table-*.md} and prints the table:
 # setup rate, fan-out per round (stamp -> last client), missed, errors, server memory, and
 # the ratios c1m / cws for setup and c1m / raw for fan-out. Run as root (it applies
@@ -33,17 +45,23 @@ LIVE=0
 SERVERS="raw cws c1m"
 RATE=200000
 RESTART=0
+KILL_WORKER=0
+MASS=0
 ACCEPT_RATE=""
+CONNECT_TIMEOUT=10s
 while [ $# -gt 0 ]; do
   case $1 in
     --connections) N=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --live) LIVE=1; shift ;;
     --restart) RESTART=1; shift ;;
+    --kill-worker) KILL_WORKER=1; shift ;;
+    --mass-disconnect) MASS=1; shift ;;
+    --connect-timeout) CONNECT_TIMEOUT=$2; shift 2 ;;
     --max-accept-rate) ACCEPT_RATE=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -107,6 +125,7 @@ run_one() {
   rss0=$(rss_kib $(server_pids))
   $BIN bench --url "$url" --quiet --connections "$N" --procs "$PROCS" --rate "$RATE" \
     --messages 3 --source-ips "127.0.0.2-$LAST_SOURCE" --duration "${LIMIT}s" \
+    --connect-timeout "$CONNECT_TIMEOUT" \
     --json "$OUT/$label.json" >"$OUT/$label.bench.txt" 2>&1 &
   local bench=$!
   while kill -0 $bench 2>/dev/null; do
@@ -118,66 +137,143 @@ run_one() {
   stop_server
 }
 
-# restart_one LABEL: the restart storm (see --help).
-restart_one() {
-  local label=$1 port log url bench_pid t0 back=0 peak=0 r n
-  port=$(free_port)
-  log="$OUT/$label.server.log"
-  local limits=(--listen "127.0.0.1:$port" --workers "$PROCS" --max-connections "$N"
-    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s)
-  RUST_LOG=warn $BIN serve "${limits[@]}" >"$log" 2>&1 &
+# The live c1m server of the --restart, --kill-worker and --mass-disconnect scenarios.
+C1M_ARGS=()
+start_c1m() {
+  local log=$1 before; shift
+  before=$(grep -c "listening" "$log" || true)
+  RUST_LOG=warn $BIN serve "${C1M_ARGS[@]}" "$@" >>"$log" 2>&1 &
   SERVER_PID=$!
-  for _ in $(seq 300); do grep -q "listening" "$log" && break; sleep 0.1; done
-  url="ws://127.0.0.1:$port/"
-  $BIN bench --url "$url" --quiet --connections "$N" --procs "$PROCS" --rate "$RATE" \
-    --reconnect --source-ips "127.0.0.2-$LAST_SOURCE" --duration "$((LIMIT + 120))s" \
-    --json "$OUT/$label.json" >"$OUT/$label.bench.txt" 2>&1 &
-  bench_pid=$!
-  connected() { curl -s --max-time 2 "http://127.0.0.1:$port/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["connections"])' 2>/dev/null || echo 0; }
-  for _ in $(seq "$LIMIT"); do n=$(connected); [ "$n" -ge "$N" ] && break; sleep 1; done
-  echo "$label: $n connected before the kill" >&2
-  local pids
-  pids=$(server_pids)
-  kill -9 $pids 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 300); do
+    [ "$(grep -c "listening" "$log" || true)" -gt "$before" ] && break
+    sleep 0.1
+  done
+}
+connected() {
+  curl -s --max-time 2 "http://127.0.0.1:$PORT/stats" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["connections"])' 2>/dev/null || echo 0
+}
+# wait_for COUNT SECONDS: polls /stats every second until COUNT connections (prints the
+# seconds it took, or "not all back"); the server's peak RSS meanwhile goes to
+# $OUT/peak.txt (KiB; it runs in a subshell).
+wait_for() {
+  local want=$1 limit=$2 t0 r n peak=0
   t0=$(date +%s.%N)
-  RUST_LOG=warn $BIN serve "${limits[@]}" ${ACCEPT_RATE:+--max-accept-rate "$ACCEPT_RATE"} >>"$log" 2>&1 &
-  SERVER_PID=$!
-  local workers_at_start=""
-  for _ in $(seq $((LIMIT + 100))); do
-    r=$(rss_kib $(server_pids)); [ "$r" -gt "$peak" ] && peak=$r
-    [ -z "$workers_at_start" ] && workers_at_start=$(pgrep -P "$SERVER_PID" | sort | tr '\n' ' ')
+  for _ in $(seq "$limit"); do
+    r=$(rss_kib $(server_pids)); [ "$r" -gt "$peak" ] && peak=$r && echo "$peak" >"$OUT/peak.txt"
     n=$(connected)
-    if [ "$n" -ge "$N" ]; then back=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')"); break; fi
+    if [ "$n" -ge "$want" ]; then
+      python3 -c "import time; print(f'{time.time() - $t0:.1f} s')"; return
+    fi
     sleep 1
   done
-  local workers_now
-  workers_now=$(pgrep -P "$SERVER_PID" | sort | tr '\n' ' ')
-  local died=no; [ "$workers_at_start" != "$workers_now" ] && died=yes
-  kill -INT $bench_pid 2>/dev/null || true
-  wait $bench_pid 2>/dev/null || true
-  stop_server
-  echo "| $label | $N | ${back:-not all back} s | $((peak / 1024)) MiB | $died | $(python3 - "$OUT/$label.json" <<'PY'
+  echo "not all back ($n of $want)"
+}
+# bench_in_bg LABEL COUNT RATE ARGS...: a `c1m bench` against the live server, in the
+# background (its PID in BENCH_PID).
+bench_in_bg() {
+  local label=$1 count=$2 rate=$3; shift 3
+  local procs=$(( (count + 18999) / 19000 ))
+  $BIN bench --url "ws://127.0.0.1:$PORT/" --quiet --connections "$count" --procs "$procs" \
+    --rate "$rate" --source-ips "127.0.0.2-$LAST_SOURCE" --connect-timeout "$CONNECT_TIMEOUT" \
+    --json "$OUT/$label.json" "$@" >"$OUT/$label.bench.txt" 2>&1 &
+  BENCH_PID=$!
+}
+stop_bench() { kill -INT "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+errors_of() {
+  python3 - "$1" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))["snapshot"]
-errors = s.get("errors", {})
-print(", ".join(f"{k} {v}" for k, v in sorted(errors.items()) if v) or "none")
+print(", ".join(f"{k} {v}" for k, v in sorted(s.get("errors", {}).items()) if v) or "none")
 PY
-) |" >>"$OUT/table-restart-$N.md"
 }
 
-if [ $RESTART = 1 ]; then
-  [ -f "$OUT/table-restart-$N.md" ] || {
-    echo "| run | clients | all back after restart | server RSS peak after restart | worker died | bench errors by cause |"
-    echo "|---|---:|---:|---:|---|---|"; } >"$OUT/table-restart-$N.md"
-  for run in $(seq "$RUNS"); do
-    label="restart-$N-rate${ACCEPT_RATE:-none}-run$run"
-    echo "== $label" >&2
-    restart_one "$label"
+# storm_one KIND LABEL: the restart or kill-worker storm (see --help).
+storm_one() {
+  local kind=$1 label=$2 log back died=no workers_before workers_after missed
+  PORT=$(free_port)
+  log="$OUT/$label.server.log"; : >"$log"
+  C1M_ARGS=(--listen "127.0.0.1:$PORT" --workers "$PROCS" --max-connections "$N"
+    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s)
+  start_c1m "$log"
+  bench_in_bg "$label" "$N" "$RATE" --reconnect --duration "$((LIMIT * 3 + 120))s"
+  echo "$label: $(wait_for "$N" "$LIMIT") to connect all $N" >&2
+  echo 0 >"$OUT/peak.txt"
+  if [ "$kind" = restart ]; then
+    local old
+    old=$(server_pids)
+    kill -9 $old 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    # The workers hold the listening socket until the kernel has torn them down.
+    for pid in $old; do
+      for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    done
+    start_c1m "$log" ${ACCEPT_RATE:+--max-accept-rate "$ACCEPT_RATE"}
+    sleep 1
+  else
+    kill -9 "$(pgrep -P "$SERVER_PID" | head -1)"
+    sleep 1
+  fi
+  workers_before=$( (pgrep -P "$SERVER_PID" || true) | sort | tr '\n' ' ')
+  back=$(wait_for "$N" "$((LIMIT * 2))")
+  workers_after=$( (pgrep -P "$SERVER_PID" || true) | sort | tr '\n' ' ')
+  [ "$workers_before" != "$workers_after" ] && died=yes
+  sleep 20 # at least one round with everyone back
+  stop_bench "$BENCH_PID"
+  stop_server
+  missed=$($BIN report summary "$OUT/$label.json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["missed"])')
+  echo "| $label | $N | $back | $(( $(cat "$OUT/peak.txt") / 1024 )) MiB | $died | $missed | $(errors_of "$OUT/$label.json") |" >>"$OUT/table-$kind-$N.md"
+}
+
+# mass_one LABEL: the mass disconnect (see --help).
+mass_one() {
+  local label=$1 log half=$((N / 2)) bench_a bench_b
+  PORT=$(free_port)
+  log="$OUT/$label.server.log"; : >"$log"
+  C1M_ARGS=(--listen "127.0.0.1:$PORT" --workers "$PROCS" --max-connections "$((N + 20000))"
+    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s)
+  start_c1m "$log"
+  bench_in_bg "$label-stay" "$((N - half))" "$RATE" --duration "$((LIMIT * 3 + 120))s"; bench_a=$BENCH_PID
+  bench_in_bg "$label-leave" "$half" "$RATE" --duration "$((LIMIT * 3 + 120))s"; bench_b=$BENCH_PID
+  echo "$label: $(wait_for "$N" "$LIMIT") to connect all $N" >&2
+  # Newcomers on a quiet server first (the reference), then during the mass disconnect.
+  bench_in_bg "$label-newcomers-quiet" 10000 2000 --messages 1 --duration 60s
+  wait "$BENCH_PID" || true
+  sleep 5
+  kill -9 "$bench_b" $(pgrep -P "$bench_b") 2>/dev/null || true
+  bench_in_bg "$label-newcomers-during" 10000 2000 --messages 1 --duration 60s
+  wait "$BENCH_PID" || true
+  wait "$bench_b" 2>/dev/null || true
+  stop_bench "$bench_a"
+  stop_server
+  for part in quiet during; do
+    $BIN report summary "$OUT/$label-newcomers-$part.json" | python3 -c "
+import json, sys
+s = json.load(sys.stdin)
+print(f\"| $label | newcomers, $part | {s['established']:,} | {s['errors']} | {s['connect_p50_ms']:.1f} / {s['connect_p99_ms']:.1f} / {s['connect_max_ms']:.1f} ms |\")" >>"$OUT/table-mass-$N.md"
   done
-  cat "$OUT/table-restart-$N.md"
+}
+
+scenario() {
+  local kind=$1 header=$2 label
+  [ -f "$OUT/table-$kind-$N.md" ] || printf '%s\n' "$header" >"$OUT/table-$kind-$N.md"
+  for run in $(seq "$RUNS"); do
+    label="$kind-$N${ACCEPT_RATE:+-rate$ACCEPT_RATE}-run$run"
+    echo "== $label" >&2
+    case $kind in
+      restart|kill-worker) storm_one "$kind" "$label" ;;
+      mass) mass_one "$label" ;;
+    esac
+  done
+  cat "$OUT/table-$kind-$N.md"
   exit 0
-fi
+}
+STORM_HEADER="| run | clients | all back after | server RSS peak after | worker died | missed | bench errors by cause |
+|---|---:|---:|---:|---|---:|---|"
+[ $RESTART = 1 ] && scenario restart "$STORM_HEADER"
+[ $KILL_WORKER = 1 ] && scenario kill-worker "$STORM_HEADER"
+[ $MASS = 1 ] && scenario mass "| run | who | connected | errors | connect time p50 / p99 / max |
+|---|---|---:|---:|---:|"
 
 labels=()
 for run in $(seq "$RUNS"); do

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::meter::{Meter, MeterValues};
 use crate::snapshot::Snapshot;
+use hdrhistogram::Histogram;
 
 /// The full result of a run, as written by `--json` and read by `c1m report merge`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +205,33 @@ impl Aggregator {
     }
 }
 
+/// One histogram in the Dropwizard style: count, min, max, mean, stddev, percentiles.
+fn histogram(out: &mut String, name: &str, h: &Histogram<u64>) {
+    let _ = writeln!(out, "{name}");
+    let _ = writeln!(out, "             count = {}", h.len());
+    if !h.is_empty() {
+        let _ = writeln!(out, "               min = {}", ms(h.min() as f64));
+        let _ = writeln!(out, "               max = {}", ms(h.max() as f64));
+        let _ = writeln!(out, "              mean = {}", ms(h.mean()));
+        let _ = writeln!(out, "            stddev = {}", ms(h.stdev()));
+        for (label, q) in [
+            ("median", 0.5),
+            ("75%", 0.75),
+            ("95%", 0.95),
+            ("98%", 0.98),
+            ("99%", 0.99),
+            ("99.9%", 0.999),
+        ] {
+            let sign = if label == "median" { "=" } else { "<=" };
+            let _ = writeln!(
+                out,
+                "{label:>18} {sign} {}",
+                ms(h.value_at_quantile(q) as f64)
+            );
+        }
+    }
+}
+
 fn section(out: &mut String, title: &str) {
     let _ = writeln!(
         out,
@@ -275,29 +303,13 @@ pub fn console(result: &BenchResult, title: &str) -> String {
     }
     out.push('\n');
     section(&mut out, "Histograms");
-    let h = &s.latency;
-    let _ = writeln!(out, "message.latency (ms)");
-    let _ = writeln!(out, "             count = {}", h.len());
-    if !h.is_empty() {
-        let _ = writeln!(out, "               min = {}", ms(h.min() as f64));
-        let _ = writeln!(out, "               max = {}", ms(h.max() as f64));
-        let _ = writeln!(out, "              mean = {}", ms(h.mean()));
-        let _ = writeln!(out, "            stddev = {}", ms(h.stdev()));
-        for (label, q) in [
-            ("median", 0.5),
-            ("75%", 0.75),
-            ("95%", 0.95),
-            ("98%", 0.98),
-            ("99%", 0.99),
-            ("99.9%", 0.999),
-        ] {
-            let sign = if label == "median" { "=" } else { "<=" };
-            let _ = writeln!(
-                out,
-                "{label:>18} {sign} {}",
-                ms(h.value_at_quantile(q) as f64)
-            );
-        }
+    histogram(&mut out, "message.latency (ms)", &s.latency);
+    if !s.connect.is_empty() {
+        histogram(
+            &mut out,
+            "connection.connect_time (ms, connect to 101)",
+            &s.connect,
+        );
     }
     out.push('\n');
     section(&mut out, "Meters");

@@ -92,6 +92,10 @@ pub struct Snapshot {
     /// Latency of every timestamped message, in µs.
     #[serde(with = "histogram_base64")]
     pub latency: Histogram<u64>,
+    /// Connect time of every established connection, in µs: from the `connect` call to
+    /// the 101 answer (to the TCP connect for `tcp://`). Absent from older results.
+    #[serde(default = "new_latency_histogram", with = "histogram_base64")]
+    pub connect: Histogram<u64>,
     /// Rounds by stamp (µs since the epoch).
     pub rounds: BTreeMap<u64, Round>,
 }
@@ -110,6 +114,7 @@ impl Default for Snapshot {
             clock_skew: 0,
             errors: BTreeMap::new(),
             latency: new_latency_histogram(),
+            connect: new_latency_histogram(),
             rounds: BTreeMap::new(),
         }
     }
@@ -140,6 +145,7 @@ impl Snapshot {
         }
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.connect.add(&other.connect);
         for (stamp, round) in &other.rounds {
             match self.rounds.get_mut(stamp) {
                 Some(mine) => mine.merge(round),
@@ -188,6 +194,7 @@ mod tests {
         let mut s = Snapshot::default();
         for l in latencies {
             s.latency.record(*l).unwrap();
+            s.connect.record((*l * 2).min(MAX_LATENCY_US)).unwrap();
         }
         s.messages = latencies.len() as u64;
         s.errors.insert("connect.refused".into(), 1);
@@ -213,6 +220,7 @@ mod tests {
         assert_eq!(a.messages, 3);
         assert_eq!(a.latency.len(), 3);
         assert_eq!(a.latency.max(), b.latency.max());
+        assert_eq!((a.connect.len(), a.connect.max()), (3, b.connect.max()));
         assert_eq!(a.errors["connect.refused"], 2);
         let r = a.rounds[&5];
         assert_eq!((r.delivered, r.expected, r.missed()), (3, 4, 1));
@@ -225,7 +233,13 @@ mod tests {
         let json = serde_json::to_string(&a).unwrap();
         let b: Snapshot = serde_json::from_str(&json).unwrap();
         assert_eq!(a.latency, b.latency);
+        assert_eq!(a.connect, b.connect);
         assert_eq!(a.rounds, b.rounds);
+        // A result written before connect times were recorded still loads.
+        let mut old: serde_json::Value = serde_json::to_value(&a).unwrap();
+        old.as_object_mut().unwrap().remove("connect");
+        let old: Snapshot = serde_json::from_value(old).unwrap();
+        assert!(old.connect.is_empty());
     }
 
     #[test]

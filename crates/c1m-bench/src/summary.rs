@@ -22,6 +22,10 @@ pub struct Summary {
     pub fanout_p50_ms: f64,
     pub fanout_max_ms: f64,
     pub missed: u64,
+    /// Connect time (connect call to 101) median, p99 and max; 0 in older results.
+    pub connect_p50_ms: f64,
+    pub connect_p99_ms: f64,
+    pub connect_max_ms: f64,
 }
 
 impl Summary {
@@ -47,6 +51,9 @@ impl Summary {
             fanout_p50_ms: fanouts.get(fanouts.len() / 2).copied().unwrap_or(0.0),
             fanout_max_ms: fanouts.last().copied().unwrap_or(0.0),
             missed: s.missed_total(),
+            connect_p50_ms: s.connect.value_at_quantile(0.5) as f64 / 1000.0,
+            connect_p99_ms: s.connect.value_at_quantile(0.99) as f64 / 1000.0,
+            connect_max_ms: s.connect.max() as f64 / 1000.0,
         }
     }
 }

@@ -337,8 +337,12 @@ impl Worker {
         }
         if self.config.target.raw {
             // `tcp://`: no handshake; the connection is open once connected.
+            let started = match client.phase {
+                Phase::Connecting { deadline } => deadline - self.config.connect_timeout,
+                _ => unreachable!("on_connecting is only called while connecting"),
+            };
             self.clients[key].phase = Phase::Open;
-            self.opened(key);
+            self.opened(key, started);
             return self.on_readable(key);
         }
         if let Some(config) = &self.config.tls {
@@ -421,7 +425,7 @@ impl Worker {
             let Phase::Handshake(mut hs) = std::mem::replace(&mut client.phase, Phase::Open) else {
                 unreachable!("matched above");
             };
-            self.opened(key);
+            self.opened(key, hs.deadline - self.config.connect_timeout);
             let rest = &mut hs.head[used..];
             return if rest.is_empty() {
                 Ok(())
@@ -436,8 +440,10 @@ impl Worker {
     }
 
     /// Bookkeeping of a connection that just opened (handshake done, or connected for
-    /// raw TCP).
-    fn opened(&mut self, key: usize) {
+    /// raw TCP) after a connect started at `started`.
+    fn opened(&mut self, key: usize, started: Instant) {
+        let took = started.elapsed().as_micros() as u64;
+        let _ = self.snap.connect.record(took.clamp(1, MAX_LATENCY_US));
         let client = &mut self.clients[key];
         client.opened_us = wall_us();
         self.open_times.push(client.opened_us);

@@ -207,6 +207,11 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 for message in self.workers[index].read_messages() {
                     self.on_worker_message(index, message, now);
                 }
+                if self.workers[index].take_hang_up() {
+                    // Its clients are reconnecting to the other workers right now; a
+                    // stale count would refuse them as over --max-connections.
+                    self.scoreboard.reset(index);
+                }
             }
             self.on_cluster_events(now);
             self.on_tick(now);

@@ -36,6 +36,16 @@ pub struct WorkerProcess {
     /// Bytes read from `control` not yet forming a complete message.
     incoming: Vec<u8>,
     pub restarts: u32,
+    /// The channel reached end-of-file: the worker is exiting (see `take_hang_up`).
+    hung_up: HangUp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HangUp {
+    No,
+    /// Seen, not yet taken by the master.
+    Seen,
+    Taken,
 }
 
 impl WorkerProcess {
@@ -71,6 +81,7 @@ impl WorkerProcess {
             pending: Vec::new(),
             incoming: Vec::new(),
             restarts: 0,
+            hung_up: HangUp::No,
         })
     }
 
@@ -86,7 +97,13 @@ impl WorkerProcess {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match self.control.read(&mut chunk) {
-                Ok(0) => break, // the worker is gone; the reaper restarts it
+                Ok(0) => {
+                    // The worker is exiting; the reaper restarts it once it is gone.
+                    if self.hung_up == HangUp::No {
+                        self.hung_up = HangUp::Seen;
+                    }
+                    break;
+                }
                 Ok(n) => self.incoming.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break, // WouldBlock, or the worker died
@@ -100,6 +117,18 @@ impl WorkerProcess {
                 Vec::new()
             }
         }
+    }
+
+    /// True once, when the channel has just reached end-of-file. A dying process closes
+    /// its descriptors in order, so this comes before its clients' sockets close and
+    /// well before it can be reaped (tearing down 19,000 sockets takes a while): the
+    /// moment to stop counting its connections, which are reconnecting to the others.
+    pub fn take_hang_up(&mut self) -> bool {
+        let seen = self.hung_up == HangUp::Seen;
+        if seen {
+            self.hung_up = HangUp::Taken;
+        }
+        seen
     }
 
     /// Queues encoded message bytes unless the worker has stopped reading (its queue
