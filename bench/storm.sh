@@ -8,7 +8,10 @@
 #   bench/storm.sh --kill-worker [--connections N]
 #   bench/storm.sh --mass-disconnect [--connections N]
 # Common: --rate R (connects/s asked of the bench), --connect-timeout D (the bench's
-# connect and handshake timeout, 10s by default like `c1m bench`).
+# connect and handshake timeout, 10s by default like `c1m bench`; c1m's
+# --handshake-timeout is set to the same, so neither side gives up on the other first:
+# on one machine a starved bench process can take seconds between its TCP connect,
+# which the kernel completes, and sending its upgrade request).
 #
 # Defaults: 190000 connections, 1 run, servers "raw cws c1m" (also: cws-shared; interleaved, run by run, so
 # drift hits them alike), a connect rate of 200,000/s (more than any of them takes: the
@@ -61,7 +64,7 @@ while [ $# -gt 0 ]; do
     --max-accept-rate) ACCEPT_RATE=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -114,7 +117,8 @@ run_one() {
          url="ws://127.0.0.1:$port/" ;;
     c1m) RUST_LOG=warn $BIN serve --listen "127.0.0.1:$port" --workers "$PROCS" \
            --max-connections "$N" "${GATE[@]}" --interval "${INTERVAL}ms" \
-           --ping-interval 0s --idle-timeout 0s --stats-interval 60s >"$log" 2>&1 &
+           --ping-interval 0s --idle-timeout 0s --stats-interval 60s \
+           --handshake-timeout "$CONNECT_TIMEOUT" >"$log" 2>&1 &
          url="ws://127.0.0.1:$port/" ;;
     *) echo "unknown server $name (raw, cws, c1m)" >&2; exit 2 ;;
   esac
@@ -134,6 +138,8 @@ run_one() {
   done
   wait $bench || echo "$label: the bench exited with an error (see $OUT/$label.bench.txt)" >&2
   echo "$label $rss0 $peak" >>"$OUT/memory.txt"
+  # c1m's own account of the run (refusals, timeouts, disconnects by reason).
+  [ "$name" = c1m ] && curl -s --max-time 10 "http://127.0.0.1:$port/metrics" >"$OUT/$label.metrics" || true
   stop_server
 }
 
@@ -194,7 +200,8 @@ storm_one() {
   PORT=$(free_port)
   log="$OUT/$label.server.log"; : >"$log"
   C1M_ARGS=(--listen "127.0.0.1:$PORT" --workers "$PROCS" --max-connections "$N"
-    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s)
+    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s
+    --handshake-timeout "$CONNECT_TIMEOUT")
   start_c1m "$log"
   bench_in_bg "$label" "$N" "$RATE" --reconnect --duration "$((LIMIT * 3 + 120))s"
   echo "$label: $(wait_for "$N" "$LIMIT") to connect all $N" >&2
@@ -231,7 +238,8 @@ mass_one() {
   PORT=$(free_port)
   log="$OUT/$label.server.log"; : >"$log"
   C1M_ARGS=(--listen "127.0.0.1:$PORT" --workers "$PROCS" --max-connections "$((N + 20000))"
-    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s)
+    --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s
+    --handshake-timeout "$CONNECT_TIMEOUT")
   start_c1m "$log"
   bench_in_bg "$label-stay" "$((N - half))" "$RATE" --duration "$((LIMIT * 3 + 120))s"; bench_a=$BENCH_PID
   bench_in_bg "$label-leave" "$half" "$RATE" --duration "$((LIMIT * 3 + 120))s"; bench_b=$BENCH_PID
