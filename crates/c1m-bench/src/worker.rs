@@ -42,8 +42,8 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Most connections opened in one loop turn, so a burst cannot starve reading.
 const MAX_OPENS_PER_TURN: usize = 512;
 const MAX_READS_PER_TURN: usize = 4;
-/// A round with no delivery for this long (and a later round seen) is over: whoever
-/// has not received it by then missed it.
+/// A round two rounds old with no delivery for this long is over even for connections
+/// that received nothing since (a server that skips some connections altogether).
 const ROUND_QUIET_US: u64 = 1_000_000;
 /// Time given to the server to answer our close frames at the end of a run.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -688,6 +688,34 @@ impl Worker {
         Ok(())
     }
 
+    /// For each round but the latest, how many open connections may still receive it
+    /// (opened before its stamp, nothing as recent received yet), and how many of those
+    /// have received no round at all. A server sends one connection's messages in
+    /// order, so a connection that already has a later round missed this one for good,
+    /// while one that has neither is still waiting: its server process may lag a round
+    /// behind the others.
+    fn still_waiting(&self, latest: u64) -> HashMap<u64, (u64, u64)> {
+        // A connection waits for round S exactly when S is later than both its opening
+        // and its latest round: one sorted list of that bound answers every round.
+        let (mut bounds, mut silent) = (Vec::new(), Vec::new());
+        for (_, c) in self.clients.iter() {
+            if matches!(c.phase, Phase::Open | Phase::Closing) {
+                bounds.push(c.opened_us.max(c.last_stamp));
+                if c.last_stamp == 0 {
+                    silent.push(c.opened_us);
+                }
+            }
+        }
+        bounds.sort_unstable();
+        silent.sort_unstable();
+        let below = |v: &[u64], stamp: u64| v.partition_point(|&b| b < stamp) as u64;
+        self.rounds
+            .keys()
+            .filter(|&&stamp| stamp < latest)
+            .map(|&stamp| (stamp, (below(&bounds, stamp), below(&silent, stamp))))
+            .collect()
+    }
+
     /// Refreshes the cumulative snapshot: rounds with their expected deliveries.
     fn update_snapshot(&mut self, start: Instant) {
         self.snap.elapsed_secs = start.elapsed().as_secs_f64();
@@ -699,6 +727,8 @@ impl Worker {
             }
         }
         let latest = self.rounds.keys().copied().max().unwrap_or(0);
+        let second_latest = self.rounds.keys().copied().filter(|&s| s < latest).max().unwrap_or(0);
+        let waiting = self.still_waiting(latest);
         let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {
             let opened_before = self.open_times.partition_point(|&t| t < stamp) as u64;
@@ -716,12 +746,24 @@ impl Worker {
                     delivered_expected: acc.delivered_expected,
                     first_us: acc.first_us,
                     last_us: acc.last_us,
-                    // Over when everyone expected got it, or when a later round exists and
-                    // this one's deliveries have stopped for a while. A round still
-                    // trickling in when the run ends (a fan-out longer than the interval)
-                    // is cut off, not missed.
+                    // Over when everyone expected got it; or when nobody can get it any
+                    // more: every expected connection that lacks it has received a later
+                    // round (see `still_waiting`), or has received nothing at all while
+                    // two later rounds went out and this one's deliveries stopped a while
+                    // ago (a server that skips some connections altogether). A round
+                    // still on its way when the run ends (a fan-out longer than the
+                    // interval, a server process lagging a round behind) is cut off, not
+                    // missed.
                     complete: acc.delivered_expected >= expected
-                        || (stamp < latest && now_us.saturating_sub(acc.last_us) >= ROUND_QUIET_US),
+                        || match waiting.get(&stamp) {
+                            None => false, // the latest round
+                            Some(&(0, _)) => true,
+                            Some(&(all, silent)) => {
+                                all == silent
+                                    && stamp < second_latest
+                                    && now_us.saturating_sub(acc.last_us) >= ROUND_QUIET_US
+                            }
+                        },
                 },
             );
         }
