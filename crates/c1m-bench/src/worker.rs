@@ -727,7 +727,13 @@ impl Worker {
             }
         }
         let latest = self.rounds.keys().copied().max().unwrap_or(0);
-        let second_latest = self.rounds.keys().copied().filter(|&s| s < latest).max().unwrap_or(0);
+        let second_latest = self
+            .rounds
+            .keys()
+            .copied()
+            .filter(|&s| s < latest)
+            .max()
+            .unwrap_or(0);
         let waiting = self.still_waiting(latest);
         let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {
