@@ -127,6 +127,8 @@ struct Worker {
     /// Set once the run is ending: nothing is reopened any more.
     stopping: bool,
     start: Instant,
+    /// `still_waiting` as it was when the run ended (before closing every connection).
+    waiting_at_end: Option<HashMap<u64, (u64, u64)>>,
 }
 
 /// Runs a worker until its stop condition or `stop`, handing a snapshot to
@@ -151,6 +153,7 @@ pub fn run(
         retries: BinaryHeap::new(),
         expiries: BinaryHeap::new(),
         stopping: false,
+        waiting_at_end: None,
         start: Instant::now(),
         config,
     };
@@ -228,6 +231,10 @@ impl Worker {
         // Report the connections held at the end, not the zero left after closing them.
         self.stopping = true;
         let active_at_end = self.snap.active;
+        // Likewise the rounds connections were still waiting for: closing them must not
+        // make those rounds look finished, and their receivers look like misses.
+        let latest = self.rounds.keys().copied().max().unwrap_or(0);
+        self.waiting_at_end = Some(self.still_waiting(latest));
         self.close_all(&mut events)?;
         self.update_snapshot(start);
         self.snap.active = active_at_end;
@@ -734,7 +741,10 @@ impl Worker {
             .filter(|&s| s < latest)
             .max()
             .unwrap_or(0);
-        let waiting = self.still_waiting(latest);
+        let waiting = match &self.waiting_at_end {
+            Some(frozen) => frozen.clone(),
+            None => self.still_waiting(latest),
+        };
         let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {
             let opened_before = self.open_times.partition_point(|&t| t < stamp) as u64;
