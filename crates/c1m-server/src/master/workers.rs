@@ -119,10 +119,11 @@ impl WorkerProcess {
         }
     }
 
-    /// True once, when the channel has just reached end-of-file. A dying process closes
-    /// its descriptors in order, so this comes before its clients' sockets close and
-    /// well before it can be reaped (tearing down 19,000 sockets takes a while): the
-    /// moment to stop counting its connections, which are reconnecting to the others.
+    /// True once, when the channel has just reached end-of-file: the worker is exiting,
+    /// which can be noticed here before it can be reaped; the moment to stop counting
+    /// its connections, which are reconnecting to the others. (Measured: it helps at
+    /// 10,000 connections per worker, not at 19,000 on busy cores, where the channel
+    /// seems to close only after the clients' sockets; see BENCHMARKS.md, "Storms".)
     pub fn take_hang_up(&mut self) -> bool {
         let seen = self.hung_up == HangUp::Seen;
         if seen {
