@@ -436,6 +436,30 @@ fn spawn_worker(fds: WorkerFds) -> std::io::Result<std::process::Child> {
     cmd.spawn()
 }
 
+/// Moves the control channel to the highest descriptor this process may hold. When a
+/// worker dies the kernel releases its files last-opened-slot first (each final release
+/// is queued as task work, which runs last in, first out), so on the highest slot the
+/// channel closes before the clients' sockets do, and the master stops counting the dead
+/// worker's connections before those clients come back to the other workers (see
+/// `master::workers::WorkerProcess::take_hang_up`). Where that fails it stays where it is.
+fn to_highest_descriptor(
+    control: std::os::unix::net::UnixStream,
+) -> std::os::unix::net::UnixStream {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let highest = crate::tune::nofile()
+        .0
+        .saturating_sub(1)
+        .min(i32::MAX as u64) as i32;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor `control` owns; on success the new
+    // descriptor is ours alone, and dropping `control` closes the old one.
+    let fd = unsafe { libc::fcntl(control.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest) };
+    if fd < 0 {
+        return control;
+    }
+    // SAFETY: `fd` was just created by fcntl and nothing else owns it.
+    unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }
+}
+
 fn run_worker(config: ServeConfig, args: &ServeArgs, index: usize) -> anyhow::Result<()> {
     use std::os::fd::FromRawFd;
     let (Some(listen_fd), Some(control_fd), Some(scoreboard_fd)) =
@@ -458,7 +482,7 @@ fn run_worker(config: ServeConfig, args: &ServeArgs, index: usize) -> anyhow::Re
     let role = WorkerRole {
         index,
         scoreboard,
-        control,
+        control: to_highest_descriptor(control),
     };
     c1m_server::run_worker(config, listener, role)
         .with_context(|| format!("c1m serve worker {index}"))
