@@ -40,7 +40,7 @@ pub(super) enum WhenDelivered {
     Clock,
     /// A `POST /publish` to this process alone: answer its client.
     Answer(Waiting),
-    /// A publication the master relayed: report the count (a clock tick's is not).
+    /// A publication the master relayed (not a clock tick): report the count.
     TellMaster(Origin),
     /// A publication from the broker: acknowledge the count to its publisher.
     AckBroker(Reply),
@@ -218,9 +218,7 @@ impl Server {
                 self.answer_publish(waiting, Delivery::whole(count), Instant::now())
             }
             WhenDelivered::TellMaster(origin) => {
-                if origin != Origin::Clock {
-                    self.send_to_master(&Message::Delivered { origin, count });
-                }
+                self.send_to_master(&Message::Delivered { origin, count })
             }
             WhenDelivered::AckBroker(reply) => {
                 if let Upstream::ViaBroker(cluster) = &self.upstream {

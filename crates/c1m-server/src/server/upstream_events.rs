@@ -20,16 +20,6 @@ use crate::upstream::{Upstream, Waiting, MASTER_ANSWER_WAIT};
 use super::delivery::WhenDelivered;
 use super::Server;
 
-fn is_clock_tick(message: &Message) -> bool {
-    matches!(
-        message,
-        Message::Publish {
-            origin: Origin::Clock,
-            ..
-        }
-    )
-}
-
 impl Server {
     /// Hands a publish to the master or the broker; answered later. `Err` holds the
     /// answer to send now (the broker is down).
@@ -100,13 +90,8 @@ impl Server {
             Err(error) => return self.master_lost(error, now),
         };
         // Clock ticks that queued up while this worker was busy (a fan-out longer than
-        // the interval, a stop): only the newest is worth sending, a late time is not.
-        let newest_tick = messages.iter().rposition(is_clock_tick);
-        for (i, message) in messages.into_iter().enumerate() {
-            if is_clock_tick(&message) && Some(i) != newest_tick {
-                self.registry.counters.ticks_coalesced += 1;
-                continue;
-            }
+        // the interval, a stop) coalesce in `publish`: only the newest is sent.
+        for message in messages {
             self.on_master_message(message, now);
         }
         self.flush_to_master(now);
