@@ -6,7 +6,7 @@
 #   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R]
 #   bench/storm.sh --restart [--max-accept-rate R] [--connections N]
 #   bench/storm.sh --kill-worker [--connections N]
-#   bench/storm.sh --mass-disconnect [--connections N]
+#   bench/storm.sh --mass-disconnect [--during-broadcast] [--connections N]
 # Common: --rate R (connects/s asked of the bench), --connect-timeout D (the bench's
 # connect and handshake timeout, 10s by default like `c1m bench`; c1m's
 # --handshake-timeout is set to the same, so neither side gives up on the other first:
@@ -34,11 +34,15 @@
 #     worker is SIGKILLed; reports the time until all N are back and the rounds missed
 #     by the connections that stayed (a round counts as missed only for connections
 #     open when it was stamped).
-#   --mass-disconnect: c1m (or --servers "cws c1m"), gated the same way; N connections
-#     from two benches;
-#     once all are up one bench (N/2) is SIGKILLed, so its connections end at once, and
-#     10,000 newcomers connect at 2,000/s from a third bench; the same newcomers also
-#     connect before the disconnect, and both connect-time distributions are reported.
+#   --mass-disconnect: c1m (or --servers "cws c1m"); N connections from two benches;
+#     once all are up, 10,000 newcomers connect at 2,000/s from a third bench (the
+#     reference, "quiet"), then one bench (N/2) is SIGKILLed, so its connections end at
+#     once, and 10,000 more newcomers connect at 2,000/s ("during"); both connect-time
+#     distributions (connect call to the 101) are reported. No broadcast runs during
+#     either, so the disconnect is measured alone (the servers push nothing). With
+#     --during-broadcast the kill comes at the instant a broadcast to all N starts
+#     instead: c1m's is asked for with POST /broadcast, the C server's is due on its
+#     wall-clock 15 s boundary and the kill is timed to it.
 # Writes bench/out/storm/{LABEL.json, LABEL.server.log, table-*.md} and prints the table:
 # setup rate, fan-out per round (stamp -> last client), missed, errors, server memory, and
 # the ratios c1m / cws for setup and c1m / raw for fan-out. Run as root (it applies
@@ -53,6 +57,7 @@ RATE=200000
 RESTART=0
 KILL_WORKER=0
 MASS=0
+MASS_DURING=0
 ACCEPT_RATE=""
 CONNECT_TIMEOUT=10s
 while [ $# -gt 0 ]; do
@@ -63,11 +68,12 @@ while [ $# -gt 0 ]; do
     --restart) RESTART=1; shift ;;
     --kill-worker) KILL_WORKER=1; shift ;;
     --mass-disconnect) MASS=1; shift ;;
+    --during-broadcast) MASS_DURING=1; shift ;;
     --connect-timeout) CONNECT_TIMEOUT=$2; shift 2 ;;
     --max-accept-rate) ACCEPT_RATE=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -244,18 +250,22 @@ storm_one() {
 
 # mass_one SERVER LABEL: the mass disconnect (see --help), against c1m or cws.
 mass_one() {
-  local server=$1 label=$2 log half=$((N / 2)) bench_a bench_b
+  local server=$1 label=$2 log half=$((N / 2)) bench_a bench_b interval=86400000 now_ms
   PORT=$(free_port)
   log="$OUT/$label.server.log"; : >"$log"
   USE_SS=0
+  [ $MASS_DURING = 1 ] && interval=15000
   if [ "$server" = cws ]; then
     USE_SS=1
-    $PEERS/baseline-server --ws --procs "$PROCS" --total "$N" "$PORT" 15000 >"$log" 2>&1 &
+    # Pushes on wall-clock multiples of the interval: once a day at 00:00 UTC (none during a run),
+    # or with --during-broadcast every 15 s, the kill timed to one of them.
+    $PEERS/baseline-server --ws --procs "$PROCS" --total "$N" "$PORT" "$interval" >"$log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 300); do grep -q "listening" "$log" && break; sleep 0.1; done
   else
+    # No clock: the one broadcast of --during-broadcast is asked for with POST /broadcast.
     C1M_ARGS=(--listen "127.0.0.1:$PORT" --workers "$PROCS" --max-connections "$((N + 20000))"
-      --total "$N" --interval 15s --ping-interval 0s --idle-timeout 0s --stats-interval 60s
+      --connect-only --api-key storm --ping-interval 0s --idle-timeout 0s --stats-interval 60s
       --handshake-timeout "$CONNECT_TIMEOUT")
     start_c1m "$log"
   fi
@@ -263,11 +273,22 @@ mass_one() {
   bench_in_bg "$label-leave" "$half" "$RATE" --duration "$((LIMIT * 3 + 120))s"; bench_b=$BENCH_PID
   echo "$label: $(wait_for "$N" "$LIMIT") to connect all $N" >&2
   # Newcomers on a quiet server first (the reference), then during the mass disconnect.
-  bench_in_bg "$label-newcomers-quiet" 10000 2000 --messages 1 --duration 60s
+  # --messages 0: each is done once upgraded; the bench ends when all are.
+  bench_in_bg "$label-newcomers-quiet" 10000 2000 --messages 0 --duration 60s
   wait "$BENCH_PID" || true
   sleep 5
+  if [ $MASS_DURING = 1 ]; then
+    if [ "$server" = cws ]; then
+      # Sleep until its next 15 s wall-clock boundary (at least 1 s away).
+      now_ms=$(date +%s%3N)
+      python3 -c "import time; t=$now_ms/1000; n=(int(t/15)+1)*15; n+=15 if n-t<1 else 0; time.sleep(max(0, n-time.time()))"
+    else
+      curl -s --max-time 5 -H "Authorization: Bearer storm" --data "$(date +%s%3N)" \
+        "http://127.0.0.1:$PORT/broadcast" >/dev/null &
+    fi
+  fi
   kill -9 "$bench_b" $(pgrep -P "$bench_b") 2>/dev/null || true
-  bench_in_bg "$label-newcomers-during" 10000 2000 --messages 1 --duration 60s
+  bench_in_bg "$label-newcomers-during" 10000 2000 --messages 0 --duration 60s
   wait "$BENCH_PID" || true
   wait "$bench_b" 2>/dev/null || true
   stop_bench "$bench_a"
@@ -276,22 +297,24 @@ mass_one() {
     $BIN report summary "$OUT/$label-newcomers-$part.json" | python3 -c "
 import json, sys
 s = json.load(sys.stdin)
-print(f\"| $label | newcomers, $part | {s['established']:,} | {s['errors']} | {s['connect_p50_ms']:.1f} / {s['connect_p99_ms']:.1f} / {s['connect_max_ms']:.1f} ms |\")" >>"$OUT/table-mass-$N.md"
+print(f\"| $label | newcomers, $part | {s['established']:,} | {s['errors']} | {s['connect_p50_ms']:.1f} / {s['connect_p99_ms']:.1f} / {s['connect_max_ms']:.1f} ms |\")" >>"$OUT/table-mass$MASS_SUFFIX-$N.md"
   done
 }
 
+MASS_SUFFIX=""; [ $MASS_DURING = 1 ] && MASS_SUFFIX=-broadcast
 scenario() {
   local kind=$1 header=$2 label
-  [ -f "$OUT/table-$kind-$N.md" ] || printf '%s\n' "$header" >"$OUT/table-$kind-$N.md"
+  local table="$OUT/table-$kind$MASS_SUFFIX-$N.md"
+  [ -f "$table" ] || printf '%s\n' "$header" >"$table"
   for run in $(seq "$RUNS"); do
-    label="$kind-$N${ACCEPT_RATE:+-rate$ACCEPT_RATE}-run$run"
+    label="$kind-$N${ACCEPT_RATE:+-rate$ACCEPT_RATE}${MASS_SUFFIX}-run$run"
     echo "== $label" >&2
     case $kind in
       restart|kill-worker) storm_one "$kind" "$label" ;;
       mass) for server in $SERVERS; do mass_one "$server" "$label-$server"; done ;;
     esac
   done
-  cat "$OUT/table-$kind-$N.md"
+  cat "$table"
   exit 0
 }
 STORM_HEADER="| run | clients | all back after | server RSS peak after | other workers that died | missed | bench errors by cause |

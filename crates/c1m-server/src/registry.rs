@@ -113,7 +113,7 @@ impl Registry {
 
     /// Bookkeeping after a connection handled an event: phase counters, topics,
     /// deadlines, removal.
-    pub fn after(&mut self, registry: &MioRegistry, key: usize, before: PhaseKind, next: Next) {
+    pub fn after(&mut self, key: usize, before: PhaseKind, next: Next) {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
@@ -127,7 +127,7 @@ impl Registry {
             self.counters.open -= 1;
         }
         match next {
-            Next::Remove(end) => return self.remove(registry, key, end),
+            Next::Remove(end) => return self.remove(key, end),
             Next::ReadAgain => self.read_again.push(key),
             Next::Keep => {}
         }
@@ -148,7 +148,14 @@ impl Registry {
     }
 
     /// Drops a connection and its every index entry, closing the socket.
-    pub fn remove(&mut self, registry: &MioRegistry, key: usize, end: End) {
+    ///
+    /// The socket is not deregistered first: closing its only descriptor takes it out
+    /// of the epoll set (the process accepted it itself and never duplicates it, and a
+    /// worker forks before accepting), and an `EPOLL_CTL_DEL` per close was 6 % of the
+    /// machine's CPU when half a million clients vanished at once (BENCHMARKS.md,
+    /// "Storms"). Events already fetched for the key in this turn find a vacant or
+    /// reused slot, which every handler tolerates (a read that would block).
+    pub fn remove(&mut self, key: usize, end: End) {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
@@ -165,8 +172,7 @@ impl Registry {
             End::Io => self.counters.io_errors += 1,
             End::PeerClosed => self.counters.peer_closed += 1,
         }
-        let mut conn = self.conns.remove(key);
-        let _ = registry.deregister(conn.stream_mut());
+        drop(self.conns.remove(key));
     }
 
     /// Joins `key` to topic `name` (creating the topic).
@@ -215,7 +221,7 @@ impl Registry {
     /// Closes (with [`TOKEN_EXPIRED`]) every open connection whose token expired before
     /// `now_unix`. One pass over the connections that have a token, every second: no
     /// timer per connection.
-    pub fn expire_tokens(&mut self, registry: &MioRegistry, now_unix: u64, now: Instant) {
+    pub fn expire_tokens(&mut self, now_unix: u64, now: Instant) {
         let expired: Vec<usize> = self
             .token_expiry
             .iter()
@@ -224,7 +230,7 @@ impl Registry {
             .collect();
         for key in expired {
             self.token_expiry.remove(&key);
-            self.close_open(registry, key, TOKEN_EXPIRED, "token expired", now);
+            self.close_open(key, TOKEN_EXPIRED, "token expired", now);
         }
     }
 
@@ -253,14 +259,7 @@ impl Registry {
 
     /// Starts the close handshake of an open connection (code and reason to the peer);
     /// the close timeout bounds the wait for its answer.
-    pub fn close_open(
-        &mut self,
-        registry: &MioRegistry,
-        key: usize,
-        code: CloseCode,
-        reason: &str,
-        now: Instant,
-    ) {
+    pub fn close_open(&mut self, key: usize, code: CloseCode, reason: &str, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -268,22 +267,21 @@ impl Registry {
             return;
         }
         let next = conn.begin_close(code, reason, now + self.close_timeout, &self.limits);
-        self.after(registry, key, PhaseKind::Open, next);
+        self.after(key, PhaseKind::Open, next);
     }
 
     /// Ends a connection that failed during a fan-out: a slow consumer is told why with
     /// close code 1008 (its close frame waits behind the queued output, and the close
     /// timeout bounds the wait); a broken socket is dropped.
-    pub fn end_failed(&mut self, registry: &MioRegistry, key: usize, end: End, now: Instant) {
+    pub fn end_failed(&mut self, key: usize, end: End, now: Instant) {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
         if end != End::SlowConsumer || conn.kind() != PhaseKind::Open {
-            return self.remove(registry, key, end);
+            return self.remove(key, end);
         }
         self.counters.slow_consumers += 1;
         self.close_open(
-            registry,
             key,
             CloseCode::POLICY,
             "slow consumer: output queue full",
@@ -295,13 +293,7 @@ impl Registry {
     /// one gets `ping` (if any), and one silent for `idle_sweeps` sweeps is closed with
     /// 1001. One pass over the slab replaces a timer per connection; the ping frame is
     /// encoded once and shared.
-    pub fn sweep(
-        &mut self,
-        registry: &MioRegistry,
-        ping: Option<&bytes::Bytes>,
-        idle_sweeps: Option<u8>,
-        now: Instant,
-    ) {
+    pub fn sweep(&mut self, ping: Option<&bytes::Bytes>, idle_sweeps: Option<u8>, now: Instant) {
         let mut idle = Vec::new();
         let mut failed = Vec::new();
         let mut pings = 0u64;
@@ -324,10 +316,10 @@ impl Registry {
             }
         }
         for key in failed {
-            self.remove(registry, key, End::Io);
+            self.remove(key, End::Io);
         }
         for &key in &idle {
-            self.close_open(registry, key, CloseCode::GOING_AWAY, "idle timeout", now);
+            self.close_open(key, CloseCode::GOING_AWAY, "idle timeout", now);
         }
         self.counters.idle_timeouts += idle.len() as u64;
         tracing::debug!(pings, idle = idle.len(), "idle sweep");
@@ -339,7 +331,7 @@ impl Registry {
     /// dropped from the front as soon as they are seen, not when their deadline comes:
     /// under heavy churn the queues would otherwise hold one entry per connection accepted
     /// in the last `--handshake-timeout`.
-    pub fn expire(&mut self, registry: &MioRegistry, now: Instant) {
+    pub fn expire(&mut self, now: Instant) {
         let mut expired = Vec::new();
         pop_expired(
             &mut self.handshake_deadlines,
@@ -350,7 +342,7 @@ impl Registry {
         );
         self.counters.handshake_timeouts += expired.len() as u64;
         for key in expired.drain(..) {
-            self.remove(registry, key, End::PeerClosed);
+            self.remove(key, End::PeerClosed);
         }
         pop_expired(
             &mut self.closing_deadlines,
@@ -360,7 +352,7 @@ impl Registry {
             &mut expired,
         );
         for key in expired {
-            self.remove(registry, key, End::PeerClosed);
+            self.remove(key, End::PeerClosed);
         }
     }
 
@@ -373,20 +365,14 @@ impl Registry {
 
     /// Shutdown: every open connection gets close 1001, sockets still in the handshake
     /// are dropped, closing ones finish.
-    pub fn close_all(&mut self, registry: &MioRegistry, now: Instant) {
+    pub fn close_all(&mut self, now: Instant) {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             match self.conns[key].kind() {
-                PhaseKind::Open => self.close_open(
-                    registry,
-                    key,
-                    CloseCode::GOING_AWAY,
-                    "server shutting down",
-                    now,
-                ),
-                PhaseKind::Handshake | PhaseKind::Http => {
-                    self.remove(registry, key, End::PeerClosed)
+                PhaseKind::Open => {
+                    self.close_open(key, CloseCode::GOING_AWAY, "server shutting down", now)
                 }
+                PhaseKind::Handshake | PhaseKind::Http => self.remove(key, End::PeerClosed),
                 PhaseKind::Closing => {}
             }
         }

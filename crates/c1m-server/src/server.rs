@@ -366,9 +366,9 @@ impl Server {
             self.timers.next_token_check = Some(now + TOKEN_CHECK_EVERY);
             let leeway = crate::auth::TOKEN_LEEWAY_SECS;
             let unix = crate::auth::unix_now().saturating_sub(leeway);
-            self.registry.expire_tokens(self.poll.registry(), unix, now);
+            self.registry.expire_tokens(unix, now);
         }
-        self.registry.expire(self.poll.registry(), now);
+        self.registry.expire(now);
         self.upstream_timers(now);
         // Sweeps and expiries change topics too; and the timers queue reports.
         self.send_upstream_changes(now);
@@ -491,8 +491,7 @@ impl Server {
             .ping_interval
             .is_some()
             .then_some(&self.ping_frame);
-        self.registry
-            .sweep(self.poll.registry(), ping, idle_sweeps, now);
+        self.registry.sweep(ping, idle_sweeps, now);
     }
 
     /// SIGHUP: re-reads the TLS certificate and key. New connections use them; open ones
@@ -520,6 +519,6 @@ impl Server {
         );
         self.acceptor.close(&self.poll);
         self.shutdown_deadline = Some(now + self.config.close_timeout);
-        self.registry.close_all(self.poll.registry(), now);
+        self.registry.close_all(now);
     }
 }

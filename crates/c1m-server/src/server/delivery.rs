@@ -133,8 +133,7 @@ impl Server {
             let failed = running.broadcast.take_failed();
             let now = Instant::now();
             for (key, end) in failed {
-                self.registry
-                    .end_failed(self.poll.registry(), key, end, now);
+                self.registry.end_failed(key, end, now);
             }
             if done {
                 self.finish_running();

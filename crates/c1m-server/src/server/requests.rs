@@ -74,7 +74,7 @@ impl Server {
             }
         }
         self.buffers.actions = actions;
-        self.registry.after(self.poll.registry(), key, before, next);
+        self.registry.after(key, before, next);
     }
 
     pub(super) fn write(&mut self, key: usize) {
@@ -83,7 +83,7 @@ impl Server {
         };
         let before = conn.kind();
         let next = conn.on_writable();
-        self.registry.after(self.poll.registry(), key, before, next);
+        self.registry.after(key, before, next);
     }
 
     /// Does what a connection asked for after a read.
@@ -268,8 +268,7 @@ impl Server {
         let next = self
             .registry
             .answer_http(key, response, waiting.keep_alive, now);
-        self.registry
-            .after(self.poll.registry(), key, PhaseKind::Http, next);
+        self.registry.after(key, PhaseKind::Http, next);
         if matches!(waiting.request, WaitingFor::Publish(_)) {
             self.publish_seconds
                 .observe(now.saturating_duration_since(waiting.started));
