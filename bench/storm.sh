@@ -3,11 +3,15 @@
 # the raw-TCP baseline (connect and push, no WebSocket) and the minimal C WebSocket server
 # (accept, answer the upgrade, push), both bench/peers/baseline/server.c.
 #
-#   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R]
+#   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R] [--client c]
 #   bench/storm.sh --restart [--max-accept-rate R] [--connections N]
 #   bench/storm.sh --kill-worker [--connections N]
 #   bench/storm.sh --mass-disconnect [--during-broadcast] [--connections N]
-# Common: --rate R (connects/s asked of the bench), --connect-timeout D (the bench's
+# Common: --client c1m|c (the client of the plain runs: `c1m bench`, the default, or the
+# lean C client bench/peers/baseline/client.c, ~64 bytes and no allocation per
+# connection, so that at a million on two cores the client's cost does not decide the
+# race; it reports setup, errors by cause, rounds and missed deliveries, not latency
+# histograms), --rate R (connects/s asked of the bench), --connect-timeout D (the bench's
 # connect and handshake timeout, 10s by default like `c1m bench`; c1m's
 # --handshake-timeout is set to the same, so neither side gives up on the other first:
 # on one machine a starved bench process can take seconds between its TCP connect,
@@ -58,6 +62,7 @@ RESTART=0
 KILL_WORKER=0
 MASS=0
 MASS_DURING=0
+CLIENT=c1m
 ACCEPT_RATE=""
 CONNECT_TIMEOUT=10s
 while [ $# -gt 0 ]; do
@@ -69,11 +74,12 @@ while [ $# -gt 0 ]; do
     --kill-worker) KILL_WORKER=1; shift ;;
     --mass-disconnect) MASS=1; shift ;;
     --during-broadcast) MASS_DURING=1; shift ;;
+    --client) CLIENT=$2; shift 2 ;;
     --connect-timeout) CONNECT_TIMEOUT=$2; shift 2 ;;
     --max-accept-rate) ACCEPT_RATE=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -85,10 +91,15 @@ cargo build --release -q
 BIN=target/release/c1m
 [ -f /usr/include/openssl/sha.h ] || { apt-get update -qq && apt-get install -y -qq libssl-dev gcc; }
 gcc -O2 -Wall -o "$PEERS/baseline-server" bench/peers/baseline/server.c -lcrypto
+gcc -O2 -Wall -o "$PEERS/baseline-client" bench/peers/baseline/client.c
+case $CLIENT in c1m|c) ;; *) echo "--client: c1m or c" >&2; exit 2 ;; esac
+case $CONNECT_TIMEOUT in *ms|*[!0-9s]*|s) echo "--connect-timeout: whole seconds, e.g. 30s" >&2; exit 2 ;; esac
 if [ "$(id -u)" = 0 ]; then
   $BIN tune --connections "$N" --apply >"$OUT/tune.txt"
 fi
 PROCS=$(( (N + 18999) / 19000 ))
+# The mass disconnect adds 10,000 newcomers: a process holds at most ~19,900 sockets.
+[ $MASS = 1 ] && [ $(( N + 10000 )) -gt $(( PROCS * 19900 )) ] && PROCS=$(( PROCS + 1 ))
 SOURCES=$(( N / 5000 )); [ $SOURCES -lt 16 ] && SOURCES=16
 LAST_SOURCE=127.0.$(( (SOURCES + 1) / 256 )).$(( (SOURCES + 1) % 256 ))
 if [ $LIVE = 1 ]; then
@@ -136,16 +147,29 @@ run_one() {
   sleep 0.5
   local rss0 peak=0 r
   rss0=$(rss_kib $(server_pids))
-  $BIN bench --url "$url" --quiet --connections "$N" --procs "$PROCS" --rate "$RATE" \
-    --messages 3 --source-ips "127.0.0.2-$LAST_SOURCE" --duration "${LIMIT}s" \
-    --connect-timeout "$CONNECT_TIMEOUT" \
-    --json "$OUT/$label.json" >"$OUT/$label.bench.txt" 2>&1 &
+  rm -f "$OUT/$label.json" "$OUT/$label.client.json" "$OUT/$label.client.jsonl"
+  if [ "$CLIENT" = c ]; then
+    local ws=--ws; [ "$name" = raw ] && ws=""
+    $PEERS/baseline-client $ws --procs "$PROCS" --rate "$RATE" \
+      --timeout-ms "$(( ${CONNECT_TIMEOUT%s} * 1000 ))" --duration-s "$LIMIT" --rounds 3 \
+      --sources "127.0.0.2-$LAST_SOURCE" 127.0.0.1 "$port" "$N" \
+      >"$OUT/$label.client.jsonl" 2>"$OUT/$label.bench.txt" &
+  else
+    $BIN bench --url "$url" --quiet --connections "$N" --procs "$PROCS" --rate "$RATE" \
+      --messages 3 --source-ips "127.0.0.2-$LAST_SOURCE" --duration "${LIMIT}s" \
+      --connect-timeout "$CONNECT_TIMEOUT" \
+      --json "$OUT/$label.json" >"$OUT/$label.bench.txt" 2>&1 &
+  fi
   local bench=$!
   while kill -0 $bench 2>/dev/null; do
     r=$(rss_kib $(server_pids)); [ "$r" -gt "$peak" ] && peak=$r
     sleep 1
   done
   wait $bench || echo "$label: the bench exited with an error (see $OUT/$label.bench.txt)" >&2
+  if [ "$CLIENT" = c ]; then
+    python3 bench/storm_client.py "$OUT/$label.client.jsonl" >"$OUT/$label.client.json" ||
+      rm -f "$OUT/$label.client.json"
+  fi
   echo "$label $rss0 $peak" >>"$OUT/memory.txt"
   # c1m's own account of the run (refusals, timeouts, disconnects by reason).
   [ "$name" = c1m ] && curl -s --max-time 10 "http://127.0.0.1:$port/metrics" >"$OUT/$label.metrics" || true

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The table of bench/storm.sh from its results: python3 bench/storm_table.py OUT MODE N LABEL...
 
-Reads OUT/LABEL.json (a `c1m bench --json` result) and OUT/memory.txt ("LABEL RSS_AT_REST_KIB
+Reads OUT/LABEL.json (a `c1m bench --json` result), or OUT/LABEL.client.json (the merged
+output of the lean C client, bench/storm_client.py) when there is one, and OUT/memory.txt ("LABEL RSS_AT_REST_KIB
 RSS_PEAK_KIB" lines) and prints a markdown table: setup rate, fan-out per round (stamp -> last
 client), missed, errors, server memory per connection, and the same-run ratios c1m / cws for
 setup and c1m / raw for the slowest round's fan-out.
@@ -22,6 +23,12 @@ except FileNotFoundError:
 rows = {}
 for label in labels:
     path = f"{out}/{label}.json"
+    try:
+        # A run with the lean C client (storm.sh --client c): its merged summary.
+        rows[label] = json.load(open(f"{out}/{label}.client.json"))
+        continue
+    except (OSError, ValueError):
+        pass
     try:
         summary = subprocess.run(["target/release/c1m", "report", "summary", path],
                                  capture_output=True, text=True, check=True).stdout
