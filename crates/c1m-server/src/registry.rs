@@ -150,11 +150,12 @@ impl Registry {
     /// Drops a connection and its every index entry, closing the socket.
     ///
     /// The socket is not deregistered first: closing its only descriptor takes it out
-    /// of the epoll set (the process accepted it itself and never duplicates it, and a
-    /// worker forks before accepting), and an `EPOLL_CTL_DEL` per close was 6 % of the
-    /// machine's CPU when half a million clients vanished at once (BENCHMARKS.md,
-    /// "Storms"). Events already fetched for the key in this turn find a vacant or
-    /// reused slot, which every handler tolerates (a read that would block).
+    /// of the epoll set (the process accepted it itself, close-on-exec, and never
+    /// duplicates it; worker processes are started with exec, not forked from a process
+    /// holding clients), and an `EPOLL_CTL_DEL` per close was 6 % of the machine's CPU
+    /// when half a million clients vanished at once (BENCHMARKS.md, "Storms"). Events
+    /// already fetched for the key in this turn find a vacant or reused slot, which
+    /// every handler tolerates (a read that would block).
     pub fn remove(&mut self, key: usize, end: End) {
         let Some(conn) = self.conns.get(key) else {
             return;
