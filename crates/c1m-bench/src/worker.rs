@@ -90,6 +90,15 @@ pub fn backoff(attempt: u32) -> Duration {
     step / 2 + step.mul_f64(rand::random::<f64>() / 2.0)
 }
 
+/// When to come back after a `Retry-After` of `asked`: never sooner, and up to a fifth
+/// of it later (at most 1 s). `Retry-After` has whole seconds, so the clients a server
+/// refused in the same second and told the same number would otherwise all return in
+/// the same instant and meet the same admission window again.
+pub fn after_retry_after(asked: Duration) -> Duration {
+    let spread = (asked / 5).min(Duration::from_secs(1));
+    asked + spread.mul_f64(rand::random::<f64>())
+}
+
 /// Why a connection ended, as an error cause; `None` for an orderly end we asked for.
 type Cause = Option<String>;
 
@@ -597,7 +606,7 @@ impl Worker {
             Phase::Open | Phase::Closing => self.schedule_retry(client.index, 0, Instant::now()),
             // The server said when to come back (503 or 429 with Retry-After): not before.
             Phase::Handshake(ref hs) if hs.retry_after.is_some() => {
-                let wait = hs.retry_after.unwrap_or_default();
+                let wait = after_retry_after(hs.retry_after.unwrap_or_default());
                 if self.config.reconnect && !self.stopping {
                     let at = Instant::now() + wait;
                     self.retries
@@ -829,6 +838,18 @@ fn record_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_after_is_never_cut_short_and_spread_by_at_most_a_fifth() {
+        for secs in [0u64, 1, 2, 5, 30] {
+            let asked = Duration::from_secs(secs);
+            for _ in 0..50 {
+                let d = after_retry_after(asked);
+                let most = asked + (asked / 5).min(Duration::from_secs(1));
+                assert!(d >= asked && d <= most, "{asked:?}: {d:?}");
+            }
+        }
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {

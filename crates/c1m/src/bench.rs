@@ -76,7 +76,8 @@ pub struct BenchArgs {
 
     /// Reopen connections that fail or end, after a jittered exponential backoff
     /// (0.1 s doubling to 10 s; reset by a successful connection). An upgrade refused
-    /// with `Retry-After` (a 503 or 429) is retried no sooner than the server asked.
+    /// with `Retry-After` (a 503 or 429) is retried no sooner than the server asked, and
+    /// at most a fifth of it later (up to 1 s), so clients told the same second spread out.
     #[arg(long)]
     reconnect: bool,
 
