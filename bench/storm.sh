@@ -123,10 +123,29 @@ stop_server() {
 trap stop_server EXIT
 server_pids() { echo "$SERVER_PID" $(pgrep -P "$SERVER_PID" || true); }
 
+# Live runs put every server's broadcasts on the same wall-clock grid (multiples of the
+# interval since the epoch: the C server's schedule, and c1m's through --delay) and start
+# the client 1 s past a grid line, so each server's rounds come at the same points of
+# the ramp (14 s, 29 s, ... in) and a round is compared with a round sent to as many
+# clients. (Before, c1m's first tick came when it started and the C server's at a
+# random phase: their ramp rounds went to different numbers of clients.)
+sleep_to_phase() { # sleep until SECONDS past the next multiple of the interval
+  python3 -c 'import sys,time; i=int(sys.argv[1])/1e3; p=float(sys.argv[2]); t=time.time()
+time.sleep((p - t % i) % i)' "$INTERVAL" "$1"
+}
+ms_to_grid() { # milliseconds until the next multiple of the interval
+  python3 -c 'import sys,time; i=int(sys.argv[1]); print(i - int(time.time() * 1e3) % i)' "$INTERVAL"
+}
+
 run_one() {
   local name=$1 label=$2 port log url
+  local delay=()
   port=$(free_port)
   log="$OUT/$label.server.log"
+  if [ $LIVE = 1 ]; then
+    sleep_to_phase 0.2
+    delay=(--delay "$(ms_to_grid)ms")
+  fi
   case $name in
     raw) $PEERS/baseline-server --procs "$PROCS" "${GATE[@]}" "$port" "$INTERVAL" >"$log" 2>&1 &
          url="tcp://127.0.0.1:$port" ;;
@@ -136,7 +155,7 @@ run_one() {
          $PEERS/baseline-server --ws --shared --procs "$PROCS" "${GATE[@]}" "$port" "$INTERVAL" >"$log" 2>&1 &
          url="ws://127.0.0.1:$port/" ;;
     c1m) RUST_LOG=warn $BIN serve --listen "127.0.0.1:$port" --workers "$PROCS" \
-           --max-connections "$N" "${GATE[@]}" --interval "${INTERVAL}ms" \
+           --max-connections "$N" "${GATE[@]}" "${delay[@]}" --interval "${INTERVAL}ms" \
            --ping-interval 0s --idle-timeout 0s --stats-interval 60s \
            --handshake-timeout "$CONNECT_TIMEOUT" >"$log" 2>&1 &
          url="ws://127.0.0.1:$port/" ;;
@@ -148,6 +167,7 @@ run_one() {
   local rss0 peak=0 r
   rss0=$(rss_kib $(server_pids))
   rm -f "$OUT/$label.json" "$OUT/$label.client.json" "$OUT/$label.client.jsonl"
+  [ $LIVE = 1 ] && sleep_to_phase 1.0
   if [ "$CLIENT" = c ]; then
     local ws=--ws; [ "$name" = raw ] && ws=""
     $PEERS/baseline-client $ws --procs "$PROCS" --rate "$RATE" \

@@ -221,6 +221,21 @@ impl Scoreboard {
         self.slots().iter().map(|s| s.open.load(Relaxed)).sum()
     }
 
+    /// The mean number of sockets (upgraded or not) of the live workers, counting
+    /// worker `index` as holding `mine` (its own slot may be a turn old).
+    pub fn mean_sockets(&self, index: usize, mine: u64) -> u64 {
+        let (mut live, mut sum) = (0u64, 0u64);
+        for (i, slot) in self.slots().iter().enumerate() {
+            if i == index {
+                (live, sum) = (live + 1, sum + mine);
+            } else if slot.pid.load(Relaxed) != 0 {
+                let sockets = slot.open.load(Relaxed) + slot.other_sockets.load(Relaxed);
+                (live, sum) = (live + 1, sum + sockets);
+            }
+        }
+        sum / live.max(1)
+    }
+
     /// Zeroes a slot and empties its per-address table (a worker that died or starts).
     pub fn reset(&self, index: usize) {
         for counter in self.slot(index).counters() {
@@ -311,6 +326,21 @@ mod tests {
         assert_eq!(a.total_open(), 12);
         b.reset(1);
         assert_eq!(a.total_open(), 7);
+    }
+
+    #[test]
+    fn mean_sockets_counts_live_workers_and_the_callers_own_count() {
+        let board = Scoreboard::create(4).unwrap();
+        // Worker 0 (the caller) holds 30 by its own count, its slot says 10 (a turn old).
+        board.slot(0).pid.store(100, Relaxed);
+        board.slot(0).open.store(10, Relaxed);
+        board.slot(1).pid.store(101, Relaxed);
+        board.slot(1).open.store(40, Relaxed);
+        board.slot(1).other_sockets.store(2, Relaxed);
+        // Slot 2 is dead (pid 0): not counted, whatever it says. Slot 3 live, empty.
+        board.slot(2).open.store(1000, Relaxed);
+        board.slot(3).pid.store(103, Relaxed);
+        assert_eq!(board.mean_sockets(0, 30), (30 + 42) / 3);
     }
 
     #[test]

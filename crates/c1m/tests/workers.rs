@@ -161,6 +161,30 @@ async fn one_stamp_reaches_every_connection_across_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_take_even_shares_of_a_ramp() {
+    // The kernel hands each connection of the shared listener to the first idle
+    // worker, so without the fair-share rule one after another on an idle server
+    // would all land on one worker. Past the mean (+64 sockets) a worker steps back.
+    const CLIENTS: usize = 600;
+    let server = Server::start(&["--workers", "3", "--connect-only"]);
+    let (workers, baseline) = workers_at_rest(&server);
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(&server).await);
+    }
+    let counts = wait_for_sockets(&workers, &baseline, CLIENTS);
+    assert!(
+        counts.iter().all(|&c| c >= 50),
+        "every worker took a share: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&c| c <= CLIENTS / 3 + 64 + 16),
+        "none past the mean + slack (+16 for a turn's lag): {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_is_respawned_and_other_workers_lose_nothing() {
     const CLIENTS: usize = 300;
     let server = Server::start(&["--workers", "3", "--interval", "100ms"]);
