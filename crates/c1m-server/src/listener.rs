@@ -5,6 +5,8 @@
 //! on the same listening socket. A worker that is full (`max_sockets`) or out of
 //! descriptors takes it out of its epoll set, so the kernel keeps new connections for
 //! the others instead of handing them to a worker that cannot take them.
+//! A worker past its fair share of the node's sockets leaves too (see
+//! `Server::within_fair_share`).
 
 use std::io;
 use std::net::SocketAddr;
