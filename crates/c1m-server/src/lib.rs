@@ -43,6 +43,7 @@ pub mod connection;
 pub mod control;
 pub mod counters;
 pub mod fanout;
+pub mod history;
 pub mod http;
 pub mod listener;
 pub mod master;
