@@ -88,6 +88,8 @@ pub struct ServeConfig {
     /// Connections a broadcast is written to per turn of the event loop (see
     /// `fanout::Broadcast`).
     pub fanout_slice: usize,
+    /// Topic history (`--history-*`): what each topic keeps for clients that come back.
+    pub history: crate::history::Policy,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -140,6 +142,7 @@ impl Default for ServeConfig {
             max_accept_rate: None,
             max_sockets: 1 << 20,
             fanout_slice: 1024,
+            history: crate::history::Policy::default(),
             faults: Faults::default(),
         }
     }

@@ -75,12 +75,18 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// The limits of `topic`.
+    /// The limits of `topic`. The clock's topic keeps nothing unless a rule says so
+    /// (a late time is worthless).
     pub fn limits(&self, topic: &str) -> Limits {
-        self.rules
+        match self
+            .rules
             .iter()
             .find(|rule| glob_match(&rule.pattern, topic))
-            .map_or(self.default, |rule| rule.limits)
+        {
+            Some(rule) => rule.limits,
+            None if topic == crate::topics::TIME => Limits { size: 0, ttl: None },
+            None => self.default,
+        }
     }
 
     /// Whether any topic can have history.

@@ -12,6 +12,7 @@ use c1m_proto::{encode_frame, OpCode};
 use serde_json::{json, Value};
 
 use crate::auth::{check_api_key, query_pairs, split_target, unauthorized};
+use crate::history::Position;
 use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
 
@@ -25,6 +26,62 @@ pub enum Outcome {
     /// Answer with this node's numbers, or (`cluster`) the whole cluster's: see
     /// `node_stats`.
     Stats { cluster: bool },
+    /// `GET /history`: the kept publications of a topic (see [`HistoryQuery`]).
+    History(HistoryQuery),
+}
+
+/// The most publications one `GET /history` answer holds.
+pub const MAX_HISTORY_PAGE: usize = 1000;
+
+/// `GET /history?topic=T[&since=OFFSET][&epoch=E][&limit=N]`: the publications of `T`
+/// after `since` (0 by default: all kept), at most `limit` (100 by default, at most
+/// [`MAX_HISTORY_PAGE`]); with `epoch`, only if the topic is still in that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub topic: String,
+    pub since: u64,
+    pub epoch: Option<String>,
+    pub limit: usize,
+}
+
+fn parse_history_query(query: &str) -> Result<HistoryQuery, String> {
+    let mut topic = None;
+    let mut since = 0;
+    let mut epoch = None;
+    let mut limit = 100;
+    for (key, value) in query_pairs(query) {
+        match key {
+            "topic" => topic = Some(value.to_string()),
+            "since" => {
+                since = value.parse().map_err(|_| {
+                    format!("since must be an offset (a whole number ≥ 0), not {value:?}")
+                })?
+            }
+            "epoch" => epoch = Some(value.to_string()),
+            "limit" => limit = value
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "limit must be a whole number from 1 to {MAX_HISTORY_PAGE}, not {value:?}"
+                    )
+                })?,
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}: topic, since, epoch, limit"
+                ))
+            }
+        }
+    }
+    let topic = topic.ok_or("missing topic: GET /history?topic=NAME")?;
+    validate_name(&topic)?;
+    Ok(HistoryQuery {
+        topic,
+        since,
+        epoch,
+        limit,
+    })
 }
 
 /// Server state a route may need.
@@ -98,6 +155,26 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
                 )),
             }
         }
+        ("GET", "/history") => {
+            let Some(key) = cx.api_key else {
+                return respond(json_response(
+                    403,
+                    "Forbidden",
+                    &json!({"error": "the history API is off: start the server with --api-key"}),
+                ));
+            };
+            if !check_api_key(key, request.authorization.as_deref()) {
+                return respond(unauthorized());
+            }
+            match parse_history_query(query) {
+                Ok(query) => Outcome::History(query),
+                Err(error) => respond(json_response(
+                    400,
+                    "Bad Request",
+                    &json!({ "error": error }),
+                )),
+            }
+        }
         (_, "/publish" | "/broadcast") => respond(http_response(
             405,
             "Method Not Allowed",
@@ -122,7 +199,7 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
 /// The answer to a publish to `target`: how many connections it reached (with
 /// `"complete": false` when some worker did not count in time), or 503 if the
 /// cluster's broker did not take it.
-pub fn published(target: &Target, delivery: Delivery) -> Vec<u8> {
+pub fn published(target: &Target, position: Option<&Position>, delivery: Delivery) -> Vec<u8> {
     let (delivered, complete) = match delivery {
         Delivery::Refused => return broker_refusal(),
         Delivery::Counted {
@@ -136,6 +213,10 @@ pub fn published(target: &Target, delivery: Delivery) -> Vec<u8> {
     }
     if !complete {
         body["complete"] = false.into();
+    }
+    if let Some(position) = position {
+        body["offset"] = position.offset.into();
+        body["epoch"] = position.epoch.as_str().into();
     }
     json_response(200, "OK", &body)
 }
@@ -274,7 +355,7 @@ mod tests {
     fn status(outcome: &Outcome) -> u16 {
         match outcome {
             Outcome::Respond(bytes) => std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap(),
-            Outcome::Publish { .. } | Outcome::Stats { .. } => 0,
+            Outcome::Publish { .. } | Outcome::Stats { .. } | Outcome::History(_) => 0,
         }
     }
 
@@ -316,7 +397,7 @@ mod tests {
         };
         let topic = Target::Topic("a".into());
         assert_eq!(
-            body(published(&topic, Delivery::whole(3))),
+            body(published(&topic, None, Delivery::whole(3))),
             ("200".into(), r#"{"delivered":3,"topic":"a"}"#.into())
         );
         let partial = Delivery::Counted {
@@ -324,10 +405,10 @@ mod tests {
             complete: false,
         };
         assert_eq!(
-            body(published(&Target::All, partial)),
+            body(published(&Target::All, None, partial)),
             ("200".into(), r#"{"complete":false,"delivered":2}"#.into())
         );
-        assert_eq!(body(published(&topic, Delivery::Refused)).0, "503");
+        assert_eq!(body(published(&topic, None, Delivery::Refused)).0, "503");
     }
 
     #[test]

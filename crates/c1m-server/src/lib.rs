@@ -42,6 +42,7 @@ pub mod config;
 pub mod connection;
 pub mod control;
 pub mod counters;
+pub mod envelope;
 pub mod fanout;
 pub mod history;
 pub mod http;

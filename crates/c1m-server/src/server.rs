@@ -44,6 +44,7 @@ use crate::clock::Clock;
 use crate::cluster::ClusterNode;
 use crate::config::ServeConfig;
 use crate::connection::{Action, Limits};
+use crate::history::History;
 use crate::listener::{listen_socket, Accepted, Acceptor};
 use crate::metrics::{Histogram, DURATION_BUCKETS};
 use crate::node_stats;
@@ -67,6 +68,7 @@ const FAIR_SHARE_SLACK: u64 = 64;
 const SCRATCH_BYTES: usize = 64 * 1024;
 
 /// How often connections' token expiry times are checked (with `--jwt-*`).
+const HISTORY_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 const TOKEN_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,8 @@ struct Timers {
     sweep_every: Duration,
     /// Token expiry checks, with `--jwt-*`.
     next_token_check: Option<Instant>,
+    /// Dropping topic history past its age limit, with `--history-ttl`.
+    next_history_expiry: Option<Instant>,
 }
 
 struct Server {
@@ -154,6 +158,9 @@ struct Server {
     node: String,
     /// `--max-accept-rate`, shared with the other workers through the scoreboard.
     accept_rate: Option<AcceptRate>,
+    /// Topic history, kept by the process that orders publications: a single process
+    /// without `--broker` (see `history`).
+    history: Option<History>,
     /// Publications being fanned out and waiting (`server/delivery.rs`).
     publications: delivery::Publications,
     /// This process stopped reading its master's channel or the broker's events
@@ -250,6 +257,8 @@ impl Server {
             deflate: config.deflate,
             slow_consumer: config.slow_consumer,
         };
+        let history = (config.history.enabled() && matches!(upstream, Upstream::Local))
+            .then(|| History::new(config.history.clone()));
         let mut server = Server {
             registry: Registry::new(
                 limits,
@@ -267,6 +276,7 @@ impl Server {
                     .then(|| now + sweep_every),
                 sweep_every,
                 next_token_check: config.jwt.is_some().then(|| now + TOKEN_CHECK_EVERY),
+                next_history_expiry: history.as_ref().map(|_| now + HISTORY_EXPIRY_EVERY),
             },
             ping_frame: Bytes::from(ping_frame),
             fanout_seconds: Histogram::new(DURATION_BUCKETS),
@@ -285,6 +295,7 @@ impl Server {
             upstream,
             accept_rate,
             muted: HashSet::new(),
+            history,
             publications: delivery::Publications::default(),
             upstream_paused: false,
             shutdown_deadline: None,
@@ -372,6 +383,12 @@ impl Server {
             let unix = crate::auth::unix_now().saturating_sub(leeway);
             self.registry.expire_tokens(unix, now);
         }
+        if self.timers.next_history_expiry.is_some_and(|at| now >= at) {
+            self.timers.next_history_expiry = Some(now + HISTORY_EXPIRY_EVERY);
+            if let Some(history) = self.history.as_mut() {
+                history.expire(now);
+            }
+        }
         self.registry.expire(now);
         self.upstream_timers(now);
         // Sweeps and expiries change topics too; and the timers queue reports.
@@ -407,6 +424,7 @@ impl Server {
             Some(self.timers.next_stats),
             self.timers.next_sweep,
             self.timers.next_token_check,
+            self.timers.next_history_expiry,
             self.registry.next_deadline(),
             self.upstream.next_deadline(),
             self.acceptor.paused_until(),

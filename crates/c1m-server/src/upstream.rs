@@ -91,7 +91,8 @@ pub struct Waiting {
 
 #[derive(Debug)]
 pub enum WaitingFor {
-    Publish(Target),
+    /// A publish to `Target`; the position its topic's history gave it, if any.
+    Publish(Target, Option<crate::history::Position>),
     Stats,
 }
 

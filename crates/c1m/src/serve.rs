@@ -214,6 +214,38 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, env = "C1M_FANOUT_SLICE", value_parser = clap::value_parser!(u32).range(1..))]
     fanout_slice: u32,
 
+    /// Publications each topic keeps for clients that come back (0, the default: none).
+    /// A topic with history gives every publication an offset (1, 2, ...) in an epoch;
+    /// `POST /publish` answers with both, `GET /history` lists what is kept, and a
+    /// client that subscribes with its last position gets what it missed, or is told
+    /// to reload (see docs/server.md, "History and recovery"). The clock's `time` topic
+    /// keeps none unless a --history-for rule matches it. For now one process only
+    /// (`--workers 1`, no `--broker`).
+    #[arg(long, value_name = "N", default_value_t = 0, env = "C1M_HISTORY_SIZE")]
+    history_size: usize,
+
+    /// How long a publication stays in history; 0 (the default): until --history-size
+    /// pushes it out.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration, env = "C1M_HISTORY_TTL")]
+    history_ttl: Duration,
+
+    /// History per topic-name pattern, PATTERN=SIZE[/TTL] (`*` matches any characters;
+    /// the first matching rule wins over --history-size and --history-ttl), e.g.
+    /// `prices.*=100/5m` or `chat.*=0`. Repeat the flag or separate rules with commas.
+    #[arg(long, value_name = "PATTERN=SIZE[/TTL]", value_delimiter = ',', value_parser = parse_history_rule, env = "C1M_HISTORY_FOR")]
+    history_for: Vec<c1m_server::history::Rule>,
+
+    /// The most memory topic history may hold, all topics together (payloads plus
+    /// bookkeeping); past it the oldest publications of any topic go first, and a topic
+    /// left with none starts a new epoch.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, env = "C1M_HISTORY_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
+    history_max_bytes: u64,
+
+    /// The most publications one recovery sends; a client further behind gets
+    /// `"recovered": false` (reason `over_recovery_limit`) and reloads.
+    #[arg(long, value_name = "N", default_value_t = 300, env = "C1M_RECOVERY_LIMIT", value_parser = clap::value_parser!(u32).range(1..))]
+    recovery_limit: u32,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
@@ -372,6 +404,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         deflate: args.deflate,
         max_sockets,
         fanout_slice: args.fanout_slice as usize,
+        history: c1m_server::history::Policy {
+            default: c1m_server::history::Limits {
+                size: args.history_size,
+                ttl: off_if_zero(args.history_ttl),
+            },
+            rules: args.history_for.clone(),
+            max_bytes: usize::try_from(args.history_max_bytes).unwrap_or(usize::MAX),
+            recovery_limit: args.recovery_limit as usize,
+        },
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),
@@ -393,6 +434,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cores.max(needed)
         }
     };
+    if config.history.enabled() && (workers > 1 || config.broker.is_some()) {
+        anyhow::bail!(
+            "topic history (--history-size, --history-for) runs in one process without a broker for now: \
+             add --workers 1 (this server would run {workers} worker processes{})",
+            if config.broker.is_some() { " and a --broker" } else { "" }
+        );
+    }
     let print_address = |addr: SocketAddr| {
         // Machine-readable: scripts and tests read the port from this line.
         let mut stdout = std::io::stdout();
@@ -486,4 +534,47 @@ fn run_worker(config: ServeConfig, args: &ServeArgs, index: usize) -> anyhow::Re
     };
     c1m_server::run_worker(config, listener, role)
         .with_context(|| format!("c1m serve worker {index}"))
+}
+
+/// `PATTERN=SIZE[/TTL]` of `--history-for`.
+fn parse_history_rule(text: &str) -> Result<c1m_server::history::Rule, String> {
+    let (pattern, limits) = text.split_once('=').ok_or_else(|| {
+        format!("expected PATTERN=SIZE[/TTL], e.g. prices.*=100/5m, not {text:?}")
+    })?;
+    if pattern.is_empty() {
+        return Err(format!(
+            "{text:?}: the pattern is empty (use * for every topic)"
+        ));
+    }
+    let (size, ttl) = match limits.split_once('/') {
+        Some((size, ttl)) => (size, Some(parse_duration(ttl)?)),
+        None => (limits, None),
+    };
+    let size = size.parse().map_err(|_| {
+        format!("{text:?}: SIZE must be a whole number of publications, not {size:?}")
+    })?;
+    Ok(c1m_server::history::Rule {
+        pattern: pattern.to_string(),
+        limits: c1m_server::history::Limits {
+            size,
+            ttl: ttl.filter(|d| !d.is_zero()),
+        },
+    })
+}
+
+#[cfg(test)]
+mod history_rule_tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_with_and_without_an_age() {
+        let rule = parse_history_rule("prices.*=100/5m").unwrap();
+        assert_eq!(rule.pattern, "prices.*");
+        assert_eq!(rule.limits.size, 100);
+        assert_eq!(rule.limits.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(parse_history_rule("chat=0").unwrap().limits.ttl, None);
+        for bad in ["prices", "=5", "a=x", "a=5/forever", "a=-1"] {
+            assert!(parse_history_rule(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -191,6 +191,7 @@ fn rules_override_the_default_by_pattern() {
     assert_eq!(p.limits("prices.eur").size, 50);
     assert_eq!(p.limits("chat.private").size, 0);
     assert_eq!(p.limits("chat").size, 5);
+    assert_eq!(p.limits("time").size, 0, "the clock keeps none by default");
     assert!(p.enabled());
     assert!(!Policy::default().enabled());
 }

@@ -66,7 +66,7 @@ impl Server {
             Upstream::ViaMaster(link) => (Some((link.index, &*link.scoreboard)), link.parked()),
             _ => (None, 0),
         };
-        metrics::render(&metrics::View {
+        let mut text = metrics::render(&metrics::View {
             counters: &self.registry.counters,
             topics: self.registry.topics.summary(),
             fanout: &self.fanout_seconds,
@@ -75,7 +75,11 @@ impl Server {
             worker,
             broker_up: self.upstream.cluster_up(),
             waiting_requests: parked,
-        })
+        });
+        if let Some(history) = &self.history {
+            text.push_str(&history_metrics(history));
+        }
+        text
     }
 
     /// This process's numbers for `GET /stats` (a single-process server: the node's).
@@ -105,4 +109,28 @@ impl Server {
             _ => node_stats::answer(&local, cluster, None, now),
         }
     }
+}
+
+/// Topic history in `/metrics`: totals, and the ten topics holding the most bytes.
+fn history_metrics(history: &crate::history::History) -> String {
+    use std::fmt::Write;
+    let usage = history.usage();
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        ("c1m_history_topics", "gauge", "Topics with history held.", usage.topics as u64),
+        ("c1m_history_publications", "gauge", "Publications held in topic history.", usage.publications as u64),
+        ("c1m_history_bytes", "gauge", "Bytes held by topic history (payloads and bookkeeping; bounded by --history-max-bytes).", usage.bytes as u64),
+        ("c1m_history_evicted_total", "counter", "Publications dropped from history to stay within --history-max-bytes.", usage.evicted),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP c1m_history_topic_bytes Bytes of history held by the largest topics.\n# TYPE c1m_history_topic_bytes gauge"
+    );
+    for (topic, _, bytes) in history.largest(10) {
+        let label = topic.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "c1m_history_topic_bytes{{topic=\"{label}\"}} {bytes}");
+    }
+    out
 }

@@ -4,8 +4,13 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+use serde_json::json;
+
 use crate::commands::{self, Command};
 use crate::connection::{Action, Admit, Next, PhaseKind, ReadContext};
+use crate::envelope;
+use crate::history::{NotRecovered, Position};
 use crate::http::{self, Outcome};
 use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
@@ -229,6 +234,7 @@ impl Server {
                 let (status, body) = self.node_stats(cluster, now);
                 http::json_answer(status, &body)
             }
+            Outcome::History(query) => self.history_page(&query, now),
             Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
             Outcome::Publish { target, frame } => {
                 if matches!(self.upstream, Upstream::Local) {
@@ -237,12 +243,13 @@ impl Server {
                         http::fan_out_busy()
                     } else {
                         // Answered when its fan-out is over (`delivery.rs`).
-                        let parked = waiting(self, WaitingFor::Publish(target.clone()));
+                        let position = self.keep_in_history(&target, &frame, now);
+                        let parked = waiting(self, WaitingFor::Publish(target.clone(), position));
                         self.publish(target, frame, WhenDelivered::Answer(parked));
                         return Next::Keep;
                     }
                 } else {
-                    let parked = waiting(self, WaitingFor::Publish(target.clone()));
+                    let parked = waiting(self, WaitingFor::Publish(target.clone(), None));
                     match self.publish_upstream(parked, target, frame.to_vec(), now) {
                         Ok(()) => return Next::Keep, // answered when it is counted
                         Err(response) => response,
@@ -251,6 +258,67 @@ impl Server {
             }
         };
         self.registry.answer_http(key, response, keep_alive, now)
+    }
+
+    /// `GET /history`: a page of a topic's kept publications, as envelopes.
+    fn history_page(&mut self, query: &http::HistoryQuery, now: Instant) -> Vec<u8> {
+        let Some(history) = self.history.as_mut() else {
+            return http::json_response(
+                404,
+                "Not Found",
+                &json!({"error": "no topic keeps history: start the server with --history-size N (or --history-for)"}),
+            );
+        };
+        let page = history.page(
+            &query.topic,
+            query.epoch.as_deref(),
+            query.since,
+            query.limit,
+            now,
+        );
+        match page {
+            Ok((publications, position)) => {
+                let publications: Vec<serde_json::Value> = publications
+                    .iter()
+                    .map(|(offset, frame)| {
+                        let mut object = serde_json::Map::new();
+                        object.insert("offset".into(), (*offset).into());
+                        envelope::put_payload(&mut object, frame);
+                        object.into()
+                    })
+                    .collect();
+                let mut body = serde_json::Map::new();
+                body.insert("topic".into(), query.topic.as_str().into());
+                envelope::put_position(&mut body, &position);
+                body.insert("publications".into(), publications.into());
+                http::json_response(200, "OK", &body.into())
+            }
+            Err(reason) => {
+                let status = match reason {
+                    NotRecovered::NoHistory => (404, "Not Found"),
+                    _ => (409, "Conflict"),
+                };
+                let mut body = json!({"topic": query.topic, "error": reason.as_str()});
+                if let Some(position) = history.position(&query.topic) {
+                    body["offset"] = position.offset.into();
+                    body["epoch"] = position.epoch.into();
+                }
+                http::json_response(status.0, status.1, &body)
+            }
+        }
+    }
+
+    /// Keeps a publication to a topic with history; its position, for the answer.
+    pub(super) fn keep_in_history(
+        &mut self,
+        target: &Target,
+        frame: &Bytes,
+        now: Instant,
+    ) -> Option<Position> {
+        let (history, Target::Topic(name)) = (self.history.as_mut()?, target) else {
+            return None;
+        };
+        history.append(name, frame.clone(), now)
     }
 
     /// Sends `response` to the client of a request that waited, if it is still there
@@ -269,7 +337,7 @@ impl Server {
             .registry
             .answer_http(key, response, waiting.keep_alive, now);
         self.registry.after(key, PhaseKind::Http, next);
-        if matches!(waiting.request, WaitingFor::Publish(_)) {
+        if matches!(waiting.request, WaitingFor::Publish(..)) {
             self.publish_seconds
                 .observe(now.saturating_duration_since(waiting.started));
         }
@@ -278,9 +346,11 @@ impl Server {
     /// Answers a waiting publish with what it came to.
     pub(super) fn answer_publish(&mut self, waiting: Waiting, delivery: Delivery, now: Instant) {
         let response = match &waiting.request {
-            WaitingFor::Publish(target) => http::published(target, delivery),
+            WaitingFor::Publish(target, position) => {
+                http::published(target, position.as_ref(), delivery)
+            }
             // Never sent: the master answers `/stats` with `Answer`.
-            WaitingFor::Stats => http::published(&Target::All, delivery),
+            WaitingFor::Stats => http::published(&Target::All, None, delivery),
         };
         self.answer_waiting(&waiting, response, now);
     }
