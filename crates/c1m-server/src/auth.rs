@@ -170,6 +170,29 @@ pub struct Admission {
     /// The token's `exp` (Unix seconds): the connection is closed past it (plus
     /// [`TOKEN_LEEWAY_SECS`]) unless it refreshes its token. `None` without a token.
     pub expires: Option<u64>,
+    /// `?envelope=1`, or any `since`: publications come in envelopes.
+    pub envelope: bool,
+    /// `?since=TOPIC:EPOCH:OFFSET` (repeatable): topics to resume from a position
+    /// (they are in `topics` too), as (topic, offset, epoch).
+    pub since: Vec<(String, u64, String)>,
+}
+
+/// `TOPIC:EPOCH:OFFSET` of `?since=` (a topic name may itself contain `:`).
+fn parse_since(value: &str) -> Result<(String, u64, String), String> {
+    let mut parts = value.rsplitn(3, ':');
+    let (Some(offset), Some(epoch), Some(topic)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("since must be TOPIC:EPOCH:OFFSET, not {value:?}\n"));
+    };
+    let offset = offset
+        .parse()
+        .map_err(|_| format!("since: the offset must be a whole number ≥ 0, not {offset:?}\n"))?;
+    if epoch.is_empty() || epoch.len() > 64 {
+        return Err(format!(
+            "since: the epoch must have 1 to 64 characters, not {epoch:?}\n"
+        ));
+    }
+    Ok((topic.to_string(), offset, epoch.to_string()))
 }
 
 /// The upgrade policy: origins, tokens, topics.
@@ -221,13 +244,24 @@ impl Gate {
             topics.push(name.to_string());
         }
         let mut token = None;
+        let mut envelope = false;
+        let mut since = Vec::new();
         for (key, value) in query_pairs(query) {
             match key {
                 "topic" => topics.push(value.to_string()),
                 "token" => token = Some(value.to_string()),
+                "envelope" => envelope = matches!(value, "1" | "true" | ""),
+                "since" => {
+                    let resume = parse_since(value).map_err(|e| bad_request(&e))?;
+                    topics.push(resume.0.clone());
+                    since.push(resume);
+                }
                 _ => {}
             }
         }
+        since.sort();
+        since.dedup_by(|a, b| a.0 == b.0);
+        envelope |= !since.is_empty();
         if topics.is_empty() {
             topics.push(TIME.to_string());
         }
@@ -247,6 +281,8 @@ impl Gate {
                 topics,
                 allowed: None,
                 expires: None,
+                envelope,
+                since,
             });
         };
         let token = token.or_else(|| {
@@ -279,6 +315,8 @@ impl Gate {
             topics,
             allowed: allowed.map(|set| set.into_iter().map(Into::into).collect()),
             expires,
+            envelope,
+            since,
         })
     }
 
@@ -374,6 +412,29 @@ mod tests {
         assert!(gate.admit(&upgrade("/ws?topic=a%20b")).is_err());
         let many: String = (0..9).map(|i| format!("topic=t{i}&")).collect();
         assert!(gate.admit(&upgrade(&format!("/?{many}"))).is_err());
+    }
+
+    #[test]
+    fn positions_in_the_url_resume_topics_and_turn_envelopes_on() {
+        let gate = Gate::open(8);
+        let plain = gate.admit(&upgrade("/?topic=a")).unwrap();
+        assert!(!plain.envelope && plain.since.is_empty());
+        assert!(gate.admit(&upgrade("/?topic=a&envelope=1")).unwrap().envelope);
+        let resumed = gate
+            .admit(&upgrade("/?since=eu:prices:abcd0123:41&since=b:e:0"))
+            .unwrap();
+        assert!(resumed.envelope);
+        assert_eq!(resumed.topics, vec!["b", "eu:prices"], "a topic may contain ':'");
+        assert_eq!(
+            resumed.since,
+            vec![
+                ("b".to_string(), 0, "e".to_string()),
+                ("eu:prices".to_string(), 41, "abcd0123".to_string())
+            ]
+        );
+        for bad in ["x", "x:1", "x:e:-1", "x::1", ":e:1"] {
+            assert!(gate.admit(&upgrade(&format!("/?since={bad}"))).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -47,6 +47,9 @@ const DEADLINE_INLINE: u8 = 2;
 const DEFLATE: u8 = 4;
 /// Bits 3 to 5 of the flags: the server's deflate window, as bits − 9 (9 to 15).
 const WINDOW_SHIFT: u8 = 3;
+/// Flag: the client asked for envelopes (topic, position, data) instead of bare
+/// payloads (see `envelope`).
+const ENVELOPE: u8 = 64;
 
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
@@ -307,6 +310,15 @@ impl<S: Stream> Connection<S> {
     pub fn deflate_window(&self) -> Option<u8> {
         self.flag(DEFLATE)
             .then(|| 9 + ((self.flags >> WINDOW_SHIFT) & 7))
+    }
+
+    /// Whether publications reach this client in envelopes (see `envelope`).
+    pub fn wants_envelope(&self) -> bool {
+        self.flag(ENVELOPE)
+    }
+
+    pub fn set_envelope(&mut self) {
+        self.flags |= ENVELOPE;
     }
 
     fn set_deflate_window(&mut self, bits: u8) {

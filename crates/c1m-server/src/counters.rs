@@ -43,11 +43,20 @@ pub struct Counters {
     /// Publications being fanned out or waiting for it, now (a gauge).
     pub publications_queued: u64,
     pub io_errors: u64,
+    /// Subscribes with a position that got their missed publications.
+    pub recoveries: u64,
+    /// Subscribes with a position told to reload, by `NotRecovered` reason (in the
+    /// order of `NotRecovered::ALL`).
+    pub not_recovered: [u64; 5],
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,
 }
 
 impl Counters {
+    pub fn count_not_recovered(&mut self, reason: crate::history::NotRecovered) {
+        self.not_recovered[reason as usize] += 1;
+    }
+
     /// Logs one stats line: connections, output rate, memory.
     pub fn log_line(&mut self, now: Instant, connections: usize) {
         let rate = match self.last_line {

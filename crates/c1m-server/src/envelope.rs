@@ -37,10 +37,17 @@ pub fn put_payload(object: &mut Map<String, Value>, frame: &[u8]) {
     }
 }
 
-/// The envelope of a publication of `frame` to `topic`, as a JSON object.
-pub fn envelope(topic: &str, position: Option<(u64, &str)>, frame: &[u8]) -> Map<String, Value> {
+/// The envelope of a publication of `frame` to `topic` (`None`: to every
+/// connection), as a JSON object.
+pub fn envelope(
+    topic: Option<&str>,
+    position: Option<(u64, &str)>,
+    frame: &[u8],
+) -> Map<String, Value> {
     let mut object = Map::new();
-    object.insert("topic".into(), topic.into());
+    if let Some(topic) = topic {
+        object.insert("topic".into(), topic.into());
+    }
     if let Some((offset, epoch)) = position {
         object.insert("offset".into(), offset.into());
         object.insert("epoch".into(), epoch.into());
@@ -50,7 +57,7 @@ pub fn envelope(topic: &str, position: Option<(u64, &str)>, frame: &[u8]) -> Map
 }
 
 /// The envelope as a complete WebSocket text frame.
-pub fn envelope_frame(topic: &str, position: Option<(u64, &str)>, frame: &[u8]) -> Bytes {
+pub fn envelope_frame(topic: Option<&str>, position: Option<(u64, &str)>, frame: &[u8]) -> Bytes {
     let text = Value::Object(envelope(topic, position, frame)).to_string();
     let mut out = Vec::with_capacity(text.len() + 10);
     encode_frame(OpCode::Text, text.as_bytes(), None, &mut out);
@@ -75,26 +82,30 @@ mod tests {
 
     #[test]
     fn json_payloads_go_in_as_json_text_as_strings_binary_as_base64() {
-        let json = envelope("a", Some((3, "e")), &frame(OpCode::Text, br#"{"n":1}"#));
+        let json = envelope(
+            Some("a"),
+            Some((3, "e")),
+            &frame(OpCode::Text, br#"{"n":1}"#),
+        );
         assert_eq!(
             Value::Object(json).to_string(),
             r#"{"data":{"n":1},"epoch":"e","offset":3,"topic":"a"}"#
         );
-        let text = envelope("a", None, &frame(OpCode::Text, b"hello"));
+        let text = envelope(Some("a"), None, &frame(OpCode::Text, b"hello"));
         assert_eq!(
             Value::Object(text).to_string(),
             r#"{"data":"hello","topic":"a"}"#
         );
-        let binary = envelope("a", None, &frame(OpCode::Binary, &[0xff, 0]));
+        let binary = envelope(None, None, &frame(OpCode::Binary, &[0xff, 0]));
         assert_eq!(
             Value::Object(binary).to_string(),
-            r#"{"data_base64":"/wA=","topic":"a"}"#
+            r#"{"data_base64":"/wA="}"#
         );
     }
 
     #[test]
     fn the_frame_is_one_text_message() {
-        let out = envelope_frame("t", Some((1, "x")), &frame(OpCode::Text, b"1"));
+        let out = envelope_frame(Some("t"), Some((1, "x")), &frame(OpCode::Text, b"1"));
         let (opcode, payload) = split_frame(&out).unwrap();
         assert_eq!(opcode, OpCode::Text);
         assert_eq!(payload, br#"{"data":1,"epoch":"x","offset":1,"topic":"t"}"#);

@@ -29,6 +29,8 @@ use c1m_proto::frame::{encode_compressed_frame, split_frame};
 use slab::Slab;
 
 use crate::connection::{Connection, End, Limits, PhaseKind, SendError, SlowConsumerPolicy};
+use crate::envelope::envelope_frame;
+use crate::history::Position;
 use crate::topics::TopicId;
 
 /// What the fan-out needs of a connection.
@@ -39,6 +41,8 @@ pub trait Recipient {
     fn is_subscribed(&self, topic: TopicId) -> bool;
     /// The server's permessage-deflate window bits (9 to 15), if negotiated.
     fn deflate_window(&self) -> Option<u8>;
+    /// Whether it gets publications in envelopes.
+    fn wants_envelope(&self) -> bool;
     /// Writes or queues `bytes` (see `Connection::send`).
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError>;
 }
@@ -52,6 +56,9 @@ impl Recipient for Connection {
     }
     fn deflate_window(&self) -> Option<u8> {
         Connection::deflate_window(self)
+    }
+    fn wants_envelope(&self) -> bool {
+        Connection::wants_envelope(self)
     }
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError> {
         Connection::send(self, bytes, limits)
@@ -86,10 +93,21 @@ pub struct FanOut {
     pub took: Duration,
 }
 
+/// What an envelope of a publication says besides its payload: the topic (`None`
+/// for a broadcast to every connection) and, for a topic with history, the position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvelopeFields {
+    pub topic: Option<String>,
+    pub position: Option<Position>,
+}
+
 /// One publication on its way to its recipients, a slice at a time.
 #[derive(Debug)]
 pub struct Broadcast {
     frame: Bytes,
+    envelope: EnvelopeFields,
+    /// The envelope frame, made for the first recipient that wants envelopes.
+    enveloped: Option<Bytes>,
     /// One compressed frame per server window size (9 to 15 bits) in use.
     compressed: [Option<Bytes>; 7],
     recipients: Recipients,
@@ -101,8 +119,15 @@ pub struct Broadcast {
 
 impl Broadcast {
     pub fn new(frame: Bytes, recipients: Recipients) -> Broadcast {
+        Broadcast::enveloped(frame, EnvelopeFields::default(), recipients)
+    }
+
+    /// A broadcast whose envelope (for clients that want one) says `envelope`.
+    pub fn enveloped(frame: Bytes, envelope: EnvelopeFields, recipients: Recipients) -> Broadcast {
         Broadcast {
             frame,
+            envelope,
+            enveloped: None,
             compressed: Default::default(),
             recipients,
             next: 0,
@@ -172,7 +197,17 @@ impl Broadcast {
             };
             used += 1;
             let conn = &mut conns[key];
+            // An envelope goes uncompressed even to a deflate client (RSV1 is per
+            // message): envelopes are opt-in and small.
             let bytes = match conn.deflate_window() {
+                _ if conn.wants_envelope() => {
+                    let fields = &self.envelope;
+                    let frame = &self.frame;
+                    self.enveloped.get_or_insert_with(|| {
+                        let position = fields.position.as_ref().map(|p| (p.offset, &*p.epoch));
+                        envelope_frame(fields.topic.as_deref(), position, frame)
+                    })
+                }
                 Some(bits) => self.compressed[usize::from(bits - 9)]
                     .get_or_insert_with(|| compress_frame(&self.frame, bits)),
                 None => &self.frame,
@@ -234,6 +269,7 @@ mod tests {
         full: bool,
         broken: bool,
         topics: Vec<TopicId>,
+        envelope: bool,
     }
 
     impl Recipient for Fake {
@@ -245,6 +281,9 @@ mod tests {
         }
         fn deflate_window(&self) -> Option<u8> {
             self.window
+        }
+        fn wants_envelope(&self) -> bool {
+            self.envelope
         }
         fn send(&mut self, bytes: &Bytes, _: &Limits) -> Result<(), SendError> {
             if self.broken {
@@ -285,6 +324,41 @@ mod tests {
         let mut frame = Vec::new();
         encode_frame(OpCode::Text, payload.as_bytes(), None, &mut frame);
         Bytes::from(frame)
+    }
+
+    #[test]
+    fn envelope_clients_get_one_shared_envelope_and_the_others_the_bare_frame() {
+        let mut conns = Slab::new();
+        let bare = conns.insert(open());
+        let wrapped = |conns: &mut Slab<Fake>| {
+            conns.insert(Fake {
+                envelope: true,
+                window: Some(15),
+                ..open()
+            })
+        };
+        let (e1, e2) = (wrapped(&mut conns), wrapped(&mut conns));
+        let fields = EnvelopeFields {
+            topic: Some("news".into()),
+            position: Some(Position {
+                offset: 7,
+                epoch: "abcd0123".into(),
+            }),
+        };
+        let mut broadcast = Broadcast::enveloped(text("hi"), fields, Recipients::EveryOpen);
+        broadcast.step(&mut conns, &limits(SlowConsumerPolicy::Disconnect), 10);
+        assert_eq!(conns[bare].got, [text("hi")]);
+        let expected = br#"{"data":"hi","epoch":"abcd0123","offset":7,"topic":"news"}"#;
+        assert_eq!(
+            &conns[e1].got[0][2..],
+            &expected[..],
+            "uncompressed, even with deflate"
+        );
+        assert_eq!(
+            conns[e1].got[0].as_ptr(),
+            conns[e2].got[0].as_ptr(),
+            "built once, shared"
+        );
     }
 
     #[test]

@@ -139,6 +139,15 @@ pub enum NotRecovered {
 }
 
 impl NotRecovered {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [NotRecovered; 5] = [
+        NotRecovered::NoHistory,
+        NotRecovered::EpochChanged,
+        NotRecovered::TooOld,
+        NotRecovered::OverLimit,
+        NotRecovered::AheadOfTopic,
+    ];
+
     /// The reason as clients and logs see it.
     pub fn as_str(self) -> &'static str {
         match self {

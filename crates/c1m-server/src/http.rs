@@ -58,15 +58,17 @@ fn parse_history_query(query: &str) -> Result<HistoryQuery, String> {
                 })?
             }
             "epoch" => epoch = Some(value.to_string()),
-            "limit" => limit = value
-                .parse()
-                .ok()
-                .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
-                .ok_or_else(|| {
-                    format!(
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        format!(
                         "limit must be a whole number from 1 to {MAX_HISTORY_PAGE}, not {value:?}"
                     )
-                })?,
+                    })?
+            }
             other => {
                 return Err(format!(
                     "unknown parameter {other:?}: topic, since, epoch, limit"

@@ -21,6 +21,7 @@
 mod delivery;
 mod observe;
 mod requests;
+mod resume;
 mod upstream_events;
 
 use std::collections::HashSet;

@@ -3,8 +3,45 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{http, publish, Server};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(server: &Server, path: &str) -> Ws {
+    tokio_tungstenite::connect_async(server.url(path))
+        .await
+        .expect("upgrade")
+        .0
+}
+
+/// The next text message as JSON, within 5 s.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("connection open")
+            .expect("no error");
+        if let Message::Text(text) = msg {
+            return json(&text);
+        }
+    }
+}
+
+async fn publish_async(server: &Server, topic: &str, message: &str) -> Value {
+    let (addr, topic, message) = (server.addr, topic.to_string(), message.to_string());
+    let answer = tokio::task::spawn_blocking(move || publish(addr, "k", &topic, &message))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    json(&answer.body)
+}
 
 const KEY: &str = "Authorization: Bearer k";
 
@@ -157,4 +194,197 @@ fn history_flags_are_checked_at_start_up() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_client_resumes_from_its_position_at_connect_or_with_subscribe() {
+    let server = Server::start(&["--workers", "1", "--api-key", "k", "--history-size", "10"]);
+    let first = publish_async(&server, "news", "m1").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    publish_async(&server, "news", "m2").await;
+
+    // Envelopes on request: topic, position, data.
+    let mut live = connect(&server, "/?topic=news&envelope=1").await;
+    publish_async(&server, "news", "m3").await;
+    let got = next_json(&mut live).await;
+    assert_eq!(
+        got,
+        json(&format!(
+            r#"{{"topic":"news","offset":3,"epoch":"{epoch}","data":"m3"}}"#
+        ))
+    );
+
+    // Resume in the URL: the answer, then 2 and 3, then live ones.
+    let mut back = connect(&server, &format!("/?since=news:{epoch}:1")).await;
+    let answer = next_json(&mut back).await;
+    assert_eq!(
+        (
+            answer["ok"].as_bool(),
+            answer["recovered"].as_bool(),
+            answer["offset"].as_u64()
+        ),
+        (Some(true), Some(true), Some(3)),
+        "{answer}"
+    );
+    assert_eq!(next_json(&mut back).await["data"], "m2");
+    assert_eq!(next_json(&mut back).await["data"], "m3");
+    publish_async(&server, "news", "m4").await;
+    assert_eq!(next_json(&mut back).await["offset"], 4);
+
+    // Resume with a subscribe command, on a connection that started on the clock.
+    let mut later = connect(&server, "/").await;
+    let since =
+        format!(r#"{{"op":"subscribe","topic":"news","since":{{"offset":2,"epoch":"{epoch}"}}}}"#);
+    later.send(Message::text(since.clone())).await.unwrap();
+    let answer = next_json(&mut later).await;
+    assert_eq!(answer["recovered"], true, "{answer}");
+    let offsets = [
+        next_json(&mut later).await["offset"].clone(),
+        next_json(&mut later).await["offset"].clone(),
+    ];
+    assert_eq!(offsets, [json("3"), json("4")]);
+    // Asking again while subscribed is refused (it could repeat what is on its way).
+    later.send(Message::text(since)).await.unwrap();
+    let again = next_json(&mut later).await;
+    assert_eq!(again["ok"], false, "{again}");
+}
+
+#[tokio::test]
+async fn a_client_is_told_when_it_cannot_recover() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--api-key",
+        "k",
+        "--history-size",
+        "3",
+        "--recovery-limit",
+        "5",
+    ]);
+    let mut epoch = String::new();
+    for i in 1..=8 {
+        epoch = publish_async(&server, "news", &format!("m{i}")).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    // Kept: 6, 7, 8.
+    for (since, reason) in [
+        (format!("news:{epoch}:4"), "too_old"),
+        (format!("news:{epoch}:1"), "over_recovery_limit"),
+        ("news:00000000:7".to_string(), "epoch_changed"),
+        (format!("news:{epoch}:999"), "offset_ahead"),
+        (format!("other:{epoch}:0"), "epoch_changed"),
+    ] {
+        let mut ws = connect(&server, &format!("/?since={since}")).await;
+        let answer = next_json(&mut ws).await;
+        assert_eq!(answer["recovered"], false, "{since}: {answer}");
+        assert_eq!(answer["reason"], reason, "{since}: {answer}");
+        // Still subscribed: live publications come.
+        let topic = since.split(':').next().unwrap().to_string();
+        let published = publish_async(&server, &topic, "live").await;
+        let got = next_json(&mut ws).await;
+        assert_eq!(got["offset"], published["offset"], "{since}: {got}");
+    }
+    // A malformed position is refused at the upgrade with a reason.
+    for bad in ["news", "news:e", "news:e:-1", "news::1", "news:e:x"] {
+        let (status, body) = common::upgrade_status(server.addr, &format!("/?since={bad}"), &[]);
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("since"), "{bad}: {body}");
+    }
+    // And in a command, with an error answer on an open connection.
+    let mut ws = connect(&server, "/").await;
+    ws.send(Message::text(
+        r#"{"op":"subscribe","topic":"news","since":{"offset":"x"}}"#,
+    ))
+    .await
+    .unwrap();
+    let answer = next_json(&mut ws).await;
+    assert_eq!(answer["ok"], false, "{answer}");
+    // Without history, a position gets recovered: false, no_history.
+}
+
+#[tokio::test]
+async fn resuming_while_publishing_goes_on_gives_every_publication_once_in_order() {
+    // A publisher keeps publishing while clients come and go, each resuming from the
+    // last offset it saw: every client must see 1..=N exactly once, in order.
+    const N: u64 = 300;
+    let server = Server::start(&["--workers", "1", "--api-key", "k", "--history-size", "1000"]);
+    let epoch = publish_async(&server, "feed", "1").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = server.addr;
+    // Four publishers at once, so publications wait in the server's queue while
+    // clients resume (the race the recovery bound closes).
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            tokio::task::spawn_blocking(move || {
+                for i in (2..=N).filter(|i| i % 4 == p) {
+                    let answer = publish(addr, "k", "feed", &i.to_string());
+                    assert_eq!(answer.status, 200, "{answer:?}");
+                }
+            })
+        })
+        .collect();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let url = server.url("/");
+            let epoch = epoch.clone();
+            tokio::spawn(async move {
+                let mut seen: Vec<u64> = Vec::new();
+                let mut session = 0u64;
+                while seen.last() != Some(&N) {
+                    let last = seen.last().copied().unwrap_or(0);
+                    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+                        "{url}?since=feed:{epoch}:{last}"
+                    ))
+                    .await
+                    .expect("upgrade");
+                    let answer = next_json(&mut ws).await;
+                    assert_eq!(answer["recovered"], true, "client {c}: {answer}");
+                    // Stay for a few publications, then drop the connection.
+                    let stay = 5 + (c + session) % 20;
+                    for _ in 0..stay {
+                        let got = next_json(&mut ws).await;
+                        seen.push(got["offset"].as_u64().expect("an offset"));
+                        if seen.last() == Some(&N) {
+                            break;
+                        }
+                    }
+                    session += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    for (c, client) in clients.into_iter().enumerate() {
+        let seen = client.await.unwrap();
+        let expected: Vec<u64> = (1..=N).collect();
+        assert_eq!(
+            seen, expected,
+            "client {c}: every publication once, in order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_history_a_position_is_answered_with_no_history() {
+    let server = Server::start(&["--workers", "1", "--api-key", "k"]);
+    let mut ws = connect(&server, "/?since=news:abcd:3").await;
+    let answer = next_json(&mut ws).await;
+    assert_eq!(
+        (answer["recovered"].as_bool(), answer["reason"].as_str()),
+        (Some(false), Some("no_history"))
+    );
+    publish_async(&server, "news", "x").await;
+    let got = next_json(&mut ws).await;
+    assert_eq!(
+        got,
+        json(r#"{"topic":"news","data":"x"}"#),
+        "an envelope without a position"
+    );
 }

@@ -23,7 +23,8 @@ use bytes::Bytes;
 use crate::broker::Reply;
 use crate::connection::PhaseKind;
 use crate::control::{Message, Origin};
-use crate::fanout::{Broadcast, Recipients};
+use crate::fanout::{Broadcast, EnvelopeFields, Recipients};
+use crate::history::Position;
 use crate::target::{Delivery, Target};
 use crate::topics::TopicId;
 use crate::upstream::{Upstream, Waiting};
@@ -50,6 +51,8 @@ pub(super) enum WhenDelivered {
 struct Queued {
     target: Target,
     frame: Bytes,
+    /// Its topic's history position, if the topic keeps history.
+    position: Option<Position>,
     then: WhenDelivered,
 }
 
@@ -86,6 +89,17 @@ impl Publications {
     pub(super) fn len(&self) -> usize {
         self.queued.len() + usize::from(self.running.is_some())
     }
+
+    /// The lowest offset of `topic` still waiting (not started): a client that joins
+    /// the topic now gets that publication and every later one live, so a recovery
+    /// must stop just before it. `None` when none is waiting.
+    pub(super) fn first_waiting_offset(&self, topic: &str) -> Option<u64> {
+        self.queued
+            .iter()
+            .filter(|q| q.target.topic() == Some(topic))
+            .filter_map(|q| q.position.as_ref().map(|p| p.offset))
+            .min()
+    }
 }
 
 impl Server {
@@ -93,6 +107,17 @@ impl Server {
     /// the loop (`Server::turn_over`), never inside the read or message handler that
     /// published it, so whatever it answers finds that handler done.
     pub(super) fn publish(&mut self, target: Target, frame: Bytes, then: WhenDelivered) {
+        self.publish_at(target, frame, None, then)
+    }
+
+    /// [`Server::publish`] of a publication that has a history `position`.
+    pub(super) fn publish_at(
+        &mut self,
+        target: Target,
+        frame: Bytes,
+        position: Option<Position>,
+        then: WhenDelivered,
+    ) {
         let queue = &mut self.publications.queued;
         if matches!(then, WhenDelivered::Clock) {
             let before = queue.len();
@@ -102,6 +127,7 @@ impl Server {
         queue.push_back(Queued {
             target,
             frame,
+            position,
             then,
         });
     }
@@ -153,6 +179,7 @@ impl Server {
         while let Some(Queued {
             target,
             frame,
+            position,
             then,
         }) = self.publications.queued.pop_front()
         {
@@ -178,8 +205,12 @@ impl Server {
                 },
                 (None, None) => Recipients::EveryOpen,
             };
+            let envelope = EnvelopeFields {
+                topic: target.topic().map(str::to_string),
+                position,
+            };
             self.publications.running = Some(Running {
-                broadcast: Broadcast::new(frame, recipients),
+                broadcast: Broadcast::enveloped(frame, envelope, recipients),
                 then,
             });
             return true;

@@ -77,7 +77,7 @@ impl Server {
             waiting_requests: parked,
         });
         if let Some(history) = &self.history {
-            text.push_str(&history_metrics(history));
+            text.push_str(&history_metrics(history, &self.registry.counters));
         }
         text
     }
@@ -112,7 +112,10 @@ impl Server {
 }
 
 /// Topic history in `/metrics`: totals, and the ten topics holding the most bytes.
-fn history_metrics(history: &crate::history::History) -> String {
+fn history_metrics(
+    history: &crate::history::History,
+    counters: &crate::counters::Counters,
+) -> String {
     use std::fmt::Write;
     let usage = history.usage();
     let mut out = String::new();
@@ -123,6 +126,19 @@ fn history_metrics(history: &crate::history::History) -> String {
         ("c1m_history_evicted_total", "counter", "Publications dropped from history to stay within --history-max-bytes.", usage.evicted),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP c1m_recoveries_total Subscribes with a position, by outcome (recovered, or the reason it could not be).\n# TYPE c1m_recoveries_total counter\nc1m_recoveries_total{{outcome=\"recovered\"}} {}",
+        counters.recoveries
+    );
+    for reason in crate::history::NotRecovered::ALL {
+        let n = counters.not_recovered[reason as usize];
+        let _ = writeln!(
+            out,
+            "c1m_recoveries_total{{outcome=\"{}\"}} {n}",
+            reason.as_str()
+        );
     }
     let _ = writeln!(
         out,

@@ -103,15 +103,33 @@ impl Server {
                 for name in &admission.topics {
                     self.registry.subscribe(key, name);
                 }
+                if admission.envelope {
+                    self.registry.conns[key].set_envelope();
+                }
                 self.registry.conns[key].set_allowed_topics(admission.allowed);
                 self.registry.set_token_expiry(key, admission.expires);
+                // Resumes asked for in the URL: each answered as a subscribe would be.
+                for (topic, offset, epoch) in admission.since {
+                    let (fields, recovered) = self.resume(&topic, Some(&(offset, epoch)), now);
+                    let answer = commands::ok_reply_with("subscribe", &topic, fields);
+                    let next = match self.reply(key, &answer) {
+                        Next::Keep => self.send_recovered(key, &recovered),
+                        next => next,
+                    };
+                    if next != Next::Keep {
+                        return next;
+                    }
+                }
                 Next::Keep
             }
             // Text that is not a JSON object is not meant as a command: no answer.
             Action::Command(text) if !commands::is_command(&text) => Next::Keep,
             Action::Command(text) => {
-                let reply = self.command(key, &text);
-                self.reply(key, &reply)
+                let (reply, recovered) = self.command(key, &text, now);
+                match self.reply(key, &reply) {
+                    Next::Keep if !recovered.is_empty() => self.send_recovered(key, &recovered),
+                    next => next,
+                }
             }
             Action::OversizedCommand => self.reply(key, &commands::malformed_reply()),
             Action::Http(request, body) => self.http(key, request, body, now),
@@ -129,25 +147,26 @@ impl Server {
         }
     }
 
-    /// Runs a client's command; returns the answer to send it.
-    fn command(&mut self, key: usize, text: &str) -> String {
+    /// Runs a client's command; returns the answer to send it, and the missed
+    /// publications to send after it (a subscribe that resumes from a position).
+    fn command(&mut self, key: usize, text: &str, now: Instant) -> (String, Vec<Bytes>) {
         let command = match commands::parse(text) {
             Ok(command) => command,
-            Err(reply) => return reply,
+            Err(reply) => return (reply, Vec::new()),
         };
         let (op, name) = match &command {
-            Command::Subscribe(name) => ("subscribe", name.as_str()),
+            Command::Subscribe { topic, .. } => ("subscribe", topic.as_str()),
             Command::Unsubscribe(name) => ("unsubscribe", name.as_str()),
-            Command::Refresh(token) => return self.refresh(key, token),
+            Command::Refresh(token) => return (self.refresh(key, token), Vec::new()),
         };
-        let error = |e: &str| commands::error_reply(Some(op), Some(name), e);
+        let error = |e: &str| (commands::error_reply(Some(op), Some(name), e), Vec::new());
         if let Err(e) = validate_name(name) {
             return error(&e);
         }
         let registry = &mut self.registry;
         let conn = &registry.conns[key];
-        match command {
-            Command::Subscribe(_) => {
+        match &command {
+            Command::Subscribe { since, .. } => {
                 if !conn.may_join(name) {
                     return error("forbidden");
                 }
@@ -155,6 +174,13 @@ impl Server {
                     .topics
                     .id(name)
                     .is_some_and(|id| conn.is_subscribed(id));
+                if already && since.is_some() {
+                    // It already gets the topic live: a recovery now could repeat what
+                    // is on its way.
+                    return error(
+                        "already subscribed: unsubscribe first to resume from a position",
+                    );
+                }
                 if !already {
                     if conn.subscription_count() >= self.config.max_topics_per_connection {
                         return error(&format!(
@@ -164,6 +190,11 @@ impl Server {
                     }
                     registry.subscribe(key, name);
                 }
+                if since.is_some() {
+                    registry.conns[key].set_envelope();
+                }
+                let (fields, recovered) = self.resume(name, since.as_ref(), now);
+                return (commands::ok_reply_with(op, name, fields), recovered);
             }
             Command::Unsubscribe(_) => {
                 if let Some(id) = registry.topics.id(name) {
@@ -172,7 +203,7 @@ impl Server {
             }
             Command::Refresh(_) => unreachable!("answered above"),
         }
-        commands::ok_reply(op, name)
+        (commands::ok_reply(op, name), Vec::new())
     }
 
     /// `{"op":"refresh","token":...}`: a fresh token moves the connection's expiry. It
@@ -244,8 +275,9 @@ impl Server {
                     } else {
                         // Answered when its fan-out is over (`delivery.rs`).
                         let position = self.keep_in_history(&target, &frame, now);
-                        let parked = waiting(self, WaitingFor::Publish(target.clone(), position));
-                        self.publish(target, frame, WhenDelivered::Answer(parked));
+                        let parked =
+                            waiting(self, WaitingFor::Publish(target.clone(), position.clone()));
+                        self.publish_at(target, frame, position, WhenDelivered::Answer(parked));
                         return Next::Keep;
                     }
                 } else {
