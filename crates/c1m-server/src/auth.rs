@@ -419,12 +419,20 @@ mod tests {
         let gate = Gate::open(8);
         let plain = gate.admit(&upgrade("/?topic=a")).unwrap();
         assert!(!plain.envelope && plain.since.is_empty());
-        assert!(gate.admit(&upgrade("/?topic=a&envelope=1")).unwrap().envelope);
+        assert!(
+            gate.admit(&upgrade("/?topic=a&envelope=1"))
+                .unwrap()
+                .envelope
+        );
         let resumed = gate
             .admit(&upgrade("/?since=eu:prices:abcd0123:41&since=b:e:0"))
             .unwrap();
         assert!(resumed.envelope);
-        assert_eq!(resumed.topics, vec!["b", "eu:prices"], "a topic may contain ':'");
+        assert_eq!(
+            resumed.topics,
+            vec!["b", "eu:prices"],
+            "a topic may contain ':'"
+        );
         assert_eq!(
             resumed.since,
             vec![
@@ -433,7 +441,10 @@ mod tests {
             ]
         );
         for bad in ["x", "x:1", "x:e:-1", "x::1", ":e:1"] {
-            assert!(gate.admit(&upgrade(&format!("/?since={bad}"))).is_err(), "{bad}");
+            assert!(
+                gate.admit(&upgrade(&format!("/?since={bad}"))).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -7,6 +7,7 @@
 //! connections it reached; the master sums the answers for the worker that holds the
 //! HTTP request, which then answers its client.
 
+use crate::history::{NotRecovered, Position};
 use crate::target::{Delivery, Target};
 
 /// Writes as much of `queue` as `out` takes now (non-blocking), removing what was
@@ -45,6 +46,8 @@ pub enum Message {
     Publish {
         origin: Origin,
         target: Target,
+        /// Its position in its topic's history, if the topic keeps one.
+        position: Option<Position>,
         frame: Vec<u8>,
     },
     /// Worker → master: please relay this publication to every worker.
@@ -55,8 +58,30 @@ pub enum Message {
     },
     /// Worker → master: how many local connections a relayed publication reached.
     Delivered { origin: Origin, count: u64 },
-    /// Master → origin worker: what a relayed publish came to.
-    Done { request: u32, delivery: Delivery },
+    /// Master → origin worker: what a relayed publish came to, and the position
+    /// history gave it.
+    Done {
+        request: u32,
+        delivery: Delivery,
+        position: Option<Position>,
+    },
+    /// Worker → master: a client resumes `topic` after `offset` in `epoch`; answer
+    /// with `Recovered` (see `server/resume.rs`).
+    Recover {
+        request: u32,
+        topic: String,
+        offset: u64,
+        epoch: String,
+    },
+    /// Master → worker: the answer to a `Recover`, sent after every publication it
+    /// covers, so the worker has them all (fanned out or queued) when it reads this.
+    Recovered {
+        request: u32,
+        /// The missed publications as (offset, frame), or why they cannot be sent.
+        outcome: Result<Vec<(u64, Vec<u8>)>, NotRecovered>,
+        /// Where the topic stands, if it has history.
+        position: Option<Position>,
+    },
     /// Worker → master: the worker has (`on`) or no longer has local subscribers of
     /// `topic` (the master subscribes to the topic on the broker while any worker has).
     Interest { topic: String, on: bool },
@@ -85,6 +110,8 @@ const BROKER_UP: u8 = 6;
 const TOPIC_COUNTS: u8 = 7;
 const STATS_REQUEST: u8 = 8;
 const ANSWER: u8 = 9;
+const RECOVER: u8 = 10;
+const RECOVERED: u8 = 11;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -95,11 +122,13 @@ impl Message {
             Message::Publish {
                 origin,
                 target,
+                position,
                 frame,
             } => {
                 out.push(PUBLISH);
                 put_origin(out, origin);
                 put_bytes(out, target.to_wire().as_bytes());
+                put_position(out, position.as_ref());
                 out.extend_from_slice(frame);
             }
             Message::Relay {
@@ -117,7 +146,11 @@ impl Message {
                 put_origin(out, origin);
                 out.extend_from_slice(&count.to_le_bytes());
             }
-            Message::Done { request, delivery } => {
+            Message::Done {
+                request,
+                delivery,
+                position,
+            } => {
                 out.push(DONE);
                 out.extend_from_slice(&request.to_le_bytes());
                 let (tag, count) = match *delivery {
@@ -133,6 +166,40 @@ impl Message {
                 };
                 out.push(tag);
                 out.extend_from_slice(&count.to_le_bytes());
+                put_position(out, position.as_ref());
+            }
+            Message::Recover {
+                request,
+                topic,
+                offset,
+                epoch,
+            } => {
+                out.push(RECOVER);
+                out.extend_from_slice(&request.to_le_bytes());
+                put_bytes(out, topic.as_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                put_bytes(out, epoch.as_bytes());
+            }
+            Message::Recovered {
+                request,
+                outcome,
+                position,
+            } => {
+                out.push(RECOVERED);
+                out.extend_from_slice(&request.to_le_bytes());
+                put_position(out, position.as_ref());
+                match outcome {
+                    Ok(publications) => {
+                        out.push(0);
+                        out.extend_from_slice(&(publications.len() as u32).to_le_bytes());
+                        for (offset, frame) in publications {
+                            out.extend_from_slice(&offset.to_le_bytes());
+                            out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+                            out.extend_from_slice(frame);
+                        }
+                    }
+                    Err(reason) => out.push(1 + *reason as u8),
+                }
             }
             Message::Interest { topic, on } => {
                 out.push(INTEREST);
@@ -190,6 +257,7 @@ impl Message {
             PUBLISH => Message::Publish {
                 origin: r.origin()?,
                 target: Target::from_wire(r.string()?),
+                position: r.position()?,
                 frame: r.rest(),
             },
             RELAY => Message::Relay {
@@ -213,7 +281,41 @@ impl Message {
                     2 => Delivery::Refused,
                     other => return Err(format!("unknown delivery kind {other}")),
                 };
-                Message::Done { request, delivery }
+                Message::Done {
+                    request,
+                    delivery,
+                    position: r.position()?,
+                }
+            }
+            RECOVER => Message::Recover {
+                request: r.u32()?,
+                topic: r.string()?,
+                offset: r.u64()?,
+                epoch: r.string()?,
+            },
+            RECOVERED => {
+                let request = r.u32()?;
+                let position = r.position()?;
+                let outcome = match r.u8()? {
+                    0 => {
+                        let count = r.u32()?;
+                        let mut publications = Vec::new();
+                        for _ in 0..count {
+                            let offset = r.u64()?;
+                            let len = r.u32()? as usize;
+                            publications.push((offset, r.take(len)?.to_vec()));
+                        }
+                        Ok(publications)
+                    }
+                    tag => Err(*NotRecovered::ALL
+                        .get(usize::from(tag) - 1)
+                        .ok_or_else(|| format!("unknown recovery outcome {tag}"))?),
+                };
+                Message::Recovered {
+                    request,
+                    outcome,
+                    position,
+                }
             }
             INTEREST => {
                 let on = r.u8()? != 0;
@@ -253,6 +355,17 @@ fn put_origin(out: &mut Vec<u8>, origin: &Origin) {
     out.extend_from_slice(&b.to_le_bytes());
 }
 
+fn put_position(out: &mut Vec<u8>, position: Option<&Position>) {
+    match position {
+        None => out.push(0),
+        Some(p) => {
+            out.push(1);
+            out.extend_from_slice(&p.offset.to_le_bytes());
+            put_bytes(out, p.epoch.as_bytes());
+        }
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
     out.extend_from_slice(bytes);
@@ -286,6 +399,16 @@ impl Reader<'_> {
         let len = u16::from_le_bytes([b[0], b[1]]) as usize;
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "topic is not UTF-8".into())
     }
+    fn position(&mut self) -> Result<Option<Position>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(Position {
+                offset: self.u64()?,
+                epoch: self.string()?,
+            })),
+            other => Err(format!("unknown position kind {other}")),
+        }
+    }
     fn origin(&mut self) -> Result<Origin, String> {
         let (tag, a, b) = (self.u8()?, self.u32()?, self.u32()?);
         match tag {
@@ -313,12 +436,45 @@ mod tests {
             Message::Publish {
                 origin: Origin::Clock,
                 target: Target::Topic("time".into()),
+                position: None,
                 frame: vec![0x81, 1, b'7'],
             },
             Message::Publish {
                 origin: Origin::Broker { relay: 7 },
                 target: Target::All,
+                position: None,
                 frame: vec![0x81, 0],
+            },
+            Message::Publish {
+                origin: Origin::Worker {
+                    index: 1,
+                    request: 2,
+                },
+                target: Target::Topic("news".into()),
+                position: Some(Position {
+                    offset: 1 << 33,
+                    epoch: "abcd0123".into(),
+                }),
+                frame: vec![0x81, 0],
+            },
+            Message::Recover {
+                request: 5,
+                topic: "news".into(),
+                offset: 41,
+                epoch: "abcd0123".into(),
+            },
+            Message::Recovered {
+                request: 5,
+                outcome: Ok(vec![(42, vec![0x81, 1, b'a']), (43, vec![])]),
+                position: Some(Position {
+                    offset: 43,
+                    epoch: "abcd0123".into(),
+                }),
+            },
+            Message::Recovered {
+                request: 6,
+                outcome: Err(NotRecovered::TooOld),
+                position: None,
             },
             Message::Relay {
                 request: 9,
@@ -335,6 +491,10 @@ mod tests {
             Message::Done {
                 request: 9,
                 delivery: Delivery::whole(5),
+                position: Some(Position {
+                    offset: 3,
+                    epoch: "e".into(),
+                }),
             },
             Message::Done {
                 request: 10,
@@ -342,10 +502,12 @@ mod tests {
                     connections: 2,
                     complete: false,
                 },
+                position: None,
             },
             Message::Done {
                 request: 11,
                 delivery: Delivery::Refused,
+                position: None,
             },
             Message::Interest {
                 topic: "prices".into(),

@@ -55,6 +55,11 @@ pub struct Registry {
     interest_changes: Vec<(String, bool)>,
     /// `exp` (Unix seconds) of each open connection admitted with a token that has one.
     token_expiry: HashMap<usize, u64>,
+    /// A worker's resumes waiting for the master's history, by request id: the
+    /// connection's key and the topic. Removing the connection drops its entries,
+    /// so an answer never reaches a later owner of the key.
+    pub resumes: HashMap<u32, (usize, String)>,
+    pub next_resume: u32,
 }
 
 impl Registry {
@@ -77,6 +82,8 @@ impl Registry {
             read_again: Vec::new(),
             interest_changes: Vec::new(),
             token_expiry: HashMap::new(),
+            resumes: HashMap::new(),
+            next_resume: 0,
         }
     }
 
@@ -165,6 +172,9 @@ impl Registry {
         }
         self.unsubscribe_all(key);
         self.token_expiry.remove(&key);
+        if !self.resumes.is_empty() {
+            self.resumes.retain(|_, (owner, _)| *owner != key);
+        }
         if let Some(per_ip) = self.per_ip.as_mut() {
             per_ip.remove(key);
         }

@@ -219,8 +219,7 @@ pub struct ServeArgs {
     /// `POST /publish` answers with both, `GET /history` lists what is kept, and a
     /// client that subscribes with its last position gets what it missed, or is told
     /// to reload (see docs/server.md, "History and recovery"). The clock's `time` topic
-    /// keeps none unless a --history-for rule matches it. For now one process only
-    /// (`--workers 1`, no `--broker`).
+    /// keeps none unless a --history-for rule matches it. Not with --broker yet.
     #[arg(long, value_name = "N", default_value_t = 0, env = "C1M_HISTORY_SIZE")]
     history_size: usize,
 
@@ -434,11 +433,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cores.max(needed)
         }
     };
-    if config.history.enabled() && (workers > 1 || config.broker.is_some()) {
+    if config.history.enabled() && config.broker.is_some() {
         anyhow::bail!(
-            "topic history (--history-size, --history-for) runs in one process without a broker for now: \
-             add --workers 1 (this server would run {workers} worker processes{})",
-            if config.broker.is_some() { " and a --broker" } else { "" }
+            "topic history (--history-size, --history-for) is not available with --broker yet: \
+             a cluster needs positions shared by every node (issue 16); run without --broker, \
+             or without history"
         );
     }
     let print_address = |addr: SocketAddr| {

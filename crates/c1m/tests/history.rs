@@ -165,8 +165,8 @@ fn without_history_publishes_have_no_position_and_history_says_how_to_turn_it_on
 fn history_flags_are_checked_at_start_up() {
     for (args, says) in [
         (
-            &["--history-size", "5", "--workers", "2"][..],
-            "--workers 1",
+            &["--history-size", "5", "--broker", "redis://127.0.0.1:1"][..],
+            "--broker",
         ),
         (
             &["--history-for", "prices", "--workers", "1"][..],
@@ -306,11 +306,23 @@ async fn a_client_is_told_when_it_cannot_recover() {
 
 #[tokio::test]
 async fn resuming_while_publishing_goes_on_gives_every_publication_once_in_order() {
-    // A publisher keeps publishing while clients come and go, each resuming from the
-    // last offset it saw: every client must see 1..=N exactly once, in order.
-    const N: u64 = 300;
     let server = Server::start(&["--workers", "1", "--api-key", "k", "--history-size", "1000"]);
-    let epoch = publish_async(&server, "feed", "1").await["epoch"]
+    clients_resume_while_publishing(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_workers_resuming_while_publishing_gives_every_publication_once_in_order() {
+    // The master keeps the history; each worker asks it and joins the client when
+    // the answer comes (behind every publication it covers).
+    let server = Server::start(&["--workers", "3", "--api-key", "k", "--history-size", "1000"]);
+    clients_resume_while_publishing(&server).await;
+}
+
+/// A publisher keeps publishing while clients come and go, each resuming from the last
+/// offset it saw: every client must see 1..=N exactly once, in order.
+async fn clients_resume_while_publishing(server: &Server) {
+    const N: u64 = 300;
+    let epoch = publish_async(server, "feed", "1").await["epoch"]
         .as_str()
         .unwrap()
         .to_string();
@@ -387,4 +399,101 @@ async fn without_history_a_position_is_answered_with_no_history() {
         json(r#"{"topic":"news","data":"x"}"#),
         "an envelope without a position"
     );
+}
+
+/// `POST /publish` that reports a failure instead of panicking (the worker that took
+/// it may be killed): the answer's JSON, or `None`.
+fn try_publish(addr: std::net::SocketAddr, topic: &str, message: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
+    let request = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| json(body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_worker_resume_and_miss_nothing() {
+    const CLIENTS: usize = 30;
+    let server = Server::start(&["--workers", "3", "--api-key", "k", "--history-size", "1000"]);
+    let (addr, pid) = (server.addr, server.child.id());
+    let epoch = publish_async(&server, "feed", "start").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let url = server.url("/");
+            let epoch = epoch.clone();
+            tokio::spawn(async move {
+                let mut seen: Vec<u64> = vec![1];
+                let mut sessions = 0;
+                'session: loop {
+                    sessions += 1;
+                    assert!(sessions < 50, "too many reconnects");
+                    let last = *seen.last().unwrap();
+                    let url = format!("{url}?since=feed:{epoch}:{last}");
+                    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    loop {
+                        let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                            .await
+                            .expect("a message or the end within 10 s");
+                        let Some(Ok(Message::Text(text))) = next else {
+                            continue 'session; // the worker died: come back
+                        };
+                        let value = json(&text);
+                        if value.get("op").is_some() {
+                            assert_eq!(value["recovered"], true, "{value}");
+                            continue;
+                        }
+                        seen.push(value["offset"].as_u64().expect("an offset"));
+                        if value["data"] == "end" {
+                            return (seen, sessions);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let publisher = tokio::task::spawn_blocking(move || {
+        for i in 0..300 {
+            if i == 100 {
+                // SAFETY: kill(2) on a worker of the server this test started.
+                let worker = common::children_of(pid)[0];
+                unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+            }
+            // A publish that a dying worker took may fail: publish again (a new
+            // offset; clients must still see every offset once, in order).
+            while try_publish(addr, "feed", &i.to_string()).is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while try_publish(addr, "feed", "end").is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    publisher.await.unwrap();
+    let mut moved = 0;
+    for client in clients {
+        let (seen, sessions) = client.await.unwrap();
+        let expected: Vec<u64> = (1..=*seen.last().unwrap()).collect();
+        assert_eq!(seen, expected, "every offset once, in order");
+        moved += usize::from(sessions > 1);
+    }
+    assert!(moved > 0, "some clients were on the killed worker");
+    drop(server);
 }

@@ -24,6 +24,7 @@
 mod relays;
 mod workers;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -40,6 +41,7 @@ use crate::clock::Clock;
 use crate::cluster::{ClusterEvent, ClusterNode};
 use crate::config::ServeConfig;
 use crate::control::{Message, Origin};
+use crate::history::{History, NotRecovered, Position, Recovery};
 use crate::listener::listen_socket;
 use crate::node_stats::{self, NodeReport, TopicCounts};
 use crate::publish_acks::Finished;
@@ -99,6 +101,12 @@ struct Master<S> {
     cluster: Option<ClusterNode<WorkerRequest>>,
     /// Each worker's latest topic counts (empty until it sends, and after it dies).
     worker_counts: Vec<TopicCounts>,
+    /// Topic history of the node (`--history-*`, without `--broker`): the master
+    /// orders the node's publications, so it gives the offsets and answers recoveries.
+    history: Option<History>,
+    /// Positions of worker publishes still being counted, for their answers.
+    positions: HashMap<(u32, u32), Position>,
+    next_history_expiry: Instant,
     node: String,
     next_stats: Instant,
     /// (when, messages out) at the previous stats line, for its rate.
@@ -149,6 +157,8 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             )?),
         };
         let now = Instant::now();
+        let history = (config.history.enabled() && cluster.is_none())
+            .then(|| History::new(config.history.clone()));
         Ok(Master {
             clock: Clock::new(&config, now),
             next_stats: now + config.stats_interval,
@@ -165,6 +175,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             next_relay: 0,
             cluster,
             worker_counts: vec![TopicCounts::default(); count],
+            history,
+            positions: HashMap::new(),
+            next_history_expiry: now,
             node,
             shutdown_deadline: None,
         })
@@ -320,6 +333,40 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 }
             }
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
+            Message::Recover {
+                request,
+                topic,
+                offset,
+                epoch,
+            } => {
+                // Answered on the same channel after every publication it covers.
+                let answer = match self.history.as_mut() {
+                    None => Message::Recovered {
+                        request,
+                        outcome: Err(NotRecovered::NoHistory),
+                        position: None,
+                    },
+                    Some(history) => match history.recover(&topic, &epoch, offset, now) {
+                        Recovery::Recovered {
+                            publications,
+                            position,
+                        } => Message::Recovered {
+                            request,
+                            outcome: Ok(publications
+                                .into_iter()
+                                .map(|(offset, frame)| (offset, frame.to_vec()))
+                                .collect()),
+                            position: Some(position),
+                        },
+                        Recovery::NotRecovered { reason, position } => Message::Recovered {
+                            request,
+                            outcome: Err(reason),
+                            position,
+                        },
+                    },
+                };
+                self.workers[index].send(&answer);
+            }
             Message::TopicCounts { json } => match serde_json::from_slice(&json) {
                 Ok(counts) => self.worker_counts[index] = counts,
                 Err(error) => tracing::warn!(%error, "bad topic counts from a worker"),
@@ -355,13 +402,24 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 index: index as u32,
                 request,
             };
-            self.relay(origin, target, frame, None, now);
+            let position = match (self.history.as_mut(), target.topic()) {
+                (Some(history), Some(topic)) => {
+                    history.append(topic, bytes::Bytes::from(frame.clone()), now)
+                }
+                _ => None,
+            };
+            if let Some(position) = &position {
+                self.positions
+                    .insert((index as u32, request), position.clone());
+            }
+            self.relay(origin, target, frame, position, None, now);
             return;
         };
         if let Err((_, request)) = cluster.publish((index as u32, request), target, frame, now) {
             self.workers[index].send(&Message::Done {
                 request,
                 delivery: Delivery::Refused,
+                position: None,
             });
         }
     }
@@ -372,6 +430,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         origin: Origin,
         target: Target,
         frame: Vec<u8>,
+        position: Option<Position>,
         reply: Option<crate::broker::Reply>,
         now: Instant,
     ) {
@@ -379,6 +438,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         Message::Publish {
             origin,
             target,
+            position,
             frame,
         }
         .encode(&mut bytes);
@@ -433,7 +493,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 } => {
                     let relay = self.next_relay;
                     self.next_relay = self.next_relay.wrapping_add(1);
-                    self.relay(Origin::Broker { relay }, target, frame, Some(reply), now);
+                    self.relay(
+                        Origin::Broker { relay },
+                        target,
+                        frame,
+                        None,
+                        Some(reply),
+                        now,
+                    );
                 }
                 ClusterEvent::Finished(finished) => self.answer_cluster_publish(finished),
                 ClusterEvent::Up(up) => {
@@ -453,6 +520,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 Message::Done {
                     request,
                     delivery: Delivery::Refused,
+                    position: None,
                 },
             ),
             Finished::Delivered((worker, request), body) => (
@@ -480,8 +548,13 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         {
             match origin {
                 Origin::Worker { index, request } => {
+                    let position = self.positions.remove(&(index, request));
                     if let Some(worker) = self.workers.get_mut(index as usize) {
-                        worker.send(&Message::Done { request, delivery });
+                        worker.send(&Message::Done {
+                            request,
+                            delivery,
+                            position,
+                        });
                     }
                 }
                 Origin::Broker { .. } => {
@@ -514,12 +587,20 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         if self.clock.due(now, self.scoreboard.total_open() as usize) {
             let (stamp, frame) = self.clock.stamp();
             let time = Target::Topic(crate::topics::TIME.to_string());
-            self.relay(Origin::Clock, time, frame.to_vec(), None, now);
+            self.relay(Origin::Clock, time, frame.to_vec(), None, None, now);
             tracing::debug!(stamp, "broadcast relayed to workers");
         }
         if now >= self.next_stats {
             self.next_stats = now + self.config.stats_interval;
             self.stats_line(now);
+        }
+        if let Some(history) = self
+            .history
+            .as_mut()
+            .filter(|_| now >= self.next_history_expiry)
+        {
+            self.next_history_expiry = now + Duration::from_secs(1);
+            history.expire(now);
         }
         for worker in &mut self.workers {
             worker.flush();

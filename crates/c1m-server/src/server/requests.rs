@@ -100,7 +100,13 @@ impl Server {
                 if self.registry.conns[key].kind() != PhaseKind::Open {
                     return Next::Keep;
                 }
+                // A worker joins a resumed topic only when the master's history
+                // comes (see `resume`).
+                let deferred = self.resumes_via_master();
                 for name in &admission.topics {
+                    if deferred && admission.since.iter().any(|(topic, ..)| topic == name) {
+                        continue;
+                    }
                     self.registry.subscribe(key, name);
                 }
                 if admission.envelope {
@@ -110,12 +116,13 @@ impl Server {
                 self.registry.set_token_expiry(key, admission.expires);
                 // Resumes asked for in the URL: each answered as a subscribe would be.
                 for (topic, offset, epoch) in admission.since {
+                    if deferred {
+                        self.ask_master_to_recover(key, &topic, (offset, epoch));
+                        continue;
+                    }
                     let (fields, recovered) = self.resume(&topic, Some(&(offset, epoch)), now);
                     let answer = commands::ok_reply_with("subscribe", &topic, fields);
-                    let next = match self.reply(key, &answer) {
-                        Next::Keep => self.send_recovered(key, &recovered),
-                        next => next,
-                    };
+                    let next = self.reply_then_recovered(key, &answer, &recovered);
                     if next != Next::Keep {
                         return next;
                     }
@@ -124,20 +131,18 @@ impl Server {
             }
             // Text that is not a JSON object is not meant as a command: no answer.
             Action::Command(text) if !commands::is_command(&text) => Next::Keep,
-            Action::Command(text) => {
-                let (reply, recovered) = self.command(key, &text, now);
-                match self.reply(key, &reply) {
-                    Next::Keep if !recovered.is_empty() => self.send_recovered(key, &recovered),
-                    next => next,
-                }
-            }
+            Action::Command(text) => match self.command(key, &text, now) {
+                // Answered later (a worker's resume waits for the master).
+                (reply, _) if reply.is_empty() => Next::Keep,
+                (reply, recovered) => self.reply_then_recovered(key, &reply, &recovered),
+            },
             Action::OversizedCommand => self.reply(key, &commands::malformed_reply()),
             Action::Http(request, body) => self.http(key, request, body, now),
         }
     }
 
     /// Sends a command's answer to an open connection.
-    fn reply(&mut self, key: usize, reply: &str) -> Next {
+    pub(super) fn reply(&mut self, key: usize, reply: &str) -> Next {
         let registry = &mut self.registry;
         match registry.conns.get_mut(key) {
             Some(conn) if conn.kind() == PhaseKind::Open => {
@@ -181,17 +186,23 @@ impl Server {
                         "already subscribed: unsubscribe first to resume from a position",
                     );
                 }
-                if !already {
-                    if conn.subscription_count() >= self.config.max_topics_per_connection {
-                        return error(&format!(
-                            "at most {} topics per connection",
-                            self.config.max_topics_per_connection
-                        ));
-                    }
-                    registry.subscribe(key, name);
+                if !already && conn.subscription_count() >= self.config.max_topics_per_connection {
+                    return error(&format!(
+                        "at most {} topics per connection",
+                        self.config.max_topics_per_connection
+                    ));
                 }
                 if since.is_some() {
                     registry.conns[key].set_envelope();
+                }
+                if let (Some(since), true) = (since, self.resumes_via_master()) {
+                    // Answered when the master's history comes (see `resume`).
+                    self.ask_master_to_recover(key, name, since.clone());
+                    return (String::new(), Vec::new());
+                }
+                let registry = &mut self.registry;
+                if !already {
+                    registry.subscribe(key, name);
                 }
                 let (fields, recovered) = self.resume(name, since.as_ref(), now);
                 return (commands::ok_reply_with(op, name, fields), recovered);

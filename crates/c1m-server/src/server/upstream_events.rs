@@ -15,7 +15,7 @@ use crate::control::{Message, Origin};
 use crate::http;
 use crate::publish_acks::Finished;
 use crate::target::{Delivery, Target};
-use crate::upstream::{Upstream, Waiting, MASTER_ANSWER_WAIT};
+use crate::upstream::{Upstream, Waiting, WaitingFor, MASTER_ANSWER_WAIT};
 
 use super::delivery::WhenDelivered;
 use super::Server;
@@ -105,19 +105,32 @@ impl Server {
             Message::Publish {
                 origin,
                 target,
+                position,
                 frame,
             } => {
                 let then = match origin {
                     Origin::Clock => WhenDelivered::Clock,
                     origin => WhenDelivered::TellMaster(origin),
                 };
-                self.publish(target, Bytes::from(frame), then);
+                self.publish_at(target, Bytes::from(frame), position, then);
             }
-            Message::Done { request, delivery } => {
-                if let Some(waiting) = link.unpark(request) {
+            Message::Done {
+                request,
+                delivery,
+                position,
+            } => {
+                if let Some(mut waiting) = link.unpark(request) {
+                    if let WaitingFor::Publish(_, at) = &mut waiting.request {
+                        *at = position;
+                    }
                     self.answer_publish(waiting, delivery, now);
                 }
             }
+            Message::Recovered {
+                request,
+                outcome,
+                position,
+            } => self.on_recovered(request, outcome, position, now),
             Message::Answer {
                 request,
                 status,
@@ -133,7 +146,8 @@ impl Server {
             | Message::Delivered { .. }
             | Message::Interest { .. }
             | Message::TopicCounts { .. }
-            | Message::StatsRequest { .. } => {
+            | Message::StatsRequest { .. }
+            | Message::Recover { .. } => {
                 tracing::warn!("unexpected control message from the master");
             }
         }
