@@ -2,7 +2,8 @@
 //!
 //! Accepted: a decimal number of milliseconds, microseconds or nanoseconds since the
 //! Unix epoch (told apart by magnitude: today that is 13, 16 or 19 digits), or a JSON
-//! object with a numeric `ts` field in any of those units. Anything else is counted as
+//! object with a numeric `ts` field in any of those units, or with a numeric `data`
+//! field (c1m's envelope, `?envelope=1`, around a stamp). Anything else is counted as
 //! an unparsable payload by the caller, never a crash.
 
 /// Microseconds since the epoch at which the message was stamped, if it says.
@@ -29,10 +30,10 @@ fn to_micros(value: u64) -> Option<u64> {
     }
 }
 
-/// The numeric `ts` field of a JSON object.
+/// The numeric `ts` field of a JSON object, else its `data` field (an envelope).
 fn json_ts(text: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    let ts = value.get("ts")?;
+    let ts = value.get("ts").or_else(|| value.get("data"))?;
     ts.as_u64()
         .or_else(|| ts.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
@@ -63,6 +64,11 @@ mod tests {
         assert_eq!(
             stamp_micros(br#"{"ts":1795629229358.7}"#),
             Some(1_795_629_229_358_000)
+        );
+        assert_eq!(
+            stamp_micros(br#"{"topic":"time","offset":3,"epoch":"e","data":1795629229358}"#),
+            Some(1_795_629_229_358_000),
+            "an envelope around a stamp"
         );
     }
 

@@ -24,6 +24,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -207,11 +208,13 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct History {
     policy: Policy,
-    topics: HashMap<Box<str>, Topic>,
+    /// Topic names are shared with `order` (a reference count, not a copy per
+    /// publication).
+    topics: HashMap<Rc<str>, Topic>,
     /// Every kept publication, oldest first, as (topic, offset): what goes first when
     /// the store is over `max_bytes`. Entries whose publication already went (by size
     /// or age) are skipped when reached.
-    order: VecDeque<(Box<str>, u64)>,
+    order: VecDeque<(Rc<str>, u64)>,
     bytes: usize,
     publications: usize,
     evicted: u64,
@@ -255,6 +258,7 @@ impl History {
             };
             self.topics.insert(topic.into(), fresh);
         }
+        let name = Rc::clone(self.topics.get_key_value(topic)?.0);
         let entry = self.topics.get_mut(topic)?;
         entry.offset += 1;
         let offset = entry.offset;
@@ -269,7 +273,7 @@ impl History {
             at: now,
             payload,
         });
-        self.order.push_back((topic.into(), offset));
+        self.order.push_back((name, offset));
         while self
             .topics
             .get(topic)
@@ -383,7 +387,7 @@ impl History {
     /// Drops publications past their topic's age limit, everywhere. Call it now and
     /// then (the store also expires a topic whenever it is used).
     pub fn expire(&mut self, now: Instant) {
-        let aged: Vec<Box<str>> = self
+        let aged: Vec<Rc<str>> = self
             .topics
             .iter()
             .filter(|(_, t)| is_expired(t, now))

@@ -44,6 +44,28 @@ pub struct HistoryQuery {
     pub limit: usize,
 }
 
+/// The answer to a request to an API that needs `--api-key` (`api` names it) when the
+/// API is off or the request's key is wrong; `None` lets it through.
+fn refuse_without_key(cx: &Context<'_>, request: &PlainRequest, api: &str) -> Option<Outcome> {
+    let Some(key) = cx.api_key else {
+        let error = format!("the {api} API is off: start the server with --api-key");
+        return Some(Outcome::Respond(json_response(
+            403,
+            "Forbidden",
+            &json!({ "error": error }),
+        )));
+    };
+    if !check_api_key(key, request.authorization.as_deref()) {
+        return Some(Outcome::Respond(unauthorized()));
+    }
+    None
+}
+
+/// 400 with a JSON explanation.
+fn bad_request(error: &str) -> Vec<u8> {
+    json_response(400, "Bad Request", &json!({ "error": error }))
+}
+
 fn parse_history_query(query: &str) -> Result<HistoryQuery, String> {
     let mut topic = None;
     let mut since = 0;
@@ -138,43 +160,21 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
             }
         }
         ("POST", "/publish") | ("POST", "/broadcast") => {
-            let Some(key) = cx.api_key else {
-                return respond(json_response(
-                    403,
-                    "Forbidden",
-                    &json!({"error": "the publish API is off: start the server with --api-key"}),
-                ));
-            };
-            if !check_api_key(key, request.authorization.as_deref()) {
-                return respond(unauthorized());
+            if let Some(refusal) = refuse_without_key(cx, request, "publish") {
+                return refusal;
             }
             match parse_publish(path == "/broadcast", request, query, body) {
                 Ok((target, frame)) => Outcome::Publish { target, frame },
-                Err(error) => respond(json_response(
-                    400,
-                    "Bad Request",
-                    &json!({ "error": error }),
-                )),
+                Err(error) => respond(bad_request(&error)),
             }
         }
         ("GET", "/history") => {
-            let Some(key) = cx.api_key else {
-                return respond(json_response(
-                    403,
-                    "Forbidden",
-                    &json!({"error": "the history API is off: start the server with --api-key"}),
-                ));
-            };
-            if !check_api_key(key, request.authorization.as_deref()) {
-                return respond(unauthorized());
+            if let Some(refusal) = refuse_without_key(cx, request, "history") {
+                return refusal;
             }
             match parse_history_query(query) {
                 Ok(query) => Outcome::History(query),
-                Err(error) => respond(json_response(
-                    400,
-                    "Bad Request",
-                    &json!({ "error": error }),
-                )),
+                Err(error) => respond(bad_request(&error)),
             }
         }
         (_, "/publish" | "/broadcast") => respond(http_response(

@@ -119,6 +119,16 @@ fn publications_get_contiguous_offsets_and_history_lists_them() {
         (409, Some("offset_ahead")),
         "{body}"
     );
+
+    let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
+    for line in [
+        "c1m_history_topics 1",
+        "c1m_history_publications 3",
+        "c1m_recoveries_total{outcome=\"recovered\"} 0",
+        "c1m_history_topic_bytes{topic=\"news\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 #[test]

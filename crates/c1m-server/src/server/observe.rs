@@ -76,8 +76,12 @@ impl Server {
             broker_up: self.upstream.cluster_up(),
             waiting_requests: parked,
         });
-        if let Some(history) = &self.history {
-            text.push_str(&history_metrics(history, &self.registry.counters));
+        if self.config.history.enabled() {
+            // A worker has no store (its master keeps the node's), only its recoveries.
+            text.push_str(&history_metrics(
+                self.history.as_ref(),
+                &self.registry.counters,
+            ));
         }
         text
     }
@@ -111,22 +115,15 @@ impl Server {
     }
 }
 
-/// Topic history in `/metrics`: totals, and the ten topics holding the most bytes.
+/// Topic history in `/metrics`: this process's recoveries by outcome; and, where the
+/// store is (a single process, or the master), its totals and the ten topics holding
+/// the most bytes.
 fn history_metrics(
-    history: &crate::history::History,
+    history: Option<&crate::history::History>,
     counters: &crate::counters::Counters,
 ) -> String {
     use std::fmt::Write;
-    let usage = history.usage();
     let mut out = String::new();
-    for (name, kind, help, value) in [
-        ("c1m_history_topics", "gauge", "Topics with history held.", usage.topics as u64),
-        ("c1m_history_publications", "gauge", "Publications held in topic history.", usage.publications as u64),
-        ("c1m_history_bytes", "gauge", "Bytes held by topic history (payloads and bookkeeping; bounded by --history-max-bytes).", usage.bytes as u64),
-        ("c1m_history_evicted_total", "counter", "Publications dropped from history to stay within --history-max-bytes.", usage.evicted),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    }
     let _ = writeln!(
         out,
         "# HELP c1m_recoveries_total Subscribes with a position, by outcome (recovered, or the reason it could not be).\n# TYPE c1m_recoveries_total counter\nc1m_recoveries_total{{outcome=\"recovered\"}} {}",
@@ -139,6 +136,18 @@ fn history_metrics(
             "c1m_recoveries_total{{outcome=\"{}\"}} {n}",
             reason.as_str()
         );
+    }
+    let Some(history) = history else {
+        return out;
+    };
+    let usage = history.usage();
+    for (name, kind, help, value) in [
+        ("c1m_history_topics", "gauge", "Topics with history held.", usage.topics as u64),
+        ("c1m_history_publications", "gauge", "Publications held in topic history.", usage.publications as u64),
+        ("c1m_history_bytes", "gauge", "Bytes held by topic history (payloads and bookkeeping; bounded by --history-max-bytes).", usage.bytes as u64),
+        ("c1m_history_evicted_total", "counter", "Publications dropped from history to stay within --history-max-bytes.", usage.evicted),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     let _ = writeln!(
         out,
