@@ -73,6 +73,9 @@ pub enum Message {
         offset: u64,
         epoch: String,
     },
+    /// Worker → master: a client asked `GET /history` (the query string, checked by
+    /// the worker); answered with `Answer`.
+    HistoryRequest { request: u32, query: String },
     /// Master → worker: the answer to a `Recover`, sent after every publication it
     /// covers, so the worker has them all (fanned out or queued) when it reads this.
     Recovered {
@@ -112,6 +115,7 @@ const STATS_REQUEST: u8 = 8;
 const ANSWER: u8 = 9;
 const RECOVER: u8 = 10;
 const RECOVERED: u8 = 11;
+const HISTORY_REQUEST: u8 = 12;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -167,6 +171,11 @@ impl Message {
                 out.push(tag);
                 out.extend_from_slice(&count.to_le_bytes());
                 put_position(out, position.as_ref());
+            }
+            Message::HistoryRequest { request, query } => {
+                out.push(HISTORY_REQUEST);
+                out.extend_from_slice(&request.to_le_bytes());
+                out.extend_from_slice(query.as_bytes());
             }
             Message::Recover {
                 request,
@@ -287,6 +296,10 @@ impl Message {
                     position: r.position()?,
                 }
             }
+            HISTORY_REQUEST => Message::HistoryRequest {
+                request: r.u32()?,
+                query: String::from_utf8(r.rest()).map_err(|_| "query is not UTF-8")?,
+            },
             RECOVER => Message::Recover {
                 request: r.u32()?,
                 topic: r.string()?,
@@ -456,6 +469,10 @@ mod tests {
                     epoch: "abcd0123".into(),
                 }),
                 frame: vec![0x81, 0],
+            },
+            Message::HistoryRequest {
+                request: 8,
+                query: "topic=news&since=3".into(),
             },
             Message::Recover {
                 request: 5,

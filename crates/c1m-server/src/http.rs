@@ -12,7 +12,8 @@ use c1m_proto::{encode_frame, OpCode};
 use serde_json::{json, Value};
 
 use crate::auth::{check_api_key, query_pairs, split_target, unauthorized};
-use crate::history::Position;
+use crate::envelope;
+use crate::history::{History, NotRecovered, Position};
 use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
 
@@ -66,7 +67,7 @@ fn bad_request(error: &str) -> Vec<u8> {
     json_response(400, "Bad Request", &json!({ "error": error }))
 }
 
-fn parse_history_query(query: &str) -> Result<HistoryQuery, String> {
+pub fn parse_history_query(query: &str) -> Result<HistoryQuery, String> {
     let mut topic = None;
     let mut since = 0;
     let mut epoch = None;
@@ -248,15 +249,68 @@ pub fn fan_out_busy() -> Vec<u8> {
     )
 }
 
-/// An answer composed elsewhere (the master's `GET /stats`, a publish through the
-/// cluster): 200, or 503 for anything else.
+/// An answer composed elsewhere (the master's `GET /stats` or `GET /history`, a
+/// publish through the cluster), with the reason phrase of its status.
 pub fn json_answer(status: u16, body: &Value) -> Vec<u8> {
-    let reason = if status == 200 {
-        "OK"
-    } else {
-        "Service Unavailable"
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        _ => "Service Unavailable",
     };
     json_response(status, reason, body)
+}
+
+/// The status and JSON body of `GET /history` (see [`HistoryQuery`]), from the
+/// node's history: a page of the topic's kept publications, or why not.
+pub fn history_answer(
+    history: Option<&mut History>,
+    query: &HistoryQuery,
+    now: std::time::Instant,
+) -> (u16, Value) {
+    let Some(history) = history else {
+        let error =
+            "no topic keeps history: start the server with --history-size N (or --history-for)";
+        return (404, json!({ "error": error }));
+    };
+    match history.page(
+        &query.topic,
+        query.epoch.as_deref(),
+        query.since,
+        query.limit,
+        now,
+    ) {
+        Ok((publications, position)) => {
+            let publications: Vec<Value> = publications
+                .iter()
+                .map(|(offset, frame)| {
+                    let mut object = serde_json::Map::new();
+                    object.insert("offset".into(), (*offset).into());
+                    envelope::put_payload(&mut object, frame);
+                    object.into()
+                })
+                .collect();
+            let mut body = serde_json::Map::new();
+            body.insert("topic".into(), query.topic.as_str().into());
+            envelope::put_position(&mut body, &position);
+            body.insert("publications".into(), publications.into());
+            (200, body.into())
+        }
+        Err(reason) => {
+            let status = if reason == NotRecovered::NoHistory {
+                404
+            } else {
+                409
+            };
+            let mut body = json!({"topic": query.topic, "error": reason.as_str()});
+            if let Some(position) = history.position(&query.topic) {
+                body["offset"] = position.offset.into();
+                body["epoch"] = position.epoch.into();
+            }
+            (status, body)
+        }
+    }
 }
 
 /// The answer to a request that waited for another process longer than `bound`.

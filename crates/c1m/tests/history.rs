@@ -326,6 +326,29 @@ async fn across_workers_resuming_while_publishing_gives_every_publication_once_i
     // the answer comes (behind every publication it covers).
     let server = Server::start(&["--workers", "3", "--api-key", "k", "--history-size", "1000"]);
     clients_resume_while_publishing(&server).await;
+    // Any worker answers GET /history from the master's store, the same way.
+    for _ in 0..6 {
+        let (status, page) = history(&server, "topic=feed&since=295&limit=3");
+        assert_eq!(status, 200, "{page}");
+        let offsets: Vec<u64> = page["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [296, 297, 298], "{page}");
+        let (status, body) = history(&server, "topic=feed&epoch=00000000");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (409, Some("epoch_changed"))
+        );
+        assert_eq!(history(&server, "topic=none").0, 404);
+    }
+    let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
+    assert!(
+        metrics.contains("c1m_recoveries_total{outcome=\"recovered\"}"),
+        "{metrics}"
+    );
 }
 
 /// A publisher keeps publishing while clients come and go, each resuming from the last

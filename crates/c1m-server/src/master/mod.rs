@@ -333,6 +333,17 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 }
             }
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
+            Message::HistoryRequest { request, query } => {
+                let (status, body) = match crate::http::parse_history_query(&query) {
+                    Ok(query) => crate::http::history_answer(self.history.as_mut(), &query, now),
+                    Err(error) => (400, serde_json::json!({ "error": error })),
+                };
+                self.workers[index].send(&Message::Answer {
+                    request,
+                    status,
+                    json: body.to_string().into_bytes(),
+                });
+            }
             Message::Recover {
                 request,
                 topic,

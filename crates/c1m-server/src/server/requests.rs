@@ -5,12 +5,10 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use serde_json::json;
 
 use crate::commands::{self, Command};
 use crate::connection::{Action, Admit, Next, PhaseKind, ReadContext};
-use crate::envelope;
-use crate::history::{NotRecovered, Position};
+use crate::history::Position;
 use crate::http::{self, Outcome};
 use crate::target::{Delivery, Target};
 use crate::topics::validate_name;
@@ -276,7 +274,16 @@ impl Server {
                 let (status, body) = self.node_stats(cluster, now);
                 http::json_answer(status, &body)
             }
-            Outcome::History(query) => self.history_page(&query, now),
+            Outcome::History(query) if self.resumes_via_master() => {
+                // The master keeps the node's history.
+                let parked = waiting(self, WaitingFor::Stats);
+                self.ask_master_for_history(parked, &query, now);
+                return Next::Keep;
+            }
+            Outcome::History(query) => {
+                let (status, body) = http::history_answer(self.history.as_mut(), &query, now);
+                http::json_answer(status, &body)
+            }
             Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
             Outcome::Publish { target, frame } => {
                 if matches!(self.upstream, Upstream::Local) {
@@ -301,54 +308,6 @@ impl Server {
             }
         };
         self.registry.answer_http(key, response, keep_alive, now)
-    }
-
-    /// `GET /history`: a page of a topic's kept publications, as envelopes.
-    fn history_page(&mut self, query: &http::HistoryQuery, now: Instant) -> Vec<u8> {
-        let Some(history) = self.history.as_mut() else {
-            return http::json_response(
-                404,
-                "Not Found",
-                &json!({"error": "no topic keeps history: start the server with --history-size N (or --history-for)"}),
-            );
-        };
-        let page = history.page(
-            &query.topic,
-            query.epoch.as_deref(),
-            query.since,
-            query.limit,
-            now,
-        );
-        match page {
-            Ok((publications, position)) => {
-                let publications: Vec<serde_json::Value> = publications
-                    .iter()
-                    .map(|(offset, frame)| {
-                        let mut object = serde_json::Map::new();
-                        object.insert("offset".into(), (*offset).into());
-                        envelope::put_payload(&mut object, frame);
-                        object.into()
-                    })
-                    .collect();
-                let mut body = serde_json::Map::new();
-                body.insert("topic".into(), query.topic.as_str().into());
-                envelope::put_position(&mut body, &position);
-                body.insert("publications".into(), publications.into());
-                http::json_response(200, "OK", &body.into())
-            }
-            Err(reason) => {
-                let status = match reason {
-                    NotRecovered::NoHistory => (404, "Not Found"),
-                    _ => (409, "Conflict"),
-                };
-                let mut body = json!({"topic": query.topic, "error": reason.as_str()});
-                if let Some(position) = history.position(&query.topic) {
-                    body["offset"] = position.offset.into();
-                    body["epoch"] = position.epoch.into();
-                }
-                http::json_response(status.0, status.1, &body)
-            }
-        }
     }
 
     /// Keeps a publication to a topic with history; its position, for the answer.

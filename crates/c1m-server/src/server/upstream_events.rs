@@ -56,6 +56,29 @@ impl Server {
         }
     }
 
+    /// `GET /history` in a worker: the master keeps the node's history.
+    pub(super) fn ask_master_for_history(
+        &mut self,
+        waiting: Waiting,
+        query: &http::HistoryQuery,
+        now: Instant,
+    ) {
+        if let Upstream::ViaMaster(link) = &mut self.upstream {
+            let request = link.park(waiting, now);
+            let mut text = format!(
+                "topic={}&since={}&limit={}",
+                query.topic, query.since, query.limit
+            );
+            if let Some(epoch) = &query.epoch {
+                text.push_str(&format!("&epoch={epoch}"));
+            }
+            link.send(&Message::HistoryRequest {
+                request,
+                query: text,
+            });
+        }
+    }
+
     /// Writes what is queued for the master. Losing the master ends this worker.
     pub(super) fn flush_to_master(&mut self, now: Instant) {
         let Upstream::ViaMaster(link) = &mut self.upstream else {
@@ -147,6 +170,7 @@ impl Server {
             | Message::Interest { .. }
             | Message::TopicCounts { .. }
             | Message::StatsRequest { .. }
+            | Message::HistoryRequest { .. }
             | Message::Recover { .. } => {
                 tracing::warn!("unexpected control message from the master");
             }
