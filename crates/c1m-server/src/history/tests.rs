@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::HashMap;
 
 fn policy(size: usize, ttl_ms: Option<u64>) -> Policy {
     Policy {
@@ -235,4 +236,54 @@ fn a_page_is_cut_at_its_limit_and_checks_the_epoch() {
         h.page("nope", None, 0, 10, now).unwrap_err(),
         NotRecovered::NoHistory
     );
+}
+
+proptest::proptest! {
+    /// Whatever the sequence of publications, expiries and recoveries: the store stays
+    /// within its memory bound (plus at most the newest publication), offsets of a
+    /// topic run 1, 2, 3, ... within an epoch, and a recovery answers with exactly the
+    /// publications after the position, contiguous, up to where the topic stands.
+    #[test]
+    fn bounds_and_contiguity_hold(
+        steps in proptest::collection::vec((0u8..4, 0usize..6, 0usize..200, 0u64..12), 1..200)
+    ) {
+        let max_bytes = 2_000;
+        let mut h = History::new(Policy {
+            max_bytes,
+            recovery_limit: 5,
+            ..policy(4, Some(50))
+        });
+        let t0 = Instant::now();
+        let mut last: HashMap<String, Position> = HashMap::new();
+        for (i, (kind, topic, size, back)) in steps.into_iter().enumerate() {
+            let now = t0 + Duration::from_millis(i as u64 * 7);
+            let topic = format!("t{topic}");
+            match kind {
+                0 | 1 => {
+                    let p = h.append(&topic, Bytes::from(vec![b'x'; size]), now).unwrap();
+                    if let Some(prev) = last.get(&topic) {
+                        if prev.epoch == p.epoch {
+                            proptest::prop_assert_eq!(p.offset, prev.offset + 1);
+                        } else {
+                            proptest::prop_assert_eq!(p.offset, 1, "a new epoch starts at 1");
+                        }
+                    }
+                    last.insert(topic, p);
+                    proptest::prop_assert!(h.usage().bytes <= max_bytes + PER_PUBLICATION + 200);
+                }
+                2 => h.expire(now),
+                _ => {
+                    let Some(p) = h.position(&topic) else { continue };
+                    let since = p.offset.saturating_sub(back);
+                    if let Recovery::Recovered { publications, position } =
+                        h.recover(&topic, &p.epoch, since, now)
+                    {
+                        let offsets: Vec<u64> = publications.iter().map(|(o, _)| *o).collect();
+                        let expected: Vec<u64> = (since + 1..=position.offset).collect();
+                        proptest::prop_assert_eq!(offsets, expected);
+                    }
+                }
+            }
+        }
+    }
 }
