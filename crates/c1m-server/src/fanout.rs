@@ -136,6 +136,11 @@ impl Broadcast {
         }
     }
 
+    /// The topic it goes to (`None`: every connection).
+    pub fn topic(&self) -> Option<&str> {
+        self.envelope.topic.as_deref()
+    }
+
     pub fn frame(&self) -> &Bytes {
         &self.frame
     }

@@ -58,8 +58,11 @@ pub struct Registry {
     /// A worker's resumes waiting for the master's history, by request id: the
     /// connection's key and the topic. Removing the connection drops its entries,
     /// so an answer never reaches a later owner of the key.
-    pub resumes: HashMap<u32, (usize, String)>,
+    pub resumes: HashMap<u32, (usize, String, u64)>,
     pub next_resume: u32,
+    /// Resumed clients waiting to join a topic (see `server/resume.rs`), as (key,
+    /// topic, the offset they have): dropped with their connection.
+    pub pending_joins: Vec<(usize, String, u64)>,
 }
 
 impl Registry {
@@ -84,6 +87,7 @@ impl Registry {
             token_expiry: HashMap::new(),
             resumes: HashMap::new(),
             next_resume: 0,
+            pending_joins: Vec::new(),
         }
     }
 
@@ -173,8 +177,9 @@ impl Registry {
         self.unsubscribe_all(key);
         self.token_expiry.remove(&key);
         if !self.resumes.is_empty() {
-            self.resumes.retain(|_, (owner, _)| *owner != key);
+            self.resumes.retain(|_, (owner, ..)| *owner != key);
         }
+        self.pending_joins.retain(|(owner, ..)| *owner != key);
         if let Some(per_ip) = self.per_ip.as_mut() {
             per_ip.remove(key);
         }

@@ -90,15 +90,35 @@ impl Publications {
         self.queued.len() + usize::from(self.running.is_some())
     }
 
-    /// The lowest offset of `topic` still waiting (not started): a client that joins
-    /// the topic now gets that publication and every later one live, so a recovery
-    /// must stop just before it. `None` when none is waiting.
-    pub(super) fn first_waiting_offset(&self, topic: &str) -> Option<u64> {
+    /// Whether a fan-out to `topic` is running now.
+    pub(super) fn running_to(&self, topic: &str) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|r| r.broadcast.topic() == Some(topic))
+    }
+
+    /// The lowest offset of `topic` above `since` still waiting (not started): a
+    /// resumed client at `since` joins the topic right before it starts, so gets it and
+    /// every later one live, and its recovery must stop just before it. `None` when
+    /// none is waiting.
+    pub(super) fn first_waiting_above(&self, topic: &str, since: u64) -> Option<u64> {
+        self.waiting_offsets(topic).filter(|&o| o > since).min()
+    }
+
+    /// Whether a client at offset `since` of `topic` must wait to join: while a fan-out
+    /// to the topic runs (its recipients were fixed by slab key, and the key may have
+    /// had a subscribed owner then), or while a publication of the topic at or below
+    /// `since` waits (the client has it already: this worker may lag the one it came
+    /// from).
+    pub(super) fn blocks_join(&self, topic: &str, since: u64) -> bool {
+        self.running_to(topic) || self.waiting_offsets(topic).any(|o| o <= since)
+    }
+
+    fn waiting_offsets<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = u64> + 'a {
         self.queued
             .iter()
-            .filter(|q| q.target.topic() == Some(topic))
+            .filter(move |q| q.target.topic() == Some(topic))
             .filter_map(|q| q.position.as_ref().map(|p| p.offset))
-            .min()
     }
 }
 
@@ -163,6 +183,7 @@ impl Server {
             }
             if done {
                 self.finish_running();
+                self.join_pending(None);
             }
         }
         self.publications.next_slice_at = self
@@ -183,6 +204,13 @@ impl Server {
             then,
         }) = self.publications.queued.pop_front()
         {
+            if let (Some(name), Some(position)) = (target.topic(), &position) {
+                // Resumed clients that have everything before this one join now,
+                // so its recipients include them.
+                if !self.registry.pending_joins.is_empty() {
+                    self.join_pending(Some((name, position.offset)));
+                }
+            }
             let topic = match &target {
                 Target::All => None,
                 Target::Topic(name) => match self.registry.topics.id(name) {

@@ -98,11 +98,14 @@ impl Server {
                 if self.registry.conns[key].kind() != PhaseKind::Open {
                     return Next::Keep;
                 }
-                // A worker joins a resumed topic only when the master's history
-                // comes (see `resume`).
+                // A resumed topic is joined by the resume (see `resume`): a worker's
+                // when the master's history comes.
                 let deferred = self.resumes_via_master();
                 for name in &admission.topics {
-                    if deferred && admission.since.iter().any(|(topic, ..)| topic == name) {
+                    if let Some((_, since, _)) = admission.since.iter().find(|(t, ..)| t == name) {
+                        if !deferred {
+                            self.join_resumed(key, name, *since);
+                        }
                         continue;
                     }
                     self.registry.subscribe(key, name);
@@ -198,9 +201,10 @@ impl Server {
                     self.ask_master_to_recover(key, name, since.clone());
                     return (String::new(), Vec::new());
                 }
-                let registry = &mut self.registry;
-                if !already {
-                    registry.subscribe(key, name);
+                match since {
+                    Some((offset, _)) if !already => self.join_resumed(key, name, *offset),
+                    None if !already => self.registry.subscribe(key, name),
+                    _ => {}
                 }
                 let (fields, recovered) = self.resume(name, since.as_ref(), now);
                 return (commands::ok_reply_with(op, name, fields), recovered);
@@ -209,6 +213,10 @@ impl Server {
                 if let Some(id) = registry.topics.id(name) {
                     registry.unsubscribe(key, id);
                 }
+                // A resume still waiting to join does not join after this.
+                registry
+                    .pending_joins
+                    .retain(|(owner, topic, _)| *owner != key || topic != name);
             }
             Command::Refresh(_) => unreachable!("answered above"),
         }

@@ -6,8 +6,14 @@
 //! publication's recipients are fixed when its fan-out starts. So a client that joins
 //! the topic now gets, live, every publication of the topic still waiting in this
 //! process's queue, and none of those already started. Its recovery therefore holds
-//! the kept publications after its position and *before the first one still
-//! waiting*: each publication reaches it exactly once, in order.
+//! the kept publications after its position and *before the first one above it
+//! still waiting*, and it joins right before that one starts: each publication
+//! reaches it exactly once, in order. It does not join sooner when this process still
+//! has to send a publication at or below its position (workers run at their own pace:
+//! the client may come from one that was ahead), nor while a fan-out to the topic
+//! runs (its recipients are slab keys, and the client's key may have belonged to a
+//! subscriber then). Found by CI: a client that moved to a lagging worker got one
+//! publication twice.
 //!
 //! Where the history is:
 //! - a single process keeps it: the client joins and recovers in one step;
@@ -49,7 +55,7 @@ impl Server {
         self.registry.next_resume = request.wrapping_add(1);
         self.registry
             .resumes
-            .insert(request, (key, topic.to_string()));
+            .insert(request, (key, topic.to_string(), since.0));
         link.send(&Message::Recover {
             request,
             topic: topic.to_string(),
@@ -66,7 +72,7 @@ impl Server {
         position: Option<Position>,
         now: Instant,
     ) {
-        let Some((key, topic)) = self.registry.resumes.remove(&request) else {
+        let Some((key, topic, since)) = self.registry.resumes.remove(&request) else {
             return; // the connection went away meanwhile
         };
         let open = self
@@ -77,14 +83,7 @@ impl Server {
         if !open {
             return;
         }
-        let subscribed = self
-            .registry
-            .topics
-            .id(&topic)
-            .is_some_and(|id| self.registry.conns[key].is_subscribed(id));
-        if !subscribed {
-            self.registry.subscribe(key, &topic);
-        }
+        self.join_resumed(key, &topic, since);
         let recovery = match (outcome, position) {
             (Ok(publications), Some(position)) => Recovery::Recovered {
                 publications: publications
@@ -99,7 +98,7 @@ impl Server {
             },
             (Err(reason), position) => Recovery::NotRecovered { reason, position },
         };
-        let (fields, frames) = self.answer_recovery(&topic, recovery);
+        let (fields, frames) = self.answer_recovery(&topic, since, recovery);
         let answer = commands::ok_reply_with("subscribe", &topic, fields);
         let next = self.reply_then_recovered(key, &answer, &frames);
         self.registry.after(key, PhaseKind::Open, next);
@@ -131,15 +130,17 @@ impl Server {
             return (fields, Vec::new());
         };
         let recovery = history.recover(topic, epoch, *offset, now);
-        self.answer_recovery(topic, recovery)
+        self.answer_recovery(topic, *offset, recovery)
     }
 
     /// The answer's fields (`recovered`, `reason`, the topic's position) and the
     /// envelopes to send after it: the recovered publications before the first one of
-    /// the topic still waiting in this process's queue (see the module doc).
+    /// the topic above `since` still waiting in this process's queue (see the module
+    /// doc and [`Server::join_resumed`]).
     fn answer_recovery(
         &mut self,
         topic: &str,
+        since: u64,
         recovery: Recovery,
     ) -> (Map<String, Value>, Vec<Bytes>) {
         let mut fields = Map::new();
@@ -148,7 +149,7 @@ impl Server {
                 publications,
                 position,
             } => {
-                let first_waiting = self.publications.first_waiting_offset(topic);
+                let first_waiting = self.publications.first_waiting_above(topic, since);
                 let frames = publications
                     .iter()
                     .filter(|(offset, _)| first_waiting.is_none_or(|w| *offset < w))
@@ -170,6 +171,52 @@ impl Server {
                 self.registry.counters.count_not_recovered(reason);
                 (fields, Vec::new())
             }
+        }
+    }
+
+    /// Joins a client that resumes `topic` at offset `since`: now, or once nothing
+    /// running or waiting could reach it twice (see `Publications::blocks_join`): right
+    /// before the first publication above `since` starts, which its recovery stops
+    /// short of.
+    pub(super) fn join_resumed(&mut self, key: usize, topic: &str, since: u64) {
+        if self.publications.blocks_join(topic, since) {
+            self.registry
+                .pending_joins
+                .push((key, topic.to_string(), since));
+        } else {
+            self.join_once(key, topic);
+        }
+    }
+
+    /// Joins the waiting clients that may join now: with `starting` (a publication of
+    /// a topic at an offset, about to start), those of that topic below it; without,
+    /// those nothing blocks any more (a fan-out just ended).
+    pub(super) fn join_pending(&mut self, starting: Option<(&str, u64)>) {
+        let pending = std::mem::take(&mut self.registry.pending_joins);
+        for (key, topic, since) in pending {
+            let now = match starting {
+                Some((name, offset)) => name == topic && since < offset,
+                None => !self.publications.blocks_join(&topic, since),
+            };
+            if now {
+                self.join_once(key, &topic);
+            } else {
+                self.registry.pending_joins.push((key, topic, since));
+            }
+        }
+    }
+
+    fn join_once(&mut self, key: usize, topic: &str) {
+        let registry = &mut self.registry;
+        let Some(conn) = registry.conns.get(key) else {
+            return;
+        };
+        let subscribed = registry
+            .topics
+            .id(topic)
+            .is_some_and(|id| conn.is_subscribed(id));
+        if conn.kind() == PhaseKind::Open && !subscribed {
+            registry.subscribe(key, topic);
         }
     }
 
