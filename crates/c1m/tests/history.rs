@@ -49,6 +49,16 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// The offsets of a `GET /history` page's publications.
+fn page_offsets(page: &Value) -> Vec<u64> {
+    page["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("an offset"))
+        .collect()
+}
+
 fn history(server: &Server, query: &str) -> (u16, Value) {
     let answer = http(
         server.addr,
@@ -82,13 +92,7 @@ fn publications_get_contiguous_offsets_and_history_lists_them() {
         (page["offset"].as_u64(), page["epoch"].as_str()),
         (Some(4), Some(epoch.as_str()))
     );
-    let offsets: Vec<u64> = page["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["offset"].as_u64().unwrap())
-        .collect();
-    assert_eq!(offsets, [2, 3, 4]);
+    assert_eq!(page_offsets(&page), [2, 3, 4]);
     // The JSON message is data as JSON; the others are strings.
     assert_eq!(page["publications"][0]["data"], json(r#"{"n":2}"#));
     assert_eq!(page["publications"][1]["data"], "three");
@@ -330,13 +334,7 @@ async fn across_workers_resuming_while_publishing_gives_every_publication_once_i
     for _ in 0..6 {
         let (status, page) = history(&server, "topic=feed&since=295&limit=3");
         assert_eq!(status, 200, "{page}");
-        let offsets: Vec<u64> = page["publications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["offset"].as_u64().unwrap())
-            .collect();
-        assert_eq!(offsets, [296, 297, 298], "{page}");
+        assert_eq!(page_offsets(&page), [296, 297, 298], "{page}");
         let (status, body) = history(&server, "topic=feed&epoch=00000000");
         assert_eq!(
             (status, body["error"].as_str()),

@@ -70,7 +70,6 @@ impl Server {
         request: u32,
         outcome: Result<Vec<(u64, Vec<u8>)>, NotRecovered>,
         position: Option<Position>,
-        now: Instant,
     ) {
         let Some((key, topic, since)) = self.registry.resumes.remove(&request) else {
             return; // the connection went away meanwhile
@@ -102,7 +101,6 @@ impl Server {
         let answer = commands::ok_reply_with("subscribe", &topic, fields);
         let next = self.reply_then_recovered(key, &answer, &frames);
         self.registry.after(key, PhaseKind::Open, next);
-        let _ = now;
     }
 
     /// For a client that has just joined `topic` in a process that keeps history (or

@@ -153,7 +153,7 @@ impl Server {
                 request,
                 outcome,
                 position,
-            } => self.on_recovered(request, outcome, position, now),
+            } => self.on_recovered(request, outcome, position),
             Message::Answer {
                 request,
                 status,
