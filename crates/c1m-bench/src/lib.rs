@@ -4,6 +4,7 @@
 //! - [`worker`]: one process's event loop of client connections.
 //! - [`tls`]: the TLS client settings for `wss://` targets.
 //! - [`payload`]: timestamps out of message payloads.
+//! - [`recovery`]: `--recover`'s positions across reconnects, and what they prove.
 //! - [`snapshot`]: cumulative, mergeable measurements (HdrHistogram, rounds, errors).
 //! - [`meter`]: Dropwizard-style rates (mean, 1/5/15-minute EWMA).
 //! - [`report`]: the console report and the JSON result.
@@ -13,6 +14,7 @@
 pub mod html;
 pub mod meter;
 pub mod payload;
+pub mod recovery;
 pub mod report;
 pub mod snapshot;
 pub mod summary;

@@ -34,8 +34,19 @@ fn to_micros(value: u64) -> Option<u64> {
 fn json_ts(text: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(text).ok()?;
     let ts = value.get("ts").or_else(|| value.get("data"))?;
-    ts.as_u64()
-        .or_else(|| ts.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+    json_number(ts)
+}
+
+/// The stamp in µs of an already parsed JSON value: a number, or an object with a
+/// numeric `ts` (an envelope's `data`, as `--recover` reads it).
+pub fn stamp_of_value(value: &serde_json::Value) -> Option<u64> {
+    to_micros(json_number(value.get("ts").unwrap_or(value))?)
+}
+
+fn json_number(value: &serde_json::Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
 #[cfg(test)]
@@ -70,6 +81,9 @@ mod tests {
             Some(1_795_629_229_358_000),
             "an envelope around a stamp"
         );
+        let data = serde_json::json!({"ts": 1795629229358u64});
+        assert_eq!(stamp_of_value(&data), Some(1_795_629_229_358_000));
+        assert_eq!(stamp_of_value(&serde_json::json!("soon")), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::meter::{Meter, MeterValues};
+use crate::recovery::RecoveryStats;
 use crate::snapshot::Snapshot;
 use hdrhistogram::Histogram;
 
@@ -256,6 +257,30 @@ fn ms(us: f64) -> String {
 }
 
 /// The console report, in Dropwizard's layout, plus the broadcast-round table.
+/// `--recover`'s counters (see [`crate::recovery::RecoveryStats`]).
+fn recovery(out: &mut String, r: &RecoveryStats) {
+    let _ = writeln!(out, "recovery");
+    for (name, n) in [
+        ("resumes", r.resumes),
+        ("recovered", r.recovered),
+        ("not_recovered", r.not_recovered_total()),
+    ] {
+        let _ = writeln!(out, "{name:>18} = {n}");
+    }
+    for (reason, n) in &r.not_recovered {
+        let _ = writeln!(out, "{:>18} = {n}", format!("  {reason}"));
+    }
+    for (name, n) in [
+        ("replayed", r.replayed),
+        ("missed", r.missed),
+        ("duplicates", r.duplicates),
+        ("without_position", r.without_position),
+        ("epoch_unannounced", r.unannounced_epoch_changes),
+    ] {
+        let _ = writeln!(out, "{name:>18} = {n}");
+    }
+}
+
 pub fn console(result: &BenchResult, title: &str) -> String {
     let s = &result.snapshot;
     let mut out = String::new();
@@ -280,6 +305,9 @@ pub fn console(result: &BenchResult, title: &str) -> String {
         "message.missed\n             count = {}",
         s.missed_total()
     );
+    if !s.recovery.is_empty() {
+        recovery(&mut out, &s.recovery);
+    }
     if s.ramp_secs > 0.0 {
         let _ = writeln!(
             out,

@@ -11,6 +11,8 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer}
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::recovery::RecoveryStats;
+
 /// Highest latency the histogram tracks: one hour, in µs (higher values are clamped).
 pub const MAX_LATENCY_US: u64 = 3_600_000_000;
 
@@ -98,6 +100,9 @@ pub struct Snapshot {
     pub connect: Histogram<u64>,
     /// Rounds by stamp (µs since the epoch).
     pub rounds: BTreeMap<u64, Round>,
+    /// `--recover`'s resumes, answers, holes and repeats (all 0 without it).
+    #[serde(default, skip_serializing_if = "RecoveryStats::is_empty")]
+    pub recovery: RecoveryStats,
 }
 
 impl Default for Snapshot {
@@ -116,6 +121,7 @@ impl Default for Snapshot {
             latency: new_latency_histogram(),
             connect: new_latency_histogram(),
             rounds: BTreeMap::new(),
+            recovery: RecoveryStats::default(),
         }
     }
 }
@@ -146,6 +152,7 @@ impl Snapshot {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.connect.add(&other.connect);
+        self.recovery.merge(&other.recovery);
         for (stamp, round) in &other.rounds {
             match self.rounds.get_mut(stamp) {
                 Some(mine) => mine.merge(round),

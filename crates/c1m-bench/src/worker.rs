@@ -31,7 +31,8 @@ use client::{Client, Handshake, Phase};
 pub use socket::io_cause;
 use socket::{connect, error_cause};
 
-use crate::payload::stamp_micros;
+use crate::payload::{stamp_micros, stamp_of_value};
+use crate::recovery::{Positions, Seen};
 use crate::snapshot::{Round, Snapshot, MAX_LATENCY_US};
 use crate::target::Target;
 
@@ -68,6 +69,9 @@ pub struct WorkerConfig {
     /// Close each connection cleanly after about this long (±50 %, jittered), to make churn;
     /// with `reconnect` it is reopened at once.
     pub lifetime: Option<Duration>,
+    /// `--recover`: ask for envelopes, keep each connection's positions, resume from
+    /// them on every reconnect and count what never arrived (see [`crate::recovery`]).
+    pub recover: bool,
     /// TLS settings, for a `wss://` target.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Stamps of rounds other workers saw (with `--procs`, the parent fills it). A
@@ -138,6 +142,8 @@ struct Worker {
     start: Instant,
     /// `still_waiting` as it was when the run ended (before closing every connection).
     waiting_at_end: Option<HashMap<u64, (u64, u64)>>,
+    /// With `--recover`, every connection's positions, by index.
+    positions: Option<Positions>,
 }
 
 /// Runs a worker until its stop condition or `stop`, handing a snapshot to
@@ -163,6 +169,7 @@ pub fn run(
         expiries: BinaryHeap::new(),
         stopping: false,
         waiting_at_end: None,
+        positions: config.recover.then(|| Positions::new(config.connections)),
         start: Instant::now(),
         config,
     };
@@ -370,11 +377,11 @@ impl Worker {
             client.tls = Some(Box::new(session));
         }
         let key_text = handshake::client_key(rand::random());
-        let request = handshake::client_request(
-            &self.config.target.host,
-            &self.config.target.path,
-            &key_text,
-        );
+        let path = match self.positions.as_mut() {
+            Some(positions) => positions.request_path(client.index, &self.config.target.path),
+            None => self.config.target.path.clone(),
+        };
+        let request = handshake::client_request(&self.config.target.host, &path, &key_text);
         // With TLS the request waits in the session until the handshake is done.
         match client.write_out(&request) {
             Ok(n) if n == request.len() => {}
@@ -463,6 +470,9 @@ impl Worker {
         let client = &mut self.clients[key];
         client.opened_us = wall_us();
         self.open_times.push(client.opened_us);
+        if let Some(positions) = self.positions.as_mut() {
+            positions.opened(client.index);
+        }
         if let Some(lifetime) = self.config.lifetime {
             let jittered = lifetime.mul_f64(0.5 + rand::random::<f64>());
             self.expiries
@@ -489,15 +499,22 @@ impl Worker {
             config,
             ..
         } = self;
+        let mut tally = Tally {
+            snap,
+            rounds,
+            done,
+            target_messages: config.messages,
+            positions: None, // --recover needs WebSocket envelopes
+        };
         let client = &mut clients[key];
         let mut rest = input;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             let line = &rest[..end];
             match client.partial.take() {
-                None => record_message(snap, rounds, done, config.messages, client, line, now_us),
+                None => record_message(&mut tally, client, line, now_us),
                 Some(mut start) => {
                     start.extend_from_slice(line);
-                    record_message(snap, rounds, done, config.messages, client, &start, now_us);
+                    record_message(&mut tally, client, &start, now_us);
                 }
             }
             rest = &rest[end + 1..];
@@ -521,8 +538,16 @@ impl Worker {
             rounds,
             done,
             config,
+            positions,
             ..
         } = self;
+        let mut tally = Tally {
+            snap,
+            rounds,
+            done,
+            target_messages: config.messages,
+            positions: positions.as_mut(),
+        };
         let client = &mut clients[key];
         let mut decoder = client.decoder.take().unwrap_or_else(|| {
             Box::new(Decoder::new(DecoderConfig {
@@ -534,7 +559,7 @@ impl Worker {
         let mut pongs: Vec<Vec<u8>> = Vec::new();
         let mut closed: Option<Option<u16>> = None;
         let mut record = |client: &mut Client, payload: &[u8]| {
-            record_message(snap, rounds, done, config.messages, client, payload, now_us);
+            record_message(&mut tally, client, payload, now_us);
         };
         let result = decoder.decode(input, |event| match event {
             Event::Data {
@@ -754,6 +779,9 @@ impl Worker {
             Some(frozen) => frozen.clone(),
             None => self.still_waiting(latest),
         };
+        if let Some(positions) = &self.positions {
+            self.snap.recovery = positions.stats.clone();
+        }
         let now_us = wall_us();
         for (&stamp, acc) in &self.rounds {
             let opened_before = self.open_times.partition_point(|&t| t < stamp) as u64;
@@ -795,22 +823,44 @@ impl Worker {
     }
 }
 
-/// Measures one complete message received by `client`.
-fn record_message(
-    snap: &mut Snapshot,
-    rounds: &mut HashMap<u64, RoundAcc>,
-    done: &mut usize,
+/// Where [`record_message`] counts: the worker's fields, borrowed apart from its
+/// connections.
+struct Tally<'a> {
+    snap: &'a mut Snapshot,
+    rounds: &'a mut HashMap<u64, RoundAcc>,
+    done: &'a mut usize,
     target_messages: Option<u64>,
-    client: &mut Client,
-    payload: &[u8],
-    now_us: u64,
-) {
+    positions: Option<&'a mut Positions>,
+}
+
+/// Measures one complete message received by `client`.
+fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us: u64) {
+    let Tally {
+        snap,
+        rounds,
+        done,
+        target_messages,
+        positions,
+    } = tally;
+    // With --recover, envelopes are checked against the connection's positions, and
+    // the answers to its resumes are not publications at all.
+    let seen = match positions.as_deref_mut() {
+        Some(positions) => positions.on_message(client.index, payload, stamp_of_value),
+        None => Seen::Other,
+    };
+    if seen == Seen::Answer {
+        return;
+    }
     snap.messages += 1;
     client.received += 1;
-    if target_messages == Some(client.received) && matches!(client.phase, Phase::Open) {
-        *done += 1;
+    if *target_messages == Some(client.received) && matches!(client.phase, Phase::Open) {
+        **done += 1;
     }
-    let Some(stamp) = stamp_micros(payload) else {
+    let stamp = match seen {
+        Seen::Publication { stamp } => stamp,
+        _ => stamp_micros(payload),
+    };
+    let Some(stamp) = stamp else {
         snap.unparsable += 1;
         return;
     };
@@ -822,8 +872,15 @@ fn record_message(
             0
         }
     };
-    // Values above the histogram's range are clamped to its top.
-    let _ = snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
+    match positions.as_deref_mut() {
+        // Sent by a recovery: its wait is the time the connection was away, not a
+        // delivery latency.
+        Some(positions) if stamp < client.opened_us => positions.stats.replayed += 1,
+        // Values above the histogram's range are clamped to its top.
+        _ => {
+            let _ = snap.latency.record(latency.clamp(1, MAX_LATENCY_US));
+        }
+    }
     let round = rounds.entry(stamp).or_default();
     if round.delivered == 0 {
         round.first_us = now_us;

@@ -360,7 +360,10 @@ impl Server {
             let (stamp, frame) = self.clock.stamp();
             tracing::debug!(stamp, "broadcast");
             let time = Target::Topic(crate::topics::TIME.into());
-            self.publish(time, frame, WhenDelivered::Clock);
+            // With a `--history-for` rule for `time`, ticks get positions like any
+            // publication (and are then never coalesced: see `publish_at`).
+            let position = self.keep_in_history(&time, &frame, now);
+            self.publish_at(time, frame, position, WhenDelivered::Clock);
         }
         self.fan_out_slice(now);
         if self.upstream_paused && self.publications.has_room() {

@@ -81,6 +81,16 @@ pub struct BenchArgs {
     #[arg(long)]
     reconnect: bool,
 
+    /// With --reconnect: never lose a message across a reconnect, and prove it. Each
+    /// connection asks for envelopes (`?envelope=1`), keeps its last offset and epoch
+    /// per topic, and resumes from them (`?since=TOPIC:EPOCH:OFFSET`) every time it
+    /// comes back. Reported under "recovery": resumes, `recovered: true` answers,
+    /// `recovered: false` answers by reason, publications replayed, and publications
+    /// missed (holes in a topic's offsets) or received twice. The server needs history
+    /// for the topics (e.g. `c1m serve --history-for time=1000`).
+    #[arg(long, requires = "reconnect")]
+    recover: bool,
+
     /// Close each connection cleanly after about this long (±50 %), to generate churn;
     /// with --reconnect it is reopened right away.
     #[arg(long, value_parser = parse_duration)]
@@ -113,6 +123,9 @@ impl BenchArgs {
         if !(self.rate.is_finite() && self.rate > 0.0) {
             bail!("--rate must be a positive number of connections per second");
         }
+        if self.recover && self.url.starts_with("tcp://") {
+            bail!("--recover needs a WebSocket server (ws:// or wss://): it resumes by position");
+        }
         if self.procs == 0 || self.procs > self.connections {
             bail!("--procs must be between 1 and --connections");
         }
@@ -132,6 +145,7 @@ impl BenchArgs {
             "duration_secs": self.duration.map(|d| d.as_secs_f64()),
             "messages": self.messages,
             "reconnect": self.reconnect,
+            "recover": self.recover,
             "lifetime_secs": self.lifetime.map(|d| d.as_secs_f64()),
             "tls_insecure": self.url.starts_with("wss://") && self.insecure,
         })
@@ -176,6 +190,7 @@ impl BenchArgs {
             snapshot_interval: Duration::from_millis(250 * count.div_ceil(8).min(4) as u64),
             reconnect: self.reconnect,
             lifetime: self.lifetime,
+            recover: self.recover,
             tls,
             rounds_elsewhere: None,
         })
@@ -372,6 +387,9 @@ fn run_children(
         }
         if args.reconnect {
             cmd.arg("--reconnect");
+        }
+        if args.recover {
+            cmd.arg("--recover");
         }
         if let Some(lifetime) = args.lifetime {
             cmd.args(["--lifetime", &format!("{}ms", lifetime.as_millis())]);

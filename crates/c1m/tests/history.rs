@@ -533,3 +533,119 @@ async fn clients_of_a_killed_worker_resume_and_miss_nothing() {
     assert!(moved > 0, "some clients were on the killed worker");
     drop(server);
 }
+
+/// Issue 16's first acceptance test: 10,000 clients of `c1m bench --reconnect
+/// --recover` on three workers under a steady clock with history; one worker is
+/// SIGKILLed once all are in. Every client is back at the end, those of the killed
+/// worker resumed and were sent what they missed, and no publication was missed or
+/// received twice by anyone (the bench checks every offset of every connection).
+#[test]
+fn ten_thousand_bench_clients_recover_everything_when_a_worker_is_killed() {
+    const CLIENTS: u64 = 10_000;
+    let server = Server::start(&[
+        "--workers",
+        "3",
+        "--interval",
+        "200ms",
+        "--delay",
+        "0",
+        "--history-for",
+        "time=1000",
+    ]);
+    let (addr, pid) = (server.addr, server.child.id());
+    let url = server.url("/");
+    let bench = std::thread::spawn(move || {
+        common::run_bench(
+            "recover-kill",
+            &[
+                "--url",
+                &url,
+                "--connections",
+                &CLIENTS.to_string(),
+                "--rate",
+                "5000",
+                "--reconnect",
+                "--recover",
+                "--duration",
+                "14s",
+            ],
+        )
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::stats(addr, "node")["connections"] != CLIENTS {
+        assert!(std::time::Instant::now() < deadline, "all clients in");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // steady publishing, everyone has a position
+    let worker = common::children_of(pid)
+        .into_iter()
+        .max_by_key(|&w| common::tcp_sockets(w))
+        .expect("a worker");
+    // SAFETY: kill(2) on a worker of the server this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let (output, text) = bench.join().expect("bench thread");
+    let result = json(&text);
+    let snapshot = &result["snapshot"];
+    let recovery = &snapshot["recovery"];
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        snapshot["active"], CLIENTS,
+        "every client is back:\n{report}"
+    );
+    let resumes = recovery["resumes"].as_u64().unwrap_or(0);
+    assert!(
+        resumes >= 1000,
+        "the killed worker's clients resumed:\n{report}"
+    );
+    assert_eq!(
+        recovery["recovered"], resumes,
+        "every resume recovered:\n{report}"
+    );
+    assert!(recovery["replayed"].as_u64() > Some(0), "{report}");
+    for zero in [
+        "missed",
+        "duplicates",
+        "without_position",
+        "unannounced_epoch_changes",
+    ] {
+        assert_eq!(recovery[zero], 0, "{zero}:\n{report}");
+    }
+    assert!(
+        recovery["not_recovered"].as_object().unwrap().is_empty(),
+        "{report}"
+    );
+    drop(server);
+}
+
+/// With a `--history-for time=…` rule the clock's ticks are publications with positions,
+/// in one process and with workers (where the master keeps the history).
+#[tokio::test]
+async fn clock_ticks_get_positions_when_time_keeps_history() {
+    for workers in ["1", "2"] {
+        let server = Server::start(&[
+            "--workers",
+            workers,
+            "--interval",
+            "100ms",
+            "--delay",
+            "0",
+            "--history-for",
+            "time=5",
+        ]);
+        let mut ws = connect(&server, "/?envelope=1").await;
+        let first = next_json(&mut ws).await;
+        let second = next_json(&mut ws).await;
+        assert_eq!(first["topic"], "time", "workers={workers}: {first}");
+        let offset = first["offset"].as_u64().expect("an offset");
+        assert_eq!(second["offset"].as_u64(), Some(offset + 1), "{second}");
+        assert_eq!(first["epoch"], second["epoch"]);
+        assert!(first["data"].as_u64().is_some(), "the stamp: {first}");
+        // A resume from the first gets the ticks after it.
+        let epoch = first["epoch"].as_str().unwrap();
+        let mut back = connect(&server, &format!("/?since=time:{epoch}:{offset}")).await;
+        let answer = next_json(&mut back).await;
+        assert_eq!(answer["recovered"], true, "{answer}");
+        let replayed = next_json(&mut back).await;
+        assert_eq!(replayed["offset"].as_u64(), Some(offset + 1), "{replayed}");
+    }
+}

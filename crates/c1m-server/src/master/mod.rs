@@ -598,7 +598,11 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         if self.clock.due(now, self.scoreboard.total_open() as usize) {
             let (stamp, frame) = self.clock.stamp();
             let time = Target::Topic(crate::topics::TIME.to_string());
-            self.relay(Origin::Clock, time, frame.to_vec(), None, None, now);
+            let position = self
+                .history
+                .as_mut()
+                .and_then(|history| history.append(crate::topics::TIME, frame.clone(), now));
+            self.relay(Origin::Clock, time, frame.to_vec(), position, None, now);
             tracing::debug!(stamp, "broadcast relayed to workers");
         }
         if now >= self.next_stats {

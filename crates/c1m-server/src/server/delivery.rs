@@ -139,9 +139,12 @@ impl Server {
         then: WhenDelivered,
     ) {
         let queue = &mut self.publications.queued;
+        // A late time is worthless: a tick drops older ticks still queued, unless they
+        // are kept in history (they have an offset, and a gap in offsets is a loss the
+        // clients would see).
         if matches!(then, WhenDelivered::Clock) {
             let before = queue.len();
-            queue.retain(|q| !matches!(q.then, WhenDelivered::Clock));
+            queue.retain(|q| !matches!(q.then, WhenDelivered::Clock) || q.position.is_some());
             self.registry.counters.ticks_coalesced += (before - queue.len()) as u64;
         }
         queue.push_back(Queued {
