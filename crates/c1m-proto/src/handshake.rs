@@ -26,7 +26,7 @@ pub enum Request {
 
 /// What the server needs from a plain HTTP request (the info page, the publish API,
 /// metrics and health checks).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlainRequest {
     pub method: String,
     /// The request target, query string included.
@@ -38,6 +38,10 @@ pub struct PlainRequest {
     /// Whether the client wants the connection kept for another request: HTTP/1.1
     /// without `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
     pub keep_alive: bool,
+    /// `Origin`, for the server's origin check and CORS answer (Server-Sent Events).
+    pub origin: Option<String>,
+    /// `Last-Event-ID`: where a reconnecting `EventSource` left off.
+    pub last_event_id: Option<String>,
 }
 
 /// What the server needs from a valid upgrade request.
@@ -156,6 +160,8 @@ pub fn parse_request(
                     Some(1) => !has_token("Connection", "close"),
                     _ => has_token("Connection", "keep-alive"),
                 },
+                origin: header("Origin").map(str::to_string),
+                last_event_id: header("Last-Event-ID").map(str::to_string),
             }),
             head_len,
         )));
@@ -429,6 +435,7 @@ mod tests {
                 content_type: None,
                 content_length: 0,
                 keep_alive: true,
+                ..PlainRequest::default()
             })
         );
     }

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use c1m_proto::handshake::{http_response, UpgradeRequest};
+use c1m_proto::handshake::{http_response, PlainRequest, UpgradeRequest};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use subtle::ConstantTimeEq;
 
@@ -195,6 +195,15 @@ fn parse_since(value: &str) -> Result<(String, u64, String), String> {
     Ok((topic.to_string(), offset, epoch.to_string()))
 }
 
+/// What [`Gate`] reads of an upgrade or a Server-Sent Events request.
+struct RequestParts<'a> {
+    /// The request target, query included.
+    target: &'a str,
+    origin: Option<&'a str>,
+    authorization: Option<&'a str>,
+    last_event_id: Option<&'a str>,
+}
+
 /// The upgrade policy: origins, tokens, topics.
 #[derive(Debug, Clone)]
 pub struct Gate {
@@ -227,18 +236,51 @@ impl Gate {
 
     /// Decides an upgrade. `Err` holds the complete HTTP answer.
     pub fn admit(&self, request: &UpgradeRequest) -> Result<Admission, Vec<u8>> {
-        if let Some(origins) = &self.allowed_origins {
-            let ok = request.origin.as_deref().is_some_and(|o| {
+        let parts = RequestParts {
+            target: &request.path,
+            origin: request.origin.as_deref(),
+            authorization: request.authorization.as_deref(),
+            last_event_id: None,
+        };
+        self.admit_parts(&parts)
+    }
+
+    /// Decides a Server-Sent Events request (`GET /sse?...`) like an upgrade; its
+    /// `Last-Event-ID` (an event's `id:`, `TOPIC:EPOCH:OFFSET`) resumes that topic, in
+    /// place of a `since` for it in the URL (the browser's is the later position).
+    pub fn admit_sse(&self, request: &PlainRequest) -> Result<Admission, Vec<u8>> {
+        let parts = RequestParts {
+            target: &request.path,
+            origin: request.origin.as_deref(),
+            authorization: request.authorization.as_deref(),
+            last_event_id: request.last_event_id.as_deref().filter(|v| !v.is_empty()),
+        };
+        self.admit_parts(&parts)
+    }
+
+    /// Whether `--allowed-origins` limits who may connect.
+    pub fn restricts_origins(&self) -> bool {
+        self.allowed_origins.is_some()
+    }
+
+    /// Whether a request from `origin` passes `--allowed-origins`.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match &self.allowed_origins {
+            None => true,
+            Some(origins) => origin.is_some_and(|o| {
                 origins
                     .iter()
                     .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(o))
-            });
-            if !ok {
-                tracing::debug!(origin = ?request.origin, "origin refused");
-                return Err(forbidden());
-            }
+            }),
         }
-        let (path, query) = split_target(&request.path);
+    }
+
+    fn admit_parts(&self, request: &RequestParts) -> Result<Admission, Vec<u8>> {
+        if !self.origin_allowed(request.origin) {
+            tracing::debug!(origin = ?request.origin, "origin refused");
+            return Err(forbidden());
+        }
+        let (path, query) = split_target(request.target);
         let mut topics = Vec::new();
         if let Some(name) = path.strip_prefix("/topics/") {
             topics.push(name.to_string());
@@ -258,6 +300,13 @@ impl Gate {
                 }
                 _ => {}
             }
+        }
+        if let Some(value) = request.last_event_id {
+            let resume =
+                parse_since(value).map_err(|e| bad_request(&format!("Last-Event-ID: {e}")))?;
+            since.retain(|(topic, ..)| *topic != resume.0);
+            topics.push(resume.0.clone());
+            since.push(resume);
         }
         since.sort();
         since.dedup_by(|a, b| a.0 == b.0);
@@ -288,7 +337,6 @@ impl Gate {
         let token = token.or_else(|| {
             request
                 .authorization
-                .as_deref()
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .map(|t| t.trim().to_string())
         });

@@ -50,6 +50,9 @@ const WINDOW_SHIFT: u8 = 3;
 /// Flag: the client asked for envelopes (topic, position, data) instead of bare
 /// payloads (see `envelope`).
 const ENVELOPE: u8 = 64;
+/// Flag: a Server-Sent Events stream (see `sse`), not a WebSocket: it gets events
+/// instead of frames, and nothing it sends is read.
+const SSE: u8 = 128;
 
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
@@ -321,6 +324,11 @@ impl<S: Stream> Connection<S> {
         self.flags |= ENVELOPE;
     }
 
+    /// Whether this is a Server-Sent Events stream (see `sse`).
+    pub fn is_sse(&self) -> bool {
+        self.flag(SSE)
+    }
+
     fn set_deflate_window(&mut self, bits: u8) {
         self.flags |= DEFLATE | ((bits.clamp(9, 15) - 9) << WINDOW_SHIFT);
     }
@@ -443,6 +451,8 @@ impl<S: Stream> Connection<S> {
             let input = std::mem::take(&mut cx.scratch);
             let next = match self.kind {
                 PhaseKind::Handshake => self.handshake_input(&input[..n], cx),
+                // An event stream's client has nothing more to say: ignored.
+                PhaseKind::Open if self.is_sse() => Next::Keep,
                 PhaseKind::Open => self.frame_input(&mut input[..n], cx),
                 // An HTTP request is being answered: what comes meanwhile is a pipelined
                 // request, which is not served (see `answer_http`); it is kept, bounded,
@@ -562,7 +572,7 @@ impl<S: Stream> Connection<S> {
         Ok(())
     }
 
-    /// Queues a close frame and moves to `Closing`.
+    /// Queues a close frame and moves to `Closing` (an event stream just ends).
     pub fn begin_close(
         &mut self,
         code: CloseCode,
@@ -570,6 +580,9 @@ impl<S: Stream> Connection<S> {
         deadline: Instant,
         limits: &Limits,
     ) -> Next {
+        if self.is_sse() {
+            return self.finish_with(Vec::new(), deadline, limits);
+        }
         let mut frame = Vec::new();
         encode_frame(
             OpCode::Close,
@@ -660,11 +673,20 @@ impl<S: Stream> Connection<S> {
     pub fn reply(&mut self, payload: &[u8], limits: &Limits) -> Next {
         let mut frame = Vec::with_capacity(payload.len() + 4);
         encode_frame(OpCode::Text, payload, None, &mut frame);
-        match self.send(&Bytes::from(frame), limits) {
+        match self.send_own(&Bytes::from(frame), limits) {
             Ok(()) => Next::Keep,
             Err(SendError::Overflow) => Next::Remove(End::SlowConsumer),
             Err(SendError::Io(_)) => Next::Remove(End::Io),
         }
+    }
+
+    /// Sends a text frame meant for this client alone (an answer, a recovered
+    /// publication), as an event on an event stream.
+    pub fn send_own(&mut self, frame: &Bytes, limits: &Limits) -> Result<(), SendError> {
+        if self.is_sse() {
+            return self.send(&crate::sse::from_text_frame(frame), limits);
+        }
+        self.send(frame, limits)
     }
 }
 

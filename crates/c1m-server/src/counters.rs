@@ -21,6 +21,8 @@ pub struct Counters {
     pub handshake_rejects: u64,
     pub handshake_timeouts: u64,
     pub plain_http: u64,
+    /// Server-Sent Events streams opened (`GET /sse`; they count in `open` too).
+    pub sse_opened: u64,
     /// Connections closed for falling behind (`--slow-consumer disconnect`).
     pub slow_consumers: u64,
     /// Messages skipped for slow consumers (`--slow-consumer drop`).

@@ -43,6 +43,8 @@ pub trait Recipient {
     fn deflate_window(&self) -> Option<u8>;
     /// Whether it gets publications in envelopes.
     fn wants_envelope(&self) -> bool;
+    /// Whether it is a Server-Sent Events stream (gets events, see `sse`).
+    fn is_sse(&self) -> bool;
     /// Writes or queues `bytes` (see `Connection::send`).
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError>;
 }
@@ -59,6 +61,9 @@ impl Recipient for Connection {
     }
     fn wants_envelope(&self) -> bool {
         Connection::wants_envelope(self)
+    }
+    fn is_sse(&self) -> bool {
+        Connection::is_sse(self)
     }
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError> {
         Connection::send(self, bytes, limits)
@@ -108,6 +113,8 @@ pub struct Broadcast {
     envelope: EnvelopeFields,
     /// The envelope frame, made for the first recipient that wants envelopes.
     enveloped: Option<Bytes>,
+    /// The Server-Sent Events event, made for the first event stream met.
+    event: Option<Bytes>,
     /// One compressed frame per server window size (9 to 15 bits) in use.
     compressed: [Option<Bytes>; 7],
     recipients: Recipients,
@@ -128,6 +135,7 @@ impl Broadcast {
             frame,
             envelope,
             enveloped: None,
+            event: None,
             compressed: Default::default(),
             recipients,
             next: 0,
@@ -205,13 +213,24 @@ impl Broadcast {
             // An envelope goes uncompressed even to a deflate client (RSV1 is per
             // message): envelopes are opt-in and small.
             let bytes = match conn.deflate_window() {
-                _ if conn.wants_envelope() => {
-                    let fields = &self.envelope;
-                    let frame = &self.frame;
-                    self.enveloped.get_or_insert_with(|| {
-                        let position = fields.position.as_ref().map(|p| (p.offset, &*p.epoch));
-                        envelope_frame(fields.topic.as_deref(), position, frame)
+                _ if conn.is_sse() => {
+                    let (fields, frame) = (&self.envelope, &self.frame);
+                    let enveloped = &mut self.enveloped;
+                    self.event.get_or_insert_with(|| {
+                        let id = match (&fields.topic, &fields.position) {
+                            (Some(topic), Some(p)) => {
+                                Some(crate::sse::position_id(topic, &p.epoch, p.offset))
+                            }
+                            _ => None,
+                        };
+                        crate::sse::publication(
+                            envelope_of(fields, frame, enveloped),
+                            id.as_deref(),
+                        )
                     })
+                }
+                _ if conn.wants_envelope() => {
+                    envelope_of(&self.envelope, &self.frame, &mut self.enveloped)
                 }
                 Some(bits) => self.compressed[usize::from(bits - 9)]
                     .get_or_insert_with(|| compress_frame(&self.frame, bits)),
@@ -229,6 +248,18 @@ impl Broadcast {
         self.out.took = started.elapsed();
         (used, done)
     }
+}
+
+/// The envelope frame of a publication, made on first use.
+fn envelope_of<'a>(
+    fields: &EnvelopeFields,
+    frame: &Bytes,
+    cache: &'a mut Option<Bytes>,
+) -> &'a Bytes {
+    cache.get_or_insert_with(|| {
+        let position = fields.position.as_ref().map(|p| (p.offset, &*p.epoch));
+        envelope_frame(fields.topic.as_deref(), position, frame)
+    })
 }
 
 /// Hands `frame` to every recipient at once (a broadcast in one step).
@@ -275,6 +306,7 @@ mod tests {
         broken: bool,
         topics: Vec<TopicId>,
         envelope: bool,
+        sse: bool,
     }
 
     impl Recipient for Fake {
@@ -289,6 +321,9 @@ mod tests {
         }
         fn wants_envelope(&self) -> bool {
             self.envelope
+        }
+        fn is_sse(&self) -> bool {
+            self.sse
         }
         fn send(&mut self, bytes: &Bytes, _: &Limits) -> Result<(), SendError> {
             if self.broken {
@@ -364,6 +399,36 @@ mod tests {
             conns[e2].got[0].as_ptr(),
             "built once, shared"
         );
+    }
+
+    #[test]
+    fn event_streams_get_one_shared_event_with_the_position_as_id() {
+        let mut conns = Slab::new();
+        let stream = || Fake {
+            sse: true,
+            ..open()
+        };
+        let (s1, s2) = (conns.insert(stream()), conns.insert(stream()));
+        let socket = conns.insert(open());
+        let fields = EnvelopeFields {
+            topic: Some("news".into()),
+            position: Some(Position {
+                offset: 7,
+                epoch: "abcd0123".into(),
+            }),
+        };
+        let mut broadcast = Broadcast::enveloped(text("hi"), fields, Recipients::EveryOpen);
+        broadcast.step(&mut conns, &limits(SlowConsumerPolicy::Disconnect), 10);
+        assert_eq!(
+            &conns[s1].got[0][..],
+            &b"id: news:abcd0123:7\ndata: {\"data\":\"hi\",\"epoch\":\"abcd0123\",\"offset\":7,\"topic\":\"news\"}\n\n"[..]
+        );
+        assert_eq!(
+            conns[s1].got[0].as_ptr(),
+            conns[s2].got[0].as_ptr(),
+            "built once"
+        );
+        assert_eq!(conns[socket].got, [text("hi")]);
     }
 
     #[test]

@@ -397,6 +397,7 @@ mod tests {
             content_type: content_type.map(str::to_string),
             content_length: 0,
             keep_alive: true,
+            ..PlainRequest::default()
         }
     }
 
@@ -476,6 +477,7 @@ mod tests {
             content_type: None,
             content_length: 0,
             keep_alive: true,
+            ..PlainRequest::default()
         };
         for (path, cluster) in [
             ("/stats", false),

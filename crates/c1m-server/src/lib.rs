@@ -13,6 +13,7 @@
 //! - [`auth`]: who may connect to which topics (origin, JWT), and the publish API key.
 //! - [`commands`]: the client's subscribe/unsubscribe text protocol.
 //! - [`http`]: plain HTTP on the same port: publish API, metrics, health checks.
+//! - [`sse`]: Server-Sent Events, the topics as a `text/event-stream`.
 //! - [`metrics`]: the Prometheus text for `GET /metrics`.
 //! - [`node_stats`]: the node's and the cluster's numbers for `GET /stats`.
 //! - [`control`]: the messages between the master and its workers.
@@ -56,6 +57,7 @@ pub mod publish_acks;
 pub mod registry;
 pub mod scoreboard;
 pub mod server;
+pub mod sse;
 pub mod target;
 pub mod tls;
 pub mod topics;

@@ -317,6 +317,17 @@ impl Registry {
             if conn.kind() != PhaseKind::Open {
                 continue;
             }
+            if conn.is_sse() {
+                // Its client never speaks: no idle timeout, a comment line instead of
+                // a ping (it keeps proxies from closing the stream, and a dead peer
+                // shows as a write error).
+                let heartbeat = bytes::Bytes::from_static(crate::sse::HEARTBEAT);
+                match conn.send(&heartbeat, &self.limits) {
+                    Ok(()) | Err(SendError::Overflow) => {}
+                    Err(SendError::Io(_)) => failed.push(key),
+                }
+                continue;
+            }
             let silent = conn.sweep();
             if silent == 0 {
                 continue;

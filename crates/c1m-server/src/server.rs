@@ -129,8 +129,9 @@ struct ReadBuffers {
 /// The periodic work of the loop, and when each is next due.
 struct Timers {
     next_stats: Instant,
-    /// The idle sweep (`--ping-interval`, `--idle-timeout`): next run and period.
-    next_sweep: Option<Instant>,
+    /// The idle sweep (`--ping-interval`, `--idle-timeout`, event stream heartbeats):
+    /// next run and period.
+    next_sweep: Instant,
     sweep_every: Duration,
     /// Token expiry checks, with `--jwt-*`.
     next_token_check: Option<Instant>,
@@ -240,7 +241,8 @@ impl Server {
         let sweep_every = match (config.ping_interval, config.idle_timeout) {
             (Some(ping), _) => ping,
             (None, Some(idle)) => idle / 4,
-            (None, None) => Duration::ZERO,
+            // Event streams get a heartbeat even when WebSocket clients get no ping.
+            (None, None) => crate::sse::HEARTBEAT_EVERY,
         }
         .max(Duration::from_millis(10));
         let mut ping_frame = Vec::new();
@@ -273,8 +275,7 @@ impl Server {
             clock: Clock::new(&clock_config, now),
             timers: Timers {
                 next_stats: now + config.stats_interval,
-                next_sweep: (config.ping_interval.is_some() || config.idle_timeout.is_some())
-                    .then(|| now + sweep_every),
+                next_sweep: now + sweep_every,
                 sweep_every,
                 next_token_check: config.jwt.is_some().then(|| now + TOKEN_CHECK_EVERY),
                 next_history_expiry: history.as_ref().map(|_| now + HISTORY_EXPIRY_EVERY),
@@ -377,8 +378,8 @@ impl Server {
             }
         }
         now = Instant::now();
-        if self.timers.next_sweep.is_some_and(|at| now >= at) {
-            self.timers.next_sweep = Some(now + self.timers.sweep_every);
+        if now >= self.timers.next_sweep {
+            self.timers.next_sweep = now + self.timers.sweep_every;
             self.sweep(now);
         }
         if self.timers.next_token_check.is_some_and(|at| now >= at) {
@@ -426,7 +427,7 @@ impl Server {
                 .deadline()
                 .filter(|_| self.shutdown_deadline.is_none()),
             Some(self.timers.next_stats),
-            self.timers.next_sweep,
+            Some(self.timers.next_sweep),
             self.timers.next_token_check,
             self.timers.next_history_expiry,
             self.registry.next_deadline(),

@@ -24,13 +24,32 @@ fn artifacts() -> PathBuf {
 /// The flags keep it off the network (this machine has none but loopback) and give it
 /// a fresh profile; `--virtual-time-budget` lets a page's timers run ahead.
 fn chromium(url: &str, extra: &[&str]) -> (String, String) {
+    let (mut command, profile) = chromium_command(url, extra);
+    let output = command.output().unwrap_or_else(|e| missing_chromium(e));
+    let _ = std::fs::remove_dir_all(&profile);
+    let program = command.get_program().to_string_lossy().into_owned();
+    assert!(
+        output.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Headless Chromium on `url` with a fresh profile (returned, for removal): the flags
+/// keep it off the network (this machine has none but loopback).
+fn chromium_command(url: &str, extra: &[&str]) -> (Command, PathBuf) {
     let profile = std::env::temp_dir().join(format!(
         "c1m-chromium-{}-{}",
         std::process::id(),
         common::since_epoch().as_nanos()
     ));
     let program = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let output = Command::new(&program)
+    let mut command = Command::new(program);
+    command
         .args([
             "--headless",
             "--no-sandbox",
@@ -45,21 +64,12 @@ fn chromium(url: &str, extra: &[&str]) -> (String, String) {
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
-        .arg(url)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program} is needed for this test ({e}); .ci/run installs it (apt-get install chromium)")
-        });
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(
-        output.status.success(),
-        "{program} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+        .arg(url);
+    (command, profile)
+}
+
+fn missing_chromium(e: std::io::Error) -> ! {
+    panic!("chromium is needed for this test ({e}); .ci/run installs it (apt-get install chromium)")
 }
 
 /// The page's DOM after its scripts ran for `budget_ms` of virtual time, checked for
@@ -190,4 +200,128 @@ fn the_status_page_draws_live_numbers() {
     assert!(dom.contains("id=\"connections\">150<"), "connections shown");
     assert!(dom.contains("<td>time</td><td>150</td>"), "topic table");
     assert!(!dom.contains("class=\"error\""), "no polling error");
+}
+
+/// Issue 16's SSE acceptance: the browser's own `EventSource`, on a server of two
+/// workers keeping history, while publishing goes on; the worker holding the stream is
+/// SIGKILLed, so the browser reconnects by itself (sending `Last-Event-ID`) to the
+/// other worker. It must see every offset once, in order. The page reports what it saw
+/// with a POST to a listener of this test (headless Chromium keeps running until
+/// killed; `--virtual-time-budget` would wait for the never-ending stream).
+#[test]
+fn an_event_source_reconnects_after_the_server_drops_it_and_misses_nothing() {
+    use std::io::{BufRead, BufReader, Read};
+    let server = Server::start(&["--workers", "2", "--api-key", "k", "--history-size", "1000"]);
+    let (addr, pid) = (server.addr, server.child.id());
+    let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
+    let page = std::env::temp_dir().join(format!("c1m-sse-{}.html", std::process::id()));
+    std::fs::write(
+        &page,
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><script>
+const seen = [], answers = [];
+let opens = 0;
+const es = new EventSource("http://{addr}/sse?topic=feed");
+es.onopen = () => opens++;
+es.addEventListener("answer", (e) => answers.push(JSON.parse(e.data)));
+es.onmessage = (e) => {{
+  const envelope = JSON.parse(e.data);
+  seen.push(envelope.offset);
+  if (envelope.data === "end") {{
+    es.close();
+    const body = JSON.stringify({{ seen, opens, answers }});
+    fetch("http://{}/", {{ method: "POST", mode: "no-cors", body }});
+  }}
+}};
+</script>"#,
+            report.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (mut command, profile) = chromium_command(&format!("file://{}", page.display()), &[]);
+    let mut browser = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| missing_chromium(e));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while common::stats(addr, "node")["connections"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let publish = |message: &str| loop {
+        // A publish the dying worker took may fail: publish again (a new offset).
+        let answer = std::panic::catch_unwind(|| common::publish(addr, "k", "feed", message));
+        if answer.is_ok_and(|a| a.status == 200) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for i in 0..60 {
+        if i == 20 {
+            let worker = common::children_of(pid)
+                .into_iter()
+                .max_by_key(|&w| common::tcp_sockets(w))
+                .expect("a worker");
+            // SAFETY: kill(2) on a worker of the server this test started.
+            unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+        }
+        publish(&format!("\"{i}\""));
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    publish("\"end\"");
+    report.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (socket, _) = loop {
+        match report.accept() {
+            Ok(accepted) => break accepted,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(e) => panic!("the page never reported: {e}"),
+        }
+    };
+    socket.set_nonblocking(false).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(socket);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("report head");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("a length");
+        }
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("report body");
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("report JSON");
+    let offsets: Vec<u64> = seen["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().expect("an offset"))
+        .collect();
+    let last = *offsets.last().unwrap();
+    assert_eq!(
+        offsets,
+        (1..=last).collect::<Vec<_>>(),
+        "every offset once: {seen}"
+    );
+    assert!(last >= 61, "{seen}");
+    assert!(seen["opens"].as_u64() >= Some(2), "it reconnected: {seen}");
+    for answer in seen["answers"].as_array().unwrap() {
+        assert_eq!(answer["recovered"], true, "{seen}");
+    }
 }

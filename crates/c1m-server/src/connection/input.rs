@@ -19,37 +19,7 @@ impl<S: Stream> Connection<S> {
         };
         match request {
             Request::Upgrade(upgrade) => {
-                let admission = match cx.admit {
-                    Admit::Yes => {
-                        cx.gate
-                            .admit(&upgrade)
-                            .and_then(|admission| match cx.accept_rate {
-                                Some(rate) if !rate.try_admit(monotonic_ms()) => {
-                                    cx.counters.rejected_rate += 1;
-                                    Err(rate.refusal())
-                                }
-                                _ => Ok(admission),
-                            })
-                    }
-                    Admit::ServerFull => {
-                        cx.counters.rejected_full += 1;
-                        Err(handshake::http_response(
-                            503,
-                            "Service Unavailable",
-                            &[("Retry-After", "5")],
-                            "server full: --max-connections reached\n",
-                        ))
-                    }
-                    Admit::TooManyFromAddress => {
-                        cx.counters.rejected_per_ip += 1;
-                        Err(handshake::http_response(
-                            429,
-                            "Too Many Requests",
-                            &[("Retry-After", "5")],
-                            "too many connections from this address\n",
-                        ))
-                    }
-                };
+                let admission = decide(cx, |gate| gate.admit(&upgrade));
                 let admission = match admission {
                     Ok(admission) => admission,
                     Err(response) => {
@@ -88,6 +58,35 @@ impl<S: Stream> Connection<S> {
                 };
                 self.tidy();
                 next
+            }
+            Request::Plain(plain)
+                if plain.method == "GET" && crate::sse::is_sse_target(&plain.path) =>
+            {
+                let admission = match decide(cx, |gate| gate.admit_sse(&plain)) {
+                    Ok(admission) => admission,
+                    Err(response) => {
+                        cx.counters.handshake_rejects += 1;
+                        return self.finish_with(response, cx.closing_deadline, limits);
+                    }
+                };
+                self.kind = PhaseKind::Open;
+                self.set_flag(SSE, true);
+                let extra = self.extra();
+                extra.head = Vec::new();
+                extra.deadline = None;
+                self.tidy();
+                // A page from another origin may read the stream if the gate let it in.
+                let allow_origin = match &plain.origin {
+                    Some(origin) if cx.gate.restricts_origins() => origin.as_str(),
+                    _ => "*",
+                };
+                let head = crate::sse::response_head(allow_origin);
+                if let Err(SendError::Io(_)) = self.send(&Bytes::from(head), limits) {
+                    return Next::Remove(End::Io);
+                }
+                cx.counters.sse_opened += 1;
+                cx.actions.push(Action::Joined(admission));
+                Next::Keep
             }
             Request::Plain(plain) => {
                 if plain.content_length > limits.max_body_bytes {
@@ -259,6 +258,42 @@ impl<S: Stream> Connection<S> {
                     limits,
                 )
             }
+        }
+    }
+}
+
+/// Whether an upgrade or an event stream may open now: the server's room, the client
+/// address's limit, the gate (`ask_gate`: origin, token, topics) and the accept rate.
+/// `Err` holds the complete HTTP refusal.
+fn decide(
+    cx: &mut ReadContext<'_>,
+    ask_gate: impl FnOnce(&Gate) -> Result<Admission, Vec<u8>>,
+) -> Result<Admission, Vec<u8>> {
+    match cx.admit {
+        Admit::Yes => ask_gate(cx.gate).and_then(|admission| match cx.accept_rate {
+            Some(rate) if !rate.try_admit(monotonic_ms()) => {
+                cx.counters.rejected_rate += 1;
+                Err(rate.refusal())
+            }
+            _ => Ok(admission),
+        }),
+        Admit::ServerFull => {
+            cx.counters.rejected_full += 1;
+            Err(handshake::http_response(
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "5")],
+                "server full: --max-connections reached\n",
+            ))
+        }
+        Admit::TooManyFromAddress => {
+            cx.counters.rejected_per_ip += 1;
+            Err(handshake::http_response(
+                429,
+                "Too Many Requests",
+                &[("Retry-After", "5")],
+                "too many connections from this address\n",
+            ))
         }
     }
 }

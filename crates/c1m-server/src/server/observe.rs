@@ -76,6 +76,10 @@ impl Server {
             broker_up: self.upstream.cluster_up(),
             waiting_requests: parked,
         });
+        text.push_str(&format!(
+            "# HELP c1m_sse_streams_opened_total Server-Sent Events streams opened (GET /sse); open ones count in c1m_connections.\n# TYPE c1m_sse_streams_opened_total counter\nc1m_sse_streams_opened_total {}\n",
+            self.registry.counters.sse_opened
+        ));
         if self.config.history.enabled() {
             // A worker has no store (its master keeps the node's), only its recoveries.
             text.push_str(&history_metrics(

@@ -241,7 +241,7 @@ impl Server {
             return Next::Keep;
         }
         for frame in frames {
-            match conn.send(frame, &registry.limits) {
+            match conn.send_own(frame, &registry.limits) {
                 Ok(()) => registry.counters.frames_out += 1,
                 Err(SendError::Overflow) => return Next::Remove(End::SlowConsumer),
                 Err(SendError::Io(_)) => return Next::Remove(End::Io),
