@@ -202,21 +202,59 @@ fn the_status_page_draws_live_numbers() {
     assert!(!dom.contains("class=\"error\""), "no polling error");
 }
 
-/// Issue 16's SSE acceptance: the browser's own `EventSource`, on a server of two
-/// workers keeping history, while publishing goes on; the worker holding the stream is
-/// SIGKILLed, so the browser reconnects by itself (sending `Last-Event-ID`) to the
-/// other worker. It must see every offset once, in order. The page reports what it saw
-/// with a POST to a listener of this test (headless Chromium keeps running until
-/// killed; `--virtual-time-budget` would wait for the never-ending stream).
-#[test]
-fn an_event_source_reconnects_after_the_server_drops_it_and_misses_nothing() {
-    use std::io::{BufRead, BufReader, Read};
+/// Runs a page in headless Chromium against a server of two workers keeping history,
+/// while `feed` gets 60 publications and "end"; the worker holding the page's
+/// connection is SIGKILLed after 20, so the page must reconnect. `html(server, report)`
+/// writes the page; it POSTs what it saw as JSON to `report` (headless Chromium keeps
+/// running until killed, and `--virtual-time-budget` would wait for a stream that
+/// never ends). Returns that JSON, having checked it saw every offset once, in order,
+/// over at least two connections.
+fn page_through_a_worker_kill(
+    name: &str,
+    html: impl FnOnce(std::net::SocketAddr, std::net::SocketAddr) -> String,
+) -> serde_json::Value {
     let server = Server::start(&["--workers", "2", "--api-key", "k", "--history-size", "1000"]);
     let (addr, pid) = (server.addr, server.child.id());
     let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
-    let page = std::env::temp_dir().join(format!("c1m-sse-{}.html", std::process::id()));
-    std::fs::write(
-        &page,
+    let page = std::env::temp_dir().join(format!("c1m-{name}-{}.html", std::process::id()));
+    std::fs::write(&page, html(addr, report.local_addr().unwrap())).unwrap();
+    let (mut command, profile) = chromium_command(&format!("file://{}", page.display()), &[]);
+    let mut browser = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| missing_chromium(e));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while common::stats(addr, "node")["connections"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: the page never connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    common::publish_through_a_worker_kill(addr, pid, "k", "feed", 60, 20);
+    let body = common::await_posted_body(&report, std::time::Duration::from_secs(30));
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("report JSON");
+    assert!(
+        common::assert_every_offset_once(&seen, "seen") >= 61,
+        "{name}: {seen}"
+    );
+    assert!(
+        seen["opens"].as_u64() >= Some(2),
+        "{name}: it reconnected: {seen}"
+    );
+    seen
+}
+
+/// Issue 16's SSE acceptance: the browser's own `EventSource`; when its worker dies it
+/// reconnects by itself, sending `Last-Event-ID`, to the other worker.
+#[test]
+fn an_event_source_reconnects_after_the_server_drops_it_and_misses_nothing() {
+    let seen = page_through_a_worker_kill("sse", |addr, report| {
         format!(
             r#"<!doctype html><meta charset="utf-8"><script>
 const seen = [], answers = [];
@@ -230,98 +268,48 @@ es.onmessage = (e) => {{
   if (envelope.data === "end") {{
     es.close();
     const body = JSON.stringify({{ seen, opens, answers }});
-    fetch("http://{}/", {{ method: "POST", mode: "no-cors", body }});
+    fetch("http://{report}/", {{ method: "POST", mode: "no-cors", body }});
   }}
 }};
-</script>"#,
-            report.local_addr().unwrap()
-        ),
-    )
-    .unwrap();
-    let (mut command, profile) = chromium_command(&format!("file://{}", page.display()), &[]);
-    let mut browser = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| missing_chromium(e));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while common::stats(addr, "node")["connections"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the page never connected"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let publish = |message: &str| loop {
-        // A publish the dying worker took may fail: publish again (a new offset).
-        let answer = std::panic::catch_unwind(|| common::publish(addr, "k", "feed", message));
-        if answer.is_ok_and(|a| a.status == 200) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    for i in 0..60 {
-        if i == 20 {
-            let worker = common::children_of(pid)
-                .into_iter()
-                .max_by_key(|&w| common::tcp_sockets(w))
-                .expect("a worker");
-            // SAFETY: kill(2) on a worker of the server this test started.
-            unsafe { libc::kill(worker as i32, libc::SIGKILL) };
-        }
-        publish(&format!("\"{i}\""));
-        std::thread::sleep(std::time::Duration::from_millis(40));
-    }
-    publish("\"end\"");
-    report.set_nonblocking(true).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let (socket, _) = loop {
-        match report.accept() {
-            Ok(accepted) => break accepted,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(50))
-            }
-            Err(e) => panic!("the page never reported: {e}"),
-        }
-    };
-    socket.set_nonblocking(false).unwrap();
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(socket);
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("report head");
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().expect("a length");
-        }
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("report body");
-    let _ = browser.kill();
-    let _ = browser.wait();
-    let _ = std::fs::remove_dir_all(&profile);
-    let _ = std::fs::remove_file(&page);
-    let seen: serde_json::Value = serde_json::from_slice(&body).expect("report JSON");
-    let offsets: Vec<u64> = seen["seen"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().expect("an offset"))
-        .collect();
-    let last = *offsets.last().unwrap();
-    assert_eq!(
-        offsets,
-        (1..=last).collect::<Vec<_>>(),
-        "every offset once: {seen}"
-    );
-    assert!(last >= 61, "{seen}");
-    assert!(seen["opens"].as_u64() >= Some(2), "it reconnected: {seen}");
+</script>"#
+        )
+    });
     for answer in seen["answers"].as_array().unwrap() {
         assert_eq!(answer["recovered"], true, "{seen}");
     }
+}
+
+/// The JavaScript client (`clients/js/index.js`, inlined in the page as a module) with
+/// the browser's own WebSocket: it reconnects by itself and resumes from its position.
+#[test]
+fn the_js_client_in_chromium_resumes_after_its_worker_is_killed() {
+    let client = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/js/index.js"),
+    )
+    .expect("clients/js/index.js");
+    let seen = page_through_a_worker_kill("js", |addr, report| {
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><script type="module">
+{client}
+const seen = [], recoveries = [], gaps = [];
+let opens = 0;
+const c = new Client("ws://{addr}/", {{ minDelay: 100, maxDelay: 1000 }});
+c.on("open", () => opens++);
+c.on("recovery", (r) => recoveries.push(r));
+c.on("gap", (g) => gaps.push(g));
+c.subscribe("feed", (data, meta) => {{
+  seen.push(meta.offset);
+  if (data === "end") {{
+    c.close();
+    const body = JSON.stringify({{ seen, recoveries, gaps, opens }});
+    fetch("http://{report}/", {{ method: "POST", mode: "no-cors", body }});
+  }}
+}});
+</script>"#
+        )
+    });
+    assert_eq!(seen["gaps"], serde_json::json!([]), "{seen}");
+    let recoveries = seen["recoveries"].as_array().unwrap();
+    assert!(!recoveries.is_empty(), "{seen}");
+    assert!(recoveries.iter().all(|r| r["recovered"] == true), "{seen}");
 }

@@ -458,3 +458,134 @@ pub fn resume_process(pid: u32) {
     // SAFETY: kill(2) on a process the calling test started.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
+
+/// Publishes `"0"`, `"1"`, … (`count` JSON strings) to `topic` every 40 ms, then
+/// `"end"`; before publication `kill_at` it SIGKILLs the worker of server `pid` holding
+/// the most sockets (a client's), so that client's connection drops mid-stream. A
+/// publish the dying worker took may fail: it is published again (a new offset:
+/// clients must still see every offset once, in order).
+pub fn publish_through_a_worker_kill(
+    addr: SocketAddr,
+    pid: u32,
+    key: &str,
+    topic: &str,
+    count: usize,
+    kill_at: usize,
+) {
+    let publish = |message: &str| {
+        for _ in 0..500 {
+            let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
+            if try_http(
+                addr,
+                "POST",
+                "/publish",
+                &[&format!("Authorization: Bearer {key}")],
+                body.as_bytes(),
+            )
+            .is_some_and(|status| status == 200)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("publish of {message} never succeeded");
+    };
+    for i in 0..count {
+        if i == kill_at {
+            let worker = children_of(pid)
+                .into_iter()
+                .max_by_key(|&w| tcp_sockets(w))
+                .expect("a worker");
+            // SAFETY: kill(2) on a worker of a server the test started.
+            unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+        }
+        publish(&i.to_string());
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    publish("end");
+}
+
+/// The status of one HTTP request, or `None` if the connection failed (a worker that
+/// died under it).
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Waits (up to `timeout`) for one HTTP request on `listener` (a page reporting what
+/// it saw with `fetch`) and returns its body.
+pub fn await_posted_body(listener: &std::net::TcpListener, timeout: Duration) -> Vec<u8> {
+    use std::io::Read;
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + timeout;
+    let (socket, _) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("nothing was posted within {timeout:?}: {e}"),
+        }
+    };
+    socket.set_nonblocking(false).expect("blocking");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(socket);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("request head");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("a length");
+        }
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("request body");
+    body
+}
+
+/// The offsets a client reported (`report[field]`), checked to be 1, 2, … without a
+/// gap or a repeat; returns the last.
+pub fn assert_every_offset_once(report: &serde_json::Value, field: &str) -> u64 {
+    let offsets: Vec<u64> = report[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {report}"))
+        .iter()
+        .map(|o| o.as_u64().expect("an offset"))
+        .collect();
+    let last = offsets.last().copied().unwrap_or(0);
+    assert_eq!(
+        offsets,
+        (1..=last).collect::<Vec<_>>(),
+        "every offset once: {report}"
+    );
+    last
+}
