@@ -47,6 +47,9 @@ pub struct Counters {
     pub io_errors: u64,
     /// Subscribes with a position that got their missed publications.
     pub recoveries: u64,
+    /// Clients keeping positions closed with 1013 because their worker was skipped for
+    /// a publication of their topic (they resume and recover it).
+    pub resumes_forced: u64,
     /// Subscribes with a position told to reload, by `NotRecovered` reason (in the
     /// order of `NotRecovered::ALL`).
     pub not_recovered: [u64; 5],

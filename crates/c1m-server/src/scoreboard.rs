@@ -42,6 +42,9 @@ struct IpTable {
 struct NodeWide {
     /// The `--max-accept-rate` window (see `admission`).
     accept_window: AtomicU64,
+    /// The master's topic history, for the workers' `/metrics`: topics,
+    /// publications, bytes, evicted (see `history::Usage`).
+    history: [AtomicU64; 4],
 }
 
 /// Bytes of the slot area (the slots, then [`NodeWide`]), rounded up to whole pages so
@@ -208,12 +211,40 @@ impl Scoreboard {
         &self.slots()[index]
     }
 
+    fn node_wide(&self) -> &NodeWide {
+        // SAFETY: `NodeWide` follows the slots inside the slot area (see `slots_len`),
+        // 64-byte aligned since `Slot` is; zero-filled memory is valid atomics.
+        unsafe { &*self.ptr.add(self.slots).cast::<NodeWide>() }
+    }
+
     /// The node's `--max-accept-rate` window word (see `admission`).
     pub fn accept_window(&self) -> &AtomicU64 {
-        // SAFETY: `NodeWide` follows the slots inside the slot area (see `slots_len`),
-        // 64-byte aligned since `Slot` is; zero-filled memory is a valid atomic.
-        let node = unsafe { &*self.ptr.add(self.slots).cast::<NodeWide>() };
-        &node.accept_window
+        &self.node_wide().accept_window
+    }
+
+    /// The master publishes its history's usage here, once a second.
+    pub fn set_history_usage(&self, usage: &crate::history::Usage) {
+        let values = [
+            usage.topics as u64,
+            usage.publications as u64,
+            usage.bytes as u64,
+            usage.evicted,
+        ];
+        for (cell, value) in self.node_wide().history.iter().zip(values) {
+            cell.store(value, Relaxed);
+        }
+    }
+
+    /// The master's history usage as of its last second.
+    pub fn history_usage(&self) -> crate::history::Usage {
+        let [topics, publications, bytes, evicted] =
+            self.node_wide().history.each_ref().map(|c| c.load(Relaxed));
+        crate::history::Usage {
+            topics: topics as usize,
+            publications: publications as usize,
+            bytes: bytes as usize,
+            evicted,
+        }
     }
 
     /// Upgraded connections over all workers.

@@ -163,6 +163,9 @@ struct Server {
     /// Topic history, kept by the process that orders publications: a single process
     /// without `--broker` (see `history`).
     history: Option<History>,
+    /// A worker: the position of the latest publication its master sent, per topic with
+    /// history, to notice publications the master had to skip (`server/resume.rs`).
+    relayed: std::collections::HashMap<String, crate::history::Position>,
     /// Publications being fanned out and waiting (`server/delivery.rs`).
     publications: delivery::Publications,
     /// This process stopped reading its master's channel or the broker's events
@@ -298,6 +301,7 @@ impl Server {
             accept_rate,
             muted: HashSet::new(),
             history,
+            relayed: Default::default(),
             publications: delivery::Publications::default(),
             upstream_paused: false,
             shutdown_deadline: None,

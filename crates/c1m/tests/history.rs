@@ -649,3 +649,134 @@ async fn clock_ticks_get_positions_when_time_keeps_history() {
         assert_eq!(replayed["offset"].as_u64(), Some(offset + 1), "{replayed}");
     }
 }
+
+/// With workers the master keeps the store; any worker's `/metrics` shows its totals
+/// (published by the master through the scoreboard once a second).
+#[test]
+fn with_workers_metrics_show_the_masters_history() {
+    let server = Server::start(&["--workers", "2", "--api-key", "k", "--history-size", "5"]);
+    for i in 0..7 {
+        publish(server.addr, "k", "a", &format!("\"{i}\""));
+    }
+    publish(server.addr, "k", "b", "\"x\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(str::to_string)
+        };
+        if value("c1m_history_publications").as_deref() == Some("6") {
+            assert_eq!(
+                value("c1m_history_topics").as_deref(),
+                Some("2"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A worker that stops reading its master's channel is skipped past 16 MiB queued: its
+/// clients would silently lack those publications. When the next one arrives with a
+/// jump in offsets, the worker closes its clients of the topic that keep positions with
+/// 1013, and they resume and recover what was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_worker_skipped_by_its_master_are_told_to_resume() {
+    // The test reads its client only at the end: room for what is queued meanwhile.
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--api-key",
+        "k",
+        "--history-size",
+        "1000",
+        "--max-pending-bytes",
+        "268435456",
+    ]);
+    let mut ws = connect(&server, "/?topic=big&envelope=1").await;
+    let first = publish_async(&server, "big", "0").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    assert_eq!(next_json(&mut ws).await["offset"], 1);
+    let client_port = match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().unwrap().port(),
+        _ => unreachable!("ws://"),
+    };
+    let worker = common::worker_serving(server.child.id(), server.addr.port(), client_port);
+    common::stop_process(worker);
+    // Publish to a worker that reads nothing until the master skips it (past 16 MiB
+    // queued, beyond what the socket buffers took); each publish is answered once the
+    // other worker counted it, or after the relay wait. The skip is counted in the
+    // stopped worker's slot, which any worker's /metrics sums.
+    let addr = server.addr;
+    let big = serde_json::Value::from("a".repeat(900_000)).to_string();
+    let skipped = move || {
+        let metrics = http(addr, "GET", "/metrics", &[], b"").body;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("c1m_publications_skipped_total "))
+            .is_some_and(|v| v != "0")
+    };
+    let mut batches = 0;
+    while !tokio::task::spawn_blocking(skipped).await.unwrap() {
+        batches += 1;
+        assert!(batches <= 12, "the master never skipped the stopped worker");
+        let publishers: Vec<_> = (0..8)
+            .map(|_| {
+                let big = big.clone();
+                std::thread::spawn(move || publish(addr, "k", "big", &big).status)
+            })
+            .collect();
+        for publisher in publishers {
+            assert_eq!(publisher.join().unwrap(), 200);
+        }
+    }
+    common::resume_process(worker);
+    // Small publications until the client is told to resume: the first one the worker
+    // gets after the skip shows the jump.
+    let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let (addr, told) = (server.addr, std::sync::Arc::clone(&told));
+        async move {
+            let mut latest = 0;
+            for _ in 0..40 {
+                if told.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let answer =
+                    tokio::task::spawn_blocking(move || publish(addr, "k", "big", "\"after\""))
+                        .await
+                        .unwrap();
+                latest = json(&answer.body)["offset"].as_u64().unwrap();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            latest
+        }
+    });
+    let mut seen = vec![1];
+    let code = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message or the close")
+            .expect("open")
+            .expect("no error");
+        match msg {
+            Message::Text(text) => seen.push(json(&text)["offset"].as_u64().unwrap()),
+            Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            _ => {}
+        }
+    };
+    told.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(code, Some(1013), "told to resume after {seen:?}");
+    let latest = publisher.await.unwrap();
+    let from = *seen.last().unwrap();
+    let mut back = connect(&server, &format!("/?since=big:{epoch}:{from}")).await;
+    assert_eq!(next_json(&mut back).await["recovered"], true);
+    for offset in from + 1..=latest {
+        assert_eq!(next_json(&mut back).await["offset"], offset);
+    }
+}

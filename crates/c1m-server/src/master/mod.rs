@@ -616,6 +616,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         {
             self.next_history_expiry = now + Duration::from_secs(1);
             history.expire(now);
+            self.scoreboard.set_history_usage(&history.usage());
         }
         for worker in &mut self.workers {
             worker.flush();

@@ -81,11 +81,14 @@ impl Server {
             self.registry.counters.sse_opened
         ));
         if self.config.history.enabled() {
-            // A worker has no store (its master keeps the node's), only its recoveries.
-            text.push_str(&history_metrics(
-                self.history.as_ref(),
-                &self.registry.counters,
-            ));
+            // A worker has no store: its master keeps the node's and publishes its
+            // totals in the scoreboard (not the largest topics: a fixed layout).
+            let (usage, largest) = match (&self.history, worker) {
+                (Some(history), _) => (Some(history.usage()), history.largest(10)),
+                (None, Some((_, board))) => (Some(board.history_usage()), Vec::new()),
+                (None, None) => (None, Vec::new()),
+            };
+            text.push_str(&history_metrics(usage, &largest, &self.registry.counters));
         }
         text
     }
@@ -119,11 +122,12 @@ impl Server {
     }
 }
 
-/// Topic history in `/metrics`: this process's recoveries by outcome; and, where the
-/// store is (a single process, or the master), its totals and the ten topics holding
-/// the most bytes.
+/// Topic history in `/metrics`: this process's recoveries by outcome; the node's store
+/// totals (`usage`); and the topics holding the most bytes (`largest`: name, kept,
+/// bytes), where the store is in this process.
 fn history_metrics(
-    history: Option<&crate::history::History>,
+    usage: Option<crate::history::Usage>,
+    largest: &[(&str, usize, usize)],
     counters: &crate::counters::Counters,
 ) -> String {
     use std::fmt::Write;
@@ -141,10 +145,14 @@ fn history_metrics(
             reason.as_str()
         );
     }
-    let Some(history) = history else {
+    let _ = writeln!(
+        out,
+        "# HELP c1m_resumes_forced_total Clients keeping positions closed with 1013 to resume, because their worker was skipped for a publication of their topic.\n# TYPE c1m_resumes_forced_total counter\nc1m_resumes_forced_total {}",
+        counters.resumes_forced
+    );
+    let Some(usage) = usage else {
         return out;
     };
-    let usage = history.usage();
     for (name, kind, help, value) in [
         ("c1m_history_topics", "gauge", "Topics with history held.", usage.topics as u64),
         ("c1m_history_publications", "gauge", "Publications held in topic history.", usage.publications as u64),
@@ -157,7 +165,7 @@ fn history_metrics(
         out,
         "# HELP c1m_history_topic_bytes Bytes of history held by the largest topics.\n# TYPE c1m_history_topic_bytes gauge"
     );
-    for (topic, _, bytes) in history.largest(10) {
+    for (topic, _, bytes) in largest {
         let label = topic.replace('\\', "\\\\").replace('"', "\\\"");
         let _ = writeln!(out, "c1m_history_topic_bytes{{topic=\"{label}\"}} {bytes}");
     }

@@ -27,6 +27,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use c1m_proto::CloseCode;
 use serde_json::{Map, Value};
 
 use crate::commands;
@@ -215,6 +216,56 @@ impl Server {
             .is_some_and(|id| conn.is_subscribed(id));
         if conn.kind() == PhaseKind::Open && !subscribed {
             registry.subscribe(key, topic);
+        }
+    }
+
+    /// A worker got a publication of `topic` at `position` from its master. If the
+    /// offsets jumped, the master skipped this worker for some (its channel was full,
+    /// see `master::send_to_all`): its clients of the topic that keep positions are
+    /// closed with 1013 ("try again later"), so they come back and recover the missed
+    /// ones from history instead of silently lacking them. Seed-style clients keep
+    /// their connection (they could not recover anything).
+    pub(super) fn check_relayed_position(
+        &mut self,
+        topic: &str,
+        position: &Position,
+        now: Instant,
+    ) {
+        let previous = self.relayed.insert(topic.to_string(), position.clone());
+        let skipped =
+            previous.is_some_and(|p| p.epoch == position.epoch && position.offset > p.offset + 1);
+        if !skipped {
+            return;
+        }
+        let registry = &mut self.registry;
+        let Some(id) = registry.topics.id(topic) else {
+            return;
+        };
+        let resumers: Vec<usize> = registry
+            .topics
+            .subscribers(id)
+            .iter()
+            .map(|&key| key as usize)
+            .filter(|&key| {
+                registry
+                    .conns
+                    .get(key)
+                    .is_some_and(|c| c.wants_envelope() || c.is_sse())
+            })
+            .collect();
+        tracing::warn!(
+            topic,
+            clients = resumers.len(),
+            "publications skipped for this worker: its clients of the topic resume"
+        );
+        registry.counters.resumes_forced += resumers.len() as u64;
+        for key in resumers {
+            registry.close_open(
+                key,
+                CloseCode::TRY_AGAIN_LATER,
+                "missed publications: resume from your position",
+                now,
+            );
         }
     }
 

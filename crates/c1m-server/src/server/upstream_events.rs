@@ -135,6 +135,9 @@ impl Server {
                     Origin::Clock => WhenDelivered::Clock,
                     origin => WhenDelivered::TellMaster(origin),
                 };
+                if let (Target::Topic(topic), Some(position)) = (&target, &position) {
+                    self.check_relayed_position(topic, position, now);
+                }
                 self.publish_at(target, Bytes::from(frame), position, then);
             }
             Message::Done {

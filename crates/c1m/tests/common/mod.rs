@@ -24,11 +24,21 @@ impl Server {
 
     /// Starts `c1m serve --listen LISTEN ARGS…` and waits for its address.
     pub fn start_on(listen: &str, args: &[&str]) -> Server {
+        // C1M_TEST_SERVER_LOG=FILE keeps the servers' logs (appended) for debugging.
+        let stderr = match std::env::var_os("C1M_TEST_SERVER_LOG") {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+            None => Stdio::null(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_c1m"))
             .args(["serve", "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start c1m serve");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -588,4 +598,45 @@ pub fn assert_every_offset_once(report: &serde_json::Value, field: &str) -> u64 
         "every offset once: {report}"
     );
     last
+}
+
+/// The worker of server `server` (listening on `server_port`) holding the server end
+/// of the TCP connection whose client end is local port `client_port`: its socket
+/// inode from `/proc/net/tcp` (an established entry; old ones of the same ports linger
+/// in TIME_WAIT with inode 0), then the worker with that inode among its descriptors.
+/// Retried briefly (a connection just accepted may not be listed yet).
+pub fn worker_serving(server: u32, server_port: u16, client_port: u16) -> u32 {
+    let port = |address: &str| {
+        address
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    for _ in 0..100 {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let inode = table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let ours = port(fields.get(1)?)? == server_port
+                && port(fields.get(2)?)? == client_port
+                && *fields.get(3)? == "01"
+                && *fields.get(9)? != "0";
+            ours.then(|| format!("socket:[{}]", fields[9]))
+        });
+        if let Some(inode) = inode {
+            let holder = children_of(server).into_iter().find(|&w| {
+                std::fs::read_dir(format!("/proc/{w}/fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| {
+                        std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == inode)
+                    })
+            });
+            if let Some(worker) = holder {
+                return worker;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no worker of {server} holds the connection from port {client_port}");
 }
