@@ -2,20 +2,24 @@
 # What positions and recovery cost (issue 16's benchmarks), with `c1m bench`:
 #
 # 1. positions: N clients (default 190,000) on `c1m serve --workers ceil(N/19000)`, the
-#    clock gated on all N (`--total N`), 3 rounds at `--interval`; run twice, one after
-#    the other: "bare" (no history, seed-style clients) and "positions" (the clock's
-#    topic keeps history, `--history-for time=100`, and every client asks for envelopes
-#    and keeps its position: `c1m bench --reconnect --recover`). Reports the server's
-#    memory per connection (RSS with all N connected minus RSS before any, over N) and
-#    the fan-out of each round (stamp to the last client).
+#    clock gated on all N (`--total N`), 3 rounds at `--interval`; three runs, one after
+#    the other: "bare" (no history, seed-style clients), "envelopes" (the clock's topic
+#    keeps history, `--history-for time=100`, and clients ask for envelopes,
+#    `?envelope=1`) and "positions" (the same, and every client keeps its position and
+#    checks every offset: `c1m bench --reconnect --recover`, which costs the client more
+#    CPU). Reports the server's memory per connection (RSS with all N connected minus
+#    RSS before any, over N), the server's own fan-out time of each round (the slowest
+#    worker's first to last write, from its debug log) and the client's (stamp to the
+#    last client).
 # 2. storm: S clients (default 100,000) on the topic `feed` (`--history-for feed=100`),
-#    each with a position (one publication first); then every worker is SIGKILLed at
-#    once, 10 publications go out as soon as a worker is back (the master keeps the
-#    history; its replacements are up in milliseconds), and all S clients come back
-#    with `--reconnect --recover` (0.1 s backoff, doubling, jittered), resume from their
-#    position and get the publications they missed. Reports the time from the kill until
-#    all S are connected again, the server's CPU seconds meanwhile, and the bench's
-#    recovery counts (resumes, `recovered: true`, publications replayed, missed).
+#    each with a position (one publication first); then the bench processes are frozen
+#    (SIGSTOP), every worker is SIGKILLed at once, 10 publications go out through the
+#    replacement workers (the master keeps the history), and the bench is let go
+#    (SIGCONT): all S clients find their connection gone at once, come back with
+#    `--reconnect --recover` (0.05-0.1 s first backoff), resume from their position and
+#    get the 10 they missed. Reports the time from the SIGCONT until all S are connected
+#    again, the server's CPU seconds meanwhile, and the bench's recovery counts
+#    (resumes, `recovered: true`, publications replayed per resume, missed).
 #
 #   bench/recovery.sh [--connections N] [--storm S] [--only positions|storm]
 # Run as root (it applies `c1m tune --apply`). Listens on 127.0.0.1 only; stops what it
@@ -56,7 +60,8 @@ procs_for() { echo $(( ($1 + 18999) / 19000 )); }
 start_server() {
   local log=$1; shift
   PORT=$(free_port)
-  RUST_LOG=warn $BIN serve --listen "127.0.0.1:$PORT" --ping-interval 0s --idle-timeout 0s \
+  # The delivery debug lines give each worker's own fan-out time of each round.
+  RUST_LOG=warn,c1m_server::server::delivery=debug $BIN serve --listen "127.0.0.1:$PORT" --ping-interval 0s --idle-timeout 0s \
     --stats-interval 60s "$@" >"$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 300); do grep -q listening "$log" && break; sleep 0.1; done
@@ -69,16 +74,16 @@ connected() {
 }
 
 positions_run() {
-  local kind=$1 procs rss0 rss1 extra_server=() extra_bench=()
+  local kind=$1 procs rss0 rss1 extra_server=() extra_bench=() path=/
   procs=$(procs_for "$N")
-  if [ "$kind" = positions ]; then
-    extra_server=(--history-for time=100)
-    extra_bench=(--reconnect --recover)
-  fi
+  case $kind in
+    envelopes) extra_server=(--history-for time=100); path="/?envelope=1" ;;
+    positions) extra_server=(--history-for time=100); extra_bench=(--reconnect --recover) ;;
+  esac
   start_server "$OUT/$kind-$N.server.log" --workers "$procs" --total "$N" --delay 0 \
     --interval "$INTERVAL" "${extra_server[@]}"
   rss0=$(rss_kib $(server_pids))
-  $BIN bench --url "ws://127.0.0.1:$PORT/" --quiet --connections "$N" --procs "$procs" \
+  $BIN bench --url "ws://127.0.0.1:$PORT$path" --quiet --connections "$N" --procs "$procs" \
     --rate 20000 --messages 3 --source-ips 127.0.0.2-127.0.0.60 --duration 300s \
     --connect-timeout 30s "${extra_bench[@]}" --json "$OUT/$kind-$N.json" \
     >"$OUT/$kind-$N.bench.txt" 2>&1 &
@@ -89,21 +94,38 @@ positions_run() {
   wait "$BENCH_PID" || true
   BENCH_PID=""
   stop_server
-  python3 - "$OUT/$kind-$N.json" "$kind" "$N" "$rss0" "$rss1" <<'PY'
-import json, sys
-path, kind, n, rss0, rss1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+  python3 - "$OUT/$kind-$N.json" "$kind" "$N" "$rss0" "$rss1" "$OUT/$kind-$N.server.log" <<'PY'
+import datetime, json, re, sys
+path, kind, n, rss0, rss1, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 s = json.load(open(path))["snapshot"]
 fanouts = [(r["last_us"] - int(stamp)) / 1e6 for stamp, r in sorted(s["rounds"].items()) if r["delivered"]]
+# The server's own: per round (lines more than a second apart start a new one), the
+# slowest worker's first-to-last write.
+rounds, last = [], None
+for line in open(log):
+    m = re.match(r"(\S+)Z .*fan-out done sent=(\d+) fanout_ms=([\d.]+)", line)
+    if not m or int(m.group(2)) == 0:
+        continue
+    at = datetime.datetime.fromisoformat(m.group(1))
+    if last is None or (at - last).total_seconds() > 1:
+        rounds.append(0.0)
+    rounds[-1] = max(rounds[-1], float(m.group(3)) / 1000)
+    last = at
+# A last tick may go out while the clients leave (the bench stops after 3): not a round.
+rounds = rounds[:len(fanouts)]
 rec = s.get("recovery", {})
 print(f"| {kind} | {s['established']:,} | {sum(s['errors'].values())} | {(rss1 - rss0) * 1024 / n:.0f} B "
-      f"| {', '.join(f'{f:.2f}' for f in fanouts)} | {sum(r['expected'] - r['delivered_expected'] for r in s['rounds'].values() if r['complete'])} "
-      f"| {rec.get('missed', '–')} |")
+      f"| {', '.join(f'{f:.2f}' for f in rounds)} | {', '.join(f'{f:.2f}' for f in fanouts)} "
+      f"| {sum(r['expected'] - r['delivered_expected'] for r in s['rounds'].values() if r['complete'])} "
+      f"| {rec.get('missed', 0) if kind == 'positions' else '–'} |")
 PY
 }
 
 storm_run() {
   local procs t0 back cpu0 cpu1 pids
   procs=$(procs_for "$S")
+  # Workers to kill (with one, `--workers 1` is a single process).
+  [ "$procs" -lt 2 ] && procs=2
   start_server "$OUT/storm-$S.server.log" --workers "$procs" --connect-only --api-key k \
     --history-for feed=100
   $BIN bench --url "ws://127.0.0.1:$PORT/?topic=feed" --quiet --connections "$S" \
@@ -120,18 +142,47 @@ storm_run() {
   # Every client gets a position.
   [ "$(publish "$(date +%s%3N)")" = 200 ] || echo "the first publish failed" >&2
   sleep 3
-  pids=$(pgrep -P "$SERVER_PID" | tr '\n' ' ')
-  # The master's CPU so far; the replacement workers' all comes after the kill.
-  cpu0=$(cpu_secs "$SERVER_PID")
-  t0=$(date +%s.%N)
+  pids=$(pgrep -P "$SERVER_PID" | tr '\n' ' ' || true)
+  # The clients are frozen first (SIGSTOP), so that none is back before all ten
+  # publications went out: each then has exactly ten to recover.
+  local clients
+  clients="$BENCH_PID $(pgrep -P "$BENCH_PID" | tr '\n' ' ' || true)"
+  # shellcheck disable=SC2086
+  kill -STOP $clients
   # shellcheck disable=SC2086
   kill -9 $pids
-  local sent=0
-  for _ in $(seq 500); do
-    [ "$(publish "$(date +%s%3N)")" = 200 ] && sent=$((sent + 1))
-    [ "$sent" -ge 10 ] && break
-    sleep 0.01
-  done
+  # Ten publications at once (ten threads, each retrying until a replacement worker
+  # takes it), so that most clients, back after their 0.05-0.1 s first backoff, have
+  # missed all ten.
+  local sent
+  sent=$(python3 - "$PORT" <<'PY'
+import http.client, json, sys, threading, time
+port = int(sys.argv[1])
+done = []
+def one():
+    for _ in range(500):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            body = json.dumps({"topic": "feed", "message": int(time.time() * 1000)})
+            c.request("POST", "/publish", body, {"Authorization": "Bearer k", "Content-Type": "application/json"})
+            if c.getresponse().status == 200:
+                done.append(1)
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+threads = [threading.Thread(target=one) for _ in range(10)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(done))
+PY
+)
+  # The master's CPU so far; the replacement workers' is all in the storm but for their
+  # start and the ten publications.
+  cpu0=$(cpu_secs $(server_pids))
+  t0=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  kill -CONT $clients
   back="not all back"
   for _ in $(seq 1200); do
     if [ "$(connected)" -ge "$S" ]; then
@@ -153,15 +204,15 @@ s = json.load(open(path))["snapshot"]
 r = s.get("recovery", {})
 nr = ", ".join(f"{k} {v}" for k, v in sorted(r.get("not_recovered", {}).items())) or "none"
 print(f"| {s_n:,} | {sent} | {back} | {cpu1 - cpu0:.1f} s | {s['active']:,} "
-      f"| {r.get('resumes', 0):,} | {r.get('recovered', 0):,} | {nr} | {r.get('replayed', 0):,} "
+      f"| {r.get('resumes', 0):,} | {r.get('recovered', 0):,} | {nr} | {r.get('replayed', 0):,} ({r.get('replayed', 0) / max(r.get('resumes', 0), 1):.1f}) "
       f"| {r.get('missed', 0)} | {r.get('duplicates', 0)} |")
 PY
 }
 
 if [ "$ONLY" != storm ]; then
-  echo "| clients | established | errors | server memory / connection | fan-out per round (s) | missed rounds | missed (offsets) |" >"$OUT/table-positions-$N.md"
-  echo "|---|---:|---:|---:|---|---:|---:|" >>"$OUT/table-positions-$N.md"
-  for kind in bare positions; do
+  echo "| clients | established | errors | server memory / connection | server fan-out per round, slowest worker (s) | stamp to last client per round (s) | missed rounds | missed (offsets) |" >"$OUT/table-positions-$N.md"
+  echo "|---|---:|---:|---:|---|---|---:|---:|" >>"$OUT/table-positions-$N.md"
+  for kind in bare envelopes positions; do
     positions_run "$kind" >>"$OUT/table-positions-$N.md"
   done
   sed -i "1s/| clients |/| run ($N clients) |/" "$OUT/table-positions-$N.md"
@@ -169,7 +220,7 @@ if [ "$ONLY" != storm ]; then
 fi
 if [ "$ONLY" != positions ]; then
   {
-    echo "| clients | publications while away | all back after | server CPU, kill to all back | open at end | resumes | recovered | not recovered | replayed | missed | duplicates |"
+    echo "| clients | publications while away | all back after | server CPU meanwhile | open at end | resumes | recovered | not recovered | replayed (per resume) | missed | duplicates |"
     echo "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     storm_run
   } >"$OUT/table-storm-$S.md"

@@ -263,6 +263,54 @@ impl History {
             };
             self.topics.insert(topic.into(), fresh);
         }
+        self.keep(topic, payload, now)
+    }
+
+    /// Keeps a publication whose position someone else gave (a cluster's broker, which
+    /// orders every node's publications). Publications come in offset order, but a
+    /// node may miss some (its broker link was down): a jump, or a new epoch, starts
+    /// the topic's kept run afresh, so a recovery here never spans a hole (an older
+    /// position is then `TooOld` here, and the caller asks the broker). A repeat of an
+    /// offset already kept is ignored. Returns whether it was kept.
+    pub fn record(
+        &mut self,
+        topic: &str,
+        position: &Position,
+        payload: Bytes,
+        now: Instant,
+    ) -> bool {
+        let limits = self.policy.limits(topic);
+        if limits.size == 0 || position.offset == 0 {
+            return false;
+        }
+        let fresh_run = match self.topics.get(topic) {
+            None => true,
+            Some(t) if t.epoch != position.epoch => true,
+            Some(t) if position.offset <= t.offset => return false,
+            Some(t) => position.offset > t.offset + 1,
+        };
+        if fresh_run {
+            while self.topics.get(topic).is_some_and(|t| !t.kept.is_empty()) {
+                self.drop_oldest_of(topic);
+            }
+            if !self.topics.contains_key(topic) {
+                self.bytes += PER_TOPIC + topic.len();
+            }
+            let run = Topic {
+                epoch: position.epoch.clone(),
+                offset: position.offset - 1,
+                limits,
+                kept: VecDeque::new(),
+            };
+            self.topics.insert(topic.into(), run);
+        }
+        self.keep(topic, payload, now);
+        true
+    }
+
+    /// Adds the next publication of `topic` (which exists) at its offset + 1, then
+    /// applies the bounds.
+    fn keep(&mut self, topic: &str, payload: Bytes, now: Instant) -> Option<Position> {
         let name = Rc::clone(self.topics.get_key_value(topic)?.0);
         let entry = self.topics.get_mut(topic)?;
         entry.offset += 1;

@@ -287,3 +287,56 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn positions_given_by_a_cluster_are_kept_and_a_hole_starts_a_new_run() {
+    let mut h = History::new(policy(10, None));
+    let now = Instant::now();
+    let at = |offset: u64, epoch: &str| Position {
+        offset,
+        epoch: epoch.into(),
+    };
+    assert!(h.record("a", &at(5, "e1"), Bytes::from("5"), now));
+    assert!(h.record("a", &at(6, "e1"), Bytes::from("6"), now));
+    assert!(
+        !h.record("a", &at(6, "e1"), Bytes::from("6"), now),
+        "a repeat"
+    );
+    assert_eq!(h.position("a"), Some(at(6, "e1")));
+    match h.recover("a", "e1", 5, now) {
+        Recovery::Recovered { publications, .. } => assert_eq!(payloads(&publications), [(6, "6")]),
+        other => panic!("{other:?}"),
+    }
+    // What came before this node heard of the topic is not here.
+    assert!(matches!(
+        h.recover("a", "e1", 3, now),
+        Recovery::NotRecovered {
+            reason: NotRecovered::TooOld,
+            ..
+        }
+    ));
+    // A hole (this node missed 7 and 8): a recovery must not span it.
+    assert!(h.record("a", &at(9, "e1"), Bytes::from("9"), now));
+    assert!(matches!(
+        h.recover("a", "e1", 6, now),
+        Recovery::NotRecovered {
+            reason: NotRecovered::TooOld,
+            ..
+        }
+    ));
+    assert_eq!(h.usage().publications, 1);
+    // A new epoch (the broker lost its history) starts over.
+    assert!(h.record("a", &at(1, "e2"), Bytes::from("1"), now));
+    assert_eq!(h.position("a"), Some(at(1, "e2")));
+    assert!(matches!(
+        h.recover("a", "e1", 9, now),
+        Recovery::NotRecovered {
+            reason: NotRecovered::EpochChanged,
+            ..
+        }
+    ));
+    assert!(
+        !h.record("b", &at(0, "e"), Bytes::from("x"), now),
+        "offset 0 is none"
+    );
+}
