@@ -366,6 +366,17 @@ mod tests {
         Bytes::from(frame)
     }
 
+    /// The envelope fields of a publication to `news` at offset 7.
+    fn news_at_7() -> EnvelopeFields {
+        EnvelopeFields {
+            topic: Some("news".into()),
+            position: Some(Position {
+                offset: 7,
+                epoch: "abcd0123".into(),
+            }),
+        }
+    }
+
     #[test]
     fn envelope_clients_get_one_shared_envelope_and_the_others_the_bare_frame() {
         let mut conns = Slab::new();
@@ -378,13 +389,7 @@ mod tests {
             })
         };
         let (e1, e2) = (wrapped(&mut conns), wrapped(&mut conns));
-        let fields = EnvelopeFields {
-            topic: Some("news".into()),
-            position: Some(Position {
-                offset: 7,
-                epoch: "abcd0123".into(),
-            }),
-        };
+        let fields = news_at_7();
         let mut broadcast = Broadcast::enveloped(text("hi"), fields, Recipients::EveryOpen);
         broadcast.step(&mut conns, &limits(SlowConsumerPolicy::Disconnect), 10);
         assert_eq!(conns[bare].got, [text("hi")]);
@@ -410,13 +415,7 @@ mod tests {
         };
         let (s1, s2) = (conns.insert(stream()), conns.insert(stream()));
         let socket = conns.insert(open());
-        let fields = EnvelopeFields {
-            topic: Some("news".into()),
-            position: Some(Position {
-                offset: 7,
-                epoch: "abcd0123".into(),
-            }),
-        };
+        let fields = news_at_7();
         let mut broadcast = Broadcast::enveloped(text("hi"), fields, Recipients::EveryOpen);
         broadcast.step(&mut conns, &limits(SlowConsumerPolicy::Disconnect), 10);
         assert_eq!(

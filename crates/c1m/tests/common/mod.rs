@@ -307,25 +307,7 @@ pub fn http(
     headers: &[&str],
     body: &[u8],
 ) -> HttpResponse {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for h in headers {
-        request.push_str(h);
-        request.push_str("\r\n");
-    }
-    request.push_str("\r\n");
-    let mut bytes = request.into_bytes();
-    bytes.extend_from_slice(body);
-    stream.write_all(&bytes).expect("send request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("read response");
+    let response = exchange(addr, method, path, headers, body).expect("an HTTP exchange");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -515,7 +497,7 @@ pub fn publish_through_a_worker_kill(
     publish("end");
 }
 
-/// The status of one HTTP request, or `None` if the connection failed (a worker that
+/// The status of one JSON request, or `None` if the connection failed (a worker that
 /// died under it).
 fn try_http(
     addr: SocketAddr,
@@ -524,13 +506,26 @@ fn try_http(
     headers: &[&str],
     body: &[u8],
 ) -> Option<u16> {
+    let mut with_type = vec!["Content-Type: application/json"];
+    with_type.extend_from_slice(headers);
+    let response = exchange(addr, method, path, &with_type, body).ok()?;
+    std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Sends one HTTP/1.1 request on its own connection (`Connection: close`) and reads
+/// the whole response. `headers` are complete header lines without CRLF.
+fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for h in headers {
@@ -540,10 +535,10 @@ fn try_http(
     request.push_str("\r\n");
     let mut bytes = request.into_bytes();
     bytes.extend_from_slice(body);
-    stream.write_all(&bytes).ok()?;
+    stream.write_all(&bytes)?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
+    stream.read_to_end(&mut response)?;
+    Ok(response)
 }
 
 /// Waits (up to `timeout`) for one HTTP request on `listener` (a page reporting what
