@@ -32,6 +32,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::history::Position;
+
 /// A publish not confirmed by the broker within this time is reported as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -117,7 +119,7 @@ impl BrokerUrl {
             };
         }
         let topic = self.topic(subject)?;
-        let Some((reply, frame)) = unwrap(&payload) else {
+        let Some((reply, position, frame)) = unwrap(&payload) else {
             tracing::warn!(topic, "ignoring a malformed publication from the broker");
             return None;
         };
@@ -125,6 +127,7 @@ impl BrokerUrl {
             topic: topic.to_string(),
             frame,
             reply,
+            position,
         })
     }
 
@@ -157,33 +160,113 @@ struct AckBody {
     delivered: u64,
 }
 
-/// Version byte of the publication wrapper.
+/// Version byte of the publication wrapper: 1 without a position, 2 with one.
 const WIRE_VERSION: u8 = 1;
+const WIRE_WITH_POSITION: u8 = 2;
 
 /// A publication as it travels over the broker: version, the publisher's acks token
-/// (u16 length + bytes), the publish id (u64 LE), then the WebSocket frame.
+/// (u16 length + bytes), the publish id (u64 LE), then the WebSocket frame. Version 2
+/// (written by the Redis script of a topic with history, see [`REDIS_PUBLISH`]) has
+/// the position between the id and the frame: a length byte, then `OFFSET EPOCH` in
+/// ASCII (text, because the script builds it).
 fn wrap(reply: &Reply, frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len() + reply.to.len() + 11);
-    out.push(WIRE_VERSION);
-    out.extend_from_slice(&(reply.to.len() as u16).to_le_bytes());
-    out.extend_from_slice(reply.to.as_bytes());
-    out.extend_from_slice(&reply.id.to_le_bytes());
+    let mut out = wrap_head(WIRE_VERSION, reply);
     out.extend_from_slice(frame);
     out
 }
 
-/// The inverse of [`wrap`]; `None` for anything else.
-fn unwrap(payload: &[u8]) -> Option<(Reply, Vec<u8>)> {
+/// The wrapper up to the frame (or, for version 2, up to the position).
+fn wrap_head(version: u8, reply: &Reply) -> Vec<u8> {
+    let mut out = Vec::with_capacity(reply.to.len() + 64);
+    out.push(version);
+    out.extend_from_slice(&(reply.to.len() as u16).to_le_bytes());
+    out.extend_from_slice(reply.to.as_bytes());
+    out.extend_from_slice(&reply.id.to_le_bytes());
+    out
+}
+
+/// The inverse of [`wrap`] (and of the script's version 2); `None` for anything else.
+fn unwrap(payload: &[u8]) -> Option<(Reply, Option<Position>, Vec<u8>)> {
     let (&version, rest) = payload.split_first()?;
-    if version != WIRE_VERSION || rest.len() < 2 {
+    if !(version == WIRE_VERSION || version == WIRE_WITH_POSITION) || rest.len() < 2 {
         return None;
     }
     let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
     let to = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_string();
     let id = u64::from_le_bytes(rest.get(2 + len..10 + len)?.try_into().ok()?);
-    let frame = rest.get(10 + len..)?.to_vec();
-    Some((Reply { to, id }, frame))
+    let mut rest = rest.get(10 + len..)?;
+    let mut position = None;
+    if version == WIRE_WITH_POSITION {
+        let (&n, after) = rest.split_first()?;
+        let text = std::str::from_utf8(after.get(..n as usize)?).ok()?;
+        let (offset, epoch) = text.split_once(' ')?;
+        position = Some(Position {
+            offset: offset.parse().ok()?,
+            epoch: epoch.to_string(),
+        });
+        rest = after.get(n as usize..)?;
+    }
+    Some((Reply { to, id }, position, rest.to_vec()))
 }
+
+/// How a topic with history is kept in the broker (Redis: a stream per topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Publications kept (the stream's MAXLEN).
+    pub size: usize,
+    /// How long the stream lives after its latest publication (`None`: for good).
+    pub ttl: Option<Duration>,
+}
+
+/// What the broker holds of a topic's history (see [`Command::Recover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// `None`: the broker keeps no history of the topic (never published with
+    /// history, or lost: a Redis restart without persistence).
+    pub epoch: Option<String>,
+    /// The topic's latest offset.
+    pub offset: u64,
+    /// The kept publications after the asked position, oldest first, at most the
+    /// asked number: (offset, WebSocket frame).
+    pub publications: Vec<(u64, Vec<u8>)>,
+}
+
+/// A publish to a topic with history, atomically in Redis: the topic's epoch (made on
+/// first use: when Redis lost the topic, its offsets restart in a new epoch, and the
+/// stream of the lost one is dropped), the next offset, the stream entry (id
+/// `OFFSET-0`, trimmed to the size, expiring `ttl` after the latest), and the
+/// publication to every node in the same step, so that every node sees the topic's
+/// publications in offset order.
+/// KEYS: the topic's meta hash, its stream. ARGV: channel, a fresh epoch, size, ttl in
+/// ms (0: none), the wrapper head (version 2), the frame.
+const REDIS_PUBLISH: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'f', ARGV[6])
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+local position = offset .. ' ' .. epoch
+redis.call('PUBLISH', ARGV[1], ARGV[5] .. string.char(#position) .. position .. ARGV[6])
+return {offset, epoch}
+";
+
+/// A topic's history after a position, in one step: epoch, latest offset, and at most
+/// COUNT entries from offset FROM on. KEYS: meta hash, stream. ARGV: from, count.
+const REDIS_RECOVER: &str = r"
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+if not meta[1] then return {} end
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+local out = {meta[1], meta[2]}
+for _, entry in ipairs(entries) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2][2]
+end
+return out
+";
 
 /// A node's acks token: its name with what a NATS subject token cannot hold replaced.
 pub fn ack_token(node: &str) -> String {
@@ -201,10 +284,21 @@ pub enum Command {
     Subscribe(String),
     Unsubscribe(String),
     /// Publish `frame` to `topic` (`""`: every connection); answered with `Published`.
+    /// With `keep`, the broker keeps it in the topic's history and gives it its
+    /// position (Redis only; the owner never asks NATS).
     Publish {
         id: u64,
         topic: String,
         frame: Vec<u8>,
+        keep: Option<Keep>,
+    },
+    /// What the broker keeps of `topic` after offset `since`, at most `limit`
+    /// publications; answered with `Stored`.
+    Recover {
+        id: u64,
+        topic: String,
+        since: u64,
+        limit: usize,
     },
     /// Publish this node's report (JSON, see `node_stats`); dropped while the link is
     /// down, never confirmed: the next one follows within a second.
@@ -221,10 +315,12 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Event {
     /// A publication from any node (this one included); answer with `Command::Ack`.
+    /// `position`: where the broker put it in the topic's history, if it keeps one.
     Message {
         topic: String,
         frame: Vec<u8>,
         reply: Reply,
+        position: Option<Position>,
     },
     /// Node `node` delivered this node's publish `id` to `delivered` connections.
     Ack {
@@ -232,8 +328,19 @@ pub enum Event {
         node: String,
         delivered: u64,
     },
-    /// Whether publish `id` was confirmed by the broker.
-    Published { id: u64, ok: bool },
+    /// Whether publish `id` was confirmed by the broker, and where it went in the
+    /// topic's history (with `keep`).
+    Published {
+        id: u64,
+        ok: bool,
+        position: Option<Position>,
+    },
+    /// The answer to `Command::Recover` `id`; `None`: the broker could not say (down).
+    Stored { id: u64, stored: Option<Stored> },
+    /// The broker confirmed a subscription to `topic` (Redis): every `Message` of the
+    /// topic after this event comes from it, none from an earlier one, so a gap in
+    /// offsets across it is no loss (the node was not listening).
+    Subscribed(String),
     /// A node report (this node's own included).
     Report(Vec<u8>),
     /// The link went up or down.
@@ -395,7 +502,10 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                     task.abort();
                 }
             }
-            Command::Publish { id, topic, frame } => {
+            Command::Recover { id, .. } => out.emit(Event::Stored { id, stored: None }),
+            Command::Publish {
+                id, topic, frame, ..
+            } => {
                 let ok = up.load(Ordering::SeqCst)
                     && tokio::time::timeout(CONFIRM_TIMEOUT, async {
                         client
@@ -406,7 +516,11 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                     })
                     .await
                     .unwrap_or(false);
-                out.emit(Event::Published { id, ok });
+                out.emit(Event::Published {
+                    id,
+                    ok,
+                    position: None,
+                });
             }
             Command::Report(report) => {
                 if up.load(Ordering::SeqCst) {
@@ -465,7 +579,12 @@ fn remember(command: Command, wanted: &mut HashSet<String>, out: &Out) {
         Command::Unsubscribe(topic) => {
             wanted.remove(&topic);
         }
-        Command::Publish { id, .. } => out.emit(Event::Published { id, ok: false }),
+        Command::Publish { id, .. } => out.emit(Event::Published {
+            id,
+            ok: false,
+            position: None,
+        }),
+        Command::Recover { id, .. } => out.emit(Event::Stored { id, stored: None }),
         Command::Report(_) | Command::Ack { .. } => {}
     }
 }
@@ -487,10 +606,13 @@ async fn redis_session(
         .await
         .map_err(|_| timeout("connect"))??;
     let (mut sink, mut stream) = pubsub.split();
+    // History answers held until the pubsub stream caught up with them (see below).
+    let mut synced: HashMap<u64, Stored> = HashMap::new();
     sink.subscribe(url.reports_subject()).await?;
     sink.subscribe(out.acks.to_string()).await?;
     for topic in wanted.iter() {
         sink.subscribe(url.subject(topic)).await?;
+        out.emit(Event::Subscribed(topic.clone()));
     }
     tracing::info!("Redis link up");
     out.emit(Event::Up(true));
@@ -501,7 +623,16 @@ async fn redis_session(
                     return Err(io::Error::from(io::ErrorKind::ConnectionReset).into());
                 };
                 let payload = message.get_payload_bytes().to_vec();
-                if let Some(event) = url.incoming(message.get_channel_name(), &out.acks, payload) {
+                let channel = message.get_channel_name();
+                if channel == &*out.acks {
+                    if let Some(id) = payload.strip_prefix(SYNC).and_then(|id| std::str::from_utf8(id).ok()?.parse().ok()) {
+                        if let Some(stored) = synced.remove(&id) {
+                            out.emit(Event::Stored { id, stored: Some(stored) });
+                        }
+                        continue;
+                    }
+                }
+                if let Some(event) = url.incoming(channel, &out.acks, payload) {
                     out.emit(event);
                 }
             }
@@ -510,6 +641,7 @@ async fn redis_session(
                 Some(Command::Subscribe(topic)) => {
                     if wanted.insert(topic.clone()) {
                         sink.subscribe(url.subject(&topic)).await?;
+                        out.emit(Event::Subscribed(topic));
                     }
                 }
                 Some(Command::Unsubscribe(topic)) => {
@@ -527,25 +659,151 @@ async fn redis_session(
                     command.arg(url.acks_subject(&reply.to)).arg(out.ack_body(&reply, delivered));
                     best_effort(command, &mut publisher).await?;
                 }
-                Some(Command::Publish { id, topic, frame }) => {
-                    let mut command = redis::cmd("PUBLISH");
-                    command.arg(url.subject(&topic)).arg(wrap(&out.reply(id), &frame));
-                    let publish = command.query_async::<i64>(&mut publisher);
+                Some(Command::Publish { id, topic, frame, keep }) => {
+                    let publish = redis_publish(&mut publisher, url, out, id, &topic, &frame, keep);
+                    let failed = |id| Event::Published { id, ok: false, position: None };
                     match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-                        Ok(Ok(_nodes)) => out.emit(Event::Published { id, ok: true }),
+                        Ok(Ok(position)) => out.emit(Event::Published { id, ok: true, position }),
                         Ok(Err(error)) => {
-                            out.emit(Event::Published { id, ok: false });
+                            out.emit(failed(id));
                             return Err(error);
                         }
                         Err(_) => {
-                            out.emit(Event::Published { id, ok: false });
+                            out.emit(failed(id));
                             return Err(timeout("publish"));
+                        }
+                    }
+                }
+                Some(Command::Recover { id, topic, since, limit }) => {
+                    let read = redis_recover(&mut publisher, &topic, since, limit);
+                    match tokio::time::timeout(CONFIRM_TIMEOUT, read).await {
+                        Ok(Ok(stored)) => {
+                            // Publications up to the answer's last offset may still be on
+                            // their way on the pubsub connection (published after this
+                            // node subscribed, before the read). A marker published now
+                            // arrives after all of them: the answer goes out then, so the
+                            // owner has every one of them before it (see
+                            // `server/cluster_resume.rs`).
+                            synced.insert(id, stored);
+                            let mut marker = redis::cmd("PUBLISH");
+                            marker.arg(&*out.acks).arg([SYNC, id.to_string().as_bytes()].concat());
+                            best_effort(marker, &mut publisher).await?;
+                        }
+                        Ok(Err(error)) => {
+                            out.emit(Event::Stored { id, stored: None });
+                            return Err(error);
+                        }
+                        Err(_) => {
+                            out.emit(Event::Stored { id, stored: None });
+                            return Err(timeout("recover"));
                         }
                     }
                 }
             },
         }
     }
+}
+
+/// The Redis keys of a topic's history: its meta hash (epoch, latest offset) and its
+/// stream. The `{…}` hash tag keeps both on one Redis Cluster slot.
+fn redis_history_keys(topic: &str) -> (String, String) {
+    (
+        format!("c1m:h:{{{topic}}}:meta"),
+        format!("c1m:h:{{{topic}}}:stream"),
+    )
+}
+
+/// A publish: a plain PUBLISH, or with `keep` the history script; the position given.
+async fn redis_publish(
+    publisher: &mut redis::aio::MultiplexedConnection,
+    url: &BrokerUrl,
+    out: &Out,
+    id: u64,
+    topic: &str,
+    frame: &[u8],
+    keep: Option<Keep>,
+) -> redis::RedisResult<Option<Position>> {
+    let Some(keep) = keep else {
+        let mut command = redis::cmd("PUBLISH");
+        command
+            .arg(url.subject(topic))
+            .arg(wrap(&out.reply(id), frame));
+        command.query_async::<i64>(publisher).await?;
+        return Ok(None);
+    };
+    let (meta, stream) = redis_history_keys(topic);
+    let fresh_epoch = format!("{:08x}", rand_u32());
+    let ttl_ms = keep.ttl.map_or(0, |t| t.as_millis().max(1) as u64);
+    let (offset, epoch): (u64, String) = redis::Script::new(REDIS_PUBLISH)
+        .key(meta)
+        .key(stream)
+        .arg(url.subject(topic))
+        .arg(fresh_epoch)
+        .arg(keep.size.max(1))
+        .arg(ttl_ms)
+        .arg(wrap_head(WIRE_WITH_POSITION, &out.reply(id)))
+        .arg(frame)
+        .invoke_async(publisher)
+        .await?;
+    Ok(Some(Position { offset, epoch }))
+}
+
+/// A topic's history after `since`, at most `limit` publications.
+async fn redis_recover(
+    publisher: &mut redis::aio::MultiplexedConnection,
+    topic: &str,
+    since: u64,
+    limit: usize,
+) -> redis::RedisResult<Stored> {
+    let (meta, stream) = redis_history_keys(topic);
+    let values: Vec<redis::Value> = redis::Script::new(REDIS_RECOVER)
+        .key(meta)
+        .key(stream)
+        .arg(since + 1)
+        .arg(limit.max(1))
+        .invoke_async(publisher)
+        .await?;
+    let text = |v: &redis::Value| -> Option<String> { redis::from_redis_value(v).ok() };
+    let mut fields = values.iter();
+    let Some(epoch) = fields.next().and_then(text) else {
+        return Ok(Stored {
+            epoch: None,
+            offset: 0,
+            publications: Vec::new(),
+        });
+    };
+    let offset = fields
+        .next()
+        .and_then(text)
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
+    let mut publications = Vec::new();
+    while let (Some(id), Some(frame)) = (fields.next(), fields.next()) {
+        // Entry ids are `OFFSET-0` (see `REDIS_PUBLISH`).
+        let entry_offset = text(id).and_then(|id| id.split('-').next()?.parse().ok());
+        let frame: Option<Vec<u8>> = redis::from_redis_value(frame).ok();
+        if let (Some(entry_offset), Some(frame)) = (entry_offset, frame) {
+            publications.push((entry_offset, frame));
+        }
+    }
+    Ok(Stored {
+        epoch: Some(epoch),
+        offset,
+        publications,
+    })
+}
+
+/// The prefix of a sync marker on a node's own acks channel (see `Command::Recover`).
+const SYNC: &[u8] = b"sync:";
+
+/// A random epoch's bits (a new epoch must not repeat an old one).
+fn rand_u32() -> u32 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    std::collections::hash_map::RandomState::new().hash_one(nanos) as u32
 }
 
 /// Sends a PUBLISH whose answer nobody waits for (reports, acks); an error or no
@@ -573,7 +831,22 @@ mod tests {
         };
         assert_eq!(reply.to, "host_example:8088/42");
         let wrapped = wrap(&reply, b"\x81\x02hi");
-        assert_eq!(unwrap(&wrapped), Some((reply, b"\x81\x02hi".to_vec())));
+        assert_eq!(
+            unwrap(&wrapped),
+            Some((reply.clone(), None, b"\x81\x02hi".to_vec()))
+        );
+        // Version 2, as the Redis script writes it: the position before the frame.
+        let mut with_position = wrap_head(WIRE_WITH_POSITION, &reply);
+        with_position.push(11);
+        with_position.extend_from_slice(b"42 9f2c01ab\x81\x02hi");
+        let position = Position {
+            offset: 42,
+            epoch: "9f2c01ab".into(),
+        };
+        assert_eq!(
+            unwrap(&with_position),
+            Some((reply, Some(position), b"\x81\x02hi".to_vec()))
+        );
         for bad in [
             &b""[..],
             b"\x02\x00\x00",
@@ -616,7 +889,7 @@ mod tests {
         fn wrap_round_trips(to in "[a-z:/_0-9]{0,40}", id in proptest::num::u64::ANY,
                             frame in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             let reply = Reply { to, id };
-            proptest::prop_assert_eq!(unwrap(&wrap(&reply, &frame)), Some((reply, frame)));
+            proptest::prop_assert_eq!(unwrap(&wrap(&reply, &frame)), Some((reply, None, frame)));
         }
     }
 

@@ -22,8 +22,9 @@ use std::time::Instant;
 use mio::{Registry, Token};
 use serde_json::Value;
 
-use crate::broker::{self, BrokerLink, Reply};
+use crate::broker::{self, BrokerLink, Keep, Reply, Stored};
 use crate::config::BrokerUrl;
+use crate::history::Position;
 use crate::node_stats::{self, ClusterView, NodeReport};
 use crate::publish_acks::{Finished, PublishAcks};
 use crate::target::Target;
@@ -37,7 +38,13 @@ pub enum ClusterEvent<W> {
         target: Target,
         frame: Vec<u8>,
         reply: Reply,
+        /// Its place in the topic's history, when the broker keeps one.
+        position: Option<Position>,
     },
+    /// The broker's answer to [`ClusterNode::recover`] `id` (`None`: it could not say).
+    Stored { id: u64, stored: Option<Stored> },
+    /// The node listens to `topic` afresh: what it heard before is no baseline.
+    Subscribed(String),
     /// A publish of this node's is over: answer whoever waits for it.
     Finished(Finished<W>),
     /// The link went up or down (already logged).
@@ -55,6 +62,9 @@ pub struct ClusterNode<W> {
     /// Topics with local subscribers, and which members have them: the broker
     /// subscription follows the first member in and the last one out.
     interest: HashMap<String, HashSet<usize>>,
+    /// Topics held subscribed for resumes in progress (see [`ClusterNode::recover`]),
+    /// with how many.
+    held: HashMap<String, usize>,
     next_report: Instant,
 }
 
@@ -78,6 +88,7 @@ impl<W> ClusterNode<W> {
             acks: PublishAcks::default(),
             view: ClusterView::default(),
             interest: HashMap::new(),
+            held: HashMap::new(),
             next_report: Instant::now(),
         })
     }
@@ -92,9 +103,10 @@ impl<W> ClusterNode<W> {
 
     /// Member `member` has (`on`) or no longer has subscribers of `topic`.
     pub fn interest(&mut self, member: usize, topic: &str, on: bool) {
+        let held = self.held.contains_key(topic);
         if on {
             let members = self.interest.entry(topic.to_string()).or_default();
-            if members.is_empty() {
+            if members.is_empty() && !held {
                 self.link
                     .send(broker::Command::Subscribe(topic.to_string()));
             }
@@ -103,6 +115,56 @@ impl<W> ClusterNode<W> {
             members.remove(&member);
             if members.is_empty() {
                 self.interest.remove(topic);
+                if !held {
+                    self.link
+                        .send(broker::Command::Unsubscribe(topic.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Asks the broker what it keeps of `topic` after offset `since` (at most
+    /// `limit`), for a client resuming from there; answered by
+    /// [`ClusterEvent::Stored`] with the returned id. The topic is held subscribed
+    /// first (the broker confirms a subscription before it reads the history), so every
+    /// publication after what the answer holds reaches this node live; the owner calls
+    /// [`ClusterNode::release`] once the client joined. `None` while the link is down.
+    pub fn recover(&mut self, topic: &str, since: u64, limit: usize) -> Option<u64> {
+        if !self.up {
+            return None;
+        }
+        let count = self.held.entry(topic.to_string()).or_default();
+        *count += 1;
+        if *count == 1 && !self.interest.contains_key(topic) {
+            self.link
+                .send(broker::Command::Subscribe(topic.to_string()));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.link.send(broker::Command::Recover {
+            id,
+            topic: topic.to_string(),
+            since,
+            limit,
+        });
+        Some(id)
+    }
+
+    /// Whether the node is (or is about to be) subscribed to `topic` on the broker.
+    pub fn listens_to(&self, topic: &str) -> bool {
+        self.interest.contains_key(topic) || self.held.contains_key(topic)
+    }
+
+    /// Ends a hold of [`ClusterNode::recover`]: call it after the resumed client joined
+    /// (its member's interest then keeps the subscription).
+    pub fn release(&mut self, topic: &str) {
+        let Some(count) = self.held.get_mut(topic) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.held.remove(topic);
+            if !self.interest.contains_key(topic) {
                 self.link
                     .send(broker::Command::Unsubscribe(topic.to_string()));
             }
@@ -125,11 +187,13 @@ impl<W> ClusterNode<W> {
     /// Hands a publish to the broker; `who` is answered through
     /// [`ClusterEvent::Finished`] or [`ClusterNode::expire`]. While the link is down it
     /// is refused at once: `Err(who)`.
+    /// With `keep`, the broker keeps it in the topic's history and gives its position.
     pub fn publish(
         &mut self,
         who: W,
         target: Target,
         frame: Vec<u8>,
+        keep: Option<Keep>,
         now: Instant,
     ) -> Result<(), W> {
         if !self.up {
@@ -144,8 +208,12 @@ impl<W> ClusterNode<W> {
         let expected = self.view.nodes_with(&target, &self.node, local_has, now);
         let topic = target.to_wire().to_string();
         self.acks.start(id, who, target, expected, now);
-        self.link
-            .send(broker::Command::Publish { id, topic, frame });
+        self.link.send(broker::Command::Publish {
+            id,
+            topic,
+            frame,
+            keep,
+        });
         Ok(())
     }
 
@@ -159,14 +227,22 @@ impl<W> ClusterNode<W> {
                     topic,
                     frame,
                     reply,
+                    position,
                 } => out.push(ClusterEvent::Deliver {
                     target: Target::from_wire(topic),
                     frame,
                     reply,
+                    position,
                 }),
-                broker::Event::Published { id, ok } => {
-                    out.extend(self.acks.confirmed(id, ok).map(ClusterEvent::Finished))
+                broker::Event::Published { id, ok, position } => out.extend(
+                    self.acks
+                        .confirmed(id, ok, position)
+                        .map(ClusterEvent::Finished),
+                ),
+                broker::Event::Stored { id, stored } => {
+                    out.push(ClusterEvent::Stored { id, stored })
                 }
+                broker::Event::Subscribed(topic) => out.push(ClusterEvent::Subscribed(topic)),
                 broker::Event::Ack {
                     id,
                     node,

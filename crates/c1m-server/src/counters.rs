@@ -52,7 +52,7 @@ pub struct Counters {
     pub resumes_forced: u64,
     /// Subscribes with a position told to reload, by `NotRecovered` reason (in the
     /// order of `NotRecovered::ALL`).
-    pub not_recovered: [u64; 5],
+    pub not_recovered: [u64; 6],
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,
 }

@@ -142,16 +142,20 @@ pub enum NotRecovered {
     OverLimit,
     /// The position is ahead of the topic: not one this server gave.
     AheadOfTopic,
+    /// In a cluster: the broker that keeps the history could not be asked (down, or
+    /// too slow).
+    BrokerUnavailable,
 }
 
 impl NotRecovered {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [NotRecovered; 5] = [
+    pub const ALL: [NotRecovered; 6] = [
         NotRecovered::NoHistory,
         NotRecovered::EpochChanged,
         NotRecovered::TooOld,
         NotRecovered::OverLimit,
         NotRecovered::AheadOfTopic,
+        NotRecovered::BrokerUnavailable,
     ];
 
     /// The reason as clients and logs see it.
@@ -162,6 +166,7 @@ impl NotRecovered {
             NotRecovered::TooOld => "too_old",
             NotRecovered::OverLimit => "over_recovery_limit",
             NotRecovered::AheadOfTopic => "offset_ahead",
+            NotRecovered::BrokerUnavailable => "broker_unavailable",
         }
     }
 }
@@ -306,6 +311,17 @@ impl History {
         }
         self.keep(topic, payload, now);
         true
+    }
+
+    /// Forgets what is kept of `topic` (a cluster node that stopped listening to it:
+    /// its copy would go stale, see `server/cluster_resume.rs`).
+    pub fn forget(&mut self, topic: &str) {
+        while self.topics.get(topic).is_some_and(|t| !t.kept.is_empty()) {
+            self.drop_oldest_of(topic);
+        }
+        if self.topics.remove(topic).is_some() {
+            self.bytes -= PER_TOPIC + topic.len();
+        }
     }
 
     /// Adds the next publication of `topic` (which exists) at its offset + 1, then

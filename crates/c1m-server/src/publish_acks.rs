@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::history::Position;
 use crate::target::Target;
 
 /// Longest a publish waits for the nodes' counts (from the moment it was sent).
@@ -38,6 +39,8 @@ struct Pending<T> {
     target: Target,
     expected: HashSet<String>,
     confirmed: bool,
+    /// Where the broker put it in the topic's history (a topic with history).
+    position: Option<Position>,
     nodes: HashSet<String>,
     delivered: u64,
     deadline: Instant,
@@ -58,6 +61,10 @@ impl<T> Pending<T> {
         });
         if let Target::Topic(name) = self.target {
             body["topic"] = name.into();
+        }
+        if let Some(position) = self.position {
+            body["offset"] = position.offset.into();
+            body["epoch"] = position.epoch.into();
         }
         Finished::Delivered(self.who, body)
     }
@@ -95,6 +102,7 @@ impl<T> PublishAcks<T> {
                 target,
                 expected,
                 confirmed: false,
+                position: None,
                 nodes: HashSet::new(),
                 delivered: 0,
                 deadline: now + ACK_WAIT,
@@ -103,11 +111,18 @@ impl<T> PublishAcks<T> {
     }
 
     /// The broker confirmed (or refused) publish `id`.
-    pub fn confirmed(&mut self, id: u64, ok: bool) -> Option<Finished<T>> {
+    pub fn confirmed(
+        &mut self,
+        id: u64,
+        ok: bool,
+        position: Option<Position>,
+    ) -> Option<Finished<T>> {
         if !ok {
             return self.pending.remove(&id).map(|p| Finished::Refused(p.who));
         }
-        self.pending.get_mut(&id)?.confirmed = true;
+        let pending = self.pending.get_mut(&id)?;
+        pending.confirmed = true;
+        pending.position = position;
         self.finish_if_done(id)
     }
 
@@ -175,7 +190,7 @@ mod tests {
         // A count may come before the broker's confirmation.
         assert_eq!(acks.ack(1, "n1".into(), 5), None);
         assert_eq!(acks.ack(1, "n1".into(), 5), None, "counted once per node");
-        assert_eq!(acks.confirmed(1, true), None);
+        assert_eq!(acks.confirmed(1, true, None), None);
         // A node not expected (a new subscriber since its report) adds its count but
         // does not stand in for an expected one.
         assert_eq!(acks.ack(1, "n9".into(), 1), None);
@@ -192,7 +207,7 @@ mod tests {
         assert_eq!(acks.ack(1, "n3".into(), 1), None, "late counts are dropped");
         // Nobody has subscribers: answered on the broker's confirmation.
         acks.start(2, "other", topic("empty"), HashSet::new(), now);
-        match acks.confirmed(2, true) {
+        match acks.confirmed(2, true, None) {
             Some(Finished::Delivered("other", body)) => assert_eq!(body["delivered"], 0),
             other => panic!("{other:?}"),
         }
@@ -206,8 +221,8 @@ mod tests {
         acks.start(1, 'a', Target::All, three.clone(), now);
         acks.start(2, 'b', topic("t"), three.clone(), now);
         acks.start(3, 'c', topic("t"), three, now + Duration::from_secs(1));
-        assert_eq!(acks.confirmed(2, false), Some(Finished::Refused('b')));
-        acks.confirmed(1, true);
+        assert_eq!(acks.confirmed(2, false, None), Some(Finished::Refused('b')));
+        acks.confirmed(1, true, None);
         acks.ack(1, "n1".into(), 4);
         assert_eq!(acks.next_deadline(), Some(now + ACK_WAIT));
         let expired = acks.expire(now + ACK_WAIT);

@@ -18,6 +18,7 @@
 //! connection and waits up to `close_timeout` for the close handshakes; a second signal
 //! exits at once. A worker whose control channel to the master closes does the same.
 
+mod cluster_resume;
 mod delivery;
 mod observe;
 mod requests;
@@ -166,6 +167,15 @@ struct Server {
     /// A worker: the position of the latest publication its master sent, per topic with
     /// history, to notice publications the master had to skip (`server/resume.rs`).
     relayed: std::collections::HashMap<String, crate::history::Position>,
+    /// A single process in a cluster: resumes waiting for the broker's history, by
+    /// broker request id (`server/cluster_resume.rs`).
+    broker_resumes: std::collections::HashMap<u64, cluster_resume::BrokerResume>,
+    /// A single process in a cluster: topics it has listened to without a break since
+    /// the broker confirmed the subscription; only for those is its history copy
+    /// whole (`server/cluster_resume.rs`).
+    listening: HashSet<String>,
+    /// Topics whose resume hold ends after this turn's interest changes.
+    releases: Vec<String>,
     /// Publications being fanned out and waiting (`server/delivery.rs`).
     publications: delivery::Publications,
     /// This process stopped reading its master's channel or the broker's events
@@ -263,7 +273,9 @@ impl Server {
             deflate: config.deflate,
             slow_consumer: config.slow_consumer,
         };
-        let history = (config.history.enabled() && matches!(upstream, Upstream::Local))
+        // A single process keeps the history (in a cluster, its copy of what the broker
+        // keeps); a worker asks its master.
+        let history = (config.history.enabled() && !matches!(upstream, Upstream::ViaMaster(_)))
             .then(|| History::new(config.history.clone()));
         let mut server = Server {
             registry: Registry::new(
@@ -302,6 +314,9 @@ impl Server {
             muted: HashSet::new(),
             history,
             relayed: Default::default(),
+            broker_resumes: Default::default(),
+            listening: HashSet::new(),
+            releases: Vec::new(),
             publications: delivery::Publications::default(),
             upstream_paused: false,
             shutdown_deadline: None,
@@ -417,7 +432,9 @@ impl Server {
     fn send_upstream_changes(&mut self, now: Instant) {
         for (topic, on) in self.registry.take_interest_changes() {
             self.upstream.interest(&topic, on);
+            self.stop_listening_unless_subscribed(&topic);
         }
+        self.release_holds();
         self.flush_to_master(now);
     }
 
@@ -438,6 +455,7 @@ impl Server {
             self.upstream.next_deadline(),
             self.acceptor.paused_until(),
             self.publications.deadline(now),
+            self.next_broker_resume_deadline(),
             self.shutdown_deadline,
         ]
         .into_iter()

@@ -219,7 +219,8 @@ pub struct ServeArgs {
     /// `POST /publish` answers with both, `GET /history` lists what is kept, and a
     /// client that subscribes with its last position gets what it missed, or is told
     /// to reload (see docs/server.md, "History and recovery"). The clock's `time` topic
-    /// keeps none unless a --history-for rule matches it. Not with --broker yet.
+    /// keeps none unless a --history-for rule matches it. With --broker: Redis and
+    /// --workers 1 for now (the broker keeps the history, a Redis stream per topic).
     #[arg(long, value_name = "N", default_value_t = 0, env = "C1M_HISTORY_SIZE")]
     history_size: usize,
 
@@ -433,12 +434,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cores.max(needed)
         }
     };
-    if config.history.enabled() && config.broker.is_some() {
-        anyhow::bail!(
-            "topic history (--history-size, --history-for) is not available with --broker yet: \
-             a cluster needs positions shared by every node (issue 16); run without --broker, \
-             or without history"
-        );
+    // History in a cluster: the broker keeps it (a Redis stream per topic), so that
+    // positions are the same on every node; a node keeps its own copy in one process.
+    match &config.broker {
+        Some(c1m_server::config::BrokerUrl::Nats(_)) if config.history.enabled() => {
+            anyhow::bail!(
+                "topic history (--history-size, --history-for) with --broker needs Redis for \
+                 now (--broker redis://HOST:PORT): NATS JetStream is not supported yet"
+            );
+        }
+        Some(_) if config.history.enabled() && workers > 1 => {
+            anyhow::bail!(
+                "topic history (--history-size, --history-for) with --broker needs --workers 1 \
+                 for now (run several single-process nodes on the broker instead)"
+            );
+        }
+        _ => {}
     }
     let print_address = |addr: SocketAddr| {
         // Machine-readable: scripts and tests read the port from this line.

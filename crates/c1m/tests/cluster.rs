@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http, publish, RawClient, Server};
+use common::{http, next_json, publish, RawClient, Server};
 
 /// A broker process we started, killed when dropped.
 struct Broker {
@@ -359,4 +359,138 @@ fn a_bad_broker_url_names_the_flag_and_a_dead_broker_is_an_outage() {
     assert_eq!(publish(node.addr, "k", "a", "m").status, 503);
     let metrics = http(node.addr, "GET", "/metrics", &[], b"").body;
     assert!(metrics.contains("c1m_broker_up 0"), "{metrics}");
+}
+
+/// Issue 16 over Redis: positions are the broker's (a Redis stream per topic), so a
+/// client that leaves node 1 resumes on node 2, which never had the topic, and misses
+/// nothing; and after node 2 is killed and a fresh node takes its place (an empty
+/// store), the client resumes there from Redis too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_a_client_resumes_on_any_node_and_after_a_restart() {
+    let broker = Broker::start("redis", free_port());
+    let url = broker.url();
+    let args = [
+        "--workers",
+        "1",
+        "--connect-only",
+        "--api-key",
+        "k",
+        "--broker",
+        url.as_str(),
+        "--history-size",
+        "100",
+    ];
+    let mut nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    let connect = |node: &Server, path: &str| {
+        let url = node.url(path);
+        async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .expect("upgrade")
+                .0
+        }
+    };
+    let mut ws = connect(&nodes[0], "/?topic=feed&envelope=1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // node 1 subscribes on Redis
+    let mut epoch = String::new();
+    for n in 1..=3 {
+        let answer = publish_on(&nodes[2], "feed", &format!("\"m{n}\"")).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["offset"], n, "the broker's position: {body}");
+        epoch = body["epoch"].as_str().expect("an epoch").to_string();
+    }
+    for n in 1..=3 {
+        let got = next_json(&mut ws).await;
+        assert_eq!(
+            (got["offset"].as_u64(), got["epoch"].as_str()),
+            (Some(n), Some(&*epoch))
+        );
+    }
+    drop(ws);
+    for n in 4..=6 {
+        publish_on(&nodes[2], "feed", &format!("\"m{n}\"")).await;
+    }
+    // Node 2 has never seen `feed`: the broker's history answers.
+    let mut back = connect(&nodes[1], &format!("/?since=feed:{epoch}:3")).await;
+    let answer = next_json(&mut back).await;
+    assert_eq!(answer["recovered"], true, "{answer}");
+    for n in 4..=6 {
+        assert_eq!(next_json(&mut back).await["offset"], n);
+    }
+    publish_on(&nodes[0], "feed", "\"m7\"").await;
+    assert_eq!(next_json(&mut back).await["offset"], 7, "then live");
+    drop(back);
+    // Node 2 dies; two more while the client is away; a fresh node (an empty store)
+    // takes the client back from Redis.
+    nodes.remove(1);
+    for n in 8..=9 {
+        publish_on(&nodes[1], "feed", &format!("\"m{n}\"")).await;
+    }
+    let fresh = Server::start(&args);
+    wait_ready(&fresh, true);
+    let mut again = connect(&fresh, &format!("/?since=feed:{epoch}:7")).await;
+    assert_eq!(next_json(&mut again).await["recovered"], true);
+    for n in 8..=9 {
+        assert_eq!(next_json(&mut again).await["offset"], n);
+    }
+    // A position from an epoch Redis never had: told so.
+    let mut stale = connect(&fresh, "/?since=feed:00000000:2").await;
+    let answer = next_json(&mut stale).await;
+    assert_eq!(
+        (&answer["recovered"], &answer["reason"]),
+        (
+            &serde_json::Value::from(false),
+            &serde_json::Value::from("epoch_changed")
+        ),
+        "{answer}"
+    );
+    // The broker down: publishes are refused, and a resume the node cannot answer
+    // alone says why instead of guessing.
+    drop((again, stale));
+    let mut broker = broker;
+    broker.stop();
+    wait_ready(&nodes[0], false);
+    assert_eq!(publish_on(&nodes[0], "feed", "\"lost\"").await.status, 503);
+    let mut down = connect(&nodes[0], &format!("/?since=feed:{epoch}:1")).await;
+    let answer = next_json(&mut down).await;
+    assert_eq!(
+        (&answer["recovered"], &answer["reason"]),
+        (
+            &serde_json::Value::from(false),
+            &serde_json::Value::from("broker_unavailable")
+        ),
+        "{answer}"
+    );
+}
+
+/// Over Redis, clients resuming on two nodes in turn while a third publishes get every
+/// publication once, in order (the race between the broker's history and the live
+/// stream is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_resuming_while_another_node_publishes_misses_nothing() {
+    let broker = Broker::start("redis", free_port());
+    let url = broker.url();
+    let args = [
+        "--workers",
+        "1",
+        "--connect-only",
+        "--api-key",
+        "k",
+        "--broker",
+        url.as_str(),
+        "--history-size",
+        "1000",
+    ];
+    let nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    // Each client comes back to the other of two nodes every time: some resumes find
+    // a node that listens to the topic (its own copy answers), some one that does not
+    // (the broker's history answers).
+    common::clients_resume_while_publishing(&[&nodes[0], &nodes[1]], &nodes[2]).await;
 }

@@ -5,33 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, publish, Server};
+use common::{http, next_json, publish, Server, Ws};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(server: &Server, path: &str) -> Ws {
     tokio_tungstenite::connect_async(server.url(path))
         .await
         .expect("upgrade")
         .0
-}
-
-/// The next text message as JSON, within 5 s.
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a message within 5 s")
-            .expect("connection open")
-            .expect("no error");
-        if let Message::Text(text) = msg {
-            return json(&text);
-        }
-    }
 }
 
 async fn publish_async(server: &Server, topic: &str, message: &str) -> Value {
@@ -179,8 +162,19 @@ fn without_history_publishes_have_no_position_and_history_says_how_to_turn_it_on
 fn history_flags_are_checked_at_start_up() {
     for (args, says) in [
         (
-            &["--history-size", "5", "--broker", "redis://127.0.0.1:1"][..],
-            "--broker",
+            &["--history-size", "5", "--broker", "nats://127.0.0.1:1"][..],
+            "JetStream",
+        ),
+        (
+            &[
+                "--history-size",
+                "5",
+                "--broker",
+                "redis://127.0.0.1:1",
+                "--workers",
+                "2",
+            ][..],
+            "--workers 1",
         ),
         (
             &["--history-for", "prices", "--workers", "1"][..],
@@ -321,7 +315,7 @@ async fn a_client_is_told_when_it_cannot_recover() {
 #[tokio::test]
 async fn resuming_while_publishing_goes_on_gives_every_publication_once_in_order() {
     let server = Server::start(&["--workers", "1", "--api-key", "k", "--history-size", "1000"]);
-    clients_resume_while_publishing(&server).await;
+    common::clients_resume_while_publishing(&[&server], &server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +323,7 @@ async fn across_workers_resuming_while_publishing_gives_every_publication_once_i
     // The master keeps the history; each worker asks it and joins the client when
     // the answer comes (behind every publication it covers).
     let server = Server::start(&["--workers", "3", "--api-key", "k", "--history-size", "1000"]);
-    clients_resume_while_publishing(&server).await;
+    common::clients_resume_while_publishing(&[&server], &server).await;
     // Any worker answers GET /history from the master's store, the same way.
     for _ in 0..6 {
         let (status, page) = history(&server, "topic=feed&since=295&limit=3");
@@ -351,68 +345,6 @@ async fn across_workers_resuming_while_publishing_gives_every_publication_once_i
 
 /// A publisher keeps publishing while clients come and go, each resuming from the last
 /// offset it saw: every client must see 1..=N exactly once, in order.
-async fn clients_resume_while_publishing(server: &Server) {
-    const N: u64 = 300;
-    let epoch = publish_async(server, "feed", "1").await["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let addr = server.addr;
-    // Four publishers at once, so publications wait in the server's queue while
-    // clients resume (the race the recovery bound closes).
-    let publishers: Vec<_> = (0..4)
-        .map(|p| {
-            tokio::task::spawn_blocking(move || {
-                for i in (2..=N).filter(|i| i % 4 == p) {
-                    let answer = publish(addr, "k", "feed", &i.to_string());
-                    assert_eq!(answer.status, 200, "{answer:?}");
-                }
-            })
-        })
-        .collect();
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            let url = server.url("/");
-            let epoch = epoch.clone();
-            tokio::spawn(async move {
-                let mut seen: Vec<u64> = Vec::new();
-                let mut session = 0u64;
-                while seen.last() != Some(&N) {
-                    let last = seen.last().copied().unwrap_or(0);
-                    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-                        "{url}?since=feed:{epoch}:{last}"
-                    ))
-                    .await
-                    .expect("upgrade");
-                    let answer = next_json(&mut ws).await;
-                    assert_eq!(answer["recovered"], true, "client {c}: {answer}");
-                    // Stay for a few publications, then drop the connection.
-                    let stay = 5 + (c + session) % 20;
-                    for _ in 0..stay {
-                        let got = next_json(&mut ws).await;
-                        seen.push(got["offset"].as_u64().expect("an offset"));
-                        if seen.last() == Some(&N) {
-                            break;
-                        }
-                    }
-                    session += 1;
-                }
-                seen
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.unwrap();
-    }
-    for (c, client) in clients.into_iter().enumerate() {
-        let seen = client.await.unwrap();
-        let expected: Vec<u64> = (1..=N).collect();
-        assert_eq!(
-            seen, expected,
-            "client {c}: every publication once, in order"
-        );
-    }
-}
 
 #[tokio::test]
 async fn without_history_a_position_is_answered_with_no_history() {

@@ -426,7 +426,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             self.relay(origin, target, frame, position, None, now);
             return;
         };
-        if let Err((_, request)) = cluster.publish((index as u32, request), target, frame, now) {
+        if let Err((_, request)) =
+            cluster.publish((index as u32, request), target, frame, None, now)
+        {
             self.workers[index].send(&Message::Done {
                 request,
                 delivery: Delivery::Refused,
@@ -497,10 +499,13 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         };
         for event in cluster.events(now) {
             match event {
+                // Positions a broker gives (history in a cluster) are kept by
+                // single-process nodes only, for now (`serve` refuses workers with it).
                 ClusterEvent::Deliver {
                     target,
                     frame,
                     reply,
+                    position: _,
                 } => {
                     let relay = self.next_relay;
                     self.next_relay = self.next_relay.wrapping_add(1);
@@ -514,6 +519,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     );
                 }
                 ClusterEvent::Finished(finished) => self.answer_cluster_publish(finished),
+                ClusterEvent::Stored { .. } | ClusterEvent::Subscribed(_) => {}
                 ClusterEvent::Up(up) => {
                     let mut bytes = Vec::new();
                     Message::BrokerUp { up }.encode(&mut bytes);

@@ -1,4 +1,4 @@
-//! Every publication goes out through [`Server::publish`]: the clock, an HTTP publish,
+//! Every publication goes out through [`Server::publish_at`]: the clock, an HTTP publish,
 //! the master and the broker alike. Publications wait in one FIFO and go out one at a
 //! time, each a slice of `--fanout-slice` connections per turn of the event loop
 //! (`fanout::Broadcast`), so accepting, handshakes, pongs and closes are served during
@@ -123,14 +123,10 @@ impl Publications {
 }
 
 impl Server {
-    /// Queues a publication to `target`. Its fan-out starts at the end of this turn of
-    /// the loop (`Server::turn_over`), never inside the read or message handler that
-    /// published it, so whatever it answers finds that handler done.
-    pub(super) fn publish(&mut self, target: Target, frame: Bytes, then: WhenDelivered) {
-        self.publish_at(target, frame, None, then)
-    }
-
-    /// [`Server::publish`] of a publication that has a history `position`.
+    /// Queues a publication to `target` (with its history `position`, if it has one).
+    /// Its fan-out starts at the end of this turn of the loop (`Server::turn_over`),
+    /// never inside the read or message handler that published it, so whatever it
+    /// answers finds that handler done.
     pub(super) fn publish_at(
         &mut self,
         target: Target,

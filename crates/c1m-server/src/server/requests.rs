@@ -99,11 +99,18 @@ impl Server {
                     return Next::Keep;
                 }
                 // A resumed topic is joined by the resume (see `resume`): a worker's
-                // when the master's history comes.
+                // when the master's history comes, and in a cluster, one this process
+                // cannot answer alone when the broker's does (`cluster_resume`).
                 let deferred = self.resumes_via_master();
+                let mut via_broker = Vec::new();
+                for (topic, offset, epoch) in &admission.since {
+                    if !deferred && self.resumes_via_broker(topic, &(*offset, epoch.clone()), now) {
+                        via_broker.push(topic.clone());
+                    }
+                }
                 for name in &admission.topics {
                     if let Some((_, since, _)) = admission.since.iter().find(|(t, ..)| t == name) {
-                        if !deferred {
+                        if !deferred && !via_broker.contains(name) {
                             self.join_resumed(key, name, *since);
                         }
                         continue;
@@ -119,6 +126,10 @@ impl Server {
                 for (topic, offset, epoch) in admission.since {
                     if deferred {
                         self.ask_master_to_recover(key, &topic, (offset, epoch));
+                        continue;
+                    }
+                    if via_broker.contains(&topic) {
+                        self.ask_broker_to_recover(key, &topic, (offset, epoch), now);
                         continue;
                     }
                     let (fields, recovered) = self.resume(&topic, Some(&(offset, epoch)), now);
@@ -200,6 +211,13 @@ impl Server {
                     // Answered when the master's history comes (see `resume`).
                     self.ask_master_to_recover(key, name, since.clone());
                     return (String::new(), Vec::new());
+                }
+                if let Some(since) = since.as_ref().filter(|_| !already) {
+                    if self.resumes_via_broker(name, since, now) {
+                        // Answered when the broker's history comes (`cluster_resume`).
+                        self.ask_broker_to_recover(key, name, since.clone(), now);
+                        return (String::new(), Vec::new());
+                    }
                 }
                 match since {
                     Some((offset, _)) if !already => self.join_resumed(key, name, *offset),

@@ -42,9 +42,22 @@ impl Server {
                 self.flush_to_master(now);
                 Ok(())
             }
-            Upstream::ViaBroker(cluster) => cluster
-                .publish(waiting, target, frame, now)
-                .map_err(|_| http::broker_refusal()),
+            Upstream::ViaBroker(cluster) => {
+                // A topic with history: the broker keeps it and gives its position.
+                let keep = match (&self.history, &target) {
+                    (Some(history), Target::Topic(name)) => {
+                        let limits = history.policy().limits(name);
+                        (limits.size > 0).then_some(crate::broker::Keep {
+                            size: limits.size,
+                            ttl: limits.ttl,
+                        })
+                    }
+                    _ => None,
+                };
+                cluster
+                    .publish(waiting, target, frame, keep, now)
+                    .map_err(|_| http::broker_refusal())
+            }
         }
     }
 
@@ -196,10 +209,17 @@ impl Server {
                     target,
                     frame,
                     reply,
+                    position,
                 } => {
                     let then = WhenDelivered::AckBroker(reply);
-                    self.publish(target, Bytes::from(frame), then);
+                    let frame = Bytes::from(frame);
+                    if let (Target::Topic(topic), Some(at)) = (&target, &position) {
+                        self.on_broker_position(topic, at, &frame, now);
+                    }
+                    self.publish_at(target, frame, position, then);
                 }
+                ClusterEvent::Stored { id, stored } => self.on_stored(id, stored, now),
+                ClusterEvent::Subscribed(topic) => self.start_listening(topic),
                 ClusterEvent::Finished(finished) => self.finish_cluster_publish(finished, now),
                 ClusterEvent::Up(_) => {}
             }
@@ -238,6 +258,7 @@ impl Server {
                 for finished in late {
                     self.finish_cluster_publish(finished, now);
                 }
+                self.expire_broker_resumes(now);
                 if report_due {
                     let report = self.node_report();
                     if let Upstream::ViaBroker(cluster) = &self.upstream {

@@ -635,3 +635,92 @@ pub fn worker_serving(server: u32, server_port: u16, client_port: u16) -> u32 {
     }
     panic!("no worker of {server} holds the connection from port {client_port}");
 }
+
+/// A tokio-tungstenite client connection.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text message as JSON, within 5 s.
+pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("connection open")
+            .expect("no error");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = msg {
+            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        }
+    }
+}
+
+/// Eight clients resume `feed` again and again (a few publications per connection, each
+/// time on the next server of `resume_at`) while four publishers send 300 publications
+/// to `publish_to` at once, so publications wait in queues while clients resume (the
+/// race a recovery must close): each must see every offset once, in order.
+pub async fn clients_resume_while_publishing(resume_at: &[&Server], publish_to: &Server) {
+    const N: u64 = 300;
+    let addr = publish_to.addr;
+    let first = tokio::task::spawn_blocking(move || publish(addr, "k", "feed", "1"))
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    let first: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+    let epoch = first["epoch"].as_str().expect("an epoch").to_string();
+    // Four publishers at once, so publications wait in the server's queue while
+    // clients resume (the race the recovery bound closes).
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            tokio::task::spawn_blocking(move || {
+                for i in (2..=N).filter(|i| i % 4 == p) {
+                    let answer = publish(addr, "k", "feed", &i.to_string());
+                    assert_eq!(answer.status, 200, "{answer:?}");
+                }
+            })
+        })
+        .collect();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let urls: Vec<String> = resume_at.iter().map(|s| s.url("/")).collect();
+            let epoch = epoch.clone();
+            tokio::spawn(async move {
+                let mut seen: Vec<u64> = Vec::new();
+                let mut session = 0u64;
+                while seen.last() != Some(&N) {
+                    let last = seen.last().copied().unwrap_or(0);
+                    let url = &urls[(c as usize + session as usize) % urls.len()];
+                    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+                        "{url}?since=feed:{epoch}:{last}"
+                    ))
+                    .await
+                    .expect("upgrade");
+                    let answer = next_json(&mut ws).await;
+                    assert_eq!(answer["recovered"], true, "client {c}: {answer}");
+                    // Stay for a few publications, then drop the connection.
+                    let stay = 5 + (c + session) % 20;
+                    for _ in 0..stay {
+                        let got = next_json(&mut ws).await;
+                        seen.push(got["offset"].as_u64().expect("an offset"));
+                        if seen.last() == Some(&N) {
+                            break;
+                        }
+                    }
+                    session += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    for (c, client) in clients.into_iter().enumerate() {
+        let seen = client.await.unwrap();
+        let expected: Vec<u64> = (1..=N).collect();
+        assert_eq!(
+            seen, expected,
+            "client {c}: every publication once, in order"
+        );
+    }
+}
