@@ -29,6 +29,7 @@
 //! - [`fanout`]: the hot path, one frame to many connections.
 //! - [`upstream`]: where publications come from: local, via the master, via the broker.
 //! - [`cluster`]: a node's cluster membership, shared by single process and master.
+//! - [`cluster_copy`]: a node's copy of the broker's history, and resumes from it.
 //! - [`counters`]: what one process counts, and its periodic stats line.
 //! - [`master`]: the supervisor of a multi-process server (`--workers N`).
 //! - [`scoreboard`]: per-worker counters in shared memory.
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod cluster;
+pub mod cluster_copy;
 pub mod commands;
 pub mod config;
 pub mod connection;

@@ -167,15 +167,9 @@ struct Server {
     /// A worker: the position of the latest publication its master sent, per topic with
     /// history, to notice publications the master had to skip (`server/resume.rs`).
     relayed: std::collections::HashMap<String, crate::history::Position>,
-    /// A single process in a cluster: resumes waiting for the broker's history, by
-    /// broker request id (`server/cluster_resume.rs`).
-    broker_resumes: std::collections::HashMap<u64, cluster_resume::BrokerResume>,
-    /// A single process in a cluster: topics it has listened to without a break since
-    /// the broker confirmed the subscription; only for those is its history copy
-    /// whole (`server/cluster_resume.rs`).
-    listening: HashSet<String>,
-    /// Topics whose resume hold ends after this turn's interest changes.
-    releases: Vec<String>,
+    /// A single process in a cluster: its copy of the broker's history and the
+    /// resumes waiting for the broker, by resume request (`server/cluster_resume.rs`).
+    copy: crate::cluster_copy::ClusterCopy<u32>,
     /// Publications being fanned out and waiting (`server/delivery.rs`).
     publications: delivery::Publications,
     /// This process stopped reading its master's channel or the broker's events
@@ -314,9 +308,7 @@ impl Server {
             muted: HashSet::new(),
             history,
             relayed: Default::default(),
-            broker_resumes: Default::default(),
-            listening: HashSet::new(),
-            releases: Vec::new(),
+            copy: Default::default(),
             publications: delivery::Publications::default(),
             upstream_paused: false,
             shutdown_deadline: None,
@@ -434,7 +426,6 @@ impl Server {
             self.upstream.interest(&topic, on);
             self.stop_listening_unless_subscribed(&topic);
         }
-        self.release_holds();
         self.flush_to_master(now);
     }
 
@@ -455,7 +446,7 @@ impl Server {
             self.upstream.next_deadline(),
             self.acceptor.paused_until(),
             self.publications.deadline(now),
-            self.next_broker_resume_deadline(),
+            self.copy.next_deadline(),
             self.shutdown_deadline,
         ]
         .into_iter()

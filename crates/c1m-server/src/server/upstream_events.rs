@@ -258,7 +258,7 @@ impl Server {
                 for finished in late {
                     self.finish_cluster_publish(finished, now);
                 }
-                self.expire_broker_resumes(now);
+                self.broker_resume_timers(now);
                 if report_due {
                     let report = self.node_report();
                     if let Upstream::ViaBroker(cluster) = &self.upstream {
