@@ -151,7 +151,8 @@ impl<W> ClusterCopy<W> {
             None => (Err(NotRecovered::BrokerUnavailable), None),
             Some(stored) => self.judge(&pending, stored, history, limit as u64, now),
         };
-        self.releases.push((now + RELEASE_AFTER, pending.topic.clone()));
+        self.releases
+            .push((now + RELEASE_AFTER, pending.topic.clone()));
         Some((pending.who, pending.topic, outcome))
     }
 

@@ -90,6 +90,9 @@ pub enum Message {
     Interest { topic: String, on: bool },
     /// Master → worker: the broker link is up or down.
     BrokerUp { up: bool },
+    /// Master → worker: the master listens to `topic` on the broker afresh (history in
+    /// a cluster): positions relayed from here on are compared with each other only.
+    Listening { topic: String },
     /// Worker → master, every `node_stats::REPORT_EVERY`: subscribers per topic (the
     /// JSON of a `node_stats::TopicCounts`), which the master sums for `GET /stats`.
     TopicCounts { json: Vec<u8> },
@@ -116,6 +119,7 @@ const ANSWER: u8 = 9;
 const RECOVER: u8 = 10;
 const RECOVERED: u8 = 11;
 const HISTORY_REQUEST: u8 = 12;
+const LISTENING: u8 = 13;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -218,6 +222,10 @@ impl Message {
             Message::BrokerUp { up } => {
                 out.push(BROKER_UP);
                 out.push(u8::from(*up));
+            }
+            Message::Listening { topic } => {
+                out.push(LISTENING);
+                put_bytes(out, topic.as_bytes());
             }
             Message::TopicCounts { json } => {
                 out.push(TOPIC_COUNTS);
@@ -338,6 +346,7 @@ impl Message {
                 }
             }
             BROKER_UP => Message::BrokerUp { up: r.u8()? != 0 },
+            LISTENING => Message::Listening { topic: r.string()? },
             TOPIC_COUNTS => Message::TopicCounts { json: r.rest() },
             STATS_REQUEST => Message::StatsRequest {
                 request: r.u32()?,
@@ -531,6 +540,9 @@ mod tests {
                 on: true,
             },
             Message::BrokerUp { up: false },
+            Message::Listening {
+                topic: "prices".into(),
+            },
             Message::TopicCounts {
                 json: br#"{"topics":{"a":1}}"#.to_vec(),
             },

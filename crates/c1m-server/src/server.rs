@@ -374,7 +374,11 @@ impl Server {
             let time = Target::Topic(crate::topics::TIME.into());
             // With a `--history-for` rule for `time`, ticks get positions like any
             // publication (and are then never coalesced: see `publish_at`).
-            let position = self.keep_in_history(&time, &frame, now);
+            // In a cluster each node stamps its own clock: no broker position.
+            let position = match self.upstream {
+                Upstream::Local => self.keep_in_history(&time, &frame, now),
+                _ => None,
+            };
             self.publish_at(time, frame, position, WhenDelivered::Clock);
         }
         self.fan_out_slice(now);

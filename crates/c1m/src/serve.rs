@@ -219,8 +219,8 @@ pub struct ServeArgs {
     /// `POST /publish` answers with both, `GET /history` lists what is kept, and a
     /// client that subscribes with its last position gets what it missed, or is told
     /// to reload (see docs/server.md, "History and recovery"). The clock's `time` topic
-    /// keeps none unless a --history-for rule matches it. With --broker: Redis and
-    /// --workers 1 for now (the broker keeps the history, a Redis stream per topic).
+    /// keeps none unless a --history-for rule matches it. With --broker: Redis only for
+    /// now (the broker keeps the history, a Redis stream per topic).
     #[arg(long, value_name = "N", default_value_t = 0, env = "C1M_HISTORY_SIZE")]
     history_size: usize,
 
@@ -441,12 +441,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!(
                 "topic history (--history-size, --history-for) with --broker needs Redis for \
                  now (--broker redis://HOST:PORT): NATS JetStream is not supported yet"
-            );
-        }
-        Some(_) if config.history.enabled() && workers > 1 => {
-            anyhow::bail!(
-                "topic history (--history-size, --history-for) with --broker needs --workers 1 \
-                 for now (run several single-process nodes on the broker instead)"
             );
         }
         _ => {}

@@ -364,14 +364,24 @@ fn a_bad_broker_url_names_the_flag_and_a_dead_broker_is_an_outage() {
 /// Issue 16 over Redis: positions are the broker's (a Redis stream per topic), so a
 /// client that leaves node 1 resumes on node 2, which never had the topic, and misses
 /// nothing; and after node 2 is killed and a fresh node takes its place (an empty
-/// store), the client resumes there from Redis too.
+/// store), the client resumes there from Redis too. Single-process nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_a_client_resumes_on_any_node_and_after_a_restart() {
+    resume_on_any_node("1").await;
+}
+
+/// The same with nodes of two workers (the master keeps the node's copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_and_workers_a_client_resumes_on_any_node() {
+    resume_on_any_node("2").await;
+}
+
+async fn resume_on_any_node(workers: &str) {
     let broker = Broker::start("redis", free_port());
     let url = broker.url();
     let args = [
         "--workers",
-        "1",
+        workers,
         "--connect-only",
         "--api-key",
         "k",
@@ -472,11 +482,21 @@ async fn with_redis_history_a_client_resumes_on_any_node_and_after_a_restart() {
 /// stream is closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_resuming_while_another_node_publishes_misses_nothing() {
+    resume_while_publishing("1").await;
+}
+
+/// The same with nodes of two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_and_workers_resuming_while_publishing_misses_nothing() {
+    resume_while_publishing("2").await;
+}
+
+async fn resume_while_publishing(workers: &str) {
     let broker = Broker::start("redis", free_port());
     let url = broker.url();
     let args = [
         "--workers",
-        "1",
+        workers,
         "--connect-only",
         "--api-key",
         "k",

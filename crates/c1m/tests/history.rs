@@ -166,17 +166,6 @@ fn history_flags_are_checked_at_start_up() {
             "JetStream",
         ),
         (
-            &[
-                "--history-size",
-                "5",
-                "--broker",
-                "redis://127.0.0.1:1",
-                "--workers",
-                "2",
-            ][..],
-            "--workers 1",
-        ),
-        (
             &["--history-for", "prices", "--workers", "1"][..],
             "PATTERN=SIZE",
         ),

@@ -37,8 +37,10 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::broker::Stored;
 use crate::clock::Clock;
 use crate::cluster::{ClusterEvent, ClusterNode};
+use crate::cluster_copy::ClusterCopy;
 use crate::config::ServeConfig;
 use crate::control::{Message, Origin};
 use crate::history::{History, NotRecovered, Position, Recovery};
@@ -101,11 +103,15 @@ struct Master<S> {
     cluster: Option<ClusterNode<WorkerRequest>>,
     /// Each worker's latest topic counts (empty until it sends, and after it dies).
     worker_counts: Vec<TopicCounts>,
-    /// Topic history of the node (`--history-*`, without `--broker`): the master
-    /// orders the node's publications, so it gives the offsets and answers recoveries.
+    /// Topic history of the node (`--history-*`): without `--broker` the master orders
+    /// the node's publications, so it gives the offsets and answers recoveries; with
+    /// one, the broker gives them and this is the node's copy.
     history: Option<History>,
     /// Positions of worker publishes still being counted, for their answers.
     positions: HashMap<(u32, u32), Position>,
+    /// In a cluster with history: the node's copy of the broker's history (in
+    /// `history`) and the workers' resumes waiting for the broker (`cluster_copy`).
+    copy: ClusterCopy<(usize, u32)>,
     next_history_expiry: Instant,
     node: String,
     next_stats: Instant,
@@ -157,7 +163,11 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             )?),
         };
         let now = Instant::now();
-        let history = (config.history.enabled() && cluster.is_none())
+        // Without a cluster the master orders the node's publications and keeps their
+        // history; in one, its copy of what the broker keeps (`cluster_copy`).
+        let history = config
+            .history
+            .enabled()
             .then(|| History::new(config.history.clone()));
         Ok(Master {
             clock: Clock::new(&config, now),
@@ -177,6 +187,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             worker_counts: vec![TopicCounts::default(); count],
             history,
             positions: HashMap::new(),
+            copy: ClusterCopy::default(),
             next_history_expiry: now,
             node,
             shutdown_deadline: None,
@@ -193,6 +204,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.shutdown_deadline,
                 self.relays.next_deadline(),
                 self.cluster.as_ref().map(ClusterNode::next_deadline),
+                self.copy.next_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -331,6 +343,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.interest(index, &topic, on);
                 }
+                self.stop_listening_unless_subscribed(&topic);
             }
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
             Message::HistoryRequest { request, query } => {
@@ -350,6 +363,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 offset,
                 epoch,
             } => {
+                if self.resumes_via_broker(&topic, offset, &epoch, now) {
+                    return self.ask_broker_to_recover(index, request, &topic, offset, epoch, now);
+                }
                 // Answered on the same channel after every publication it covers.
                 let answer = match self.history.as_mut() {
                     None => Message::Recovered {
@@ -426,8 +442,19 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             self.relay(origin, target, frame, position, None, now);
             return;
         };
+        // A topic with history: the broker keeps it and gives its position.
+        let keep = match (&self.history, target.topic()) {
+            (Some(history), Some(topic)) => {
+                let limits = history.policy().limits(topic);
+                (limits.size > 0).then_some(crate::broker::Keep {
+                    size: limits.size,
+                    ttl: limits.ttl,
+                })
+            }
+            _ => None,
+        };
         if let Err((_, request)) =
-            cluster.publish((index as u32, request), target, frame, None, now)
+            cluster.publish((index as u32, request), target, frame, keep, now)
         {
             self.workers[index].send(&Message::Done {
                 request,
@@ -499,33 +526,143 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         };
         for event in cluster.events(now) {
             match event {
-                // Positions a broker gives (history in a cluster) are kept by
-                // single-process nodes only, for now (`serve` refuses workers with it).
                 ClusterEvent::Deliver {
                     target,
                     frame,
                     reply,
-                    position: _,
+                    position,
                 } => {
+                    // Relayed with its position only if the copy listens to the topic
+                    // (else it is in flight from a subscription that ended).
+                    let position = match (&position, target.topic(), self.history.as_mut()) {
+                        (Some(at), Some(topic), Some(history)) if self.copy.listens(topic) => {
+                            let kept = bytes::Bytes::from(frame.clone());
+                            self.copy.heard(topic, at, &kept, history, now);
+                            position
+                        }
+                        _ => None,
+                    };
                     let relay = self.next_relay;
                     self.next_relay = self.next_relay.wrapping_add(1);
                     self.relay(
                         Origin::Broker { relay },
                         target,
                         frame,
-                        None,
+                        position,
                         Some(reply),
                         now,
                     );
                 }
                 ClusterEvent::Finished(finished) => self.answer_cluster_publish(finished),
-                ClusterEvent::Stored { .. } | ClusterEvent::Subscribed(_) => {}
+                ClusterEvent::Stored { id, stored } => self.on_stored(id, stored, now),
+                ClusterEvent::Subscribed(topic) => {
+                    if self.history.is_some() {
+                        // In order with the relays: the workers' baseline restarts too.
+                        let mut bytes = Vec::new();
+                        Message::Listening {
+                            topic: topic.clone(),
+                        }
+                        .encode(&mut bytes);
+                        self.send_to_all(&bytes);
+                    }
+                    if let Some(history) = self.history.as_mut() {
+                        self.copy.start(topic, history);
+                    }
+                }
                 ClusterEvent::Up(up) => {
                     let mut bytes = Vec::new();
                     Message::BrokerUp { up }.encode(&mut bytes);
                     self.send_to_all(&bytes);
                 }
             }
+        }
+    }
+
+    /// Whether a worker's resume must ask the broker (a node in a cluster whose copy
+    /// cannot answer it, see `ClusterCopy::needs_broker`).
+    fn resumes_via_broker(&mut self, topic: &str, since: u64, epoch: &str, now: Instant) -> bool {
+        match (&self.cluster, self.history.as_mut()) {
+            (Some(_), Some(history)) => self.copy.needs_broker(topic, since, epoch, history, now),
+            _ => false,
+        }
+    }
+
+    /// Asks the broker for `topic` after `since` for worker `index`'s resume
+    /// `request`; answered with `Recovered` when the broker's answer comes, after every
+    /// publication it covers (the broker link hands it over only then).
+    fn ask_broker_to_recover(
+        &mut self,
+        index: usize,
+        request: u32,
+        topic: &str,
+        since: u64,
+        epoch: String,
+        now: Instant,
+    ) {
+        let limit = self.config.history.recovery_limit;
+        let asked = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.recover(topic, since, limit));
+        match asked {
+            Some(id) => self
+                .copy
+                .wait(id, (index, request), topic, since, epoch, now),
+            None => self.workers[index].send(&Message::Recovered {
+                request,
+                outcome: Err(NotRecovered::BrokerUnavailable),
+                position: None,
+            }),
+        }
+    }
+
+    /// The broker answered a worker's resume.
+    fn on_stored(&mut self, id: u64, stored: Option<Stored>, now: Instant) {
+        let Some(history) = self.history.as_mut() else {
+            return;
+        };
+        let limit = self.config.history.recovery_limit;
+        if let Some(((index, request), _, (outcome, position))) =
+            self.copy.stored(id, stored, history, limit, now)
+        {
+            if let Some(worker) = self.workers.get_mut(index) {
+                worker.send(&Message::Recovered {
+                    request,
+                    outcome,
+                    position,
+                });
+            }
+        }
+    }
+
+    /// Resumes the broker did not answer in time, and holds to end.
+    fn broker_resume_timers(&mut self, now: Instant) {
+        for ((index, request), _) in self.copy.expired(now) {
+            tracing::warn!("a resume got no answer from the broker in time");
+            if let Some(worker) = self.workers.get_mut(index) {
+                worker.send(&Message::Recovered {
+                    request,
+                    outcome: Err(NotRecovered::BrokerUnavailable),
+                    position: None,
+                });
+            }
+        }
+        for topic in self.copy.due_releases(now) {
+            if let Some(cluster) = self.cluster.as_mut() {
+                cluster.release(&topic);
+            }
+            self.stop_listening_unless_subscribed(&topic);
+        }
+    }
+
+    /// After an interest change or a hold's end: a topic the node no longer listens
+    /// to loses its copy.
+    fn stop_listening_unless_subscribed(&mut self, topic: &str) {
+        let (Some(cluster), Some(history)) = (&self.cluster, self.history.as_mut()) else {
+            return;
+        };
+        if !cluster.listens_to(topic) {
+            self.copy.stop(topic, history);
         }
     }
 
@@ -590,6 +727,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
     /// the clock, the stats line; then everything queued for the workers is written.
     fn on_tick(&mut self, now: Instant) {
         self.finish_relays(now);
+        self.broker_resume_timers(now);
         if let Some(cluster) = self.cluster.as_mut() {
             for finished in cluster.expire(now) {
                 self.answer_cluster_publish(finished);
@@ -604,9 +742,12 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         if self.clock.due(now, self.scoreboard.total_open() as usize) {
             let (stamp, frame) = self.clock.stamp();
             let time = Target::Topic(crate::topics::TIME.to_string());
+            // Each node stamps its own clock: in a cluster its ticks are not the
+            // broker's publications, and get no position.
             let position = self
                 .history
                 .as_mut()
+                .filter(|_| self.cluster.is_none())
                 .and_then(|history| history.append(crate::topics::TIME, frame.clone(), now));
             self.relay(Origin::Clock, time, frame.to_vec(), position, None, now);
             tracing::debug!(stamp, "broadcast relayed to workers");

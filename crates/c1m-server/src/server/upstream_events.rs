@@ -181,6 +181,9 @@ impl Server {
                 }
             }
             Message::BrokerUp { up } => link.cluster_up = Some(up),
+            Message::Listening { topic } => {
+                self.relayed.remove(&topic);
+            }
             Message::Relay { .. }
             | Message::Delivered { .. }
             | Message::Interest { .. }
