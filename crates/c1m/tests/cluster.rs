@@ -376,20 +376,28 @@ async fn with_redis_history_and_workers_a_client_resumes_on_any_node() {
     resume_on_any_node("2").await;
 }
 
-async fn resume_on_any_node(workers: &str) {
-    let broker = Broker::start("redis", free_port());
-    let url = broker.url();
-    let args = [
+/// The flags of a node with `workers` workers, history of `size` per topic, on `broker`.
+fn history_node_args(broker: &Broker, workers: &str, size: usize) -> Vec<String> {
+    let size = size.to_string();
+    [
         "--workers",
         workers,
         "--connect-only",
         "--api-key",
         "k",
         "--broker",
-        url.as_str(),
+        &broker.url(),
         "--history-size",
-        "100",
-    ];
+        &size,
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+async fn resume_on_any_node(workers: &str) {
+    let broker = Broker::start("redis", free_port());
+    let args = history_node_args(&broker, workers, 100);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
     for node in &nodes {
         wait_ready(node, true);
@@ -493,18 +501,8 @@ async fn with_redis_history_and_workers_resuming_while_publishing_misses_nothing
 
 async fn resume_while_publishing(workers: &str) {
     let broker = Broker::start("redis", free_port());
-    let url = broker.url();
-    let args = [
-        "--workers",
-        workers,
-        "--connect-only",
-        "--api-key",
-        "k",
-        "--broker",
-        url.as_str(),
-        "--history-size",
-        "1000",
-    ];
+    let args = history_node_args(&broker, workers, 1000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
     for node in &nodes {
         wait_ready(node, true);
