@@ -267,9 +267,10 @@ async fn stalled_client_under_policy(policy: &str) -> prometheus_parse::Scrape {
     eprintln!("{policy}: worst delivery to the 1,000 readers {worst:?}");
     // About 80 ms on an idle 2-core machine. The bound is generous because the 1,000
     // readers share the two cores with the server: a CI run with a compile going on beside
-    // it measured 1.7 s. A server that waited on the stalled client would not deliver at
-    // all (the per-message timeout above), and every message arrives in order.
-    assert!(worst < Duration::from_secs(3), "worst delivery {worst:?}");
+    // it measured 1.7 s, and with a whole second test suite beside it 3.5 s. A server that
+    // waited on the stalled client would not deliver at all (the per-message timeout
+    // above), and every message arrives in order.
+    assert!(worst < Duration::from_secs(6), "worst delivery {worst:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     let scrape = scrape(&server);
     drop(stalled);
