@@ -142,10 +142,12 @@ impl WorkerProcess {
         true
     }
 
+    /// Queues a message for this worker alone (an answer to one of its requests), past
+    /// the bound of [`WorkerProcess::queue`]: such answers are small and as many as the
+    /// worker's own requests, and one dropped would leave a client waiting for good (a
+    /// resume that is never answered, see `server/resume.rs`).
     pub fn send(&mut self, message: &Message) {
-        let mut bytes = Vec::new();
-        message.encode(&mut bytes);
-        self.queue(&bytes);
+        message.encode(&mut self.pending);
     }
 
     /// Writes what the control channel takes now; the rest waits for the next turn.
