@@ -83,6 +83,16 @@ impl<W> ClusterCopy<W> {
         self.listening.contains(topic)
     }
 
+    /// The broker link went down: what the node hears again after it is back (each
+    /// subscription confirmed anew) starts fresh copies; until then it knows nothing
+    /// whole, and every resume asks the broker (answered `broker_unavailable`).
+    pub fn stop_all(&mut self, history: &mut History) {
+        for topic in std::mem::take(&mut self.listening) {
+            history.forget(&topic);
+        }
+        self.latest.clear();
+    }
+
     /// A publication heard from the broker at `position`; kept if the node listens
     /// to its topic (else it is in flight from a subscription that ended).
     pub fn heard(

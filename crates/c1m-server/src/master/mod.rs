@@ -570,6 +570,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     }
                 }
                 ClusterEvent::Up(up) => {
+                    if let (false, Some(history)) = (up, self.history.as_mut()) {
+                        self.copy.stop_all(history);
+                    }
                     let mut bytes = Vec::new();
                     Message::BrokerUp { up }.encode(&mut bytes);
                     self.send_to_all(&bytes);

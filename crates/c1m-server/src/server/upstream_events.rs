@@ -224,7 +224,11 @@ impl Server {
                 ClusterEvent::Stored { id, stored } => self.on_stored(id, stored, now),
                 ClusterEvent::Subscribed(topic) => self.start_listening(topic),
                 ClusterEvent::Finished(finished) => self.finish_cluster_publish(finished, now),
-                ClusterEvent::Up(_) => {}
+                ClusterEvent::Up(up) => {
+                    if let (false, Some(history)) = (up, self.history.as_mut()) {
+                        self.copy.stop_all(history);
+                    }
+                }
             }
         }
     }
