@@ -701,3 +701,82 @@ async fn clients_of_a_worker_skipped_by_its_master_are_told_to_resume() {
         assert_eq!(next_json(&mut back).await["offset"], offset);
     }
 }
+
+/// Issue 16's acceptance (4) with the real binary: the size and age limits are honoured,
+/// and a flood of publications to 10,000 topics stays within `--history-max-bytes`
+/// (the oldest go first, counted in `c1m_history_evicted_total`).
+#[test]
+fn limits_age_and_a_flood_of_topics_stay_within_bounds() {
+    const MAX_BYTES: u64 = 1 << 19;
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--api-key",
+        "k",
+        "--history-size",
+        "3",
+        "--history-for",
+        "brief=3/300ms",
+        "--history-max-bytes",
+        &MAX_BYTES.to_string(),
+    ]);
+    let addr = server.addr;
+    for i in 1..=5 {
+        publish(addr, "k", "sized", &i.to_string());
+        publish(addr, "k", "brief", &i.to_string());
+    }
+    let (_, page) = history(&server, "topic=sized");
+    assert_eq!(page_offsets(&page), [3, 4, 5], "the last 3: {page}");
+    std::thread::sleep(Duration::from_millis(600));
+    let (_, page) = history(&server, "topic=brief");
+    assert_eq!(page_offsets(&page), Vec::<u64>::new(), "aged out: {page}");
+    assert_eq!(
+        page["offset"], 5,
+        "the topic keeps its position and epoch: {page}"
+    );
+
+    // The flood, over one kept-alive connection.
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let payload = serde_json::Value::from("x".repeat(64)).to_string();
+    for t in 0..10_000 {
+        let body = format!(r#"{{"topic":"flood-{t}","message":{payload}}}"#);
+        let request = format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\n{KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        writer.write_all(request.as_bytes()).unwrap();
+        let mut length = 0;
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut answer = vec![0; length];
+        reader.read_exact(&mut answer).unwrap();
+    }
+    let metrics = http(addr, "GET", "/metrics", &[], b"").body;
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(value("c1m_history_bytes") <= MAX_BYTES, "{metrics}");
+    assert!(value("c1m_history_evicted_total") > 5_000, "{metrics}");
+    assert!(value("c1m_history_topics") < 10_000, "{metrics}");
+}
