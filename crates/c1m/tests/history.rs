@@ -583,18 +583,9 @@ fn with_workers_metrics_show_the_masters_history() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
-        let value = |name: &str| {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .map(str::to_string)
-        };
-        if value("c1m_history_publications").as_deref() == Some("6") {
-            assert_eq!(
-                value("c1m_history_topics").as_deref(),
-                Some("2"),
-                "{metrics}"
-            );
+        let value = |name| common::metric_value(&metrics, name);
+        if value("c1m_history_publications") == Some(6.0) {
+            assert_eq!(value("c1m_history_topics"), Some(2.0), "{metrics}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{metrics}");
@@ -637,10 +628,7 @@ async fn clients_of_a_worker_skipped_by_its_master_are_told_to_resume() {
     let big = serde_json::Value::from("a".repeat(900_000)).to_string();
     let skipped = move || {
         let metrics = http(addr, "GET", "/metrics", &[], b"").body;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("c1m_publications_skipped_total "))
-            .is_some_and(|v| v != "0")
+        common::metric_value(&metrics, "c1m_publications_skipped_total").is_some_and(|v| v > 0.0)
     };
     let mut batches = 0;
     while !tokio::task::spawn_blocking(skipped).await.unwrap() {
@@ -736,7 +724,7 @@ fn limits_age_and_a_flood_of_topics_stay_within_bounds() {
     );
 
     // The flood, over one kept-alive connection.
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufRead, BufReader, Write};
     let stream = std::net::TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -751,32 +739,16 @@ fn limits_age_and_a_flood_of_topics_stay_within_bounds() {
             body.len()
         );
         writer.write_all(request.as_bytes()).unwrap();
-        let mut length = 0;
         let mut status = String::new();
         reader.read_line(&mut status).unwrap();
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let mut answer = vec![0; length];
-        reader.read_exact(&mut answer).unwrap();
+        common::read_body(&mut reader);
     }
     let metrics = http(addr, "GET", "/metrics", &[], b"").body;
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    let value = |name| {
+        common::metric_value(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
     };
-    assert!(value("c1m_history_bytes") <= MAX_BYTES, "{metrics}");
-    assert!(value("c1m_history_evicted_total") > 5_000, "{metrics}");
-    assert!(value("c1m_history_topics") < 10_000, "{metrics}");
+    assert!(value("c1m_history_bytes") <= MAX_BYTES as f64, "{metrics}");
+    assert!(value("c1m_history_evicted_total") > 5_000.0, "{metrics}");
+    assert!(value("c1m_history_topics") < 10_000.0, "{metrics}");
 }

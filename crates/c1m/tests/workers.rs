@@ -37,14 +37,8 @@ async fn try_upgrade(
 
 /// The value of an unlabelled metric in the server's `/metrics`.
 fn metric(server: &Server, name: &str) -> f64 {
-    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"");
-    let prefix = format!("{name} ");
-    metrics
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {}", metrics.body))
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
+    common::metric_value(&metrics, name).unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 /// Collects the stamps a client receives until `until`; `None` if its connection ended.

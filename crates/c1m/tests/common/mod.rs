@@ -544,7 +544,6 @@ fn exchange(
 /// Waits (up to `timeout`) for one HTTP request on `listener` (a page reporting what
 /// it saw with `fetch`) and returns its body.
 pub fn await_posted_body(listener: &std::net::TcpListener, timeout: Duration) -> Vec<u8> {
-    use std::io::Read;
     listener.set_nonblocking(true).expect("nonblocking");
     let deadline = std::time::Instant::now() + timeout;
     let (socket, _) = loop {
@@ -561,10 +560,18 @@ pub fn await_posted_body(listener: &std::net::TcpListener, timeout: Duration) ->
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut reader = BufReader::new(socket);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).expect("request line");
+    read_body(&mut reader)
+}
+
+/// Reads the rest of an HTTP message's head (after its first line) and its
+/// `Content-Length` body.
+pub fn read_body(reader: &mut impl BufRead) -> Vec<u8> {
     let mut length = 0;
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).expect("request head");
+        reader.read_line(&mut line).expect("a head line");
         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
             length = v.trim().parse().expect("a length");
         }
@@ -573,7 +580,7 @@ pub fn await_posted_body(listener: &std::net::TcpListener, timeout: Duration) ->
         }
     }
     let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("request body");
+    reader.read_exact(&mut body).expect("the body");
     body
 }
 
@@ -723,4 +730,13 @@ pub async fn clients_resume_while_publishing(resume_at: &[&Server], publish_to: 
             "client {c}: every publication once, in order"
         );
     }
+}
+
+/// The value of an unlabelled metric in a `/metrics` text, if it is there.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
 }
