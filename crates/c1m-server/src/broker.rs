@@ -218,6 +218,17 @@ pub struct Keep {
     pub ttl: Option<Duration>,
 }
 
+impl Keep {
+    /// How `topic` is kept under this node's history policy (`None`: no history).
+    pub fn for_topic(policy: &crate::history::Policy, topic: &str) -> Option<Keep> {
+        let limits = policy.limits(topic);
+        (limits.size > 0).then_some(Keep {
+            size: limits.size,
+            ttl: limits.ttl,
+        })
+    }
+}
+
 /// What the broker holds of a topic's history (see [`Command::Recover`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {

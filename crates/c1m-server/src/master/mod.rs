@@ -444,13 +444,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         };
         // A topic with history: the broker keeps it and gives its position.
         let keep = match (&self.history, target.topic()) {
-            (Some(history), Some(topic)) => {
-                let limits = history.policy().limits(topic);
-                (limits.size > 0).then_some(crate::broker::Keep {
-                    size: limits.size,
-                    ttl: limits.ttl,
-                })
-            }
+            (Some(history), Some(topic)) => crate::broker::Keep::for_topic(history.policy(), topic),
             _ => None,
         };
         if let Err((_, request)) =

@@ -46,11 +46,7 @@ impl Server {
                 // A topic with history: the broker keeps it and gives its position.
                 let keep = match (&self.history, &target) {
                     (Some(history), Target::Topic(name)) => {
-                        let limits = history.policy().limits(name);
-                        (limits.size > 0).then_some(crate::broker::Keep {
-                            size: limits.size,
-                            ttl: limits.ttl,
-                        })
+                        crate::broker::Keep::for_topic(history.policy(), name)
                     }
                     _ => None,
                 };
