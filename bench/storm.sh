@@ -121,6 +121,21 @@ stop_server() {
   SERVER_PID=""
 }
 trap stop_server EXIT
+# The kernel's own account of lost packets, summed over the machine: accept-queue
+# overflows, SYN and data retransmission timeouts, and packets dropped because a CPU's
+# input backlog (net.core.netdev_max_backlog; loopback goes through it too) was full.
+# Printed as "listen_overflows syn_retrans tcp_timeouts backlog_drops".
+kernel_counters() {
+  python3 - <<'PY'
+lines = open("/proc/net/netstat").read().splitlines()
+ext = {}
+for names, values in zip(lines[::2], lines[1::2]):
+    if names.startswith("TcpExt:"):
+        ext = dict(zip(names.split()[1:], map(int, values.split()[1:])))
+drops = sum(int(row.split()[1], 16) for row in open("/proc/net/softnet_stat"))
+print(ext.get("ListenOverflows", 0), ext.get("TCPSynRetrans", 0), ext.get("TCPTimeouts", 0), drops)
+PY
+}
 server_pids() { echo "$SERVER_PID" $(pgrep -P "$SERVER_PID" || true); }
 
 # Live runs put every server's broadcasts on the same wall-clock grid (multiples of the
@@ -168,6 +183,8 @@ run_one() {
   rss0=$(rss_kib $(server_pids))
   rm -f "$OUT/$label.json" "$OUT/$label.client.json" "$OUT/$label.client.jsonl"
   [ $LIVE = 1 ] && sleep_to_phase 1.0
+  local kernel0
+  kernel0=$(kernel_counters)
   if [ "$CLIENT" = c ]; then
     local ws=--ws; [ "$name" = raw ] && ws=""
     $PEERS/baseline-client $ws --procs "$PROCS" --rate "$RATE" \
@@ -191,6 +208,7 @@ run_one() {
       rm -f "$OUT/$label.client.json"
   fi
   echo "$label $rss0 $peak" >>"$OUT/memory.txt"
+  echo "$label $kernel0 $(kernel_counters)" >>"$OUT/kernel.txt"
   # c1m's own account of the run (refusals, timeouts, disconnects by reason).
   [ "$name" = c1m ] && curl -s --max-time 10 "http://127.0.0.1:$port/metrics" >"$OUT/$label.metrics" || true
   stop_server

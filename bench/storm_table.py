@@ -3,9 +3,10 @@
 
 Reads OUT/LABEL.json (a `c1m bench --json` result), or OUT/LABEL.client.json (the merged
 output of the lean C client, bench/storm_client.py) when there is one, and OUT/memory.txt ("LABEL RSS_AT_REST_KIB
-RSS_PEAK_KIB" lines) and prints a markdown table: setup rate, fan-out per round (stamp -> last
-client), missed, errors, server memory per connection, and the same-run ratios c1m / cws for
-setup and c1m / raw for the slowest round's fan-out.
+RSS_PEAK_KIB" lines) and OUT/kernel.txt (the kernel's packet-loss counters before and after
+each run) and prints a markdown table: setup rate, fan-out per round (stamp -> last client),
+missed, errors, server memory per connection, the same-run ratios c1m / cws for setup and
+c1m / raw for the slowest round's fan-out, and what the kernel dropped during the run.
 """
 import json
 import subprocess
@@ -18,6 +19,16 @@ try:
         label, rss0, peak = line.split()
         memory[label] = (int(rss0), int(peak))
 except FileNotFoundError:
+    pass
+
+# storm.sh's "LABEL before... after..." kernel counters (see kernel_counters there).
+kernel = {}
+try:
+    for line in open(f"{out}/kernel.txt"):
+        label, *values = line.split()
+        before, after = values[:4], values[4:]
+        kernel[label] = [int(a) - int(b) for a, b in zip(after, before)]
+except (FileNotFoundError, ValueError):
     pass
 
 rows = {}
@@ -51,12 +62,13 @@ def same_run(label, server):
 print(f"{mode}, {n:,} connections")
 print()
 print("| run | established | errors | setup /s | fan-out per round (s) | missed "
-      "| server mem (peak − rest) / conn | setup ÷ cws | slowest round ÷ raw |")
-print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+      "| server mem (peak − rest) / conn | setup ÷ cws | slowest round ÷ raw "
+      "| kernel: accept-queue overflows, SYN retransmits, TCP timeouts, backlog drops |")
+print("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
 for label in labels:
     s = rows[label]
     if s is None:
-        print(f"| {label} | failed | | | | | | | |")
+        print(f"| {label} | failed | | | | | | | | |")
         continue
     cws, raw = same_run(label, "cws"), same_run(label, "raw")
     setup = f"{s['setup_rate'] / cws['setup_rate']:.2f}×" if cws and cws["setup_rate"] else "–"
@@ -67,4 +79,5 @@ for label in labels:
     per = (peak - rss0) * 1024 / max(1, s["established"])
     fanouts = ", ".join(f"{x:.2f}" for x in s["fanouts"])
     print(f"| {label} | {s['established']:,} | {s['errors']} | {s['setup_rate']:,.0f} | "
-          f"{fanouts} | {s['missed']} | {per:.0f} B | {setup} | {fan} |")
+          f"{fanouts} | {s['missed']} | {per:.0f} B | {setup} | {fan} | "
+          f"{', '.join(f'{x:,}' for x in kernel.get(label, [])) or '–'} |")
