@@ -304,12 +304,15 @@ pub enum Command {
         keep: Option<Keep>,
     },
     /// What the broker keeps of `topic` after offset `since`, at most `limit`
-    /// publications; answered with `Stored`.
+    /// publications; answered with `Stored`. With `sync` (a resume), the answer is held
+    /// until every publication it covers reached the owner live (see `SYNC`); without
+    /// (`GET /history`, a snapshot for a back-end), it goes out as soon as it is read.
     Recover {
         id: u64,
         topic: String,
         since: u64,
         limit: usize,
+        sync: bool,
     },
     /// Publish this node's report (JSON, see `node_stats`); dropped while the link is
     /// down, never confirmed: the next one follows within a second.
@@ -685,9 +688,10 @@ async fn redis_session(
                         }
                     }
                 }
-                Some(Command::Recover { id, topic, since, limit }) => {
+                Some(Command::Recover { id, topic, since, limit, sync }) => {
                     let read = redis_recover(&mut publisher, &topic, since, limit);
                     match tokio::time::timeout(CONFIRM_TIMEOUT, read).await {
+                        Ok(Ok(stored)) if !sync => out.emit(Event::Stored { id, stored: Some(stored) }),
                         Ok(Ok(stored)) => {
                             // Publications up to the answer's last offset may still be on
                             // their way on the pubsub connection (published after this

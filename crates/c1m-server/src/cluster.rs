@@ -146,6 +146,27 @@ impl<W> ClusterNode<W> {
             topic: topic.to_string(),
             since,
             limit,
+            sync: true,
+        });
+        Some(id)
+    }
+
+    /// Reads what the broker keeps of `topic` after offset `since` (at most `limit`),
+    /// for `GET /history`: a snapshot, with no subscription and no wait for live
+    /// publications; answered by [`ClusterEvent::Stored`] with the returned id. `None`
+    /// while the link is down.
+    pub fn read_history(&mut self, topic: &str, since: u64, limit: usize) -> Option<u64> {
+        if !self.up {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.link.send(broker::Command::Recover {
+            id,
+            topic: topic.to_string(),
+            since,
+            limit,
+            sync: false,
         });
         Some(id)
     }

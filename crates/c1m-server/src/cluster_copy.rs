@@ -10,6 +10,9 @@
 //!   broker; its answer ([`ClusterCopy::stored`]) is judged like a local recovery, and
 //!   the missed publications are the broker's part followed by the copy's after it.
 //!
+//! - `GET /history` in a cluster reads the broker (a snapshot: no subscription, no
+//!   wait for live publications): [`HistoryReads`].
+//!
 //! No I/O: the owner sends the broker commands and answers its clients.
 
 use std::collections::{HashMap, HashSet};
@@ -19,6 +22,7 @@ use bytes::Bytes;
 
 use crate::broker::Stored;
 use crate::history::{History, NotRecovered, Position, Recovery};
+use crate::http::HistoryQuery;
 
 /// Longest a resume waits for the broker's answer.
 pub const BROKER_RESUME_WAIT: Duration = Duration::from_secs(3);
@@ -241,6 +245,65 @@ impl<W> ClusterCopy<W> {
         let resumes = self.pending.values().map(|p| p.deadline);
         let releases = self.releases.iter().map(|(at, _)| *at);
         resumes.chain(releases).min()
+    }
+}
+
+/// `GET /history` reads of the broker (`ClusterNode::read_history`) and who waits for
+/// each: answered when the broker answers, or `broker_unavailable` at
+/// [`BROKER_RESUME_WAIT`].
+#[derive(Debug)]
+pub struct HistoryReads<W> {
+    pending: HashMap<u64, (W, HistoryQuery, Instant)>,
+}
+
+impl<W> Default for HistoryReads<W> {
+    fn default() -> Self {
+        HistoryReads {
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<W> HistoryReads<W> {
+    /// `who` waits for read `id` of `query`.
+    pub fn wait(&mut self, id: u64, who: W, query: HistoryQuery, now: Instant) {
+        self.pending
+            .insert(id, (who, query, now + BROKER_RESUME_WAIT));
+    }
+
+    /// Whether broker answer `id` is for a read (else it is for a resume).
+    pub fn waits_for(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+    }
+
+    /// The broker answered read `id`: who waits, and the status and body to answer.
+    pub fn answered(
+        &mut self,
+        id: u64,
+        stored: Option<Stored>,
+    ) -> Option<(W, (u16, serde_json::Value))> {
+        let (who, query, _) = self.pending.remove(&id)?;
+        Some((who, crate::http::history_answer_from_broker(&query, stored)))
+    }
+
+    /// Reads past their deadline, answered `broker_unavailable`.
+    pub fn expired(&mut self, now: Instant) -> Vec<(W, (u16, serde_json::Value))> {
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        late.into_iter()
+            .filter_map(|id| self.answered(id, None))
+            .collect()
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .map(|(_, _, deadline)| *deadline)
+            .min()
     }
 }
 

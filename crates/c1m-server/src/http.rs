@@ -12,6 +12,7 @@ use c1m_proto::{encode_frame, OpCode};
 use serde_json::{json, Value};
 
 use crate::auth::{check_api_key, query_pairs, split_target, unauthorized};
+use crate::broker::Stored;
 use crate::envelope;
 use crate::history::{History, NotRecovered, Position};
 use crate::target::{Delivery, Target};
@@ -274,37 +275,80 @@ pub fn history_answer(
             "no topic keeps history: start the server with --history-size N (or --history-for)";
         return (404, json!({ "error": error }));
     };
-    match history.page(
+    let page = history.page(
         &query.topic,
         query.epoch.as_deref(),
         query.since,
         query.limit,
         now,
-    ) {
+    );
+    let position = page
+        .is_err()
+        .then(|| history.position(&query.topic))
+        .flatten();
+    page_answer(&query.topic, page, position)
+}
+
+/// `GET /history` in a cluster over Redis, from what the broker keeps (`None`: the
+/// broker could not say): the same answers as [`history_answer`] on one node, since
+/// a cluster's positions are the broker's and a node's own copy holds only the topics
+/// it listens to.
+pub fn history_answer_from_broker(query: &HistoryQuery, stored: Option<Stored>) -> (u16, Value) {
+    let Some(stored) = stored else {
+        return page_answer::<Vec<u8>>(&query.topic, Err(NotRecovered::BrokerUnavailable), None);
+    };
+    let Some(epoch) = stored.epoch else {
+        return page_answer::<Vec<u8>>(&query.topic, Err(NotRecovered::NoHistory), None);
+    };
+    let position = Position {
+        offset: stored.offset,
+        epoch,
+    };
+    let page = if query.epoch.as_ref().is_some_and(|e| *e != position.epoch) {
+        Err(NotRecovered::EpochChanged)
+    } else if query.since > position.offset {
+        Err(NotRecovered::AheadOfTopic)
+    } else {
+        let mut publications = stored.publications;
+        publications.retain(|(offset, _)| *offset > query.since);
+        publications.truncate(query.limit);
+        Ok((publications, position.clone()))
+    };
+    page_answer(&query.topic, page, Some(position))
+}
+
+/// A page of `topic`'s publications as `GET /history` answers it, or why not (with
+/// where the topic stands, when known).
+fn page_answer<F: AsRef<[u8]>>(
+    topic: &str,
+    page: Result<(Vec<(u64, F)>, Position), NotRecovered>,
+    position: Option<Position>,
+) -> (u16, Value) {
+    match page {
         Ok((publications, position)) => {
             let publications: Vec<Value> = publications
                 .iter()
                 .map(|(offset, frame)| {
                     let mut object = serde_json::Map::new();
                     object.insert("offset".into(), (*offset).into());
-                    envelope::put_payload(&mut object, frame);
+                    envelope::put_payload(&mut object, frame.as_ref());
                     object.into()
                 })
                 .collect();
             let mut body = serde_json::Map::new();
-            body.insert("topic".into(), query.topic.as_str().into());
+            body.insert("topic".into(), topic.into());
             envelope::put_position(&mut body, &position);
             body.insert("publications".into(), publications.into());
             (200, body.into())
         }
         Err(reason) => {
-            let status = if reason == NotRecovered::NoHistory {
-                404
-            } else {
-                409
+            let status = match reason {
+                NotRecovered::NoHistory => 404,
+                NotRecovered::BrokerUnavailable => 503,
+                _ => 409,
             };
-            let mut body = json!({"topic": query.topic, "error": reason.as_str()});
-            if let Some(position) = history.position(&query.topic) {
+            let mut body = json!({"topic": topic, "error": reason.as_str()});
+            if let Some(position) = position {
                 body["offset"] = position.offset.into();
                 body["epoch"] = position.epoch.into();
             }

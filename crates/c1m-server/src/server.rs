@@ -170,6 +170,8 @@ struct Server {
     /// A single process in a cluster: its copy of the broker's history and the
     /// resumes waiting for the broker, by resume request (`server/cluster_resume.rs`).
     copy: crate::cluster_copy::ClusterCopy<u32>,
+    /// A single process in a cluster: `GET /history` requests waiting for the broker.
+    history_reads: crate::cluster_copy::HistoryReads<crate::upstream::Waiting>,
     /// Publications being fanned out and waiting (`server/delivery.rs`).
     publications: delivery::Publications,
     /// This process stopped reading its master's channel or the broker's events
@@ -309,6 +311,7 @@ impl Server {
             history,
             relayed: Default::default(),
             copy: Default::default(),
+            history_reads: Default::default(),
             publications: delivery::Publications::default(),
             upstream_paused: false,
             shutdown_deadline: None,
@@ -451,6 +454,7 @@ impl Server {
             self.acceptor.paused_until(),
             self.publications.deadline(now),
             self.copy.next_deadline(),
+            self.history_reads.next_deadline(),
             self.shutdown_deadline,
         ]
         .into_iter()

@@ -432,7 +432,18 @@ async fn resume_on_any_node(workers: &str) {
     for n in 4..=6 {
         publish_on(&nodes[2], "feed", &format!("\"m{n}\"")).await;
     }
-    // Node 2 has never seen `feed`: the broker's history answers.
+    // Node 2 has never seen `feed`: the broker's history answers, GET /history too.
+    let history_on = |node: &Server, query: &str| {
+        let (addr, query) = (node.addr, query.to_string());
+        tokio::task::spawn_blocking(move || common::history(addr, &query))
+    };
+    let (status, page) = history_on(&nodes[1], "topic=feed&since=3").await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(common::page_offsets(&page), [4, 5, 6], "{page}");
+    assert_eq!(
+        (&page["offset"], page["epoch"].as_str()),
+        (&6.into(), Some(&*epoch))
+    );
     let mut back = connect(&nodes[1], &format!("/?since=feed:{epoch}:3")).await;
     let answer = next_json(&mut back).await;
     assert_eq!(answer["recovered"], true, "{answer}");
@@ -455,6 +466,25 @@ async fn resume_on_any_node(workers: &str) {
     for n in 8..=9 {
         assert_eq!(next_json(&mut again).await["offset"], n);
     }
+    // GET /history on every node answers alike, from the broker.
+    for node in [&nodes[0], &nodes[1], &fresh] {
+        let (status, page) = history_on(node, "topic=feed&limit=2").await.unwrap();
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(common::page_offsets(&page), [1, 2], "{page}");
+        assert_eq!(page["offset"], 9, "{page}");
+    }
+    let (status, page) = history_on(&fresh, "topic=feed&epoch=00000000")
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &page["error"]),
+        (409, &"epoch_changed".into()),
+        "{page}"
+    );
+    let (status, page) = history_on(&fresh, "topic=feed&since=10").await.unwrap();
+    assert_eq!((status, &page["offset"]), (409, &9.into()), "{page}");
+    let (status, page) = history_on(&fresh, "topic=never").await.unwrap();
+    assert_eq!(status, 404, "{page}");
     // A position from an epoch Redis never had: told so.
     let mut stale = connect(&fresh, "/?since=feed:00000000:2").await;
     let answer = next_json(&mut stale).await;
@@ -473,6 +503,12 @@ async fn resume_on_any_node(workers: &str) {
     broker.stop();
     wait_ready(&nodes[0], false);
     assert_eq!(publish_on(&nodes[0], "feed", "\"lost\"").await.status, 503);
+    let (status, page) = history_on(&nodes[0], "topic=feed").await.unwrap();
+    assert_eq!(
+        (status, &page["error"]),
+        (503, &"broker_unavailable".into()),
+        "{page}"
+    );
     let mut down = connect(&nodes[0], &format!("/?since=feed:{epoch}:1")).await;
     let answer = next_json(&mut down).await;
     assert_eq!(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, next_json, publish, Server, Ws};
+use common::{history, http, next_json, page_offsets, publish, Server, Ws};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -32,27 +32,6 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-/// The offsets of a `GET /history` page's publications.
-fn page_offsets(page: &Value) -> Vec<u64> {
-    page["publications"]
-        .as_array()
-        .expect("publications")
-        .iter()
-        .map(|p| p["offset"].as_u64().expect("an offset"))
-        .collect()
-}
-
-fn history(server: &Server, query: &str) -> (u16, Value) {
-    let answer = http(
-        server.addr,
-        "GET",
-        &format!("/history?{query}"),
-        &[KEY],
-        b"",
-    );
-    (answer.status, json(&answer.body))
-}
-
 #[test]
 fn publications_get_contiguous_offsets_and_history_lists_them() {
     let server = Server::start(&["--workers", "1", "--api-key", "k", "--history-size", "3"]);
@@ -69,7 +48,7 @@ fn publications_get_contiguous_offsets_and_history_lists_them() {
         epoch = e;
     }
     // Size 3: offsets 2..=4 are kept.
-    let (status, page) = history(&server, "topic=news");
+    let (status, page) = history(server.addr, "topic=news");
     assert_eq!(status, 200, "{page}");
     assert_eq!(
         (page["offset"].as_u64(), page["epoch"].as_str()),
@@ -81,26 +60,26 @@ fn publications_get_contiguous_offsets_and_history_lists_them() {
     assert_eq!(page["publications"][1]["data"], "three");
 
     let (_, page) = history(
-        &server,
+        server.addr,
         &format!("topic=news&since=3&epoch={epoch}&limit=5"),
     );
     assert_eq!(page["publications"].as_array().unwrap().len(), 1, "{page}");
-    let (_, page) = history(&server, "topic=news&since=0&limit=1");
+    let (_, page) = history(server.addr, "topic=news&since=0&limit=1");
     assert_eq!(
         page["publications"][0]["offset"], 2,
         "a page is cut at its limit"
     );
 
     // Topics without history (the clock's, or never published) and wrong positions.
-    assert_eq!(history(&server, "topic=time").0, 404);
-    assert_eq!(history(&server, "topic=other").0, 404);
-    let (status, body) = history(&server, "topic=news&epoch=00000000");
+    assert_eq!(history(server.addr, "topic=time").0, 404);
+    assert_eq!(history(server.addr, "topic=other").0, 404);
+    let (status, body) = history(server.addr, "topic=news&epoch=00000000");
     assert_eq!(
         (status, body["error"].as_str()),
         (409, Some("epoch_changed")),
         "{body}"
     );
-    let (status, body) = history(&server, "topic=news&since=99");
+    let (status, body) = history(server.addr, "topic=news&since=99");
     assert_eq!(
         (status, body["error"].as_str()),
         (409, Some("offset_ahead")),
@@ -131,7 +110,7 @@ fn bad_history_requests_get_clear_errors() {
         "topic=news&limit=99999999999999999999",
         "topic=news&colour=red",
     ] {
-        let (status, body) = history(&server, query);
+        let (status, body) = history(server.addr, query);
         assert_eq!(status, 400, "{query}: {body}");
         assert!(
             body["error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -150,7 +129,7 @@ fn without_history_publishes_have_no_position_and_history_says_how_to_turn_it_on
         body.get("offset").is_none() && body.get("epoch").is_none(),
         "{body}"
     );
-    let (status, body) = history(&server, "topic=news");
+    let (status, body) = history(server.addr, "topic=news");
     assert_eq!(status, 404);
     assert!(
         body["error"].as_str().unwrap().contains("--history-size"),
@@ -315,15 +294,15 @@ async fn across_workers_resuming_while_publishing_gives_every_publication_once_i
     common::clients_resume_while_publishing(&[&server], &server).await;
     // Any worker answers GET /history from the master's store, the same way.
     for _ in 0..6 {
-        let (status, page) = history(&server, "topic=feed&since=295&limit=3");
+        let (status, page) = history(server.addr, "topic=feed&since=295&limit=3");
         assert_eq!(status, 200, "{page}");
         assert_eq!(page_offsets(&page), [296, 297, 298], "{page}");
-        let (status, body) = history(&server, "topic=feed&epoch=00000000");
+        let (status, body) = history(server.addr, "topic=feed&epoch=00000000");
         assert_eq!(
             (status, body["error"].as_str()),
             (409, Some("epoch_changed"))
         );
-        assert_eq!(history(&server, "topic=none").0, 404);
+        assert_eq!(history(server.addr, "topic=none").0, 404);
     }
     let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
     assert!(
@@ -713,10 +692,10 @@ fn limits_age_and_a_flood_of_topics_stay_within_bounds() {
         publish(addr, "k", "sized", &i.to_string());
         publish(addr, "k", "brief", &i.to_string());
     }
-    let (_, page) = history(&server, "topic=sized");
+    let (_, page) = history(server.addr, "topic=sized");
     assert_eq!(page_offsets(&page), [3, 4, 5], "the last 3: {page}");
     std::thread::sleep(Duration::from_millis(600));
-    let (_, page) = history(&server, "topic=brief");
+    let (_, page) = history(server.addr, "topic=brief");
     assert_eq!(page_offsets(&page), Vec::<u64>::new(), "aged out: {page}");
     assert_eq!(
         page["offset"], 5,

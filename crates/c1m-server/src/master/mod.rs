@@ -40,7 +40,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::broker::Stored;
 use crate::clock::Clock;
 use crate::cluster::{ClusterEvent, ClusterNode};
-use crate::cluster_copy::ClusterCopy;
+use crate::cluster_copy::{ClusterCopy, HistoryReads};
 use crate::config::ServeConfig;
 use crate::control::{Message, Origin};
 use crate::history::{History, NotRecovered, Position, Recovery};
@@ -112,6 +112,9 @@ struct Master<S> {
     /// In a cluster with history: the node's copy of the broker's history (in
     /// `history`) and the workers' resumes waiting for the broker (`cluster_copy`).
     copy: ClusterCopy<(usize, u32)>,
+    /// In a cluster with history: the workers' `GET /history` requests waiting for the
+    /// broker, which keeps the cluster's history.
+    history_reads: HistoryReads<(usize, u32)>,
     next_history_expiry: Instant,
     node: String,
     next_stats: Instant,
@@ -188,6 +191,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             history,
             positions: HashMap::new(),
             copy: ClusterCopy::default(),
+            history_reads: HistoryReads::default(),
             next_history_expiry: now,
             node,
             shutdown_deadline: None,
@@ -205,6 +209,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.relays.next_deadline(),
                 self.cluster.as_ref().map(ClusterNode::next_deadline),
                 self.copy.next_deadline(),
+                self.history_reads.next_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -348,14 +353,22 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
             Message::HistoryRequest { request, query } => {
                 let (status, body) = match crate::http::parse_history_query(&query) {
+                    Ok(query) if self.history.is_some() && self.cluster.is_some() => {
+                        // A cluster's positions are the broker's: read its history.
+                        let asked = self.cluster.as_mut().and_then(|cluster| {
+                            cluster.read_history(&query.topic, query.since, query.limit)
+                        });
+                        match asked {
+                            Some(id) => {
+                                return self.history_reads.wait(id, (index, request), query, now)
+                            }
+                            None => crate::http::history_answer_from_broker(&query, None),
+                        }
+                    }
                     Ok(query) => crate::http::history_answer(self.history.as_mut(), &query, now),
                     Err(error) => (400, serde_json::json!({ "error": error })),
                 };
-                self.workers[index].send(&Message::Answer {
-                    request,
-                    status,
-                    json: body.to_string().into_bytes(),
-                });
+                self.answer_worker(index, request, status, &body);
             }
             Message::Recover {
                 request,
@@ -404,11 +417,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     Some(node) => node.stats(&local, cluster, now),
                     None => node_stats::answer(&local, cluster, None, now),
                 };
-                self.workers[index].send(&Message::Answer {
-                    request,
-                    status,
-                    json: body.to_string().into_bytes(),
-                });
+                self.answer_worker(index, request, status, &body);
             }
             other => tracing::warn!(?other, "unexpected control message from a worker"),
         }
@@ -613,8 +622,27 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         }
     }
 
-    /// The broker answered a worker's resume.
+    /// Answers a worker's parked HTTP request `request`.
+    fn answer_worker(&mut self, index: usize, request: u32, status: u16, body: &serde_json::Value) {
+        if let Some(worker) = self.workers.get_mut(index) {
+            worker.send(&Message::Answer {
+                request,
+                status,
+                json: body.to_string().into_bytes(),
+            });
+        }
+    }
+
+    /// The broker answered a worker's resume or history read.
     fn on_stored(&mut self, id: u64, stored: Option<Stored>, now: Instant) {
+        if self.history_reads.waits_for(id) {
+            if let Some(((index, request), (status, body))) =
+                self.history_reads.answered(id, stored)
+            {
+                self.answer_worker(index, request, status, &body);
+            }
+            return;
+        }
         let Some(history) = self.history.as_mut() else {
             return;
         };
@@ -634,6 +662,10 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
 
     /// Resumes the broker did not answer in time, and holds to end.
     fn broker_resume_timers(&mut self, now: Instant) {
+        for ((index, request), (status, body)) in self.history_reads.expired(now) {
+            tracing::warn!("a history read got no answer from the broker in time");
+            self.answer_worker(index, request, status, &body);
+        }
         for ((index, request), _) in self.copy.expired(now) {
             tracing::warn!("a resume got no answer from the broker in time");
             if let Some(worker) = self.workers.get_mut(index) {

@@ -17,12 +17,16 @@
 //! local resume does. Answered `recovered: false` when the broker says the position
 //! cannot be served (reasons as on one node), or when it is down or does not answer
 //! within `cluster_copy::BROKER_RESUME_WAIT` (`broker_unavailable`).
+//!
+//! `GET /history` reads the broker too (`ClusterNode::read_history`): the node's copy
+//! holds only the topics it listens to, and every node must answer alike.
 
 use std::time::Instant;
 
 use crate::broker::Stored;
 use crate::history::{NotRecovered, Position};
-use crate::upstream::Upstream;
+use crate::http::{self, HistoryQuery};
+use crate::upstream::{Upstream, Waiting};
 
 use super::Server;
 
@@ -69,8 +73,39 @@ impl Server {
         }
     }
 
-    /// The broker answered resume `id`.
+    /// Whether `GET /history` reads the broker: a single process in a cluster, with
+    /// history on.
+    pub(super) fn history_is_the_brokers(&self) -> bool {
+        self.history.is_some() && matches!(self.upstream, Upstream::ViaBroker(_))
+    }
+
+    /// `GET /history` in a cluster: answered when the broker answers.
+    pub(super) fn read_broker_history(
+        &mut self,
+        waiting: Waiting,
+        query: HistoryQuery,
+        now: Instant,
+    ) {
+        let Upstream::ViaBroker(cluster) = &mut self.upstream else {
+            return;
+        };
+        match cluster.read_history(&query.topic, query.since, query.limit) {
+            Some(id) => self.history_reads.wait(id, waiting, query, now),
+            None => {
+                let (status, body) = http::history_answer_from_broker(&query, None);
+                self.answer_waiting(&waiting, http::json_answer(status, &body), now);
+            }
+        }
+    }
+
+    /// The broker answered resume or history read `id`.
     pub(super) fn on_stored(&mut self, id: u64, stored: Option<Stored>, now: Instant) {
+        if self.history_reads.waits_for(id) {
+            if let Some((waiting, (status, body))) = self.history_reads.answered(id, stored) {
+                self.answer_waiting(&waiting, http::json_answer(status, &body), now);
+            }
+            return;
+        }
         let Some(history) = self.history.as_mut() else {
             return;
         };
@@ -127,6 +162,10 @@ impl Server {
     /// Timers: resumes the broker did not answer in time (`broker_unavailable`), and
     /// holds to end.
     pub(super) fn broker_resume_timers(&mut self, now: Instant) {
+        for (waiting, (status, body)) in self.history_reads.expired(now) {
+            tracing::warn!("a history read got no answer from the broker in time");
+            self.answer_waiting(&waiting, http::json_answer(status, &body), now);
+        }
         for (request, _) in self.copy.expired(now) {
             tracing::warn!("a resume got no answer from the broker in time");
             self.on_recovered(request, Err(NotRecovered::BrokerUnavailable), None);

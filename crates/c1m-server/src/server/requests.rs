@@ -306,6 +306,12 @@ impl Server {
                 self.ask_master_for_history(parked, &query, now);
                 return Next::Keep;
             }
+            Outcome::History(query) if self.history_is_the_brokers() => {
+                // A cluster's positions are the broker's: read its history there.
+                let parked = waiting(self, WaitingFor::Stats);
+                self.read_broker_history(parked, query, now);
+                return Next::Keep;
+            }
             Outcome::History(query) => {
                 let (status, body) = http::history_answer(self.history.as_mut(), &query, now);
                 http::json_answer(status, &body)

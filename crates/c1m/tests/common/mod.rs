@@ -329,6 +329,30 @@ pub fn stats(addr: SocketAddr, scope: &str) -> serde_json::Value {
 }
 
 /// `POST /publish` of a JSON message to a topic with an API key.
+/// `GET /history?{query}` with the API key `k`: the status and the JSON body.
+pub fn history(addr: SocketAddr, query: &str) -> (u16, serde_json::Value) {
+    let answer = http(
+        addr,
+        "GET",
+        &format!("/history?{query}"),
+        &["Authorization: Bearer k"],
+        b"",
+    );
+    let body =
+        serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.body));
+    (answer.status, body)
+}
+
+/// The offsets of a `GET /history` page's publications.
+pub fn page_offsets(page: &serde_json::Value) -> Vec<u64> {
+    page["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("an offset"))
+        .collect()
+}
+
 pub fn publish(addr: SocketAddr, key: &str, topic: &str, message: &str) -> HttpResponse {
     let auth = format!("Authorization: Bearer {key}");
     let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
