@@ -96,6 +96,10 @@ pub enum Message {
     /// Worker → master, every `node_stats::REPORT_EVERY`: subscribers per topic (the
     /// JSON of a `node_stats::TopicCounts`), which the master sums for `GET /stats`.
     TopicCounts { json: Vec<u8> },
+    /// Master → worker, every second: the topics holding the most history
+    /// bytes (JSON `[[topic, bytes], …]`, largest first), for the workers' `/metrics`
+    /// (the master keeps the node's history; the scoreboard has only its totals).
+    HistoryLargest { json: Vec<u8> },
     /// Worker → master: a client asked `GET /stats` (`cluster`: `?scope=cluster`).
     StatsRequest { request: u32, cluster: bool },
     /// Master → worker: the HTTP answer (status and JSON body) to a `StatsRequest`, or
@@ -120,6 +124,7 @@ const RECOVER: u8 = 10;
 const RECOVERED: u8 = 11;
 const HISTORY_REQUEST: u8 = 12;
 const LISTENING: u8 = 13;
+const HISTORY_LARGEST: u8 = 14;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -229,6 +234,10 @@ impl Message {
             }
             Message::TopicCounts { json } => {
                 out.push(TOPIC_COUNTS);
+                out.extend_from_slice(json);
+            }
+            Message::HistoryLargest { json } => {
+                out.push(HISTORY_LARGEST);
                 out.extend_from_slice(json);
             }
             Message::StatsRequest { request, cluster } => {
@@ -348,6 +357,7 @@ impl Message {
             BROKER_UP => Message::BrokerUp { up: r.u8()? != 0 },
             LISTENING => Message::Listening { topic: r.string()? },
             TOPIC_COUNTS => Message::TopicCounts { json: r.rest() },
+            HISTORY_LARGEST => Message::HistoryLargest { json: r.rest() },
             STATS_REQUEST => Message::StatsRequest {
                 request: r.u32()?,
                 cluster: r.u8()? != 0,
@@ -545,6 +555,9 @@ mod tests {
             },
             Message::TopicCounts {
                 json: br#"{"topics":{"a":1}}"#.to_vec(),
+            },
+            Message::HistoryLargest {
+                json: br#"[["a",120]]"#.to_vec(),
             },
             Message::StatsRequest {
                 request: 4,

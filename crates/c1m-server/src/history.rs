@@ -35,6 +35,9 @@ use bytes::Bytes;
 /// process really holds: at 100,000 topics x 3 publications of 64 bytes the resident
 /// memory grew 310 B per publication against 150 B counted with 48 and 96 here.
 const PER_PUBLICATION: usize = 112;
+
+/// How many of the largest topics `/metrics` names (`c1m_history_topic_bytes`).
+pub const REPORTED_LARGEST: usize = 10;
 /// Bytes counted per topic besides its name: the map entry, the epoch, the limits, the
 /// per-topic queue (which grows by doubling).
 const PER_TOPIC: usize = 320;
@@ -485,7 +488,8 @@ impl History {
         }
     }
 
-    /// The topics holding the most bytes, largest first, as (name, publications, bytes).
+    /// The topics holding the most bytes, largest first, as (name, publications, bytes)
+    /// (`/metrics` names [`REPORTED_LARGEST`] of them).
     pub fn largest(&self, n: usize) -> Vec<(&str, usize, usize)> {
         let mut all: Vec<(&str, usize, usize)> = self
             .topics

@@ -129,6 +129,9 @@ pub struct MasterLink {
     waiting: HashMap<u32, (Waiting, Instant)>,
     /// `None` without `--broker`; else the broker link's state, as the master reports it.
     pub cluster_up: Option<bool>,
+    /// The master's largest history topics as (name, bytes), as of its last second
+    /// (`control::Message::HistoryLargest`).
+    pub history_largest: Vec<(String, usize)>,
     /// When this worker next sends its topic counts.
     next_report: Instant,
 }
@@ -149,6 +152,7 @@ impl MasterLink {
             next_request: 0,
             waiting: HashMap::new(),
             cluster_up: cluster.then_some(false),
+            history_largest: Vec::new(),
             next_report: Instant::now(),
         }
     }

@@ -551,7 +551,8 @@ async fn clock_ticks_get_positions_when_time_keeps_history() {
 }
 
 /// With workers the master keeps the store; any worker's `/metrics` shows its totals
-/// (published by the master through the scoreboard once a second).
+/// (published by the master through the scoreboard once a second) and its largest
+/// topics (sent to every worker once a second).
 #[test]
 fn with_workers_metrics_show_the_masters_history() {
     let server = Server::start(&["--workers", "2", "--api-key", "k", "--history-size", "5"]);
@@ -563,8 +564,11 @@ fn with_workers_metrics_show_the_masters_history() {
     loop {
         let metrics = http(server.addr, "GET", "/metrics", &[], b"").body;
         let value = |name| common::metric_value(&metrics, name);
-        if value("c1m_history_publications") == Some(6.0) {
+        let a = value("c1m_history_topic_bytes{topic=\"a\"}");
+        if value("c1m_history_publications") == Some(6.0) && a.is_some() {
             assert_eq!(value("c1m_history_topics"), Some(2.0), "{metrics}");
+            let b = value("c1m_history_topic_bytes{topic=\"b\"}");
+            assert!(a > b && b > Some(0.0), "5 kept against 1: {metrics}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{metrics}");

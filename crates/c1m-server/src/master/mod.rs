@@ -793,6 +793,15 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             self.next_history_expiry = now + Duration::from_secs(1);
             history.expire(now);
             self.scoreboard.set_history_usage(&history.usage());
+            let largest: Vec<(&str, usize)> = history
+                .largest(crate::history::REPORTED_LARGEST)
+                .into_iter()
+                .map(|(topic, _, bytes)| (topic, bytes))
+                .collect();
+            let json = serde_json::to_vec(&largest).unwrap_or_default();
+            for worker in &mut self.workers {
+                worker.send(&Message::HistoryLargest { json: json.clone() });
+            }
         }
         for worker in &mut self.workers {
             worker.flush();

@@ -81,12 +81,25 @@ impl Server {
             self.registry.counters.sse_opened
         ));
         if self.config.history.enabled() {
-            // A worker has no store: its master keeps the node's and publishes its
-            // totals in the scoreboard (not the largest topics: a fixed layout).
-            let (usage, largest) = match (&self.history, worker) {
-                (Some(history), _) => (Some(history.usage()), history.largest(10)),
-                (None, Some((_, board))) => (Some(board.history_usage()), Vec::new()),
-                (None, None) => (None, Vec::new()),
+            // A worker has no store: its master keeps the node's, publishes its
+            // totals in the scoreboard and sends its largest topics every second.
+            let (usage, largest) = match (&self.history, &self.upstream) {
+                (Some(history), _) => (
+                    Some(history.usage()),
+                    history
+                        .largest(crate::history::REPORTED_LARGEST)
+                        .into_iter()
+                        .map(|(topic, _, bytes)| (topic, bytes))
+                        .collect(),
+                ),
+                (None, Upstream::ViaMaster(link)) => (
+                    Some(link.scoreboard.history_usage()),
+                    link.history_largest
+                        .iter()
+                        .map(|(topic, bytes)| (topic.as_str(), *bytes))
+                        .collect(),
+                ),
+                (None, _) => (None, Vec::new()),
             };
             text.push_str(&history_metrics(usage, &largest, &self.registry.counters));
         }
@@ -123,11 +136,10 @@ impl Server {
 }
 
 /// Topic history in `/metrics`: this process's recoveries by outcome; the node's store
-/// totals (`usage`); and the topics holding the most bytes (`largest`: name, kept,
-/// bytes), where the store is in this process.
+/// totals (`usage`); and the topics holding the most bytes (`largest`: name, bytes).
 fn history_metrics(
     usage: Option<crate::history::Usage>,
-    largest: &[(&str, usize, usize)],
+    largest: &[(&str, usize)],
     counters: &crate::counters::Counters,
 ) -> String {
     use std::fmt::Write;
@@ -165,7 +177,7 @@ fn history_metrics(
         out,
         "# HELP c1m_history_topic_bytes Bytes of history held by the largest topics.\n# TYPE c1m_history_topic_bytes gauge"
     );
-    for (topic, _, bytes) in largest {
+    for (topic, bytes) in largest {
         let label = topic.replace('\\', "\\\\").replace('"', "\\\"");
         let _ = writeln!(out, "c1m_history_topic_bytes{{topic=\"{label}\"}} {bytes}");
     }

@@ -180,6 +180,10 @@ impl Server {
             Message::Listening { topic } => {
                 self.relayed.remove(&topic);
             }
+            Message::HistoryLargest { json } => match serde_json::from_slice(&json) {
+                Ok(largest) => link.history_largest = largest,
+                Err(error) => tracing::warn!(%error, "bad history sizes from the master"),
+            },
             Message::Relay { .. }
             | Message::Delivered { .. }
             | Message::Interest { .. }
