@@ -21,6 +21,12 @@
 //! counts as done only once the broker confirmed it (NATS: a flush; Redis: the PUBLISH
 //! reply), within [`CONFIRM_TIMEOUT`]. The link reconnects by itself with backoff and
 //! subscribes again to every wanted subject.
+//!
+//! Topic history (`--history-*`): the broker gives the positions, so they are the same
+//! on every node. Redis: one Lua script per publish and a stream per topic
+//! ([`REDIS_PUBLISH`]); NATS: a JetStream stream per topic (`broker/jetstream.rs`).
+
+mod jetstream;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -370,9 +376,12 @@ pub struct BrokerLink {
 impl BrokerLink {
     /// Starts the link's thread for node `node` (its name in acks and reports). `wake`
     /// is called after every event is queued.
+    /// `history`: the node's history policy, if it keeps any (NATS follows a topic with
+    /// history through JetStream instead of a core subscription).
     pub fn start(
         url: BrokerUrl,
         node: &str,
+        history: Option<crate::history::Policy>,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> io::Result<BrokerLink> {
         let (commands, command_rx) = unbounded_channel();
@@ -390,7 +399,7 @@ impl BrokerLink {
         };
         std::thread::Builder::new()
             .name("c1m-broker".into())
-            .spawn(move || runtime.block_on(run(url, command_rx, out)))?;
+            .spawn(move || runtime.block_on(run(url, history, command_rx, out)))?;
         Ok(BrokerLink { commands, events })
     }
 
@@ -440,25 +449,41 @@ impl Out {
     }
 }
 
-async fn run(url: BrokerUrl, commands: UnboundedReceiver<Command>, out: Out) {
+async fn run(
+    url: BrokerUrl,
+    history: Option<crate::history::Policy>,
+    commands: UnboundedReceiver<Command>,
+    out: Out,
+) {
     match url {
-        BrokerUrl::Nats(_) => run_nats(url, commands, out).await,
+        BrokerUrl::Nats(_) => run_nats(url, history, commands, out).await,
         BrokerUrl::Redis(_) => run_redis(url, commands, out).await,
     }
 }
 
 /// NATS: async-nats reconnects and resubscribes by itself; its events tell us the state.
-async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out: Out) {
+/// Topics with history go through JetStream (`broker/jetstream.rs`).
+async fn run_nats(
+    url: BrokerUrl,
+    history: Option<crate::history::Policy>,
+    mut commands: UnboundedReceiver<Command>,
+    out: Out,
+) {
     let BrokerUrl::Nats(address) = &url else {
         return;
     };
     let up = Arc::new(AtomicBool::new(false));
-    let (events_out, events_up) = (out.clone(), Arc::clone(&up));
+    let followed = jetstream::Followed::default();
+    let (events_out, events_up, events_followed) = (out.clone(), Arc::clone(&up), followed.clone());
     let options = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
-            let (out, up) = (events_out.clone(), Arc::clone(&events_up));
+            let (out, up, followed) = (
+                events_out.clone(),
+                Arc::clone(&events_up),
+                events_followed.clone(),
+            );
             async move {
                 let now_up = match event {
                     async_nats::Event::Connected => true,
@@ -468,6 +493,9 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
                 if up.swap(now_up, Ordering::SeqCst) != now_up {
                     tracing::warn!(up = now_up, "NATS link");
                     out.emit(Event::Up(now_up));
+                    if now_up {
+                        followed.say_subscribed(&out);
+                    }
                 }
             }
         });
@@ -497,6 +525,8 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
             }
         })
     };
+    let mut jetstream = history
+        .map(|policy| jetstream::JetStream::new(client.clone(), policy, out.clone(), followed));
     subscriptions.insert(BROADCAST.into(), subscribe(url.subject(BROADCAST)));
     // Not in `subscriptions` (keyed by topic): reports and acks are listened to for good.
     let _reports = subscribe(url.reports_subject().to_string());
@@ -504,19 +534,62 @@ async fn run_nats(url: BrokerUrl, mut commands: UnboundedReceiver<Command>, out:
     while let Some(command) = commands.recv().await {
         match command {
             Command::Subscribe(topic) => {
-                if let std::collections::hash_map::Entry::Vacant(entry) =
+                if let Some((js, keep)) = jetstream
+                    .as_mut()
+                    .and_then(|js| js.keep(&topic).map(|keep| (js, keep)))
+                {
+                    js.follow(topic, keep);
+                } else if let std::collections::hash_map::Entry::Vacant(entry) =
                     subscriptions.entry(topic.clone())
                 {
                     entry.insert(subscribe(url.subject(&topic)));
                 }
             }
             Command::Unsubscribe(topic) => {
+                if jetstream.as_mut().is_some_and(|js| js.unfollow(&topic)) {
+                    continue;
+                }
                 // Dropping the subscriber (with its task) unsubscribes.
                 if let Some(task) = subscriptions.remove(&topic) {
                     task.abort();
                 }
             }
-            Command::Recover { id, .. } => out.emit(Event::Stored { id, stored: None }),
+            Command::Recover {
+                id,
+                topic,
+                since,
+                limit,
+                sync,
+            } => match &jetstream {
+                Some(js) => js.recover(id, topic, since, limit, sync),
+                None => out.emit(Event::Stored { id, stored: None }),
+            },
+            Command::Publish {
+                id,
+                topic,
+                frame,
+                keep: Some(keep),
+            } if jetstream.is_some() => {
+                let position = match jetstream.as_mut() {
+                    Some(js) if up.load(Ordering::SeqCst) => {
+                        let payload = wrap(&out.reply(id), &frame);
+                        tokio::time::timeout(CONFIRM_TIMEOUT, js.publish(&topic, payload, keep))
+                            .await
+                            .map_err(|_| "timed out".into())
+                            .and_then(|published| published)
+                            .inspect_err(
+                                |error| tracing::warn!(%error, topic, "JetStream publish failed"),
+                            )
+                            .ok()
+                    }
+                    _ => None,
+                };
+                out.emit(Event::Published {
+                    id,
+                    ok: position.is_some(),
+                    position,
+                });
+            }
             Command::Publish {
                 id, topic, frame, ..
             } => {

@@ -69,15 +69,17 @@ pub struct ClusterNode<W> {
 }
 
 impl<W> ClusterNode<W> {
-    /// Starts the link; its events wake `registry` with `token`.
+    /// Starts the link; its events wake `registry` with `token`. `history`: the
+    /// node's history policy, if it keeps any.
     pub fn start(
         url: BrokerUrl,
         node: String,
+        history: Option<crate::history::Policy>,
         registry: &Registry,
         token: Token,
     ) -> io::Result<ClusterNode<W>> {
         let waker = Arc::new(mio::Waker::new(registry, token)?);
-        let link = BrokerLink::start(url, &node, move || {
+        let link = BrokerLink::start(url, &node, history, move || {
             let _ = waker.wake();
         })?;
         Ok(ClusterNode {

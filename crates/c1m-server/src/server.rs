@@ -226,6 +226,7 @@ impl Server {
                     Some(url) => Upstream::ViaBroker(ClusterNode::start(
                         url.clone(),
                         node.clone(),
+                        config.history.enabled().then(|| config.history.clone()),
                         poll.registry(),
                         BROKER,
                     )?),

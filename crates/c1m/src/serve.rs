@@ -219,8 +219,9 @@ pub struct ServeArgs {
     /// `POST /publish` answers with both, `GET /history` lists what is kept, and a
     /// client that subscribes with its last position gets what it missed, or is told
     /// to reload (see docs/server.md, "History and recovery"). The clock's `time` topic
-    /// keeps none unless a --history-for rule matches it. With --broker: Redis only for
-    /// now (the broker keeps the history, a Redis stream per topic).
+    /// keeps none unless a --history-for rule matches it. With --broker the broker keeps
+    /// the history, so positions are the same on every node: a Redis stream per topic,
+    /// or a NATS JetStream stream per topic (the server must run with JetStream: -js).
     #[arg(long, value_name = "N", default_value_t = 0, env = "C1M_HISTORY_SIZE")]
     history_size: usize,
 
@@ -434,17 +435,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cores.max(needed)
         }
     };
-    // History in a cluster: the broker keeps it (a Redis stream per topic), so that
-    // positions are the same on every node; a node keeps its own copy in one process.
-    match &config.broker {
-        Some(c1m_server::config::BrokerUrl::Nats(_)) if config.history.enabled() => {
-            anyhow::bail!(
-                "topic history (--history-size, --history-for) with --broker needs Redis for \
-                 now (--broker redis://HOST:PORT): NATS JetStream is not supported yet"
-            );
-        }
-        _ => {}
-    }
     let print_address = |addr: SocketAddr| {
         // Machine-readable: scripts and tests read the port from this line.
         let mut stdout = std::io::stdout();

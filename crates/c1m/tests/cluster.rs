@@ -10,18 +10,36 @@ use std::time::{Duration, Instant};
 
 use common::{http, next_json, publish, RawClient, Server};
 
-/// A broker process we started, killed when dropped.
+/// A broker process we started, killed when dropped (with its JetStream store).
 struct Broker {
     child: Child,
     port: u16,
     kind: &'static str,
+    store: Option<std::path::PathBuf>,
 }
 
 impl Broker {
+    /// `kind`: "nats", "jetstream" (nats-server -js, its store in a fresh directory) or
+    /// "redis".
     fn start(kind: &'static str, port: u16) -> Broker {
+        let store = (kind == "jetstream").then(|| {
+            std::env::temp_dir().join(format!("c1m-jetstream-{port}-{}", std::process::id()))
+        });
+        Broker::start_with(kind, port, store)
+    }
+
+    fn start_with(kind: &'static str, port: u16, store: Option<std::path::PathBuf>) -> Broker {
         let port_arg = port.to_string();
+        let store_arg = store
+            .as_ref()
+            .map(|dir| dir.display().to_string())
+            .unwrap_or_default();
         let (program, args): (&str, Vec<&str>) = match kind {
             "nats" => ("nats-server", vec!["-a", "127.0.0.1", "-p", &port_arg]),
+            "jetstream" => (
+                "nats-server",
+                vec!["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd", &store_arg],
+            ),
             _ => (
                 "redis-server",
                 vec![
@@ -49,16 +67,37 @@ impl Broker {
             assert!(Instant::now() < deadline, "{program} did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker { child, port, kind }
+        Broker {
+            child,
+            port,
+            kind,
+            store,
+        }
     }
 
     fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.kind, self.port)
+        let scheme = if self.kind == "jetstream" {
+            "nats"
+        } else {
+            self.kind
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker and starts it again on the same port (JetStream: with the same
+    /// store, as a restarted server finds its files).
+    fn restart(mut self) -> Broker {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Broker::start_with(self.kind, self.port, self.store.take())
     }
 
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(store) = &self.store {
+            let _ = std::fs::remove_dir_all(store);
+        }
     }
 }
 
@@ -367,13 +406,88 @@ fn a_bad_broker_url_names_the_flag_and_a_dead_broker_is_an_outage() {
 /// store), the client resumes there from Redis too. Single-process nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_a_client_resumes_on_any_node_and_after_a_restart() {
-    resume_on_any_node("1").await;
+    resume_on_any_node("redis", "1").await;
 }
 
 /// The same with nodes of two workers (the master keeps the node's copy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_and_workers_a_client_resumes_on_any_node() {
-    resume_on_any_node("2").await;
+    resume_on_any_node("redis", "2").await;
+}
+
+/// The same over NATS with JetStream (a stream per topic): single-process nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_history_a_client_resumes_on_any_node_and_after_a_restart() {
+    resume_on_any_node("jetstream", "1").await;
+}
+
+/// Over JetStream with nodes of two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_history_and_workers_a_client_resumes_on_any_node() {
+    resume_on_any_node("jetstream", "2").await;
+}
+
+/// JetStream keeps the history on disk and each node follows a topic with an ordered
+/// consumer: across a restart of nats-server, a client that stayed connected gets every
+/// publication once, in order, in the same epoch, and the history is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_history_a_broker_restart_loses_nothing() {
+    let broker = Broker::start("jetstream", free_port());
+    let args = history_node_args(&broker, "2", 100);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nodes: Vec<Server> = (0..2).map(|_| Server::start(&args)).collect();
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(nodes[0].url("/?topic=feed&envelope=1"))
+        .await
+        .expect("upgrade");
+    tokio::time::sleep(Duration::from_millis(300)).await; // node 1 follows the stream
+    let mut epochs = Vec::new();
+    for n in 1..=3 {
+        let answer = publish_on(&nodes[1], "feed", &format!("\"m{n}\"")).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["offset"], n, "{body}");
+        epochs.push(body["epoch"].clone());
+    }
+    let broker = broker.restart();
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    for n in 4..=6 {
+        // The link may say it is up a moment before JetStream answers again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let body = loop {
+            let answer = publish_on(&nodes[1], "feed", &format!("\"m{n}\"")).await;
+            if answer.status == 200 {
+                break serde_json::from_str::<serde_json::Value>(&answer.body).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{answer:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(body["offset"], n, "{body}");
+        epochs.push(body["epoch"].clone());
+    }
+    assert!(
+        epochs.iter().all(|e| *e == epochs[0]),
+        "one epoch: {epochs:?}"
+    );
+    for n in 1..=6 {
+        let got = next_json(&mut ws).await;
+        assert_eq!(
+            (got["offset"].as_u64(), &got["epoch"]),
+            (Some(n), &epochs[0]),
+            "{got}"
+        );
+    }
+    let addr = nodes[0].addr;
+    let (status, page) = tokio::task::spawn_blocking(move || common::history(addr, "topic=feed"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(common::page_offsets(&page), [1, 2, 3, 4, 5, 6], "{page}");
+    drop(broker);
 }
 
 /// The flags of a node with `workers` workers, history of `size` per topic, on `broker`.
@@ -394,8 +508,8 @@ fn history_node_args(broker: &Broker, workers: &str, size: usize) -> Vec<String>
     .to_vec()
 }
 
-async fn resume_on_any_node(workers: &str) {
-    let broker = Broker::start("redis", free_port());
+async fn resume_on_any_node(kind: &'static str, workers: &str) {
+    let broker = Broker::start(kind, free_port());
     let args = history_node_args(&broker, workers, 100);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
@@ -526,17 +640,29 @@ async fn resume_on_any_node(workers: &str) {
 /// stream is closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_resuming_while_another_node_publishes_misses_nothing() {
-    resume_while_publishing("1").await;
+    resume_while_publishing("redis", "1").await;
 }
 
 /// The same with nodes of two workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_and_workers_resuming_while_publishing_misses_nothing() {
-    resume_while_publishing("2").await;
+    resume_while_publishing("redis", "2").await;
 }
 
-async fn resume_while_publishing(workers: &str) {
-    let broker = Broker::start("redis", free_port());
+/// The same over NATS with JetStream (the consumer's progress plays the marker's part).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_history_resuming_while_another_node_publishes_misses_nothing() {
+    resume_while_publishing("jetstream", "1").await;
+}
+
+/// Over JetStream with nodes of two workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_jetstream_history_and_workers_resuming_while_publishing_misses_nothing() {
+    resume_while_publishing("jetstream", "2").await;
+}
+
+async fn resume_while_publishing(kind: &'static str, workers: &str) {
+    let broker = Broker::start(kind, free_port());
     let args = history_node_args(&broker, workers, 1000);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();

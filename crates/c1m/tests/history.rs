@@ -141,10 +141,6 @@ fn without_history_publishes_have_no_position_and_history_says_how_to_turn_it_on
 fn history_flags_are_checked_at_start_up() {
     for (args, says) in [
         (
-            &["--history-size", "5", "--broker", "nats://127.0.0.1:1"][..],
-            "JetStream",
-        ),
-        (
             &["--history-for", "prices", "--workers", "1"][..],
             "PATTERN=SIZE",
         ),

@@ -161,6 +161,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             Some(url) => Some(ClusterNode::start(
                 url.clone(),
                 node.clone(),
+                config.history.enabled().then(|| config.history.clone()),
                 poll.registry(),
                 BROKER,
             )?),
