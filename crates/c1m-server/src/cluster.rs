@@ -141,16 +141,7 @@ impl<W> ClusterNode<W> {
             self.link
                 .send(broker::Command::Subscribe(topic.to_string()));
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.link.send(broker::Command::Recover {
-            id,
-            topic: topic.to_string(),
-            since,
-            limit,
-            sync: true,
-        });
-        Some(id)
+        Some(self.read(topic, since, limit, true))
     }
 
     /// Reads what the broker keeps of `topic` after offset `since` (at most `limit`),
@@ -161,6 +152,11 @@ impl<W> ClusterNode<W> {
         if !self.up {
             return None;
         }
+        Some(self.read(topic, since, limit, false))
+    }
+
+    /// Sends `Command::Recover`; its id.
+    fn read(&mut self, topic: &str, since: u64, limit: usize, sync: bool) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.link.send(broker::Command::Recover {
@@ -168,9 +164,9 @@ impl<W> ClusterNode<W> {
             topic: topic.to_string(),
             since,
             limit,
-            sync: false,
+            sync,
         });
-        Some(id)
+        id
     }
 
     /// Whether the node is (or is about to be) subscribed to `topic` on the broker.

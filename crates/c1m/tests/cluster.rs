@@ -130,6 +130,15 @@ fn nodes(broker: &Broker) -> Vec<Server> {
     nodes
 }
 
+/// `count` nodes started with `args`, each ready.
+fn ready_nodes(args: &[&str], count: usize) -> Vec<Server> {
+    let nodes: Vec<Server> = (0..count).map(|_| Server::start(args)).collect();
+    for node in &nodes {
+        wait_ready(node, true);
+    }
+    nodes
+}
+
 /// Polls /readyz until it says `ready` (bounded).
 fn wait_ready(node: &Server, ready: bool) {
     let want = if ready { 200 } else { 503 };
@@ -435,10 +444,7 @@ async fn with_jetstream_history_a_broker_restart_loses_nothing() {
     let broker = Broker::start("jetstream", free_port());
     let args = history_node_args(&broker, "2", 100);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes: Vec<Server> = (0..2).map(|_| Server::start(&args)).collect();
-    for node in &nodes {
-        wait_ready(node, true);
-    }
+    let nodes = ready_nodes(&args, 2);
     let (mut ws, _) = tokio_tungstenite::connect_async(nodes[0].url("/?topic=feed&envelope=1"))
         .await
         .expect("upgrade");
@@ -512,10 +518,7 @@ async fn resume_on_any_node(kind: &'static str, workers: &str) {
     let broker = Broker::start(kind, free_port());
     let args = history_node_args(&broker, workers, 100);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
-    for node in &nodes {
-        wait_ready(node, true);
-    }
+    let mut nodes = ready_nodes(&args, 3);
     let connect = |node: &Server, path: &str| {
         let url = node.url(path);
         async move {
@@ -665,10 +668,7 @@ async fn resume_while_publishing(kind: &'static str, workers: &str) {
     let broker = Broker::start(kind, free_port());
     let args = history_node_args(&broker, workers, 1000);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
-    for node in &nodes {
-        wait_ready(node, true);
-    }
+    let nodes = ready_nodes(&args, 3);
     // Each client comes back to the other of two nodes every time: some resumes find
     // a node that listens to the topic (its own copy answers), some one that does not
     // (the broker's history answers).
