@@ -109,8 +109,8 @@ pub(super) struct JetStream {
     out: Out,
     /// Topics this node follows: the follow task and its progress.
     follows: HashMap<String, (tokio::task::JoinHandle<()>, watch::Receiver<FollowState>)>,
-    /// Epochs of the streams this node published to.
-    epochs: HashMap<String, String>,
+    /// The streams this node published to: their epoch and the last sequence it got.
+    epochs: HashMap<String, (String, u64)>,
     followed: Followed,
 }
 
@@ -173,56 +173,61 @@ impl JetStream {
         }
     }
 
-    /// Publishes `frame` (wrapped with its reply address) to `topic`'s stream; its
-    /// position.
+    /// Publishes `payload` (a wrapped frame) to `topic`'s stream; its position.
     pub async fn publish(
         &mut self,
         topic: &str,
         payload: Vec<u8>,
         keep: Keep,
     ) -> Result<Position, async_nats::Error> {
-        let epoch = match self.epochs.get(topic) {
-            Some(epoch) => epoch.clone(),
-            None => self.stream_epoch(topic, keep).await?,
-        };
-        let ack = self
-            .context
-            .publish(subject(topic), payload.clone().into())
-            .await?
-            .await;
-        let ack = match ack {
-            Ok(ack) => ack,
+        if !self.epochs.contains_key(topic) {
+            self.learn_epoch(topic, keep).await?;
+        }
+        let sequence = match self.send(topic, payload.clone()).await {
+            Ok(sequence) => sequence,
             Err(error) => {
                 // The stream may be gone (deleted): make it again, in a new epoch.
                 tracing::warn!(%error, topic, "JetStream publish failed; checking the stream");
-                self.epochs.remove(topic);
-                let epoch = self.stream_epoch(topic, keep).await?;
-                let ack = self
-                    .context
-                    .publish(subject(topic), payload.into())
-                    .await?
-                    .await?;
-                return Ok(Position {
-                    offset: ack.sequence,
-                    epoch,
-                });
+                self.learn_epoch(topic, keep).await?;
+                self.send(topic, payload).await?
             }
         };
+        if self
+            .epochs
+            .get(topic)
+            .is_some_and(|(_, last)| sequence <= *last)
+        {
+            // The sequence went back: the stream was made again (by another node) since
+            // this node learned its epoch.
+            self.learn_epoch(topic, keep).await?;
+        }
+        let (epoch, last) = self
+            .epochs
+            .get_mut(topic)
+            .ok_or("the stream's epoch is unknown")?;
+        *last = sequence;
         Ok(Position {
-            offset: ack.sequence,
-            epoch,
+            offset: sequence,
+            epoch: epoch.clone(),
         })
     }
 
-    /// Makes sure `topic`'s stream exists; its epoch (remembered).
-    async fn stream_epoch(&mut self, topic: &str, keep: Keep) -> Result<String, async_nats::Error> {
+    /// One JetStream publish; the sequence the stream gave it.
+    async fn send(&self, topic: &str, payload: Vec<u8>) -> Result<u64, async_nats::Error> {
+        let ack = self.context.publish(subject(topic), payload.into()).await?;
+        Ok(ack.await?.sequence)
+    }
+
+    /// Makes sure `topic`'s stream exists, and remembers its epoch and last sequence.
+    async fn learn_epoch(&mut self, topic: &str, keep: Keep) -> Result<(), async_nats::Error> {
         let mut stream = self
             .context
             .get_or_create_stream(config(topic, keep))
             .await?;
-        let epoch = epoch_of(stream.info().await?);
-        self.epochs.insert(topic.to_string(), epoch.clone());
-        Ok(epoch)
+        let info = stream.info().await?;
+        let known = (epoch_of(info), info.state.last_sequence);
+        self.epochs.insert(topic.to_string(), known);
+        Ok(())
     }
 
     /// Answers `Command::Recover` `id` (see the module doc), in a task of its own so
