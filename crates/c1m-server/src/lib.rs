@@ -56,6 +56,7 @@ pub mod node_stats;
 pub mod outbox;
 pub mod per_ip;
 pub mod publish_acks;
+pub mod pusher;
 pub mod registry;
 pub mod scoreboard;
 pub mod server;

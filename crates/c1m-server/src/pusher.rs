@@ -1,0 +1,504 @@
+//! The Pusher Channels protocol (version 7), sans-I/O: what existing `pusher-js` and
+//! Laravel Echo apps speak, so they can move to c1m by changing a host.
+//!
+//! - WebSocket on `/app/{key}`: the server opens with `pusher:connection_established`
+//!   (its `data` is a JSON *string*, as the protocol has it), the client subscribes to
+//!   channels (c1m topics: one channel name is one topic, shared with the native
+//!   protocol), and every event reaches it as `{"event":E,"channel":C,"data":D}`, `D` a
+//!   string. [`ClientMessage`] reads what a client sends; the functions below write what
+//!   the server answers.
+//! - The HTTP API (`POST /apps/{id}/events`) is signed: [`verify_signature`] checks
+//!   Pusher's scheme (HMAC-SHA256 over method, path and the sorted query; `body_md5`;
+//!   a timestamp within 600 s).
+//!
+//! Not here yet: private, presence and encrypted channels, client events, user sign-in,
+//! webhooks, the read API (see issue 17). A client asking for them gets the protocol's
+//! error, never a silent success.
+//!
+//! Hand-written rather than from a crate: no maintained Rust crate implements the
+//! server side of this protocol; the cryptography is `ring`'s HMAC and RustCrypto's MD5.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Seconds of silence after which a client pings (`activity_timeout` in the
+/// connection message; pusher-js uses it as is).
+pub const ACTIVITY_TIMEOUT_SECS: u64 = 120;
+
+/// How far a signed request's `auth_timestamp` may be from our clock.
+pub const MAX_CLOCK_SKEW_SECS: u64 = 600;
+
+/// Most channels one `POST /apps/{id}/events` may name (Pusher's limit).
+pub const MAX_CHANNELS_PER_EVENT: usize = 100;
+
+/// Longest channel name (Pusher's limit is 164 characters; c1m topics hold 128).
+pub const MAX_CHANNEL_NAME: usize = crate::topics::MAX_TOPIC_NAME;
+
+/// One application: clients connect with its `key`, the HTTP API is signed with its
+/// `secret`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+}
+
+impl App {
+    /// Reads `ID:KEY:SECRET` (`--pusher-app`).
+    pub fn parse(value: &str) -> Result<App, String> {
+        let mut parts = value.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(id), Some(key), Some(secret))
+                if !id.is_empty() && !key.is_empty() && !secret.is_empty() =>
+            {
+                let plain = |s: &str| {
+                    s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                };
+                if !plain(id) || !plain(key) {
+                    return Err(format!(
+                        "a Pusher app's id and key use only A-Z a-z 0-9 - _ . ({value:?})"
+                    ));
+                }
+                Ok(App {
+                    id: id.into(),
+                    key: key.into(),
+                    secret: secret.into(),
+                })
+            }
+            _ => Err(format!("a Pusher app is ID:KEY:SECRET, not {value:?}")),
+        }
+    }
+}
+
+/// The protocol's error codes that c1m sends (4000–4099: do not reconnect as is;
+/// 4200–4299: reconnect at once).
+pub mod code {
+    /// The key names no app here.
+    pub const UNKNOWN_APP: u16 = 4001;
+    /// The client speaks a protocol version c1m does not.
+    pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
+    /// Not allowed (e.g. a private channel without a valid signature).
+    pub const UNAUTHORIZED: u16 = 4009;
+    /// The server is shutting down or restarting: reconnect.
+    pub const RECONNECT: u16 = 4200;
+    /// No pong in time.
+    pub const PONG_TIMEOUT: u16 = 4201;
+    /// A generic protocol error on an open connection (malformed message).
+    pub const GENERIC: u16 = 4301;
+}
+
+/// The socket id of a connection: derived from where it lives (this process and its
+/// slab key), never stored. Unique on a node while the connection lives.
+pub fn socket_id(process: u32, key: usize) -> String {
+    format!("{process}.{key}")
+}
+
+/// Reads `/app/{key}?protocol=7&…`: the app key, if the path is Pusher's.
+pub fn app_key(path: &str) -> Option<&str> {
+    let key = path.strip_prefix("/app/")?;
+    (!key.is_empty() && !key.contains('/')).then_some(key)
+}
+
+/// What a Pusher client sent over its WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Ping,
+    Pong,
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    /// A `client-*` event (not enabled yet: answered with an error).
+    ClientEvent {
+        channel: Option<String>,
+    },
+    /// Anything else: answered with an error, the connection stays.
+    Unknown(String),
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    event: String,
+    #[serde(default)]
+    data: Value,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+impl ClientMessage {
+    /// Reads a client's text message; `Err` holds the `pusher:error` to send back.
+    pub fn parse(text: &str) -> Result<ClientMessage, String> {
+        let wire: Wire = serde_json::from_str(text)
+            .map_err(|_| error(code::GENERIC, "expected {\"event\":NAME,\"data\":…}"))?;
+        // `data` is an object in pusher-js's subscribe, a string in some clients.
+        let data = match wire.data {
+            Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
+            other => other,
+        };
+        let channel = || {
+            data.get("channel")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| error(code::GENERIC, "missing data.channel"))
+        };
+        Ok(match wire.event.as_str() {
+            "pusher:ping" => ClientMessage::Ping,
+            "pusher:pong" => ClientMessage::Pong,
+            "pusher:subscribe" => ClientMessage::Subscribe {
+                channel: channel()?,
+            },
+            "pusher:unsubscribe" => ClientMessage::Unsubscribe {
+                channel: channel()?,
+            },
+            name if name.starts_with("client-") => ClientMessage::ClientEvent {
+                channel: wire.channel,
+            },
+            other => ClientMessage::Unknown(other.to_string()),
+        })
+    }
+}
+
+/// What kind of channel a name is (its prefix decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Public,
+    Private,
+    Presence,
+    Encrypted,
+}
+
+pub fn channel_kind(name: &str) -> ChannelKind {
+    if name.starts_with("private-encrypted-") {
+        ChannelKind::Encrypted
+    } else if name.starts_with("private-") {
+        ChannelKind::Private
+    } else if name.starts_with("presence-") {
+        ChannelKind::Presence
+    } else {
+        ChannelKind::Public
+    }
+}
+
+/// `pusher:connection_established`, its data a JSON string.
+pub fn connection_established(socket_id: &str) -> String {
+    let data = json!({"socket_id": socket_id, "activity_timeout": ACTIVITY_TIMEOUT_SECS});
+    json!({"event": "pusher:connection_established", "data": data.to_string()}).to_string()
+}
+
+pub fn pong() -> String {
+    json!({"event": "pusher:pong", "data": "{}"}).to_string()
+}
+
+pub fn subscription_succeeded(channel: &str) -> String {
+    json!({"event": "pusher_internal:subscription_succeeded", "channel": channel, "data": "{}"})
+        .to_string()
+}
+
+/// `pusher:subscription_error` (what pusher-js reports as a failed subscription).
+pub fn subscription_error(channel: &str, status: u16, message: &str) -> String {
+    let data = json!({"type": "AuthError", "error": message, "status": status});
+    json!({"event": "pusher:subscription_error", "channel": channel, "data": data}).to_string()
+}
+
+/// `pusher:error` with a code and a message (the connection may stay or close: the
+/// caller decides).
+pub fn error(code: u16, message: &str) -> String {
+    json!({"event": "pusher:error", "data": {"code": code, "message": message}}).to_string()
+}
+
+/// An event as clients get it: `data` is a string (JSON text is passed as the string
+/// it is, as Pusher does).
+pub fn event(event: &str, channel: &str, data: &str) -> String {
+    json!({"event": event, "channel": channel, "data": data}).to_string()
+}
+
+/// The body of `POST /apps/{id}/events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub name: String,
+    pub channels: Vec<String>,
+    /// Already a string (the SDKs serialise objects before sending).
+    pub data: String,
+    /// A socket to leave out (the sender's own, usually).
+    pub socket_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TriggerWire {
+    name: String,
+    data: Value,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    socket_id: Option<String>,
+}
+
+impl Trigger {
+    /// Reads a trigger body; `Err` is the message of a 400 answer.
+    pub fn parse(body: &[u8], max_data_bytes: usize) -> Result<Trigger, String> {
+        let wire: TriggerWire = serde_json::from_slice(body)
+            .map_err(|e| format!("expected {{\"name\",\"data\",\"channels\"}}: {e}"))?;
+        let channels = match (wire.channels, wire.channel) {
+            (Some(channels), None) => channels,
+            (None, Some(channel)) => vec![channel],
+            _ => return Err("give either \"channels\" or \"channel\"".into()),
+        };
+        if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
+            return Err(format!(
+                "an event goes to 1 to {MAX_CHANNELS_PER_EVENT} channels"
+            ));
+        }
+        for channel in &channels {
+            crate::topics::validate_name(channel)
+                .map_err(|e| format!("channel {channel:?}: {e}"))?;
+        }
+        let data = match wire.data {
+            Value::String(text) => text,
+            other => other.to_string(),
+        };
+        if data.len() > max_data_bytes {
+            return Err(format!(
+                "the event's data is {} bytes, over the limit of {max_data_bytes}",
+                data.len()
+            ));
+        }
+        if wire.name.is_empty() || wire.name.len() > 200 {
+            return Err("an event name has 1 to 200 characters".into());
+        }
+        Ok(Trigger {
+            name: wire.name,
+            channels,
+            data,
+            socket_id: wire.socket_id,
+        })
+    }
+}
+
+/// Why a signed request was refused: the HTTP status and the message.
+pub type Refusal = (u16, String);
+
+/// Checks Pusher's request signature: `auth_key` is the app's key, `auth_timestamp`
+/// within [`MAX_CLOCK_SKEW_SECS`] of `now_unix`, `body_md5` the body's (when there is
+/// a body), and `auth_signature` = hex HMAC-SHA256(secret, "METHOD\nPATH\nQUERY"),
+/// QUERY being every other parameter as `key=value`, sorted by key, joined by `&`.
+/// `query` is the raw query string (percent-encoded).
+pub fn verify_signature(
+    app: &App,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    now_unix: u64,
+) -> Result<(), Refusal> {
+    let mut params: Vec<(String, String)> = crate::auth::query_pairs(query)
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect();
+    let get = |params: &[(String, String)], name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let unauthorized = |message: &str| Err((401, message.to_string()));
+    let Some(signature) = get(&params, "auth_signature") else {
+        return unauthorized("missing auth_signature");
+    };
+    if get(&params, "auth_key").as_deref() != Some(app.key.as_str()) {
+        return unauthorized("auth_key does not name this app's key");
+    }
+    let Some(timestamp) = get(&params, "auth_timestamp").and_then(|t| t.parse::<u64>().ok()) else {
+        return unauthorized("missing or malformed auth_timestamp");
+    };
+    if timestamp.abs_diff(now_unix) > MAX_CLOCK_SKEW_SECS {
+        return unauthorized(&format!(
+            "auth_timestamp is more than {MAX_CLOCK_SKEW_SECS} s from the server's clock \
+             (server time {now_unix}): check the clocks"
+        ));
+    }
+    if !body.is_empty() {
+        use md5::Digest;
+        let md5 = hex::encode(md5::Md5::digest(body));
+        if get(&params, "body_md5").as_deref() != Some(md5.as_str()) {
+            return unauthorized("body_md5 does not match the body");
+        }
+    }
+    params.retain(|(k, _)| k != "auth_signature");
+    params.sort();
+    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let signed = format!("{method}\n{path}\n{}", query.join("&"));
+    let Ok(signature) = hex::decode(signature.to_ascii_lowercase()) else {
+        return unauthorized("auth_signature is not hex");
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
+    // `verify` compares in constant time.
+    ring::hmac::verify(&key, signed.as_bytes(), &signature)
+        .or_else(|_| unauthorized("invalid signature: check the app's secret"))
+}
+
+/// Decodes `%XX` and `+` in a query parameter (the SDKs encode values).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        App::parse("123:the-key:the-secret").unwrap()
+    }
+
+    /// Signs like the `pusher` SDK does.
+    fn sign(app: &App, method: &str, path: &str, params: &[(&str, &str)]) -> String {
+        let mut sorted: Vec<_> = params.to_vec();
+        sorted.sort();
+        let query: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let signed = format!("{method}\n{path}\n{}", query.join("&"));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
+        let signature = hex::encode(ring::hmac::sign(&key, signed.as_bytes()));
+        format!("{}&auth_signature={signature}", query.join("&"))
+    }
+
+    #[test]
+    fn apps_parse_and_refuse_bad_shapes() {
+        assert_eq!(app().key, "the-key");
+        assert_eq!(
+            App::parse("1:k:s:with:colons").unwrap().secret,
+            "s:with:colons"
+        );
+        for bad in ["", "1:k", "1::s", "1:k/x:s", "a b:k:s"] {
+            assert!(App::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signed_requests_pass_and_tampered_ones_do_not() {
+        let app = app();
+        let body = br#"{"name":"e","channels":["c"],"data":"x"}"#;
+        use md5::Digest;
+        let md5 = hex::encode(md5::Md5::digest(body));
+        let params = [
+            ("auth_key", "the-key"),
+            ("auth_timestamp", "1000"),
+            ("auth_version", "1.0"),
+            ("body_md5", md5.as_str()),
+        ];
+        let query = sign(&app, "POST", "/apps/123/events", &params);
+        let path = "/apps/123/events";
+        assert_eq!(
+            verify_signature(&app, "POST", path, &query, body, 1000),
+            Ok(())
+        );
+        assert_eq!(
+            verify_signature(&app, "POST", path, &query, body, 1500),
+            Ok(())
+        );
+        let status = |r: Result<(), Refusal>| r.unwrap_err().0;
+        assert_eq!(
+            status(verify_signature(&app, "POST", path, &query, body, 1601)),
+            401
+        );
+        assert_eq!(
+            status(verify_signature(&app, "POST", path, &query, b"{}", 1000)),
+            401
+        );
+        assert_eq!(
+            status(verify_signature(&app, "GET", path, &query, body, 1000)),
+            401
+        );
+        let other = App {
+            secret: "wrong".into(),
+            ..app.clone()
+        };
+        assert_eq!(
+            status(verify_signature(&other, "POST", path, &query, body, 1000)),
+            401
+        );
+        let unsigned = query.split("&auth_signature").next().unwrap();
+        assert_eq!(
+            status(verify_signature(&app, "POST", path, unsigned, body, 1000)),
+            401
+        );
+    }
+
+    #[test]
+    fn client_messages_parse_and_bad_ones_get_an_error() {
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#
+            ),
+            Ok(ClientMessage::Subscribe {
+                channel: "c".into()
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"event":"pusher:unsubscribe","data":"{\"channel\":\"c\"}"}"#),
+            Ok(ClientMessage::Unsubscribe {
+                channel: "c".into()
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"event":"pusher:ping","data":{}}"#),
+            Ok(ClientMessage::Ping)
+        );
+        for bad in ["", "{", "[]", r#"{"event":"pusher:subscribe","data":{}}"#] {
+            let answer = ClientMessage::parse(bad).unwrap_err();
+            assert!(answer.contains("pusher:error"), "{bad}: {answer}");
+        }
+    }
+
+    #[test]
+    fn the_connection_message_carries_its_data_as_a_string() {
+        let message: Value = serde_json::from_str(&connection_established("12.34")).unwrap();
+        let data: Value = serde_json::from_str(message["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["socket_id"], "12.34");
+        assert_eq!(app_key("/app/abc"), Some("abc"));
+        assert_eq!(app_key("/app/"), None);
+        assert_eq!(app_key("/ws"), None);
+    }
+
+    #[test]
+    fn triggers_are_checked() {
+        let t =
+            Trigger::parse(br#"{"name":"e","channels":["a","b"],"data":{"x":1}}"#, 100).unwrap();
+        assert_eq!((t.channels.len(), t.data.as_str()), (2, r#"{"x":1}"#));
+        for bad in [
+            &br#"{"name":"e","data":"x"}"#[..],
+            br#"{"name":"e","channels":[],"data":"x"}"#,
+            br#"{"name":"e","channels":["a b"],"data":"x"}"#,
+            br#"{"name":"","channels":["a"],"data":"x"}"#,
+            br#"{"name":"e","channels":["a"],"data":"0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789x"}"#,
+        ] {
+            assert!(Trigger::parse(bad, 100).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(percent_decode("a%2Cb+c%zz"), "a,b c%zz");
+    }
+}
