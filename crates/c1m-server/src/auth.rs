@@ -175,6 +175,9 @@ pub struct Admission {
     /// `?since=TOPIC:EPOCH:OFFSET` (repeatable): topics to resume from a position
     /// (they are in `topics` too), as (topic, offset, epoch).
     pub since: Vec<(String, u64, String)>,
+    /// A Pusher client (`/app/{key}`, see `pusher`): whether its key names an app
+    /// here. It joins no topic at connect; its channels come with `pusher:subscribe`.
+    pub pusher: Option<bool>,
 }
 
 /// `TOPIC:EPOCH:OFFSET` of `?since=` (a topic name may itself contain `:`).
@@ -210,6 +213,8 @@ pub struct Gate {
     allowed_origins: Option<Vec<String>>,
     verifier: Option<Verifier>,
     pub max_topics: usize,
+    /// The keys of the Pusher apps served here (`--pusher-app`).
+    pusher_keys: Vec<String>,
 }
 
 impl Gate {
@@ -222,7 +227,14 @@ impl Gate {
             allowed_origins,
             verifier: jwt.map(Verifier::new).transpose()?,
             max_topics,
+            pusher_keys: Vec::new(),
         })
+    }
+
+    /// Serves the Pusher protocol on `/app/{key}` for these apps.
+    pub fn with_pusher_apps(mut self, apps: &[crate::pusher::App]) -> Gate {
+        self.pusher_keys = apps.iter().map(|app| app.key.clone()).collect();
+        self
     }
 
     /// An open gate: any origin, no token, the given topic limit.
@@ -231,6 +243,7 @@ impl Gate {
             allowed_origins: None,
             verifier: None,
             max_topics,
+            pusher_keys: Vec::new(),
         }
     }
 
@@ -281,6 +294,19 @@ impl Gate {
             return Err(forbidden());
         }
         let (path, query) = split_target(request.target);
+        if let Some(key) = crate::pusher::app_key(path).filter(|_| request.last_event_id.is_none())
+        {
+            // Pusher's own checks (app key, channel signatures) replace tokens; an
+            // unknown key is told so on the open connection (error 4001), as Pusher does.
+            return Ok(Admission {
+                topics: Vec::new(),
+                allowed: None,
+                expires: None,
+                envelope: false,
+                since: Vec::new(),
+                pusher: Some(self.pusher_keys.iter().any(|k| k == key)),
+            });
+        }
         let mut topics = Vec::new();
         if let Some(name) = path.strip_prefix("/topics/") {
             topics.push(name.to_string());
@@ -332,6 +358,7 @@ impl Gate {
                 expires: None,
                 envelope,
                 since,
+                pusher: None,
             });
         };
         let token = token.or_else(|| {
@@ -365,6 +392,7 @@ impl Gate {
             expires,
             envelope,
             since,
+            pusher: None,
         })
     }
 

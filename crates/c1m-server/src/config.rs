@@ -90,6 +90,8 @@ pub struct ServeConfig {
     pub fanout_slice: usize,
     /// Topic history (`--history-*`): what each topic keeps for clients that come back.
     pub history: crate::history::Policy,
+    /// Pusher apps served on `/app/{key}` and `/apps/{id}/…` (`--pusher-app`).
+    pub pusher_apps: Vec<crate::pusher::App>,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -143,6 +145,7 @@ impl Default for ServeConfig {
             max_sockets: 1 << 20,
             fanout_slice: 1024,
             history: crate::history::Policy::default(),
+            pusher_apps: Vec::new(),
             faults: Faults::default(),
         }
     }

@@ -54,6 +54,16 @@ const ENVELOPE: u8 = 64;
 /// instead of frames, and nothing it sends is read.
 const SSE: u8 = 128;
 
+/// The protocol an open connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Protocol {
+    /// c1m's own: bare payloads (or envelopes), JSON commands.
+    Native,
+    /// Pusher Channels protocol 7 (`/app/{key}`, see `pusher`).
+    Pusher,
+}
+
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
 
@@ -229,6 +239,8 @@ pub struct Connection<S = TcpStream> {
     flags: u8,
     /// Idle sweeps in a row that found the connection silent.
     silent_sweeps: u8,
+    /// Which protocol it speaks once open (a byte the struct's padding had free).
+    protocol: Protocol,
     outbox: Option<Box<Outbox>>,
     extra: Option<Box<Extra>>,
 }
@@ -245,6 +257,7 @@ impl<S: Stream> Connection<S> {
                 topic: NO_TOPIC,
                 position: 0,
             },
+            protocol: Protocol::Native,
             kind: PhaseKind::Handshake,
             flags: HEARD,
             silent_sweeps: 0,
@@ -322,6 +335,15 @@ impl<S: Stream> Connection<S> {
 
     pub fn set_envelope(&mut self) {
         self.flags |= ENVELOPE;
+    }
+
+    /// Whether it speaks the Pusher protocol (see `pusher`).
+    pub fn is_pusher(&self) -> bool {
+        self.protocol == Protocol::Pusher
+    }
+
+    pub fn set_protocol(&mut self, protocol: Protocol) {
+        self.protocol = protocol;
     }
 
     /// Whether this is a Server-Sent Events stream (see `sse`).

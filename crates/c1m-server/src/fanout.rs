@@ -45,6 +45,10 @@ pub trait Recipient {
     fn wants_envelope(&self) -> bool;
     /// Whether it is a Server-Sent Events stream (gets events, see `sse`).
     fn is_sse(&self) -> bool;
+    /// Whether it speaks the Pusher protocol (gets Pusher events, see `pusher`).
+    fn is_pusher(&self) -> bool {
+        false
+    }
     /// Writes or queues `bytes` (see `Connection::send`).
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError>;
 }
@@ -64,6 +68,9 @@ impl Recipient for Connection {
     }
     fn is_sse(&self) -> bool {
         Connection::is_sse(self)
+    }
+    fn is_pusher(&self) -> bool {
+        Connection::is_pusher(self)
     }
     fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError> {
         Connection::send(self, bytes, limits)
@@ -115,6 +122,8 @@ pub struct Broadcast {
     enveloped: Option<Bytes>,
     /// The Server-Sent Events event, made for the first event stream met.
     event: Option<Bytes>,
+    /// The Pusher event, made for the first Pusher client met.
+    pusher: Option<Bytes>,
     /// One compressed frame per server window size (9 to 15 bits) in use.
     compressed: [Option<Bytes>; 7],
     recipients: Recipients,
@@ -136,6 +145,7 @@ impl Broadcast {
             envelope,
             enveloped: None,
             event: None,
+            pusher: None,
             compressed: Default::default(),
             recipients,
             next: 0,
@@ -208,8 +218,13 @@ impl Broadcast {
                     self.next - 1
                 }
             };
-            used += 1;
             let conn = &mut conns[key];
+            if conn.is_pusher() && self.envelope.topic.is_none() {
+                // A broadcast to every connection names no channel: Pusher clients
+                // only hear their channels.
+                continue;
+            }
+            used += 1;
             // An envelope goes uncompressed even to a deflate client (RSV1 is per
             // message): envelopes are opt-in and small.
             let bytes = match conn.deflate_window() {
@@ -228,6 +243,12 @@ impl Broadcast {
                             id.as_deref(),
                         )
                     })
+                }
+                _ if conn.is_pusher() => {
+                    let (topic, frame) =
+                        (self.envelope.topic.as_deref().unwrap_or(""), &self.frame);
+                    self.pusher
+                        .get_or_insert_with(|| crate::pusher::frame_for(topic, frame))
                 }
                 _ if conn.wants_envelope() => {
                     envelope_of(&self.envelope, &self.frame, &mut self.enveloped)

@@ -30,6 +30,9 @@ pub enum Outcome {
     Stats { cluster: bool },
     /// `GET /history`: the kept publications of a topic (see [`HistoryQuery`]).
     History(HistoryQuery),
+    /// `POST /apps/{id}/events` (Pusher's HTTP API), signature checked: send the event
+    /// to its channels.
+    PusherEvent(crate::pusher::Trigger),
 }
 
 /// The most publications one `GET /history` answer holds.
@@ -118,6 +121,10 @@ pub struct Context<'a> {
     pub ready: bool,
     /// Renders `/metrics` (only called for that path).
     pub metrics: &'a dyn Fn() -> String,
+    /// The Pusher apps served here (`--pusher-app`), for `/apps/{id}/…`.
+    pub pusher_apps: &'a [crate::pusher::App],
+    /// The largest event the Pusher API takes (its data), in bytes.
+    pub max_event_bytes: usize,
 }
 
 pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
@@ -169,6 +176,9 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
                 Ok((target, frame)) => Outcome::Publish { target, frame },
                 Err(error) => respond(bad_request(&error)),
             }
+        }
+        ("POST", path) if path.starts_with("/apps/") && path.ends_with("/events") => {
+            pusher_events(request, path, query, body, cx)
         }
         ("GET", "/history") => {
             if let Some(refusal) = refuse_without_key(cx, request, "history") {
@@ -248,6 +258,44 @@ pub fn fan_out_busy() -> Vec<u8> {
         &[("Retry-After", "1")],
         text.as_bytes(),
     )
+}
+
+/// `POST /apps/{id}/events` (Pusher's HTTP API): the app, its signature, the event.
+fn pusher_events(
+    request: &PlainRequest,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    cx: &Context<'_>,
+) -> Outcome {
+    let id = path
+        .strip_prefix("/apps/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+        .unwrap_or_default();
+    let Some(app) = cx.pusher_apps.iter().find(|app| app.id == id) else {
+        let error =
+            format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
+        return Outcome::Respond(json_response(404, "Not Found", &json!({ "error": error })));
+    };
+    let now = crate::auth::unix_now();
+    if let Err((status, error)) =
+        crate::pusher::verify_signature(app, &request.method, path, query, body, now)
+    {
+        let reason = if status == 401 {
+            "Unauthorized"
+        } else {
+            "Bad Request"
+        };
+        return Outcome::Respond(json_response(status, reason, &json!({ "error": error })));
+    }
+    match crate::pusher::Trigger::parse(body, cx.max_event_bytes) {
+        Ok(trigger) => Outcome::PusherEvent(trigger),
+        Err(error) => Outcome::Respond(json_response(
+            400,
+            "Bad Request",
+            &json!({ "error": error }),
+        )),
+    }
 }
 
 /// An answer composed elsewhere (the master's `GET /stats` or `GET /history`, a
@@ -450,13 +498,18 @@ mod tests {
             api_key: Some("k"),
             ready: true,
             metrics: &|| String::new(),
+            pusher_apps: &[],
+            max_event_bytes: 1 << 16,
         }
     }
 
     fn status(outcome: &Outcome) -> u16 {
         match outcome {
             Outcome::Respond(bytes) => std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap(),
-            Outcome::Publish { .. } | Outcome::Stats { .. } | Outcome::History(_) => 0,
+            Outcome::Publish { .. }
+            | Outcome::Stats { .. }
+            | Outcome::History(_)
+            | Outcome::PusherEvent(_) => 0,
         }
     }
 

@@ -215,6 +215,42 @@ pub fn event(event: &str, channel: &str, data: &str) -> String {
     json!({"event": event, "channel": channel, "data": data}).to_string()
 }
 
+/// `text` as one unmasked WebSocket text frame.
+pub fn text_frame(text: &str) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(text.len() + 10);
+    c1m_proto::frame::encode_frame(c1m_proto::OpCode::Text, text.as_bytes(), None, &mut out);
+    out.into()
+}
+
+/// What a Pusher client of `channel` gets for a publication of `frame` (made once per
+/// publication): the frame itself when its payload is already a Pusher event for that
+/// channel (what the HTTP API publishes, so native clients of the topic get the same
+/// event), else the payload wrapped as event `message` (text as is, binary in base64).
+pub fn frame_for(channel: &str, frame: &bytes::Bytes) -> bytes::Bytes {
+    use base64::Engine;
+    use c1m_proto::OpCode;
+    let Some((opcode, payload)) = c1m_proto::frame::split_frame(frame) else {
+        return frame.clone();
+    };
+    let text = (opcode == OpCode::Text)
+        .then(|| std::str::from_utf8(payload).ok())
+        .flatten();
+    if let Some(text) = text {
+        let is_event_here = serde_json::from_str::<Value>(text).is_ok_and(|v| {
+            v.get("event").is_some_and(Value::is_string)
+                && v.get("channel").and_then(Value::as_str) == Some(channel)
+        });
+        if is_event_here {
+            return frame.clone();
+        }
+    }
+    let data = match text {
+        Some(text) => text.to_string(),
+        None => base64::engine::general_purpose::STANDARD.encode(payload),
+    };
+    text_frame(&event("message", channel, &data))
+}
+
 /// The body of `POST /apps/{id}/events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trigger {
@@ -483,6 +519,27 @@ mod tests {
         assert_eq!(app_key("/app/abc"), Some("abc"));
         assert_eq!(app_key("/app/"), None);
         assert_eq!(app_key("/ws"), None);
+    }
+
+    #[test]
+    fn pusher_clients_get_events_as_they_are_and_other_payloads_wrapped() {
+        let own = text_frame(&event("e", "c", "x"));
+        assert_eq!(
+            frame_for("c", &own),
+            own,
+            "an event for its channel passes as is"
+        );
+        let elsewhere = frame_for("d", &own);
+        let (_, payload) = c1m_proto::frame::split_frame(&elsewhere).unwrap();
+        let v: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["channel"].as_str()),
+            (Some("message"), Some("d"))
+        );
+        let bare = frame_for("c", &text_frame("12345"));
+        let (_, payload) = c1m_proto::frame::split_frame(&bare).unwrap();
+        let v: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(v["data"], "12345");
     }
 
     #[test]

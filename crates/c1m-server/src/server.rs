@@ -21,6 +21,7 @@
 mod cluster_resume;
 mod delivery;
 mod observe;
+mod pusher_clients;
 mod requests;
 mod resume;
 mod upstream_events;
@@ -243,7 +244,8 @@ impl Server {
             config.allowed_origins.clone(),
             config.jwt.as_ref(),
             config.max_topics_per_connection,
-        )?;
+        )?
+        .with_pusher_apps(&config.pusher_apps);
         let now = Instant::now();
         let mut clock_config = config.clone();
         // A worker broadcasts what its master sends; only a single process keeps time.

@@ -97,6 +97,18 @@ pub enum WaitingFor {
 }
 
 impl Waiting {
+    /// A publish nobody waits for (a Pusher API event is answered at once): its
+    /// answer finds no connection and is dropped.
+    pub fn nobody(started: Instant) -> Waiting {
+        Waiting {
+            key: usize::MAX,
+            deadline: None,
+            started,
+            request: WaitingFor::Stats,
+            keep_alive: false,
+        }
+    }
+
     pub fn new(
         conn: &Connection,
         key: usize,

@@ -236,6 +236,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATTERN=SIZE[/TTL]", value_delimiter = ',', value_parser = parse_history_rule, env = "C1M_HISTORY_FOR")]
     history_for: Vec<c1m_server::history::Rule>,
 
+    /// Serve a Pusher Channels app, ID:KEY:SECRET (repeat the flag for several apps):
+    /// pusher-js and Laravel Echo clients connect to ws://HOST/app/KEY, and the
+    /// `pusher` server SDKs send events to POST /apps/ID/events, signed with SECRET.
+    /// Channels are topics, shared with native clients. Public channels only for now
+    /// (see docs/server.md, "Pusher protocol").
+    #[arg(long, value_name = "ID:KEY:SECRET", value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]
+    pusher_app: Vec<c1m_server::pusher::App>,
+
     /// The most memory topic history may hold, all topics together (payloads plus
     /// bookkeeping); past it the oldest publications of any topic go first, and a topic
     /// left with none starts a new epoch.
@@ -414,6 +422,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_bytes: usize::try_from(args.history_max_bytes).unwrap_or(usize::MAX),
             recovery_limit: args.recovery_limit as usize,
         },
+        pusher_apps: args.pusher_app.clone(),
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),

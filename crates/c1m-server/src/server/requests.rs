@@ -98,6 +98,9 @@ impl Server {
                 if self.registry.conns[key].kind() != PhaseKind::Open {
                     return Next::Keep;
                 }
+                if let Some(known_app) = admission.pusher {
+                    return self.pusher_opened(key, known_app, now);
+                }
                 // A resumed topic is joined by the resume (see `resume`): a worker's
                 // when the master's history comes, and in a cluster, one this process
                 // cannot answer alone when the broker's does (`cluster_resume`).
@@ -140,6 +143,9 @@ impl Server {
                     }
                 }
                 Next::Keep
+            }
+            Action::Command(text) if self.registry.conns[key].is_pusher() => {
+                self.pusher_message(key, &text)
             }
             // Text that is not a JSON object is not meant as a command: no answer.
             Action::Command(text) if !commands::is_command(&text) => Next::Keep,
@@ -283,6 +289,8 @@ impl Server {
             api_key: self.config.api_key.as_deref(),
             ready,
             metrics: &render,
+            pusher_apps: &self.config.pusher_apps,
+            max_event_bytes: usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX),
         };
         let outcome = http::route(&request, &body, &cx);
         let waiting = |this: &Self, request| {
@@ -316,6 +324,10 @@ impl Server {
                 let (status, body) = http::history_answer(self.history.as_mut(), &query, now);
                 http::json_answer(status, &body)
             }
+            Outcome::PusherEvent(trigger) => match self.pusher_trigger(trigger, now) {
+                Ok(()) => http::json_answer(200, &serde_json::json!({})),
+                Err(refusal) => refusal,
+            },
             Outcome::Publish { .. } if cluster_up == Some(false) => http::broker_refusal(),
             Outcome::Publish { target, frame } => {
                 if matches!(self.upstream, Upstream::Local) {

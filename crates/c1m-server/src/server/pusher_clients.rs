@@ -1,0 +1,133 @@
+//! Pusher clients (`/app/{key}`, see `pusher`): what the server does with their
+//! messages, and the signed HTTP API's events.
+//!
+//! A Pusher connection is an ordinary open connection with its protocol set: channels
+//! are topics (a native client of the topic gets the same events), and the fan-out
+//! gives it Pusher events (`fanout.rs`). Only public channels are served yet; a
+//! private, presence or encrypted channel is refused with `pusher:subscription_error`
+//! (no channel authorization yet), and client events with error 4301.
+
+use std::time::Instant;
+
+use c1m_proto::CloseCode;
+
+use crate::connection::{Next, Protocol};
+use crate::pusher::{self, ChannelKind, ClientMessage, Trigger};
+use crate::target::Target;
+use crate::topics::validate_name;
+use crate::upstream::{Upstream, Waiting};
+
+use super::delivery::WhenDelivered;
+use super::Server;
+
+impl Server {
+    /// A Pusher client's upgrade went through: it is told its socket id, or that its
+    /// key names no app here (error 4001, then closed with 4001, as Pusher does).
+    pub(super) fn pusher_opened(&mut self, key: usize, known_app: bool, now: Instant) -> Next {
+        self.registry.conns[key].set_protocol(Protocol::Pusher);
+        if !known_app {
+            let error = pusher::error(pusher::code::UNKNOWN_APP, "App key not in this server");
+            let next = self.reply(key, &error);
+            if next == Next::Keep {
+                let code = CloseCode(pusher::code::UNKNOWN_APP);
+                self.registry.close_open(key, code, "unknown app key", now);
+            }
+            return next;
+        }
+        let socket_id = pusher::socket_id(std::process::id(), key);
+        self.reply(key, &pusher::connection_established(&socket_id))
+    }
+
+    /// A Pusher client's message.
+    pub(super) fn pusher_message(&mut self, key: usize, text: &str) -> Next {
+        let message = match ClientMessage::parse(text) {
+            Ok(message) => message,
+            Err(answer) => return self.reply(key, &answer),
+        };
+        let answer = match message {
+            ClientMessage::Ping => pusher::pong(),
+            ClientMessage::Pong => return Next::Keep,
+            ClientMessage::Subscribe { channel } => self.pusher_subscribe(key, &channel),
+            ClientMessage::Unsubscribe { channel } => {
+                if let Some(id) = self.registry.topics.id(&channel) {
+                    self.registry.unsubscribe(key, id);
+                }
+                return Next::Keep;
+            }
+            ClientMessage::ClientEvent { .. } => pusher::error(
+                pusher::code::GENERIC,
+                "client events are not enabled for this app",
+            ),
+            ClientMessage::Unknown(event) => pusher::error(
+                pusher::code::GENERIC,
+                &format!("unsupported event {event:?}"),
+            ),
+        };
+        self.reply(key, &answer)
+    }
+
+    /// `pusher:subscribe`: a public channel is joined at once.
+    fn pusher_subscribe(&mut self, key: usize, channel: &str) -> String {
+        if let Err(error) = validate_name(channel) {
+            return pusher::subscription_error(channel, 400, &format!("bad channel name: {error}"));
+        }
+        if pusher::channel_kind(channel) != ChannelKind::Public {
+            return pusher::subscription_error(
+                channel,
+                403,
+                "private, presence and encrypted channels are not served here yet",
+            );
+        }
+        let registry = &mut self.registry;
+        let conn = &registry.conns[key];
+        let already = registry
+            .topics
+            .id(channel)
+            .is_some_and(|id| conn.is_subscribed(id));
+        if !already {
+            if conn.subscription_count() >= self.config.max_topics_per_connection {
+                return pusher::subscription_error(
+                    channel,
+                    400,
+                    &format!(
+                        "at most {} channels per connection",
+                        self.config.max_topics_per_connection
+                    ),
+                );
+            }
+            registry.subscribe(key, channel);
+        }
+        pusher::subscription_succeeded(channel)
+    }
+
+    /// `POST /apps/{id}/events`, signature checked: the event goes to each channel as
+    /// a publication (one frame per channel, the same for native and Pusher clients),
+    /// and the request is answered at once with `{}`, as Pusher does (delivery is not
+    /// awaited). `Err` is the answer when it cannot be taken now.
+    pub(super) fn pusher_trigger(&mut self, trigger: Trigger, now: Instant) -> Result<(), Vec<u8>> {
+        if self.upstream.cluster_up() == Some(false) {
+            return Err(crate::http::broker_refusal());
+        }
+        if matches!(self.upstream, Upstream::Local) && !self.publications.has_room() {
+            self.registry.counters.publishes_refused_busy += 1;
+            return Err(crate::http::fan_out_busy());
+        }
+        for channel in &trigger.channels {
+            let frame = pusher::text_frame(&pusher::event(&trigger.name, channel, &trigger.data));
+            let target = Target::Topic(channel.clone());
+            // Nobody waits for the count: `Waiting::nobody` answers no connection.
+            if matches!(self.upstream, Upstream::Local) {
+                let position = self.keep_in_history(&target, &frame, now);
+                self.publish_at(
+                    target,
+                    frame,
+                    position,
+                    WhenDelivered::Answer(Waiting::nobody(now)),
+                );
+            } else {
+                self.publish_upstream(Waiting::nobody(now), target, frame.to_vec(), now)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+// Real pusher-js (the Node build) and the real `pusher` server SDK against c1m:
+//   node public.mjs PORT APP_ID KEY SECRET [API_PORT]
+// (API_PORT: where the SDK sends events, another node of a cluster; PORT by default.)
+// Prints one JSON line per step; crates/c1m/tests/pusher.rs asserts on them. Bounded:
+// every wait gives up after 10 s.
+import PusherClient from "pusher-js";
+import PusherServer from "pusher";
+
+const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
+const say = (step, fields = {}) => console.log(JSON.stringify({ step, ...fields }));
+const within = (ms, what, promise) =>
+  Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)),
+  ]);
+
+const options = {
+  cluster: "mt1", // required by pusher-js; wsHost decides where it connects
+  wsHost: "127.0.0.1",
+  wsPort: Number(port),
+  forceTLS: false,
+  enabledTransports: ["ws"],
+  disableStats: true,
+};
+const server = new PusherServer({
+  appId,
+  key,
+  secret,
+  host: "127.0.0.1",
+  port: apiPort,
+  useTLS: false,
+});
+
+async function main() {
+  const client = new PusherClient(key, options);
+  const socketId = await within(10000, "connected", new Promise((resolve) => {
+    client.connection.bind("connected", () => resolve(client.connection.socket_id));
+  }));
+  say("connected", { socket_id: socketId });
+
+  const news = client.subscribe("news");
+  const sports = client.subscribe("sports");
+  await within(10000, "subscribed", Promise.all([news, sports].map((channel) =>
+    new Promise((resolve, reject) => {
+      channel.bind("pusher:subscription_succeeded", resolve);
+      channel.bind("pusher:subscription_error", (e) => reject(new Error(JSON.stringify(e))));
+    }))));
+  say("subscribed");
+
+  // One event to two channels through the SDK's signed HTTP API.
+  const got = [];
+  const both = within(10000, "events", new Promise((resolve) => {
+    const take = (channel) => (data) => {
+      got.push({ channel, data });
+      if (got.length === 2) resolve();
+    };
+    news.bind("greet", take("news"));
+    sports.bind("greet", take("sports"));
+  }));
+  const response = await server.trigger(["news", "sports"], "greet", { hello: "world" });
+  say("triggered", { status: response.status, body: await response.text() });
+  await both;
+  say("received", { got: got.sort((a, b) => a.channel.localeCompare(b.channel)) });
+
+  // A private channel is refused (no channel authorization yet), and says so.
+  const secretChannel = client.subscribe("private-secret");
+  const refused = await within(10000, "private refused", new Promise((resolve) => {
+    secretChannel.bind("pusher:subscription_error", (e) => resolve(e));
+    secretChannel.bind("pusher:subscription_succeeded", () => resolve({ succeeded: true }));
+  }));
+  say("private", { refused });
+
+  // A wrong secret is refused by the server (the SDK rejects with the answer).
+  const forged = new PusherServer({ appId, key, secret: "wrong", host: "127.0.0.1", port: apiPort, useTLS: false });
+  try {
+    await forged.trigger("news", "greet", { no: 1 });
+    say("forged", { status: 200 });
+  } catch (e) {
+    say("forged", { status: e.status, body: e.body });
+  }
+
+  // An unknown key: the connection fails with error 4001 and does not retry.
+  const stranger = new PusherClient("no-such-key", options);
+  const error = await within(10000, "unknown key", new Promise((resolve) => {
+    stranger.connection.bind("error", (e) => resolve(e));
+  }));
+  say("unknown_key", { code: error?.data?.code ?? error?.error?.data?.code ?? null, state: stranger.connection.state });
+  stranger.disconnect();
+  client.disconnect();
+  say("done");
+}
+
+main().then(
+  () => process.exit(0),
+  (e) => {
+    say("failed", { error: String(e && e.stack || e) });
+    process.exit(1);
+  },
+);
