@@ -105,8 +105,10 @@ pub fn app_key(path: &str) -> Option<&str> {
 pub enum ClientMessage {
     Ping,
     Pong,
+    /// `auth`: for a private channel, `KEY:SIGNATURE` from the app's auth endpoint.
     Subscribe {
         channel: String,
+        auth: Option<String>,
     },
     Unsubscribe {
         channel: String,
@@ -149,6 +151,7 @@ impl ClientMessage {
             "pusher:pong" => ClientMessage::Pong,
             "pusher:subscribe" => ClientMessage::Subscribe {
                 channel: channel()?,
+                auth: data.get("auth").and_then(Value::as_str).map(str::to_string),
             },
             "pusher:unsubscribe" => ClientMessage::Unsubscribe {
                 channel: channel()?,
@@ -159,6 +162,21 @@ impl ClientMessage {
             other => ClientMessage::Unknown(other.to_string()),
         })
     }
+}
+
+/// Checks a private channel's `auth` (`KEY:SIGNATURE`, made by the app's auth endpoint
+/// with its secret): SIGNATURE = hex HMAC-SHA256(secret, "SOCKET_ID:CHANNEL").
+pub fn channel_auth_ok(app: &App, socket_id: &str, channel: &str, auth: &str) -> bool {
+    let Some((key, signature)) = auth.split_once(':') else {
+        return false;
+    };
+    let Ok(signature) = hex::decode(signature) else {
+        return false;
+    };
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
+    let signed = format!("{socket_id}:{channel}");
+    // `verify` compares in constant time.
+    key == app.key && ring::hmac::verify(&hmac, signed.as_bytes(), &signature).is_ok()
 }
 
 /// What kind of channel a name is (its prefix decides).
@@ -492,7 +510,8 @@ mod tests {
                 r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#
             ),
             Ok(ClientMessage::Subscribe {
-                channel: "c".into()
+                channel: "c".into(),
+                auth: Some(String::new()),
             })
         );
         assert_eq!(
@@ -540,6 +559,30 @@ mod tests {
         let (_, payload) = c1m_proto::frame::split_frame(&bare).unwrap();
         let v: Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(v["data"], "12345");
+    }
+
+    #[test]
+    fn private_channel_auth_is_the_apps_signature_of_socket_and_channel() {
+        let app = app();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"the-secret");
+        let sig = hex::encode(ring::hmac::sign(&key, b"1.2:private-a"));
+        let auth = format!("the-key:{sig}");
+        assert!(channel_auth_ok(&app, "1.2", "private-a", &auth));
+        assert!(
+            !channel_auth_ok(&app, "1.3", "private-a", &auth),
+            "another socket"
+        );
+        assert!(
+            !channel_auth_ok(&app, "1.2", "private-b", &auth),
+            "another channel"
+        );
+        assert!(!channel_auth_ok(
+            &app,
+            "1.2",
+            "private-a",
+            &format!("other:{sig}")
+        ));
+        assert!(!channel_auth_ok(&app, "1.2", "private-a", "garbage"));
     }
 
     #[test]

@@ -236,11 +236,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATTERN=SIZE[/TTL]", value_delimiter = ',', value_parser = parse_history_rule, env = "C1M_HISTORY_FOR")]
     history_for: Vec<c1m_server::history::Rule>,
 
-    /// Serve a Pusher Channels app, ID:KEY:SECRET (repeat the flag for several apps):
-    /// pusher-js and Laravel Echo clients connect to ws://HOST/app/KEY, and the
-    /// `pusher` server SDKs send events to POST /apps/ID/events, signed with SECRET.
-    /// Channels are topics, shared with native clients. Public channels only for now
-    /// (see docs/server.md, "Pusher protocol").
+    /// Serve a Pusher Channels app, ID:KEY:SECRET (one per server for now): pusher-js
+    /// and Laravel Echo clients connect to ws://HOST/app/KEY, and the `pusher` server
+    /// SDKs send events to POST /apps/ID/events, signed with SECRET. Channels are
+    /// topics, shared with native clients. Public, private and private-encrypted
+    /// channels for now (see docs/server.md, "Pusher protocol").
     #[arg(long, value_name = "ID:KEY:SECRET", value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]
     pusher_app: Vec<c1m_server::pusher::App>,
 
@@ -352,6 +352,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.max_topics_per_connection == 0 {
         anyhow::bail!("--max-topics-per-connection must be at least 1");
+    }
+    if args.pusher_app.len() > 1 {
+        // Channels are topics: two apps would share channel names, so one app's
+        // clients could hear the other's events. Namespaces per app come later.
+        anyhow::bail!(
+            "one --pusher-app per server for now (apps would share channel names); \
+             run one server per app"
+        );
     }
     if args.api_key.as_deref() == Some("") {
         anyhow::bail!(

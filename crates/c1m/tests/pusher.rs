@@ -1,6 +1,7 @@
 //! The Pusher Channels protocol (issue 17) against real, unmodified clients from npm:
-//! `pusher-js` (its Node build) subscribes to public channels, and the `pusher` server
-//! SDK sends an event to two of them through the signed HTTP API
+//! `pusher-js` (its Node build) subscribes to public channels and to a private one
+//! (signed by the SDK's `authorizeChannel`), and the `pusher` server SDK sends events
+//! through the signed HTTP API
 //! (`tests/pusher/public.mjs`; the packages, pinned by its `package-lock.json`, are
 //! installed with `npm ci` on first use). On one process, on two workers, and across a
 //! cluster (the event sent to another node).
@@ -90,8 +91,21 @@ fn assert_public_channels_work(steps: &[Value]) {
     let forged = step(steps, "forged");
     assert_eq!(forged["status"], 401, "a wrong secret is refused: {forged}");
     assert_eq!(step(steps, "unknown_key")["code"], 4001);
-    let private = &step(steps, "private")["refused"];
-    assert!(private.get("succeeded").is_none(), "{private}");
+    assert_eq!(
+        step(steps, "private_signed")["succeeded"],
+        true,
+        "{steps:?}"
+    );
+    assert_eq!(
+        step(steps, "private_event")["data"]["level"],
+        3,
+        "{steps:?}"
+    );
+    let forged = step(steps, "private_forged");
+    assert_eq!(
+        forged["error"]["status"], 401,
+        "a signature for another socket: {forged}"
+    );
     step(steps, "done");
 }
 
@@ -163,4 +177,94 @@ fn pusher_js_on_one_node_gets_events_sent_to_another() {
     let _ = redis.kill();
     let _ = redis.wait();
     assert_public_channels_work(&steps);
+}
+
+/// Bad input from a Pusher client gets the protocol's error and touches nobody else;
+/// the HTTP API refuses unknown apps and unsigned requests.
+#[tokio::test]
+async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut args = pusher_args("1");
+    args.extend(["--api-key".to_string(), "k".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let connect = |path: &str| {
+        let url = server.url(path);
+        async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .expect("upgrade")
+                .0
+        }
+    };
+    let mut bystander = connect("/app/app-key").await;
+    assert_eq!(
+        common::next_json(&mut bystander).await["event"],
+        "pusher:connection_established"
+    );
+    let subscribe = r#"{"event":"pusher:subscribe","data":{"channel":"news"}}"#;
+    bystander.send(Message::text(subscribe)).await.unwrap();
+    assert_eq!(
+        common::next_json(&mut bystander).await["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+
+    let mut rogue = connect("/app/app-key").await;
+    common::next_json(&mut rogue).await;
+    for (bad, says) in [
+        ("not json", "pusher:error"),
+        (r#"{"event":"pusher:subscribe","data":{}}"#, "pusher:error"),
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"bad name!"}}"#,
+            "pusher:subscription_error",
+        ),
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"private-x","auth":"app-key:00"}}"#,
+            "pusher:subscription_error",
+        ),
+        (
+            r#"{"event":"client-typing","channel":"news","data":{}}"#,
+            "pusher:error",
+        ),
+    ] {
+        rogue.send(Message::text(bad)).await.unwrap();
+        let answer = common::next_json(&mut rogue).await;
+        assert_eq!(answer["event"], says, "{bad}: {answer}");
+    }
+    // Still open, and it still answers.
+    rogue
+        .send(Message::text(r#"{"event":"pusher:ping","data":{}}"#))
+        .await
+        .unwrap();
+    assert_eq!(common::next_json(&mut rogue).await["event"], "pusher:pong");
+
+    // The HTTP API: an unknown app, a missing signature.
+    let addr = server.addr;
+    let (unknown, unsigned) = tokio::task::spawn_blocking(move || {
+        let body = br#"{"name":"e","channels":["news"],"data":"x"}"#;
+        let json = ["Content-Type: application/json"];
+        (
+            common::http(addr, "POST", "/apps/7/events", &json, body),
+            common::http(addr, "POST", "/apps/42/events", &json, body),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert_eq!(unsigned.status, 401, "{unsigned:?}");
+
+    // A native publish to the channel reaches the bystander, wrapped as a Pusher event.
+    let addr = server.addr;
+    let published =
+        tokio::task::spawn_blocking(move || common::publish(addr, "k", "news", "plain text"))
+            .await
+            .unwrap();
+    assert_eq!(published.status, 200, "{published:?}");
+    let event = common::next_json(&mut bystander).await;
+    assert_eq!(
+        (&event["event"], &event["channel"], &event["data"]),
+        (&"message".into(), &"news".into(), &"plain text".into()),
+        "{event}"
+    );
 }

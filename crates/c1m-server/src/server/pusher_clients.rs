@@ -3,9 +3,10 @@
 //!
 //! A Pusher connection is an ordinary open connection with its protocol set: channels
 //! are topics (a native client of the topic gets the same events), and the fan-out
-//! gives it Pusher events (`fanout.rs`). Only public channels are served yet; a
-//! private, presence or encrypted channel is refused with `pusher:subscription_error`
-//! (no channel authorization yet), and client events with error 4301.
+//! gives it Pusher events (`fanout.rs`). Public channels, and private and
+//! private-encrypted ones with the app's signature (the server never decrypts); a
+//! presence channel is refused with `pusher:subscription_error` (not served yet), and
+//! client events with error 4301.
 
 use std::time::Instant;
 
@@ -47,7 +48,9 @@ impl Server {
         let answer = match message {
             ClientMessage::Ping => pusher::pong(),
             ClientMessage::Pong => return Next::Keep,
-            ClientMessage::Subscribe { channel } => self.pusher_subscribe(key, &channel),
+            ClientMessage::Subscribe { channel, auth } => {
+                self.pusher_subscribe(key, &channel, auth.as_deref())
+            }
             ClientMessage::Unsubscribe { channel } => {
                 if let Some(id) = self.registry.topics.id(&channel) {
                     self.registry.unsubscribe(key, id);
@@ -66,17 +69,34 @@ impl Server {
         self.reply(key, &answer)
     }
 
-    /// `pusher:subscribe`: a public channel is joined at once.
-    fn pusher_subscribe(&mut self, key: usize, channel: &str) -> String {
+    /// `pusher:subscribe`: a public channel is joined at once, a private one with the
+    /// app's signature of this socket and channel.
+    fn pusher_subscribe(&mut self, key: usize, channel: &str, auth: Option<&str>) -> String {
         if let Err(error) = validate_name(channel) {
             return pusher::subscription_error(channel, 400, &format!("bad channel name: {error}"));
         }
-        if pusher::channel_kind(channel) != ChannelKind::Public {
-            return pusher::subscription_error(
-                channel,
-                403,
-                "private, presence and encrypted channels are not served here yet",
-            );
+        match pusher::channel_kind(channel) {
+            ChannelKind::Public => {}
+            ChannelKind::Private | ChannelKind::Encrypted => {
+                let socket_id = pusher::socket_id(std::process::id(), key);
+                let signed = self.config.pusher_apps.first().is_some_and(|app| {
+                    auth.is_some_and(|auth| pusher::channel_auth_ok(app, &socket_id, channel, auth))
+                });
+                if !signed {
+                    return pusher::subscription_error(
+                        channel,
+                        401,
+                        "invalid signature: auth must be KEY:HMAC-SHA256(secret, \"SOCKET_ID:CHANNEL\")",
+                    );
+                }
+            }
+            ChannelKind::Presence => {
+                return pusher::subscription_error(
+                    channel,
+                    403,
+                    "presence channels are not served here yet",
+                )
+            }
         }
         let registry = &mut self.registry;
         let conn = &registry.conns[key];

@@ -62,13 +62,37 @@ async function main() {
   await both;
   say("received", { got: got.sort((a, b) => a.channel.localeCompare(b.channel)) });
 
-  // A private channel is refused (no channel authorization yet), and says so.
-  const secretChannel = client.subscribe("private-secret");
-  const refused = await within(10000, "private refused", new Promise((resolve) => {
-    secretChannel.bind("pusher:subscription_error", (e) => resolve(e));
-    secretChannel.bind("pusher:subscription_succeeded", () => resolve({ succeeded: true }));
+  // Private channels: the app's auth endpoint is played by the SDK's own signer.
+  const authorized = new PusherClient(key, {
+    ...options,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, server.authorizeChannel(socketId, channelName)),
+    },
+  });
+  await within(10000, "authorized client connected", new Promise((resolve) => {
+    authorized.connection.bind("connected", resolve);
   }));
-  say("private", { refused });
+  const subscribed = (channel) => within(10000, `subscribe ${channel.name}`, new Promise((resolve) => {
+    channel.bind("pusher:subscription_error", (e) => resolve({ error: e }));
+    channel.bind("pusher:subscription_succeeded", () => resolve({ succeeded: true }));
+  }));
+  const vault = authorized.subscribe("private-vault");
+  say("private_signed", await subscribed(vault));
+  const gotPrivate = within(10000, "private event", new Promise((resolve) => vault.bind("alert", resolve)));
+  await server.trigger("private-vault", "alert", { level: 3 });
+  say("private_event", { data: await gotPrivate });
+  // A signature made for another socket is refused by the server.
+  const thief = new PusherClient(key, {
+    ...options,
+    channelAuthorization: {
+      customHandler: ({ channelName }, callback) =>
+        callback(null, server.authorizeChannel("1.1", channelName)),
+    },
+  });
+  say("private_forged", await subscribed(thief.subscribe("private-vault")));
+  thief.disconnect();
+  authorized.disconnect();
 
   // A wrong secret is refused by the server (the SDK rejects with the answer).
   const forged = new PusherServer({ appId, key, secret: "wrong", host: "127.0.0.1", port: apiPort, useTLS: false });
