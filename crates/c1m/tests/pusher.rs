@@ -1,7 +1,7 @@
 //! The Pusher Channels protocol (issue 17) against real, unmodified clients from npm:
-//! `pusher-js` (its Node build) subscribes to public channels and to a private one
-//! (signed by the SDK's `authorizeChannel`), and the `pusher` server SDK sends events
-//! through the signed HTTP API
+//! `pusher-js` (its Node build) and Laravel Echo's Pusher connector subscribe to public
+//! channels and to private ones (signed by the SDK's `authorizeChannel`), and the
+//! `pusher` server SDK sends events through the signed HTTP API
 //! (`tests/pusher/public.mjs`; the packages, pinned by its `package-lock.json`, are
 //! installed with `npm ci` on first use). On one process, on two workers, and across a
 //! cluster (the event sent to another node).
@@ -40,9 +40,14 @@ fn npm_packages() -> &'static Path {
 
 /// Runs `public.mjs` with pusher-js on `port` and the SDK on `api_port`: its steps.
 fn run_public(port: u16, api_port: u16) -> Vec<Value> {
+    run_script("public.mjs", port, api_port)
+}
+
+/// Runs one of the Node scripts: its steps, one JSON object per line.
+fn run_script(script: &str, port: u16, api_port: u16) -> Vec<Value> {
     let dir = npm_packages();
     let output = Command::new("node")
-        .arg("public.mjs")
+        .arg(script)
         .args([
             &port.to_string(),
             APP[0],
@@ -132,6 +137,22 @@ fn pusher_js_and_the_pusher_sdk_on_two_workers() {
     let server = Server::start(&args);
     let port = server.addr.port();
     assert_public_channels_work(&run_public(port, port));
+}
+
+/// Laravel Echo's Pusher connector: `channel(…).listen("OrderShipped")` (Laravel's
+/// namespaced event name) and `private(…).listen(".invoice.paid")` (signed by the SDK's
+/// `authorizeChannel`), on two workers.
+#[test]
+fn laravel_echo_listens_on_public_and_private_channels() {
+    let args = pusher_args("2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let port = server.addr.port();
+    let steps = run_script("echo.mjs", port, port);
+    let received = step(&steps, "received");
+    assert_eq!(received["order"]["id"], 1, "{received}");
+    assert_eq!(received["invoice"]["amount"], 12, "{received}");
+    step(&steps, "done");
 }
 
 /// A Pusher event sent to one node of a cluster (over Redis) reaches a pusher-js client
