@@ -3,7 +3,8 @@
 //! Accepted: a decimal number of milliseconds, microseconds or nanoseconds since the
 //! Unix epoch (told apart by magnitude: today that is 13, 16 or 19 digits), or a JSON
 //! object with a numeric `ts` field in any of those units, or with a numeric `data`
-//! field (c1m's envelope, `?envelope=1`, around a stamp). Anything else is counted as
+//! field (c1m's envelope, `?envelope=1`, around a stamp; or a Pusher event, whose
+//! `data` is a string holding the number). Anything else is counted as
 //! an unparsable payload by the caller, never a crash.
 
 /// Microseconds since the epoch at which the message was stamped, if it says.
@@ -43,15 +44,24 @@ pub fn stamp_of_value(value: &serde_json::Value) -> Option<u64> {
     to_micros(json_number(value.get("ts").unwrap_or(value))?)
 }
 
+/// A number, or a string holding one (a Pusher event's `data` is a string).
 fn json_number(value: &serde_json::Value) -> Option<u64> {
     value
         .as_u64()
         .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        .or_else(|| value.as_str()?.trim().parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pusher_event_carries_its_stamp_as_a_string() {
+        let event = br#"{"event":"message","channel":"time","data":"1795629229358"}"#;
+        assert_eq!(stamp_micros(event), Some(1_795_629_229_358_000));
+        assert_eq!(stamp_micros(br#"{"event":"e","data":"soon"}"#), None);
+    }
 
     #[test]
     fn units_are_told_apart_by_magnitude() {

@@ -72,6 +72,8 @@ pub struct WorkerConfig {
     /// `--recover`: ask for envelopes, keep each connection's positions, resume from
     /// them on every reconnect and count what never arrived (see [`crate::recovery`]).
     pub recover: bool,
+    /// `--pusher-channel`: speak the Pusher protocol and subscribe to this channel.
+    pub pusher_channel: Option<String>,
     /// TLS settings, for a `wss://` target.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Stamps of rounds other workers saw (with `--procs`, the parent fills it). A
@@ -470,6 +472,14 @@ impl Worker {
         let client = &mut self.clients[key];
         client.opened_us = wall_us();
         self.open_times.push(client.opened_us);
+        if let Some(channel) = &self.config.pusher_channel {
+            // The server reads it after its `pusher:connection_established`.
+            let subscribe = serde_json::json!({
+                "event": "pusher:subscribe",
+                "data": {"channel": channel},
+            });
+            client.send_text(subscribe.to_string().as_bytes());
+        }
         if let Some(positions) = self.positions.as_mut() {
             positions.opened(client.index);
         }
@@ -505,6 +515,7 @@ impl Worker {
             done,
             target_messages: config.messages,
             positions: None, // --recover needs WebSocket envelopes
+            pusher: false,
         };
         let client = &mut clients[key];
         let mut rest = input;
@@ -547,6 +558,7 @@ impl Worker {
             done,
             target_messages: config.messages,
             positions: positions.as_mut(),
+            pusher: config.pusher_channel.is_some(),
         };
         let client = &mut clients[key];
         let mut decoder = client.decoder.take().unwrap_or_else(|| {
@@ -831,6 +843,16 @@ struct Tally<'a> {
     done: &'a mut usize,
     target_messages: Option<u64>,
     positions: Option<&'a mut Positions>,
+    /// `--pusher-channel`: the protocol's own messages are not publications.
+    pusher: bool,
+}
+
+/// Whether a message is one of the Pusher protocol's own (`pusher:…`,
+/// `pusher_internal:…`: connection, subscription, pong), not a publication.
+/// They are small; key order varies by server, so the event is looked for anywhere.
+fn is_pusher_protocol_message(payload: &[u8]) -> bool {
+    const EVENT: &[u8] = br#""event":"pusher"#;
+    payload.len() < 1024 && payload.windows(EVENT.len()).any(|w| w == EVENT)
 }
 
 /// Measures one complete message received by `client`.
@@ -841,6 +863,7 @@ fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us
         done,
         target_messages,
         positions,
+        pusher,
     } = tally;
     // With --recover, envelopes are checked against the connection's positions, and
     // the answers to its resumes are not publications at all.
@@ -848,7 +871,7 @@ fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us
         Some(positions) => positions.on_message(client.index, payload, stamp_of_value),
         None => Seen::Other,
     };
-    if seen == Seen::Answer {
+    if seen == Seen::Answer || (*pusher && is_pusher_protocol_message(payload)) {
         return;
     }
     snap.messages += 1;

@@ -91,6 +91,14 @@ pub struct BenchArgs {
     #[arg(long, requires = "reconnect")]
     recover: bool,
 
+    /// Speak the Pusher protocol: subscribe each connection to this channel right after
+    /// its upgrade (`pusher:subscribe`), and read Pusher events (the stamp in their
+    /// `data`); the protocol's own messages (`pusher:…`, `pusher_internal:…`) are not
+    /// counted. The URL is the app's: ws://HOST:PORT/app/KEY (e.g. against
+    /// `c1m serve --pusher-app ID:KEY:SECRET`, channel `time` for its clock).
+    #[arg(long, value_name = "CHANNEL", conflicts_with = "recover")]
+    pusher_channel: Option<String>,
+
     /// Close each connection cleanly after about this long (±50 %), to generate churn;
     /// with --reconnect it is reopened right away.
     #[arg(long, value_parser = parse_duration)]
@@ -122,6 +130,9 @@ impl BenchArgs {
         }
         if !(self.rate.is_finite() && self.rate > 0.0) {
             bail!("--rate must be a positive number of connections per second");
+        }
+        if self.pusher_channel.is_some() && self.url.starts_with("tcp://") {
+            bail!("--pusher-channel needs a WebSocket server (ws:// or wss://)");
         }
         if self.recover && self.url.starts_with("tcp://") {
             bail!("--recover needs a WebSocket server (ws:// or wss://): it resumes by position");
@@ -191,6 +202,7 @@ impl BenchArgs {
             reconnect: self.reconnect,
             lifetime: self.lifetime,
             recover: self.recover,
+            pusher_channel: self.pusher_channel.clone(),
             tls,
             rounds_elsewhere: None,
         })
@@ -390,6 +402,9 @@ fn run_children(
         }
         if args.recover {
             cmd.arg("--recover");
+        }
+        if let Some(channel) = &args.pusher_channel {
+            cmd.args(["--pusher-channel", channel]);
         }
         if let Some(lifetime) = args.lifetime {
             cmd.args(["--lifetime", &format!("{}ms", lifetime.as_millis())]);

@@ -289,3 +289,37 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
         "{event}"
     );
 }
+
+/// `c1m bench --pusher-channel` measures Pusher clients like native ones: every
+/// connection subscribed, every tick of the clock received as a Pusher event and its
+/// stamp read, and the protocol's own messages not counted.
+#[test]
+fn the_bench_speaks_pusher() {
+    let mut args = pusher_args("1");
+    args.extend(["--interval", "300ms", "--total", "100"].map(str::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let url = server.url("/app/app-key");
+    let (_, json) = common::run_bench(
+        "pusher-bench",
+        &[
+            "--url",
+            &url,
+            "--pusher-channel",
+            "time",
+            "-c",
+            "100",
+            "--messages",
+            "3",
+        ],
+    );
+    let result: c1m_bench::report::BenchResult = serde_json::from_str(&json).expect("a result");
+    let snap = &result.snapshot;
+    assert_eq!(snap.established, 100, "{json}");
+    assert_eq!(
+        snap.messages, 300,
+        "3 ticks each, nothing else counted: {json}"
+    );
+    assert_eq!(snap.unparsable, 0, "{json}");
+    assert_eq!(snap.latency.len(), 300, "every event's stamp read");
+}

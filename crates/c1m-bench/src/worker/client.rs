@@ -74,6 +74,14 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a masked text frame (best effort: a fresh connection's send buffer takes
+    /// it whole).
+    pub(super) fn send_text(&mut self, payload: &[u8]) {
+        let mut frame = Vec::new();
+        encode_frame(OpCode::Text, payload, Some(rand::random()), &mut frame);
+        let _ = self.write_out(&frame);
+    }
+
     /// Sends a masked close frame carrying `payload` (best effort: the connection is
     /// ending either way).
     pub(super) fn send_close(&mut self, payload: &[u8]) {
