@@ -21,7 +21,12 @@
 #    again, the server's CPU seconds meanwhile, and the bench's recovery counts
 #    (resumes, `recovered: true`, publications replayed per resume, missed).
 #
-#   bench/recovery.sh [--connections N] [--storm S] [--only positions|storm]
+#    With --kinds "bare pusher" (any of bare, envelopes, positions, pusher), the runs
+#    are those, in that order; "pusher" is the Pusher protocol on the same clock
+#    (`--pusher-app`, clients on /app/KEY with `c1m bench --pusher-channel time`), to
+#    compare a Pusher connection's costs with a native one's (issue 17).
+#
+#   bench/recovery.sh [--connections N] [--storm S] [--only positions|storm] [--kinds LIST]
 # Run as root (it applies `c1m tune --apply`). Listens on 127.0.0.1 only; stops what it
 # started by PID. Writes bench/out/recovery/.
 set -euo pipefail
@@ -29,13 +34,15 @@ cd "$(dirname "$0")/.."
 N=190000
 S=100000
 ONLY=""
+KINDS="bare envelopes positions"
 INTERVAL=5s
 while [ $# -gt 0 ]; do
   case $1 in
     --connections) N=$2; shift 2 ;;
     --storm) S=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --kinds) KINDS=$2; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,6 +86,8 @@ positions_run() {
   case $kind in
     envelopes) extra_server=(--history-for time=100); path="/?envelope=1" ;;
     positions) extra_server=(--history-for time=100); extra_bench=(--reconnect --recover) ;;
+    pusher) extra_server=(--pusher-app 1:bench-key:bench-secret); path=/app/bench-key
+            extra_bench=(--pusher-channel time) ;;
   esac
   start_server "$OUT/$kind-$N.server.log" --workers "$procs" --total "$N" --delay 0 \
     --interval "$INTERVAL" "${extra_server[@]}"
@@ -114,7 +123,8 @@ for line in open(log):
 # A last tick may go out while the clients leave (the bench stops after 3): not a round.
 rounds = rounds[:len(fanouts)]
 rec = s.get("recovery", {})
-print(f"| {kind} | {s['established']:,} | {sum(s['errors'].values())} | {(rss1 - rss0) * 1024 / n:.0f} B "
+setup = s["established"] / s["ramp_secs"] if s.get("ramp_secs") else 0
+print(f"| {kind} | {s['established']:,} | {sum(s['errors'].values())} | {setup:,.0f} | {(rss1 - rss0) * 1024 / n:.0f} B "
       f"| {', '.join(f'{f:.2f}' for f in rounds)} | {', '.join(f'{f:.2f}' for f in fanouts)} "
       f"| {sum(r['expected'] - r['delivered_expected'] for r in s['rounds'].values() if r['complete'])} "
       f"| {rec.get('missed', 0) if kind == 'positions' else '–'} |")
@@ -210,9 +220,9 @@ PY
 }
 
 if [ "$ONLY" != storm ]; then
-  echo "| clients | established | errors | server memory / connection | server fan-out per round, slowest worker (s) | stamp to last client per round (s) | missed rounds | missed (offsets) |" >"$OUT/table-positions-$N.md"
-  echo "|---|---:|---:|---:|---|---|---:|---:|" >>"$OUT/table-positions-$N.md"
-  for kind in bare envelopes positions; do
+  echo "| clients | established | errors | setup /s | server memory / connection | server fan-out per round, slowest worker (s) | stamp to last client per round (s) | missed rounds | missed (offsets) |" >"$OUT/table-positions-$N.md"
+  echo "|---|---:|---:|---:|---:|---|---|---:|---:|" >>"$OUT/table-positions-$N.md"
+  for kind in $KINDS; do
     positions_run "$kind" >>"$OUT/table-positions-$N.md"
   done
   sed -i "1s/| clients |/| run ($N clients) |/" "$OUT/table-positions-$N.md"
