@@ -123,20 +123,25 @@ fn pusher_args(workers: &str) -> Vec<String> {
 
 #[test]
 fn pusher_js_and_the_pusher_sdk_on_one_process() {
-    let args = pusher_args("1");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start(&args);
-    let port = server.addr.port();
+    let (server, port) = pusher_server("1");
     assert_public_channels_work(&run_public(port, port));
+    drop(server);
 }
 
 #[test]
 fn pusher_js_and_the_pusher_sdk_on_two_workers() {
-    let args = pusher_args("2");
+    let (server, port) = pusher_server("2");
+    assert_public_channels_work(&run_public(port, port));
+    drop(server);
+}
+
+/// A server with the test app on `workers` workers, and its port.
+fn pusher_server(workers: &str) -> (Server, u16) {
+    let args = pusher_args(workers);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
     let port = server.addr.port();
-    assert_public_channels_work(&run_public(port, port));
+    (server, port)
 }
 
 /// Laravel Echo's Pusher connector: `channel(…).listen("OrderShipped")` (Laravel's
@@ -144,11 +149,9 @@ fn pusher_js_and_the_pusher_sdk_on_two_workers() {
 /// `authorizeChannel`), on two workers.
 #[test]
 fn laravel_echo_listens_on_public_and_private_channels() {
-    let args = pusher_args("2");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start(&args);
-    let port = server.addr.port();
+    let (server, port) = pusher_server("2");
     let steps = run_script("echo.mjs", port, port);
+    drop(server);
     let received = step(&steps, "received");
     assert_eq!(received["order"]["id"], 1, "{received}");
     assert_eq!(received["invoice"]["amount"], 12, "{received}");

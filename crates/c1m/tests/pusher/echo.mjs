@@ -5,14 +5,9 @@
 import Echo from "laravel-echo";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
+import { run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret] = process.argv.slice(2);
-const say = (step, fields = {}) => console.log(JSON.stringify({ step, ...fields }));
-const within = (ms, what, promise) =>
-  Promise.race([
-    promise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)),
-  ]);
 
 const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port, useTLS: false });
 const echo = new Echo({
@@ -61,10 +56,4 @@ async function main() {
   say("done");
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    say("failed", { error: String(e && e.stack || e) });
-    process.exit(1);
-  },
-);
+run(main);

@@ -5,14 +5,9 @@
 // every wait gives up after 10 s.
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
+import { run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
-const say = (step, fields = {}) => console.log(JSON.stringify({ step, ...fields }));
-const within = (ms, what, promise) =>
-  Promise.race([
-    promise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)),
-  ]);
 
 const options = {
   cluster: "mt1", // required by pusher-js; wsHost decides where it connects
@@ -114,10 +109,4 @@ async function main() {
   say("done");
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    say("failed", { error: String(e && e.stack || e) });
-    process.exit(1);
-  },
-);
+run(main);
