@@ -30,9 +30,9 @@ pub enum Outcome {
     Stats { cluster: bool },
     /// `GET /history`: the kept publications of a topic (see [`HistoryQuery`]).
     History(HistoryQuery),
-    /// `POST /apps/{id}/events` (Pusher's HTTP API), signature checked: send the event
-    /// to its channels.
-    PusherEvent(crate::pusher::Trigger),
+    /// `POST /apps/{id}/events` or `/batch_events` (Pusher's HTTP API), signature
+    /// checked: send each event to its channels.
+    PusherEvents(Vec<crate::pusher::Trigger>),
 }
 
 /// The most publications one `GET /history` answer holds.
@@ -177,7 +177,10 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
                 Err(error) => respond(bad_request(&error)),
             }
         }
-        ("POST", path) if path.starts_with("/apps/") && path.ends_with("/events") => {
+        ("POST", path)
+            if path.starts_with("/apps/")
+                && (path.ends_with("/events") || path.ends_with("/batch_events")) =>
+        {
             pusher_events(request, path, query, body, cx)
         }
         ("GET", "/history") => {
@@ -260,7 +263,8 @@ pub fn fan_out_busy() -> Vec<u8> {
     )
 }
 
-/// `POST /apps/{id}/events` (Pusher's HTTP API): the app, its signature, the event.
+/// `POST /apps/{id}/events` and `/batch_events` (Pusher's HTTP API): the app, its
+/// signature, the events.
 fn pusher_events(
     request: &PlainRequest,
     path: &str,
@@ -268,10 +272,11 @@ fn pusher_events(
     body: &[u8],
     cx: &Context<'_>,
 ) -> Outcome {
-    let id = path
-        .strip_prefix("/apps/")
-        .and_then(|rest| rest.strip_suffix("/events"))
-        .unwrap_or_default();
+    let rest = path.strip_prefix("/apps/").unwrap_or_default();
+    let (id, batch) = match rest.strip_suffix("/batch_events") {
+        Some(id) => (id, true),
+        None => (rest.strip_suffix("/events").unwrap_or_default(), false),
+    };
     let Some(app) = cx.pusher_apps.iter().find(|app| app.id == id) else {
         let error =
             format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
@@ -288,8 +293,13 @@ fn pusher_events(
         };
         return Outcome::Respond(json_response(status, reason, &json!({ "error": error })));
     }
-    match crate::pusher::Trigger::parse(body, cx.max_event_bytes) {
-        Ok(trigger) => Outcome::PusherEvent(trigger),
+    let triggers = if batch {
+        crate::pusher::Trigger::parse_batch(body, cx.max_event_bytes)
+    } else {
+        crate::pusher::Trigger::parse(body, cx.max_event_bytes).map(|t| vec![t])
+    };
+    match triggers {
+        Ok(triggers) => Outcome::PusherEvents(triggers),
         Err(error) => Outcome::Respond(json_response(
             400,
             "Bad Request",
@@ -509,7 +519,7 @@ mod tests {
             Outcome::Publish { .. }
             | Outcome::Stats { .. }
             | Outcome::History(_)
-            | Outcome::PusherEvent(_) => 0,
+            | Outcome::PusherEvents(_) => 0,
         }
     }
 

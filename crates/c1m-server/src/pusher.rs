@@ -292,11 +292,43 @@ struct TriggerWire {
     socket_id: Option<String>,
 }
 
+/// Most events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
+pub const MAX_BATCH: usize = 10;
+
+#[derive(Deserialize)]
+struct BatchWire {
+    batch: Vec<TriggerWire>,
+}
+
 impl Trigger {
     /// Reads a trigger body; `Err` is the message of a 400 answer.
     pub fn parse(body: &[u8], max_data_bytes: usize) -> Result<Trigger, String> {
         let wire: TriggerWire = serde_json::from_slice(body)
             .map_err(|e| format!("expected {{\"name\",\"data\",\"channels\"}}: {e}"))?;
+        Trigger::check(wire, max_data_bytes)
+    }
+
+    /// Reads a `batch_events` body: 1 to [`MAX_BATCH`] events, each to one `channel`.
+    pub fn parse_batch(body: &[u8], max_data_bytes: usize) -> Result<Vec<Trigger>, String> {
+        let wire: BatchWire = serde_json::from_slice(body).map_err(|e| {
+            format!("expected {{\"batch\":[{{\"channel\",\"name\",\"data\"}},…]}}: {e}")
+        })?;
+        if wire.batch.is_empty() || wire.batch.len() > MAX_BATCH {
+            return Err(format!("a batch holds 1 to {MAX_BATCH} events"));
+        }
+        wire.batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                if event.channels.is_some() {
+                    return Err(format!("batch event {i}: one \"channel\" per batch event"));
+                }
+                Trigger::check(event, max_data_bytes).map_err(|e| format!("batch event {i}: {e}"))
+            })
+            .collect()
+    }
+
+    fn check(wire: TriggerWire, max_data_bytes: usize) -> Result<Trigger, String> {
         let channels = match (wire.channels, wire.channel) {
             (Some(channels), None) => channels,
             (None, Some(channel)) => vec![channel],
@@ -600,5 +632,18 @@ mod tests {
             assert!(Trigger::parse(bad, 100).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(percent_decode("a%2Cb+c%zz"), "a,b c%zz");
+        let batch = Trigger::parse_batch(
+            br#"{"batch":[{"channel":"a","name":"e","data":"1"},{"channel":"b","name":"f","data":"2"}]}"#,
+            100,
+        )
+        .unwrap();
+        assert_eq!((batch.len(), batch[1].channels[0].as_str()), (2, "b"));
+        for bad in [
+            &br#"{"batch":[]}"#[..],
+            br#"{"batch":[{"channels":["a"],"name":"e","data":"1"}]}"#,
+            br#"{"batch":[{"channel":"a b","name":"e","data":"1"}]}"#,
+        ] {
+            assert!(Trigger::parse_batch(bad, 100).is_err());
+        }
     }
 }

@@ -93,6 +93,15 @@ fn assert_public_channels_work(steps: &[Value]) {
         {"channel": "sports", "data": {"hello": "world"}}
     ]);
     assert_eq!(got, &expected);
+    let batch = step(steps, "batch");
+    assert_eq!(batch["status"], 200, "{batch}");
+    assert_eq!(
+        batch["got"],
+        serde_json::json!([
+            {"channel": "news", "data": {"n": 1}},
+            {"channel": "sports", "data": {"n": 2}}
+        ])
+    );
     let forged = step(steps, "forged");
     assert_eq!(forged["status"], 401, "a wrong secret is refused: {forged}");
     assert_eq!(step(steps, "unknown_key")["code"], 4001);

@@ -120,11 +120,15 @@ impl Server {
         pusher::subscription_succeeded(channel)
     }
 
-    /// `POST /apps/{id}/events`, signature checked: the event goes to each channel as
-    /// a publication (one frame per channel, the same for native and Pusher clients),
+    /// `POST /apps/{id}/events` or `/batch_events`, signature checked: each event goes
+    /// to each of its channels as a publication (one frame per channel, the same for native and Pusher clients),
     /// and the request is answered at once with `{}`, as Pusher does (delivery is not
     /// awaited). `Err` is the answer when it cannot be taken now.
-    pub(super) fn pusher_trigger(&mut self, trigger: Trigger, now: Instant) -> Result<(), Vec<u8>> {
+    pub(super) fn pusher_trigger(
+        &mut self,
+        triggers: Vec<Trigger>,
+        now: Instant,
+    ) -> Result<(), Vec<u8>> {
         if self.upstream.cluster_up() == Some(false) {
             return Err(crate::http::broker_refusal());
         }
@@ -132,7 +136,10 @@ impl Server {
             self.registry.counters.publishes_refused_busy += 1;
             return Err(crate::http::fan_out_busy());
         }
-        for channel in &trigger.channels {
+        let events = triggers
+            .iter()
+            .flat_map(|t| t.channels.iter().map(move |channel| (t, channel)));
+        for (trigger, channel) in events {
             let frame = pusher::text_frame(&pusher::event(&trigger.name, channel, &trigger.data));
             let target = Target::Topic(channel.clone());
             // Nobody waits for the count: `Waiting::nobody` answers no connection.

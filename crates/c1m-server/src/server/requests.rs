@@ -324,7 +324,7 @@ impl Server {
                 let (status, body) = http::history_answer(self.history.as_mut(), &query, now);
                 http::json_answer(status, &body)
             }
-            Outcome::PusherEvent(trigger) => match self.pusher_trigger(trigger, now) {
+            Outcome::PusherEvents(triggers) => match self.pusher_trigger(triggers, now) {
                 Ok(()) => http::json_answer(200, &serde_json::json!({})),
                 Err(refusal) => refusal,
             },

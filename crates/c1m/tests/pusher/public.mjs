@@ -57,6 +57,23 @@ async function main() {
   await both;
   say("received", { got: got.sort((a, b) => a.channel.localeCompare(b.channel)) });
 
+  // A batch: one event per channel, in one signed request.
+  const batch = [];
+  const batched = within(10000, "batch", new Promise((resolve) => {
+    const take = (channel) => (data) => {
+      batch.push({ channel, data });
+      if (batch.length === 2) resolve();
+    };
+    news.bind("tally", take("news"));
+    sports.bind("tally", take("sports"));
+  }));
+  const batchResponse = await server.triggerBatch([
+    { channel: "news", name: "tally", data: { n: 1 } },
+    { channel: "sports", name: "tally", data: { n: 2 } },
+  ]);
+  await batched;
+  say("batch", { status: batchResponse.status, got: batch.sort((a, b) => a.channel.localeCompare(b.channel)) });
+
   // Private channels: the app's auth endpoint is played by the SDK's own signer.
   const authorized = new PusherClient(key, {
     ...options,
