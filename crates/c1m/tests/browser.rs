@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run_bench, Server};
+use common::{chromium_command, missing_chromium, run_bench, Server};
 
 /// Where screenshots are kept: `$C1M_ARTIFACTS`, or `target/artifacts` of the workspace.
 fn artifacts() -> PathBuf {
@@ -37,39 +37,6 @@ fn chromium(url: &str, extra: &[&str]) -> (String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// Headless Chromium on `url` with a fresh profile (returned, for removal): the flags
-/// keep it off the network (this machine has none but loopback).
-fn chromium_command(url: &str, extra: &[&str]) -> (Command, PathBuf) {
-    let profile = std::env::temp_dir().join(format!(
-        "c1m-chromium-{}-{}",
-        std::process::id(),
-        common::since_epoch().as_nanos()
-    ));
-    let program = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let mut command = Command::new(program);
-    command
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--enable-logging=stderr",
-            "--v=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(url);
-    (command, profile)
-}
-
-fn missing_chromium(e: std::io::Error) -> ! {
-    panic!("chromium is needed for this test ({e}); .ci/run installs it (apt-get install chromium)")
 }
 
 /// The page's DOM after its scripts ran for `budget_ms` of virtual time, checked for

@@ -335,3 +335,110 @@ fn the_bench_speaks_pusher() {
     assert_eq!(snap.unparsable, 0, "{json}");
     assert_eq!(snap.latency.len(), 300, "every event's stamp read");
 }
+
+/// pusher-js's browser build in headless Chromium (the browser's own WebSocket): it
+/// subscribes, gets an event, and when every worker of the server is SIGKILLed it
+/// reconnects and subscribes again by itself, and gets the next event.
+#[test]
+fn pusher_js_in_chromium_reconnects_after_its_worker_dies() {
+    let bundle = std::fs::read_to_string(
+        npm_packages().join("node_modules/pusher-js/dist/web/pusher.min.js"),
+    )
+    .expect("pusher-js's browser build");
+    let mut args = pusher_args("2");
+    args.extend(["--api-key".to_string(), "k".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let (addr, pid) = (server.addr, server.child.id());
+    let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
+    let report_addr = report.local_addr().unwrap();
+    let page = std::env::temp_dir().join(format!("c1m-pusher-{}.html", std::process::id()));
+    let key = APP[1];
+    std::fs::write(
+        &page,
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><script>{bundle}</script><script>
+const got = [];
+let connects = 0;
+const pusher = new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPort: {port},
+  forceTLS: false, enabledTransports: ["ws"], disableStats: true }});
+pusher.connection.bind("connected", () => connects++);
+pusher.subscribe("news").bind("greet", (data) => {{
+  got.push(data);
+  if (data.n === "end") {{
+    const body = JSON.stringify({{ got, connects }});
+    fetch("http://{report_addr}/", {{ method: "POST", mode: "no-cors", body }});
+  }}
+}});
+</script>"#,
+            port = addr.port()
+        ),
+    )
+    .unwrap();
+    let (mut command, profile) =
+        common::chromium_command(&format!("file://{}", page.display()), &[]);
+    let mut browser = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| common::missing_chromium(e));
+    // An event as the Pusher API sends it, published natively (it passes as is).
+    let send = |n: &str| {
+        let event = serde_json::json!({
+            "event": "greet", "channel": "news", "data": serde_json::json!({"n": n}).to_string()
+        });
+        common::http(
+            addr,
+            "POST",
+            "/publish?topic=news",
+            &["Authorization: Bearer k", "Content-Type: text/plain"],
+            event.to_string().as_bytes(),
+        )
+    };
+    let subscribed = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while common::stats(addr, "node")["topics"]["news"] != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the page never subscribed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    subscribed();
+    assert_eq!(send("before").status, 200);
+    for worker in common::children_of(pid) {
+        // Only processes this test started: the workers of its own server.
+        let _ = Command::new("kill")
+            .args(["-KILL", &worker.to_string()])
+            .status();
+    }
+    // Until the page reports: it subscribes again on its own schedule, and an event
+    // sent before that reaches nobody (the page reports on the first "end" it gets).
+    let reported = std::sync::atomic::AtomicBool::new(false);
+    let body = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !reported.load(std::sync::atomic::Ordering::SeqCst) {
+                send("end");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        });
+        let body = common::await_posted_body(&report, std::time::Duration::from_secs(30));
+        reported.store(true, std::sync::atomic::Ordering::SeqCst);
+        body
+    });
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    let seen: Value = serde_json::from_slice(&body).expect("report JSON");
+    assert_eq!(
+        seen["got"],
+        serde_json::json!([{"n": "before"}, {"n": "end"}]),
+        "{seen}"
+    );
+    assert!(
+        seen["connects"].as_u64() >= Some(2),
+        "it reconnected: {seen}"
+    );
+}

@@ -764,3 +764,36 @@ pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// Headless Chromium on `url` with a fresh profile (returned, for removal): the flags
+/// keep it off the network (this machine has none but loopback).
+pub fn chromium_command(url: &str, extra: &[&str]) -> (Command, std::path::PathBuf) {
+    let profile = std::env::temp_dir().join(format!(
+        "c1m-chromium-{}-{}",
+        std::process::id(),
+        since_epoch().as_nanos()
+    ));
+    let program = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let mut command = Command::new(program);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url);
+    (command, profile)
+}
+
+pub fn missing_chromium(e: std::io::Error) -> ! {
+    panic!("chromium is needed for this test ({e}); .ci/run installs it (apt-get install chromium)")
+}
