@@ -23,6 +23,14 @@ pub struct Counters {
     pub plain_http: u64,
     /// Server-Sent Events streams opened (`GET /sse`; they count in `open` too).
     pub sse_opened: u64,
+    /// Pusher clients upgraded (`/app/{key}`, a known key or not).
+    pub pusher_opened: u64,
+    /// Events taken by the Pusher HTTP API (one per event and channel).
+    pub pusher_api_events: u64,
+    /// Pusher HTTP API requests refused (signature, app, body).
+    pub pusher_api_refused: u64,
+    /// Pusher subscriptions refused (bad name, bad signature, not served).
+    pub pusher_subscriptions_refused: u64,
     /// Connections closed for falling behind (`--slow-consumer disconnect`).
     pub slow_consumers: u64,
     /// Messages skipped for slow consumers (`--slow-consumer drop`).

@@ -286,6 +286,19 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
     .unwrap();
     assert_eq!(unknown.status, 404, "{unknown:?}");
     assert_eq!(unsigned.status, 401, "{unsigned:?}");
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
+    for (name, value) in [
+        ("c1m_pusher_connections_opened_total", 2.0),
+        ("c1m_pusher_subscriptions_refused_total", 2.0),
+        ("c1m_pusher_api_refused_total", 2.0),
+        ("c1m_pusher_api_events_total", 0.0),
+    ] {
+        assert_eq!(
+            common::metric_value(&metrics, name),
+            Some(value),
+            "{name}: {metrics}"
+        );
+    }
 
     // A native publish to the channel reaches the bystander, wrapped as a Pusher event.
     let addr = server.addr;

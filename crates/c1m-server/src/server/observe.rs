@@ -76,6 +76,33 @@ impl Server {
             broker_up: self.upstream.cluster_up(),
             waiting_requests: parked,
         });
+        let c = &self.registry.counters;
+        for (name, help, value) in [
+            (
+                "c1m_pusher_connections_opened_total",
+                "Pusher clients upgraded on /app/KEY (open ones count in c1m_connections).",
+                c.pusher_opened,
+            ),
+            (
+                "c1m_pusher_api_events_total",
+                "Events taken by the Pusher HTTP API, one per event and channel.",
+                c.pusher_api_events,
+            ),
+            (
+                "c1m_pusher_api_refused_total",
+                "Pusher HTTP API requests refused (signature, app, body).",
+                c.pusher_api_refused,
+            ),
+            (
+                "c1m_pusher_subscriptions_refused_total",
+                "Pusher subscriptions refused (name, signature, channel kind not served).",
+                c.pusher_subscriptions_refused,
+            ),
+        ] {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
+        }
         text.push_str(&format!(
             "# HELP c1m_sse_streams_opened_total Server-Sent Events streams opened (GET /sse); open ones count in c1m_connections.\n# TYPE c1m_sse_streams_opened_total counter\nc1m_sse_streams_opened_total {}\n",
             self.registry.counters.sse_opened

@@ -26,6 +26,7 @@ impl Server {
     /// key names no app here (error 4001, then closed with 4001, as Pusher does).
     pub(super) fn pusher_opened(&mut self, key: usize, known_app: bool, now: Instant) -> Next {
         self.registry.conns[key].set_protocol(Protocol::Pusher);
+        self.registry.counters.pusher_opened += 1;
         if !known_app {
             let error = pusher::error(pusher::code::UNKNOWN_APP, "App key not in this server");
             let next = self.reply(key, &error);
@@ -49,7 +50,13 @@ impl Server {
             ClientMessage::Ping => pusher::pong(),
             ClientMessage::Pong => return Next::Keep,
             ClientMessage::Subscribe { channel, auth } => {
-                self.pusher_subscribe(key, &channel, auth.as_deref())
+                match self.pusher_subscribe(key, &channel, auth.as_deref()) {
+                    Ok(answer) => answer,
+                    Err(refusal) => {
+                        self.registry.counters.pusher_subscriptions_refused += 1;
+                        refusal
+                    }
+                }
             }
             ClientMessage::Unsubscribe { channel } => {
                 if let Some(id) = self.registry.topics.id(&channel) {
@@ -70,10 +77,19 @@ impl Server {
     }
 
     /// `pusher:subscribe`: a public channel is joined at once, a private one with the
-    /// app's signature of this socket and channel.
-    fn pusher_subscribe(&mut self, key: usize, channel: &str, auth: Option<&str>) -> String {
+    /// app's signature of this socket and channel. `Err`: the subscription error to send.
+    fn pusher_subscribe(
+        &mut self,
+        key: usize,
+        channel: &str,
+        auth: Option<&str>,
+    ) -> Result<String, String> {
         if let Err(error) = validate_name(channel) {
-            return pusher::subscription_error(channel, 400, &format!("bad channel name: {error}"));
+            return Err(pusher::subscription_error(
+                channel,
+                400,
+                &format!("bad channel name: {error}"),
+            ));
         }
         match pusher::channel_kind(channel) {
             ChannelKind::Public => {}
@@ -83,19 +99,19 @@ impl Server {
                     auth.is_some_and(|auth| pusher::channel_auth_ok(app, &socket_id, channel, auth))
                 });
                 if !signed {
-                    return pusher::subscription_error(
+                    return Err(pusher::subscription_error(
                         channel,
                         401,
                         "invalid signature: auth must be KEY:HMAC-SHA256(secret, \"SOCKET_ID:CHANNEL\")",
-                    );
+                    ));
                 }
             }
             ChannelKind::Presence => {
-                return pusher::subscription_error(
+                return Err(pusher::subscription_error(
                     channel,
                     403,
                     "presence channels are not served here yet",
-                )
+                ))
             }
         }
         let registry = &mut self.registry;
@@ -106,24 +122,24 @@ impl Server {
             .is_some_and(|id| conn.is_subscribed(id));
         if !already {
             if conn.subscription_count() >= self.config.max_topics_per_connection {
-                return pusher::subscription_error(
+                return Err(pusher::subscription_error(
                     channel,
                     400,
                     &format!(
                         "at most {} channels per connection",
                         self.config.max_topics_per_connection
                     ),
-                );
+                ));
             }
             registry.subscribe(key, channel);
         }
-        pusher::subscription_succeeded(channel)
+        Ok(pusher::subscription_succeeded(channel))
     }
 
     /// `POST /apps/{id}/events` or `/batch_events`, signature checked: each event goes
-    /// to each of its channels as a publication (one frame per channel, the same for native and Pusher clients),
-    /// and the request is answered at once with `{}`, as Pusher does (delivery is not
-    /// awaited). `Err` is the answer when it cannot be taken now.
+    /// to each of its channels as a publication (one frame per channel, the same for
+    /// native and Pusher clients), and the request is answered at once with `{}`, as
+    /// Pusher does (delivery is not awaited). `Err` is the answer when it cannot be taken now.
     pub(super) fn pusher_trigger(
         &mut self,
         triggers: Vec<Trigger>,
@@ -142,6 +158,7 @@ impl Server {
         for (trigger, channel) in events {
             let frame = pusher::text_frame(&pusher::event(&trigger.name, channel, &trigger.data));
             let target = Target::Topic(channel.clone());
+            self.registry.counters.pusher_api_events += 1;
             // Nobody waits for the count: `Waiting::nobody` answers no connection.
             if matches!(self.upstream, Upstream::Local) {
                 let position = self.keep_in_history(&target, &frame, now);

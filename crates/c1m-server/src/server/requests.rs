@@ -293,6 +293,11 @@ impl Server {
             max_event_bytes: usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX),
         };
         let outcome = http::route(&request, &body, &cx);
+        if let Outcome::Respond(answer) = &outcome {
+            if request.path.starts_with("/apps/") && !answer.starts_with(b"HTTP/1.1 2") {
+                self.registry.counters.pusher_api_refused += 1;
+            }
+        }
         let waiting = |this: &Self, request| {
             Waiting::new(&this.registry.conns[key], key, keep_alive, request, now)
         };
