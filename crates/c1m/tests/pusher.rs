@@ -265,6 +265,13 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
         let answer = common::next_json(&mut rogue).await;
         assert_eq!(answer["event"], says, "{bad}: {answer}");
     }
+    let oversized = format!(r#"{{"event":"pusher:ping","data":"{}"}}"#, "x".repeat(5000));
+    rogue.send(Message::text(oversized)).await.unwrap();
+    let answer = common::next_json(&mut rogue).await;
+    assert_eq!(
+        answer["event"], "pusher:error",
+        "an oversized message: {answer}"
+    );
     // Still open, and it still answers.
     rogue
         .send(Message::text(r#"{"event":"pusher:ping","data":{}}"#))

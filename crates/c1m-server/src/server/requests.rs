@@ -154,6 +154,16 @@ impl Server {
                 (reply, _) if reply.is_empty() => Next::Keep,
                 (reply, recovered) => self.reply_then_recovered(key, &reply, &recovered),
             },
+            Action::OversizedCommand if self.registry.conns[key].is_pusher() => {
+                let too_large = format!(
+                    "a client message has at most {} bytes",
+                    crate::connection::MAX_COMMAND_BYTES
+                );
+                self.reply(
+                    key,
+                    &crate::pusher::error(crate::pusher::code::GENERIC, &too_large),
+                )
+            }
             Action::OversizedCommand => self.reply(key, &commands::malformed_reply()),
             Action::Http(request, body) => self.http(key, request, body, now),
         }
