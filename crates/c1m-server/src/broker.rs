@@ -39,6 +39,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::history::Position;
+use crate::pusher::SocketRef;
 
 /// A publish not confirmed by the broker within this time is reported as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -125,7 +126,13 @@ impl BrokerUrl {
             };
         }
         let topic = self.topic(subject)?;
-        let Some((reply, position, frame)) = unwrap(&payload) else {
+        let Some(Unwrapped {
+            reply,
+            position,
+            exclude,
+            frame,
+        }) = unwrap(&payload)
+        else {
             tracing::warn!(topic, "ignoring a malformed publication from the broker");
             return None;
         };
@@ -134,6 +141,7 @@ impl BrokerUrl {
             frame,
             reply,
             position,
+            exclude,
         })
     }
 
@@ -170,30 +178,49 @@ struct AckBody {
 const WIRE_VERSION: u8 = 1;
 const WIRE_WITH_POSITION: u8 = 2;
 
+/// Bit of the version byte: an 8-byte exclusion follows the publish id.
+const WIRE_EXCLUDE: u8 = 0x80;
+
 /// A publication as it travels over the broker: version, the publisher's acks token
 /// (u16 length + bytes), the publish id (u64 LE), then the WebSocket frame. Version 2
 /// (written by the Redis script of a topic with history, see [`REDIS_PUBLISH`]) has
 /// the position between the id and the frame: a length byte, then `OFFSET EPOCH` in
-/// ASCII (text, because the script builds it).
-fn wrap(reply: &Reply, frame: &[u8]) -> Vec<u8> {
-    let mut out = wrap_head(WIRE_VERSION, reply);
+/// ASCII (text, because the script builds it). With [`WIRE_EXCLUDE`] set in the
+/// version byte, a Pusher socket to leave out (process token and slab key, u32 LE
+/// each) follows the id.
+fn wrap(reply: &Reply, exclude: Option<SocketRef>, frame: &[u8]) -> Vec<u8> {
+    let mut out = wrap_head(WIRE_VERSION, reply, exclude);
     out.extend_from_slice(frame);
     out
 }
 
 /// The wrapper up to the frame (or, for version 2, up to the position).
-fn wrap_head(version: u8, reply: &Reply) -> Vec<u8> {
+fn wrap_head(version: u8, reply: &Reply, exclude: Option<SocketRef>) -> Vec<u8> {
     let mut out = Vec::with_capacity(reply.to.len() + 64);
-    out.push(version);
+    out.push(version | if exclude.is_some() { WIRE_EXCLUDE } else { 0 });
     out.extend_from_slice(&(reply.to.len() as u16).to_le_bytes());
     out.extend_from_slice(reply.to.as_bytes());
     out.extend_from_slice(&reply.id.to_le_bytes());
+    if let Some((token, key)) = exclude {
+        out.extend_from_slice(&token.to_le_bytes());
+        out.extend_from_slice(&key.to_le_bytes());
+    }
     out
 }
 
+/// A publication as [`unwrap`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unwrapped {
+    reply: Reply,
+    position: Option<Position>,
+    exclude: Option<SocketRef>,
+    frame: Vec<u8>,
+}
+
 /// The inverse of [`wrap`] (and of the script's version 2); `None` for anything else.
-fn unwrap(payload: &[u8]) -> Option<(Reply, Option<Position>, Vec<u8>)> {
-    let (&version, rest) = payload.split_first()?;
+fn unwrap(payload: &[u8]) -> Option<Unwrapped> {
+    let (&flags, rest) = payload.split_first()?;
+    let version = flags & !WIRE_EXCLUDE;
     if !(version == WIRE_VERSION || version == WIRE_WITH_POSITION) || rest.len() < 2 {
         return None;
     }
@@ -201,6 +228,13 @@ fn unwrap(payload: &[u8]) -> Option<(Reply, Option<Position>, Vec<u8>)> {
     let to = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_string();
     let id = u64::from_le_bytes(rest.get(2 + len..10 + len)?.try_into().ok()?);
     let mut rest = rest.get(10 + len..)?;
+    let mut exclude = None;
+    if flags & WIRE_EXCLUDE != 0 {
+        let token = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+        let key = u32::from_le_bytes(rest.get(4..8)?.try_into().ok()?);
+        exclude = Some((token, key));
+        rest = rest.get(8..)?;
+    }
     let mut position = None;
     if version == WIRE_WITH_POSITION {
         let (&n, after) = rest.split_first()?;
@@ -212,7 +246,12 @@ fn unwrap(payload: &[u8]) -> Option<(Reply, Option<Position>, Vec<u8>)> {
         });
         rest = after.get(n as usize..)?;
     }
-    Some((Reply { to, id }, position, rest.to_vec()))
+    Some(Unwrapped {
+        reply: Reply { to, id },
+        position,
+        exclude,
+        frame: rest.to_vec(),
+    })
 }
 
 /// How a topic with history is kept in the broker (Redis: a stream per topic).
@@ -308,6 +347,8 @@ pub enum Command {
         topic: String,
         frame: Vec<u8>,
         keep: Option<Keep>,
+        /// A Pusher socket to leave out, on whichever node it is.
+        exclude: Option<SocketRef>,
     },
     /// What the broker keeps of `topic` after offset `since`, at most `limit`
     /// publications; answered with `Stored`. With `sync` (a resume), the answer is held
@@ -341,6 +382,8 @@ pub enum Event {
         frame: Vec<u8>,
         reply: Reply,
         position: Option<Position>,
+        /// A Pusher socket to leave out (see `fanout::EnvelopeFields::exclude`).
+        exclude: Option<SocketRef>,
     },
     /// Node `node` delivered this node's publish `id` to `delivered` connections.
     Ack {
@@ -569,10 +612,11 @@ async fn run_nats(
                 topic,
                 frame,
                 keep: Some(keep),
+                exclude,
             } if jetstream.is_some() => {
                 let position = match jetstream.as_mut() {
                     Some(js) if up.load(Ordering::SeqCst) => {
-                        let payload = wrap(&out.reply(id), &frame);
+                        let payload = wrap(&out.reply(id), exclude, &frame);
                         tokio::time::timeout(CONFIRM_TIMEOUT, js.publish(&topic, payload, keep))
                             .await
                             .map_err(|_| "timed out".into())
@@ -591,12 +635,17 @@ async fn run_nats(
                 });
             }
             Command::Publish {
-                id, topic, frame, ..
+                id,
+                topic,
+                frame,
+                exclude,
+                ..
             } => {
                 let ok = up.load(Ordering::SeqCst)
                     && tokio::time::timeout(CONFIRM_TIMEOUT, async {
+                        let payload = wrap(&out.reply(id), exclude, &frame);
                         client
-                            .publish(url.subject(&topic), wrap(&out.reply(id), &frame).into())
+                            .publish(url.subject(&topic), payload.into())
                             .await
                             .is_ok()
                             && client.flush().await.is_ok()
@@ -746,8 +795,9 @@ async fn redis_session(
                     command.arg(url.acks_subject(&reply.to)).arg(out.ack_body(&reply, delivered));
                     best_effort(command, &mut publisher).await?;
                 }
-                Some(Command::Publish { id, topic, frame, keep }) => {
-                    let publish = redis_publish(&mut publisher, url, out, id, &topic, &frame, keep);
+                Some(Command::Publish { id, topic, frame, keep, exclude }) => {
+                    let head = (out.reply(id), exclude);
+                    let publish = redis_publish(&mut publisher, url, &head, &topic, &frame, keep);
                     let failed = |id| Event::Published { id, ok: false, position: None };
                     match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
                         Ok(Ok(position)) => out.emit(Event::Published { id, ok: true, position }),
@@ -802,11 +852,11 @@ fn redis_history_keys(topic: &str) -> (String, String) {
 }
 
 /// A publish: a plain PUBLISH, or with `keep` the history script; the position given.
+/// `head`: the publisher's reply address, and a Pusher socket to leave out.
 async fn redis_publish(
     publisher: &mut redis::aio::MultiplexedConnection,
     url: &BrokerUrl,
-    out: &Out,
-    id: u64,
+    (reply, exclude): &(Reply, Option<SocketRef>),
     topic: &str,
     frame: &[u8],
     keep: Option<Keep>,
@@ -815,7 +865,7 @@ async fn redis_publish(
         let mut command = redis::cmd("PUBLISH");
         command
             .arg(url.subject(topic))
-            .arg(wrap(&out.reply(id), frame));
+            .arg(wrap(reply, *exclude, frame));
         command.query_async::<i64>(publisher).await?;
         return Ok(None);
     };
@@ -829,7 +879,7 @@ async fn redis_publish(
         .arg(fresh_epoch)
         .arg(keep.size.max(1))
         .arg(ttl_ms)
-        .arg(wrap_head(WIRE_WITH_POSITION, &out.reply(id)))
+        .arg(wrap_head(WIRE_WITH_POSITION, reply, *exclude))
         .arg(frame)
         .invoke_async(publisher)
         .await?;
@@ -918,13 +968,24 @@ mod tests {
             id: 7,
         };
         assert_eq!(reply.to, "host_example:8088/42");
-        let wrapped = wrap(&reply, b"\x81\x02hi");
+        let wrapped = wrap(&reply, None, b"\x81\x02hi");
+        let plain = Unwrapped {
+            reply: reply.clone(),
+            position: None,
+            exclude: None,
+            frame: b"\x81\x02hi".to_vec(),
+        };
+        assert_eq!(unwrap(&wrapped), Some(plain.clone()));
+        let excluding = wrap(&reply, Some((7, 9)), b"\x81\x02hi");
         assert_eq!(
-            unwrap(&wrapped),
-            Some((reply.clone(), None, b"\x81\x02hi".to_vec()))
+            unwrap(&excluding),
+            Some(Unwrapped {
+                exclude: Some((7, 9)),
+                ..plain
+            })
         );
         // Version 2, as the Redis script writes it: the position before the frame.
-        let mut with_position = wrap_head(WIRE_WITH_POSITION, &reply);
+        let mut with_position = wrap_head(WIRE_WITH_POSITION, &reply, Some((1, 2)));
         with_position.push(11);
         with_position.extend_from_slice(b"42 9f2c01ab\x81\x02hi");
         let position = Position {
@@ -933,7 +994,12 @@ mod tests {
         };
         assert_eq!(
             unwrap(&with_position),
-            Some((reply, Some(position), b"\x81\x02hi".to_vec()))
+            Some(Unwrapped {
+                reply,
+                position: Some(position),
+                exclude: Some((1, 2)),
+                frame: b"\x81\x02hi".to_vec(),
+            })
         );
         for bad in [
             &b""[..],
@@ -975,9 +1041,11 @@ mod tests {
 
         #[test]
         fn wrap_round_trips(to in "[a-z:/_0-9]{0,40}", id in proptest::num::u64::ANY,
+                            exclude in proptest::option::of((proptest::num::u32::ANY, proptest::num::u32::ANY)),
                             frame in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             let reply = Reply { to, id };
-            proptest::prop_assert_eq!(unwrap(&wrap(&reply, &frame)), Some((reply, None, frame)));
+            let expected = Unwrapped { reply: reply.clone(), position: None, exclude, frame: frame.clone() };
+            proptest::prop_assert_eq!(unwrap(&wrap(&reply, exclude, &frame)), Some(expected));
         }
     }
 

@@ -40,6 +40,8 @@ pub enum ClusterEvent<W> {
         reply: Reply,
         /// Its place in the topic's history, when the broker keeps one.
         position: Option<Position>,
+        /// A Pusher socket to leave out (a trigger's `socket_id`).
+        exclude: Option<crate::pusher::SocketRef>,
     },
     /// The broker's answer to [`ClusterNode::recover`] `id` (`None`: it could not say).
     Stored { id: u64, stored: Option<Stored> },
@@ -206,11 +208,12 @@ impl<W> ClusterNode<W> {
     /// Hands a publish to the broker; `who` is answered through
     /// [`ClusterEvent::Finished`] or [`ClusterNode::expire`]. While the link is down it
     /// is refused at once: `Err(who)`.
-    /// With `keep`, the broker keeps it in the topic's history and gives its position.
+    /// With `keep`, the broker keeps it in the topic's history and gives its position;
+    /// `exclude` travels with it to every node (a Pusher socket to leave out).
     pub fn publish(
         &mut self,
         who: W,
-        target: Target,
+        (target, exclude): (Target, Option<crate::pusher::SocketRef>),
         frame: Vec<u8>,
         keep: Option<Keep>,
         now: Instant,
@@ -232,6 +235,7 @@ impl<W> ClusterNode<W> {
             topic,
             frame,
             keep,
+            exclude,
         });
         Ok(())
     }
@@ -247,11 +251,13 @@ impl<W> ClusterNode<W> {
                     frame,
                     reply,
                     position,
+                    exclude,
                 } => out.push(ClusterEvent::Deliver {
                     target: Target::from_wire(topic),
                     frame,
                     reply,
                     position,
+                    exclude,
                 }),
                 broker::Event::Published { id, ok, position } => out.extend(
                     self.acks

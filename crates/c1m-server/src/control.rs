@@ -8,6 +8,7 @@
 //! HTTP request, which then answers its client.
 
 use crate::history::{NotRecovered, Position};
+use crate::pusher::SocketRef;
 use crate::target::{Delivery, Target};
 
 /// Writes as much of `queue` as `out` takes now (non-blocking), removing what was
@@ -48,12 +49,15 @@ pub enum Message {
         target: Target,
         /// Its position in its topic's history, if the topic keeps one.
         position: Option<Position>,
+        /// A Pusher socket to leave out (a trigger's `socket_id`).
+        exclude: Option<SocketRef>,
         frame: Vec<u8>,
     },
     /// Worker → master: please relay this publication to every worker.
     Relay {
         request: u32,
         target: Target,
+        exclude: Option<SocketRef>,
         frame: Vec<u8>,
     },
     /// Worker → master: how many local connections a relayed publication reached.
@@ -136,22 +140,26 @@ impl Message {
                 origin,
                 target,
                 position,
+                exclude,
                 frame,
             } => {
                 out.push(PUBLISH);
                 put_origin(out, origin);
                 put_bytes(out, target.to_wire().as_bytes());
                 put_position(out, position.as_ref());
+                put_exclude(out, *exclude);
                 out.extend_from_slice(frame);
             }
             Message::Relay {
                 request,
                 target,
+                exclude,
                 frame,
             } => {
                 out.push(RELAY);
                 out.extend_from_slice(&request.to_le_bytes());
                 put_bytes(out, target.to_wire().as_bytes());
+                put_exclude(out, *exclude);
                 out.extend_from_slice(frame);
             }
             Message::Delivered { origin, count } => {
@@ -284,11 +292,13 @@ impl Message {
                 origin: r.origin()?,
                 target: Target::from_wire(r.string()?),
                 position: r.position()?,
+                exclude: r.exclude()?,
                 frame: r.rest(),
             },
             RELAY => Message::Relay {
                 request: r.u32()?,
                 target: Target::from_wire(r.string()?),
+                exclude: r.exclude()?,
                 frame: r.rest(),
             },
             DELIVERED => Message::Delivered {
@@ -398,6 +408,17 @@ fn put_position(out: &mut Vec<u8>, position: Option<&Position>) {
     }
 }
 
+fn put_exclude(out: &mut Vec<u8>, exclude: Option<SocketRef>) {
+    match exclude {
+        None => out.push(0),
+        Some((token, key)) => {
+            out.push(1);
+            out.extend_from_slice(&token.to_le_bytes());
+            out.extend_from_slice(&key.to_le_bytes());
+        }
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
     out.extend_from_slice(bytes);
@@ -441,6 +462,13 @@ impl Reader<'_> {
             other => Err(format!("unknown position kind {other}")),
         }
     }
+    fn exclude(&mut self) -> Result<Option<SocketRef>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some((self.u32()?, self.u32()?))),
+            other => Err(format!("unknown exclusion kind {other}")),
+        }
+    }
     fn origin(&mut self) -> Result<Origin, String> {
         let (tag, a, b) = (self.u8()?, self.u32()?, self.u32()?);
         match tag {
@@ -469,12 +497,14 @@ mod tests {
                 origin: Origin::Clock,
                 target: Target::Topic("time".into()),
                 position: None,
+                exclude: None,
                 frame: vec![0x81, 1, b'7'],
             },
             Message::Publish {
                 origin: Origin::Broker { relay: 7 },
                 target: Target::All,
                 position: None,
+                exclude: Some((7, 9)),
                 frame: vec![0x81, 0],
             },
             Message::Publish {
@@ -487,6 +517,7 @@ mod tests {
                     offset: 1 << 33,
                     epoch: "abcd0123".into(),
                 }),
+                exclude: None,
                 frame: vec![0x81, 0],
             },
             Message::HistoryRequest {
@@ -515,6 +546,7 @@ mod tests {
             Message::Relay {
                 request: 9,
                 target: Target::All,
+                exclude: Some((u32::MAX, 3)),
                 frame: vec![0x82, 0],
             },
             Message::Delivered {

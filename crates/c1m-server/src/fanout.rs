@@ -111,6 +111,9 @@ pub struct FanOut {
 pub struct EnvelopeFields {
     pub topic: Option<String>,
     pub position: Option<Position>,
+    /// A Pusher socket to leave out (a trigger's `socket_id`: the sender's own); only
+    /// the process whose token it names skips that slab key.
+    pub exclude: Option<crate::pusher::SocketRef>,
 }
 
 /// One publication on its way to its recipients, a slice at a time.
@@ -219,6 +222,9 @@ impl Broadcast {
                 }
             };
             let conn = &mut conns[key];
+            if self.envelope.exclude == Some((crate::pusher::process_token(), key as u32)) {
+                continue;
+            }
             if conn.is_pusher() && self.envelope.topic.is_none() {
                 // A broadcast to every connection names no channel: Pusher clients
                 // only hear their channels.
@@ -395,6 +401,7 @@ mod tests {
                 offset: 7,
                 epoch: "abcd0123".into(),
             }),
+            exclude: None,
         }
     }
 

@@ -88,10 +88,27 @@ pub mod code {
     pub const GENERIC: u16 = 4301;
 }
 
-/// The socket id of a connection: derived from where it lives (this process and its
-/// slab key), never stored. Unique on a node while the connection lives.
-pub fn socket_id(process: u32, key: usize) -> String {
-    format!("{process}.{key}")
+/// A connection as a socket id names it: (process token, slab key).
+pub type SocketRef = (u32, u32);
+
+/// This process's part of its connections' socket ids: random, drawn once, so that
+/// ids are unique across the processes of a node and the nodes of a cluster (a pid
+/// would repeat across machines and containers).
+pub fn process_token() -> u32 {
+    static TOKEN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *TOKEN.get_or_init(|| rand::random::<u32>().max(1))
+}
+
+/// The socket id of a connection: derived from where it lives (this process's token
+/// and its slab key), never stored.
+pub fn socket_id(key: usize) -> String {
+    format!("{}.{key}", process_token())
+}
+
+/// The connection a socket id names, if it is well formed.
+pub fn parse_socket_id(id: &str) -> Option<SocketRef> {
+    let (token, key) = id.split_once('.')?;
+    Some((token.parse().ok()?, key.parse().ok()?))
 }
 
 /// Reads `/app/{key}?protocol=7&…`: the app key, if the path is Pusher's.
@@ -277,7 +294,7 @@ pub struct Trigger {
     /// Already a string (the SDKs serialise objects before sending).
     pub data: String,
     /// A socket to leave out (the sender's own, usually).
-    pub socket_id: Option<String>,
+    pub socket_id: Option<SocketRef>,
 }
 
 #[derive(Deserialize)]
@@ -356,11 +373,18 @@ impl Trigger {
         if wire.name.is_empty() || wire.name.len() > 200 {
             return Err("an event name has 1 to 200 characters".into());
         }
+        let socket_id = match wire.socket_id.as_deref() {
+            None => None,
+            Some(id) => Some(
+                parse_socket_id(id)
+                    .ok_or_else(|| format!("socket_id {id:?} is not NUMBER.NUMBER"))?,
+            ),
+        };
         Ok(Trigger {
             name: wire.name,
             channels,
             data,
-            socket_id: wire.socket_id,
+            socket_id,
         })
     }
 }

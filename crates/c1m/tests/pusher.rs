@@ -115,6 +115,12 @@ fn assert_public_channels_work(steps: &[Value]) {
         3,
         "{steps:?}"
     );
+    let excluded = step(steps, "excluded");
+    assert_eq!(excluded["other_got"]["x"], 1, "{excluded}");
+    assert_eq!(
+        excluded["sender_got"], 0,
+        "the socket_id's own connection is left out: {excluded}"
+    );
     let forged = step(steps, "private_forged");
     assert_eq!(
         forged["error"]["status"], 401,

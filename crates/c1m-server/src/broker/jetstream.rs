@@ -27,7 +27,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{unwrap, Event, Keep, Out, Stored, CONFIRM_TIMEOUT};
+use super::{unwrap, Event, Keep, Out, Stored, Unwrapped, CONFIRM_TIMEOUT};
 use crate::history::{Policy, Position};
 
 /// How long a failed follow waits before it tries again.
@@ -320,7 +320,12 @@ async fn follow_once(
         let message = message?;
         let offset = message.info()?.stream_sequence;
         match unwrap(&message.payload) {
-            Some((reply, _, frame)) => out.emit(Event::Message {
+            Some(Unwrapped {
+                reply,
+                exclude,
+                frame,
+                ..
+            }) => out.emit(Event::Message {
                 topic: topic.to_string(),
                 frame,
                 reply,
@@ -328,6 +333,7 @@ async fn follow_once(
                     offset,
                     epoch: epoch.clone(),
                 }),
+                exclude,
             }),
             None => tracing::warn!(topic, "ignoring a malformed publication in JetStream"),
         }
@@ -373,8 +379,8 @@ async fn recover(
     for offset in (since + 1).max(first)..=end {
         match stream.get_raw_message(offset).await {
             Ok(message) => {
-                if let Some((_, _, frame)) = unwrap(&message.payload) {
-                    publications.push((offset, frame));
+                if let Some(publication) = unwrap(&message.payload) {
+                    publications.push((offset, publication.frame));
                 }
             }
             // Aged out since the stream's info: the ones after it are still there.

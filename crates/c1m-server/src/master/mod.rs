@@ -343,8 +343,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             Message::Relay {
                 request,
                 target,
+                exclude,
                 frame,
-            } => self.on_relay(index, request, target, frame, now),
+            } => self.on_relay(index, request, (target, exclude), frame, now),
             Message::Interest { topic, on } => {
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.interest(index, &topic, on);
@@ -426,11 +427,12 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
 
     /// A worker took a publish: through the broker with a cluster (every node, this
     /// one too, gets it from there), else to every worker here.
+    /// A worker's publication to `target`, leaving out the Pusher socket `exclude`.
     fn on_relay(
         &mut self,
         index: usize,
         request: u32,
-        target: Target,
+        (target, exclude): (Target, Option<crate::pusher::SocketRef>),
         frame: Vec<u8>,
         now: Instant,
     ) {
@@ -449,7 +451,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.positions
                     .insert((index as u32, request), position.clone());
             }
-            self.relay(origin, target, frame, position, None, now);
+            let publish = Message::Publish {
+                origin,
+                target,
+                position,
+                exclude,
+                frame,
+            };
+            self.relay(publish, None, now);
             return;
         };
         // A topic with history: the broker keeps it and gives its position.
@@ -458,7 +467,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             _ => None,
         };
         if let Err((_, request)) =
-            cluster.publish((index as u32, request), target, frame, keep, now)
+            cluster.publish((index as u32, request), (target, exclude), frame, keep, now)
         {
             self.workers[index].send(&Message::Done {
                 request,
@@ -468,24 +477,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         }
     }
 
-    /// Sends a publication to every live worker and waits (bounded) for their counts.
-    fn relay(
-        &mut self,
-        origin: Origin,
-        target: Target,
-        frame: Vec<u8>,
-        position: Option<Position>,
-        reply: Option<crate::broker::Reply>,
-        now: Instant,
-    ) {
+    /// Sends a publication (a `Message::Publish`) to every live worker and waits
+    /// (bounded) for their counts.
+    fn relay(&mut self, publish: Message, reply: Option<crate::broker::Reply>, now: Instant) {
+        let Message::Publish { origin, .. } = publish else {
+            return;
+        };
         let mut bytes = Vec::new();
-        Message::Publish {
-            origin,
-            target,
-            position,
-            frame,
-        }
-        .encode(&mut bytes);
+        publish.encode(&mut bytes);
         let (sent_to, skipped) = self.send_to_all(&bytes);
         if origin != Origin::Clock {
             self.relays.start(origin, sent_to, skipped, reply, now);
@@ -535,6 +534,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     frame,
                     reply,
                     position,
+                    exclude,
                 } => {
                     // Relayed with its position only if the copy listens to the topic
                     // (else it is in flight from a subscription that ended).
@@ -548,14 +548,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     };
                     let relay = self.next_relay;
                     self.next_relay = self.next_relay.wrapping_add(1);
-                    self.relay(
-                        Origin::Broker { relay },
+                    let publish = Message::Publish {
+                        origin: Origin::Broker { relay },
                         target,
-                        frame,
                         position,
-                        Some(reply),
-                        now,
-                    );
+                        exclude,
+                        frame,
+                    };
+                    self.relay(publish, Some(reply), now);
                 }
                 ClusterEvent::Finished(finished) => self.answer_cluster_publish(finished),
                 ClusterEvent::Stored { id, stored } => self.on_stored(id, stored, now),
@@ -779,7 +779,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 .as_mut()
                 .filter(|_| self.cluster.is_none())
                 .and_then(|history| history.append(crate::topics::TIME, frame.clone(), now));
-            self.relay(Origin::Clock, time, frame.to_vec(), position, None, now);
+            let tick = Message::Publish {
+                origin: Origin::Clock,
+                target: time,
+                position,
+                exclude: None,
+                frame: frame.to_vec(),
+            };
+            self.relay(tick, None, now);
             tracing::debug!(stamp, "broadcast relayed to workers");
         }
         if now >= self.next_stats {

@@ -15,6 +15,7 @@
 //! is worthless; a client of a busy server sees fewer, never stale-ordered, ticks.
 //! Test faults choose recipients here, never inside the fan-out.
 
+use crate::pusher::SocketRef;
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -53,6 +54,8 @@ struct Queued {
     frame: Bytes,
     /// Its topic's history position, if the topic keeps history.
     position: Option<Position>,
+    /// A Pusher socket to leave out (see `fanout::EnvelopeFields::exclude`).
+    exclude: Option<SocketRef>,
     then: WhenDelivered,
 }
 
@@ -134,6 +137,19 @@ impl Server {
         position: Option<Position>,
         then: WhenDelivered,
     ) {
+        self.publish_excluding(target, frame, position, None, then);
+    }
+
+    /// [`Server::publish_at`], leaving out the Pusher socket `exclude` (a trigger's
+    /// `socket_id`), wherever it lives.
+    pub(super) fn publish_excluding(
+        &mut self,
+        target: Target,
+        frame: Bytes,
+        position: Option<Position>,
+        exclude: Option<SocketRef>,
+        then: WhenDelivered,
+    ) {
         let queue = &mut self.publications.queued;
         // A late time is worthless: a tick drops older ticks still queued, unless they
         // are kept in history (they have an offset, and a gap in offsets is a loss the
@@ -147,6 +163,7 @@ impl Server {
             target,
             frame,
             position,
+            exclude,
             then,
         });
     }
@@ -200,6 +217,7 @@ impl Server {
             target,
             frame,
             position,
+            exclude,
             then,
         }) = self.publications.queued.pop_front()
         {
@@ -235,6 +253,7 @@ impl Server {
             let envelope = EnvelopeFields {
                 topic: target.topic().map(str::to_string),
                 position,
+                exclude,
             };
             self.publications.running = Some(Running {
                 broadcast: Broadcast::enveloped(frame, envelope, recipients),

@@ -36,7 +36,7 @@ impl Server {
             }
             return next;
         }
-        let socket_id = pusher::socket_id(std::process::id(), key);
+        let socket_id = pusher::socket_id(key);
         self.reply(key, &pusher::connection_established(&socket_id))
     }
 
@@ -94,7 +94,7 @@ impl Server {
         match pusher::channel_kind(channel) {
             ChannelKind::Public => {}
             ChannelKind::Private | ChannelKind::Encrypted => {
-                let socket_id = pusher::socket_id(std::process::id(), key);
+                let socket_id = pusher::socket_id(key);
                 let signed = self.config.pusher_apps.first().is_some_and(|app| {
                     auth.is_some_and(|auth| pusher::channel_auth_ok(app, &socket_id, channel, auth))
                 });
@@ -162,13 +162,15 @@ impl Server {
             // Nobody waits for the count: `Waiting::nobody` answers no connection.
             if matches!(self.upstream, Upstream::Local) {
                 let position = self.keep_in_history(&target, &frame, now);
-                self.publish_at(
+                self.publish_excluding(
                     target,
                     frame,
                     position,
+                    trigger.socket_id,
                     WhenDelivered::Answer(Waiting::nobody(now)),
                 );
             } else {
+                let target = (target, trigger.socket_id);
                 self.publish_upstream(Waiting::nobody(now), target, frame.to_vec(), now)?;
             }
         }

@@ -359,7 +359,7 @@ impl Server {
                     }
                 } else {
                     let parked = waiting(self, WaitingFor::Publish(target.clone(), None));
-                    match self.publish_upstream(parked, target, frame.to_vec(), now) {
+                    match self.publish_upstream(parked, (target, None), frame.to_vec(), now) {
                         Ok(()) => return Next::Keep, // answered when it is counted
                         Err(response) => response,
                     }

@@ -22,11 +22,12 @@ use super::Server;
 
 impl Server {
     /// Hands a publish to the master or the broker; answered later. `Err` holds the
-    /// answer to send now (the broker is down).
+    /// answer to send now (the broker is down). `exclude`: a Pusher socket to leave out,
+    /// wherever it is.
     pub(super) fn publish_upstream(
         &mut self,
         waiting: Waiting,
-        target: Target,
+        (target, exclude): (Target, Option<crate::pusher::SocketRef>),
         frame: Vec<u8>,
         now: Instant,
     ) -> Result<(), Vec<u8>> {
@@ -37,6 +38,7 @@ impl Server {
                 link.send(&Message::Relay {
                     request,
                     target,
+                    exclude,
                     frame,
                 });
                 self.flush_to_master(now);
@@ -51,7 +53,7 @@ impl Server {
                     _ => None,
                 };
                 cluster
-                    .publish(waiting, target, frame, keep, now)
+                    .publish(waiting, (target, exclude), frame, keep, now)
                     .map_err(|_| http::broker_refusal())
             }
         }
@@ -138,6 +140,7 @@ impl Server {
                 origin,
                 target,
                 position,
+                exclude,
                 frame,
             } => {
                 let then = match origin {
@@ -147,7 +150,7 @@ impl Server {
                 if let (Target::Topic(topic), Some(position)) = (&target, &position) {
                     self.check_relayed_position(topic, position, now);
                 }
-                self.publish_at(target, Bytes::from(frame), position, then);
+                self.publish_excluding(target, Bytes::from(frame), position, exclude, then);
             }
             Message::Done {
                 request,
@@ -213,13 +216,14 @@ impl Server {
                     frame,
                     reply,
                     position,
+                    exclude,
                 } => {
                     let then = WhenDelivered::AckBroker(reply);
                     let frame = Bytes::from(frame);
                     if let (Target::Topic(topic), Some(at)) = (&target, &position) {
                         self.on_broker_position(topic, at, &frame, now);
                     }
-                    self.publish_at(target, frame, position, then);
+                    self.publish_excluding(target, frame, position, exclude, then);
                 }
                 ClusterEvent::Stored { id, stored } => self.on_stored(id, stored, now),
                 ClusterEvent::Subscribed(topic) => self.start_listening(topic),

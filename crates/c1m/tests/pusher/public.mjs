@@ -94,6 +94,18 @@ async function main() {
   const gotPrivate = within(10000, "private event", new Promise((resolve) => vault.bind("alert", resolve)));
   await server.trigger("private-vault", "alert", { level: 3 });
   say("private_event", { data: await gotPrivate });
+  // An event sent with the first client's socket_id (Laravel's toOthers()) reaches the
+  // others on the channel, not that client.
+  const bystander = authorized.subscribe("news");
+  await subscribed(bystander);
+  let echoed = 0;
+  news.bind("solo", () => echoed++);
+  const heard = within(10000, "solo", new Promise((resolve) => bystander.bind("solo", resolve)));
+  await server.trigger("news", "solo", { x: 1 }, { socket_id: socketId });
+  const soloData = await heard;
+  await new Promise((r) => setTimeout(r, 500));
+  say("excluded", { other_got: soloData, sender_got: echoed });
+
   // A signature made for another socket is refused by the server.
   const thief = new PusherClient(key, {
     ...options,
