@@ -104,6 +104,22 @@ impl Policy {
     }
 }
 
+/// Whether a `GET /history` page after `since` (in `epoch`, if given) can be cut from a
+/// topic standing at `position`: the same rule for a node's store and the broker's.
+pub fn check_page(
+    position: &Position,
+    epoch: Option<&str>,
+    since: u64,
+) -> Result<(), NotRecovered> {
+    if epoch.is_some_and(|e| e != position.epoch) {
+        return Err(NotRecovered::EpochChanged);
+    }
+    if since > position.offset {
+        return Err(NotRecovered::AheadOfTopic);
+    }
+    Ok(())
+}
+
 /// `*` matches any run of characters (also none); everything else matches itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
@@ -390,12 +406,11 @@ impl History {
     ) -> Result<(Vec<(u64, Bytes)>, Position), NotRecovered> {
         self.expire_topic(topic, now);
         let t = self.topics.get(topic).ok_or(NotRecovered::NoHistory)?;
-        if epoch.is_some_and(|e| e != t.epoch) {
-            return Err(NotRecovered::EpochChanged);
-        }
-        if since > t.offset {
-            return Err(NotRecovered::AheadOfTopic);
-        }
+        let position = Position {
+            offset: t.offset,
+            epoch: t.epoch.clone(),
+        };
+        check_page(&position, epoch, since)?;
         let page = t
             .kept
             .iter()
@@ -403,10 +418,6 @@ impl History {
             .take(limit)
             .map(|k| (k.offset, k.payload.clone()))
             .collect();
-        let position = Position {
-            offset: t.offset,
-            epoch: t.epoch.clone(),
-        };
         Ok((page, position))
     }
 

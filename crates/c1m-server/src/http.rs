@@ -362,16 +362,13 @@ pub fn history_answer_from_broker(query: &HistoryQuery, stored: Option<Stored>) 
         offset: stored.offset,
         epoch,
     };
-    let page = if query.epoch.as_ref().is_some_and(|e| *e != position.epoch) {
-        Err(NotRecovered::EpochChanged)
-    } else if query.since > position.offset {
-        Err(NotRecovered::AheadOfTopic)
-    } else {
-        let mut publications = stored.publications;
-        publications.retain(|(offset, _)| *offset > query.since);
-        publications.truncate(query.limit);
-        Ok((publications, position.clone()))
-    };
+    let page =
+        crate::history::check_page(&position, query.epoch.as_deref(), query.since).map(|()| {
+            let mut publications = stored.publications;
+            publications.retain(|(offset, _)| *offset > query.since);
+            publications.truncate(query.limit);
+            (publications, position.clone())
+        });
     page_answer(&query.topic, page, Some(position))
 }
 
