@@ -220,13 +220,8 @@ impl JetStream {
 
     /// Makes sure `topic`'s stream exists, and remembers its epoch and last sequence.
     async fn learn_epoch(&mut self, topic: &str, keep: Keep) -> Result<(), async_nats::Error> {
-        let mut stream = self
-            .context
-            .get_or_create_stream(config(topic, keep))
-            .await?;
-        let info = stream.info().await?;
-        let known = (epoch_of(info), info.state.last_sequence);
-        self.epochs.insert(topic.to_string(), known);
+        let (_, epoch, last) = open_stream(&self.context, topic, keep).await?;
+        self.epochs.insert(topic.to_string(), (epoch, last));
         Ok(())
     }
 
@@ -284,6 +279,18 @@ fn config(topic: &str, keep: Keep) -> stream::Config {
     }
 }
 
+/// `topic`'s stream, made if it does not exist yet, with its epoch and last sequence.
+async fn open_stream(
+    context: &jetstream::Context,
+    topic: &str,
+    keep: Keep,
+) -> Result<(stream::Stream, String, u64), async_nats::Error> {
+    let mut stream = context.get_or_create_stream(config(topic, keep)).await?;
+    let info = stream.info().await?;
+    let (epoch, last) = (epoch_of(info), info.state.last_sequence);
+    Ok((stream, epoch, last))
+}
+
 /// Follows `topic` until its consumer fails: sets up an ordered consumer from the
 /// stream's next sequence, says `Subscribed`, and hands over each publication with its
 /// position; `state` says how far it got.
@@ -296,13 +303,8 @@ async fn follow_once(
     keep: Keep,
     state: &watch::Sender<FollowState>,
 ) -> Result<(), async_nats::Error> {
-    let mut stream = tokio::time::timeout(
-        CONFIRM_TIMEOUT,
-        context.get_or_create_stream(config(topic, keep)),
-    )
-    .await??;
-    let info = stream.info().await?;
-    let (epoch, last) = (epoch_of(info), info.state.last_sequence);
+    let (stream, epoch, last) =
+        tokio::time::timeout(CONFIRM_TIMEOUT, open_stream(context, topic, keep)).await??;
     let consumer = stream
         .create_consumer(consumer::push::OrderedConfig {
             deliver_subject: client.new_inbox(),
