@@ -405,8 +405,9 @@ pub fn verify_signature(
     body: &[u8],
     now_unix: u64,
 ) -> Result<(), Refusal> {
-    let mut params: Vec<(String, String)> = crate::auth::query_pairs(query)
-        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+    // Decoded (`%XX`, `+`) as the SDKs encode them before signing the plain values.
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     let get = |params: &[(String, String)], name: &str| {
         params
@@ -448,34 +449,6 @@ pub fn verify_signature(
     // `verify` compares in constant time.
     ring::hmac::verify(&key, signed.as_bytes(), &signature)
         .or_else(|_| unauthorized("invalid signature: check the app's secret"))
-}
-
-/// Decodes `%XX` and `+` in a query parameter (the SDKs encode values).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -529,6 +502,20 @@ mod tests {
         );
         assert_eq!(
             verify_signature(&app, "POST", path, &query, body, 1500),
+            Ok(())
+        );
+        // The SDKs sign plain values and send them encoded (`,` as %2C, a space as +).
+        let info = [
+            ("auth_key", "the-key"),
+            ("auth_timestamp", "1000"),
+            ("auth_version", "1.0"),
+            ("info", "user_count,subscription_count"),
+            ("filter", "a b"),
+        ];
+        let signed = sign(&app, "GET", "/apps/123/channels", &info);
+        let encoded = signed.replace(',', "%2C").replace(' ', "+");
+        assert_eq!(
+            verify_signature(&app, "GET", "/apps/123/channels", &encoded, b"", 1000),
             Ok(())
         );
         let status = |r: Result<(), Refusal>| r.unwrap_err().0;
@@ -655,7 +642,6 @@ mod tests {
         ] {
             assert!(Trigger::parse(bad, 100).is_err(), "{}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(percent_decode("a%2Cb+c%zz"), "a,b c%zz");
         let batch = Trigger::parse_batch(
             br#"{"batch":[{"channel":"a","name":"e","data":"1"},{"channel":"b","name":"f","data":"2"}]}"#,
             100,
