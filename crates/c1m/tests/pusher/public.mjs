@@ -42,37 +42,30 @@ async function main() {
     }))));
   say("subscribed");
 
-  // One event to two channels through the SDK's signed HTTP API.
-  const got = [];
-  const both = within(10000, "events", new Promise((resolve) => {
+  // `event` once on each of news and sports: [{channel, data}], by channel.
+  const fromBoth = (event) => within(10000, event, new Promise((resolve) => {
+    const got = [];
     const take = (channel) => (data) => {
       got.push({ channel, data });
-      if (got.length === 2) resolve();
+      if (got.length === 2) resolve(got.sort((a, b) => a.channel.localeCompare(b.channel)));
     };
-    news.bind("greet", take("news"));
-    sports.bind("greet", take("sports"));
+    news.bind(event, take("news"));
+    sports.bind(event, take("sports"));
   }));
+
+  // One event to two channels through the SDK's signed HTTP API.
+  const greeted = fromBoth("greet");
   const response = await server.trigger(["news", "sports"], "greet", { hello: "world" });
   say("triggered", { status: response.status, body: await response.text() });
-  await both;
-  say("received", { got: got.sort((a, b) => a.channel.localeCompare(b.channel)) });
+  say("received", { got: await greeted });
 
   // A batch: one event per channel, in one signed request.
-  const batch = [];
-  const batched = within(10000, "batch", new Promise((resolve) => {
-    const take = (channel) => (data) => {
-      batch.push({ channel, data });
-      if (batch.length === 2) resolve();
-    };
-    news.bind("tally", take("news"));
-    sports.bind("tally", take("sports"));
-  }));
+  const tallied = fromBoth("tally");
   const batchResponse = await server.triggerBatch([
     { channel: "news", name: "tally", data: { n: 1 } },
     { channel: "sports", name: "tally", data: { n: 2 } },
   ]);
-  await batched;
-  say("batch", { status: batchResponse.status, got: batch.sort((a, b) => a.channel.localeCompare(b.channel)) });
+  say("batch", { status: batchResponse.status, got: await tallied });
 
   // Private channels: the app's auth endpoint is played by the SDK's own signer.
   const authorized = new PusherClient(key, {
