@@ -92,6 +92,9 @@ pub struct ServeConfig {
     pub history: crate::history::Policy,
     /// Pusher apps served on `/app/{key}` and `/apps/{id}/…` (`--pusher-app`).
     pub pusher_apps: Vec<crate::pusher::App>,
+    /// Pusher clients may send `client-*` events to the other members of their private
+    /// and presence channels (`--pusher-client-events`).
+    pub pusher_client_events: bool,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -146,6 +149,7 @@ impl Default for ServeConfig {
             fanout_slice: 1024,
             history: crate::history::Policy::default(),
             pusher_apps: Vec::new(),
+            pusher_client_events: false,
             faults: Faults::default(),
         }
     }

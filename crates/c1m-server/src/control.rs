@@ -31,8 +31,12 @@ pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::
 /// Who waits for the workers' counts of a publication the master sends them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Origin {
-    /// Nobody: a clock tick. Workers do not answer.
+    /// Nobody: a clock tick. Workers do not answer, and a newer tick replaces one
+    /// still queued.
     Clock,
+    /// Nobody: an event the master makes itself (a presence member came or went).
+    /// Workers do not answer, and never drop it.
+    Master,
     /// Worker `index` took it over HTTP as its request `request`.
     Worker { index: u32, request: u32 },
     /// It came from the cluster's broker (the master's relay `relay`): the sum goes
@@ -113,6 +117,22 @@ pub enum Message {
         status: u16,
         json: Vec<u8>,
     },
+    /// Worker → master: a Pusher socket joins a presence channel as the user its
+    /// `channel_data` names (signature already checked); answered with `PresenceJoined`.
+    PresenceJoin {
+        channel: String,
+        socket: SocketRef,
+        channel_data: String,
+    },
+    /// Worker → master: a Pusher socket left a presence channel (unsubscribed or gone).
+    PresenceLeave { channel: String, socket: SocketRef },
+    /// Master → worker: the answer to a `PresenceJoin` of the socket in `slot`: the
+    /// `subscription_succeeded` data (the members), or why it was refused.
+    PresenceJoined {
+        slot: u32,
+        channel: String,
+        outcome: Result<String, String>,
+    },
 }
 
 const PUBLISH: u8 = 1;
@@ -129,6 +149,9 @@ const RECOVERED: u8 = 11;
 const HISTORY_REQUEST: u8 = 12;
 const LISTENING: u8 = 13;
 const HISTORY_LARGEST: u8 = 14;
+const PRESENCE_JOIN: u8 = 15;
+const PRESENCE_LEAVE: u8 = 16;
+const PRESENCE_JOINED: u8 = 17;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -263,6 +286,36 @@ impl Message {
                 out.extend_from_slice(&status.to_le_bytes());
                 out.extend_from_slice(json);
             }
+            Message::PresenceJoin {
+                channel,
+                socket,
+                channel_data,
+            } => {
+                out.push(PRESENCE_JOIN);
+                put_bytes(out, channel.as_bytes());
+                put_exclude(out, Some(*socket));
+                out.extend_from_slice(channel_data.as_bytes());
+            }
+            Message::PresenceLeave { channel, socket } => {
+                out.push(PRESENCE_LEAVE);
+                put_bytes(out, channel.as_bytes());
+                put_exclude(out, Some(*socket));
+            }
+            Message::PresenceJoined {
+                slot,
+                channel,
+                outcome,
+            } => {
+                out.push(PRESENCE_JOINED);
+                out.extend_from_slice(&slot.to_le_bytes());
+                put_bytes(out, channel.as_bytes());
+                let (tag, text) = match outcome {
+                    Ok(data) => (0, data),
+                    Err(reason) => (1, reason),
+                };
+                out.push(tag);
+                out.extend_from_slice(text.as_bytes());
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -380,6 +433,26 @@ impl Message {
                 },
                 json: r.rest(),
             },
+            PRESENCE_JOIN => Message::PresenceJoin {
+                channel: r.string()?,
+                socket: r.socket()?,
+                channel_data: r.text()?,
+            },
+            PRESENCE_LEAVE => Message::PresenceLeave {
+                channel: r.string()?,
+                socket: r.socket()?,
+            },
+            PRESENCE_JOINED => {
+                let slot = r.u32()?;
+                let channel = r.string()?;
+                let ok = r.u8()? == 0;
+                let text = r.text()?;
+                Message::PresenceJoined {
+                    slot,
+                    channel,
+                    outcome: if ok { Ok(text) } else { Err(text) },
+                }
+            }
             other => return Err(format!("unknown control message kind {other}")),
         };
         Ok(message)
@@ -389,6 +462,7 @@ impl Message {
 fn put_origin(out: &mut Vec<u8>, origin: &Origin) {
     let (tag, a, b) = match *origin {
         Origin::Clock => (0, 0, 0),
+        Origin::Master => (3, 0, 0),
         Origin::Worker { index, request } => (1, index, request),
         Origin::Broker { relay } => (2, relay, 0),
     };
@@ -462,6 +536,14 @@ impl Reader<'_> {
             other => Err(format!("unknown position kind {other}")),
         }
     }
+    /// A socket that must be there (written by `put_exclude` with `Some`).
+    fn socket(&mut self) -> Result<SocketRef, String> {
+        self.exclude()?.ok_or_else(|| "missing socket".to_string())
+    }
+    /// The rest of the message as UTF-8 text.
+    fn text(&mut self) -> Result<String, String> {
+        String::from_utf8(self.rest()).map_err(|_| "text is not UTF-8".into())
+    }
     fn exclude(&mut self) -> Result<Option<SocketRef>, String> {
         match self.u8()? {
             0 => Ok(None),
@@ -478,6 +560,7 @@ impl Reader<'_> {
                 request: b,
             }),
             2 => Ok(Origin::Broker { relay: a }),
+            3 => Ok(Origin::Master),
             other => Err(format!("unknown origin kind {other}")),
         }
     }
@@ -499,6 +582,13 @@ mod tests {
                 position: None,
                 exclude: None,
                 frame: vec![0x81, 1, b'7'],
+            },
+            Message::Publish {
+                origin: Origin::Master,
+                target: Target::Topic("presence-a".into()),
+                position: None,
+                exclude: Some((1, 2)),
+                frame: vec![0x81, 0],
             },
             Message::Publish {
                 origin: Origin::Broker { relay: 7 },
@@ -600,6 +690,25 @@ mod tests {
                 status: 503,
                 json: b"{}".to_vec(),
             },
+            Message::PresenceJoin {
+                channel: "presence-room".into(),
+                socket: (7, 12),
+                channel_data: r#"{"user_id":"u1"}"#.into(),
+            },
+            Message::PresenceLeave {
+                channel: "presence-room".into(),
+                socket: (7, 12),
+            },
+            Message::PresenceJoined {
+                slot: 12,
+                channel: "presence-room".into(),
+                outcome: Ok(r#"{"presence":{}}"#.into()),
+            },
+            Message::PresenceJoined {
+                slot: 13,
+                channel: "presence-room".into(),
+                outcome: Err("full".into()),
+            },
         ];
         let mut bytes = Vec::new();
         for m in &all {
@@ -625,7 +734,7 @@ mod tests {
         // Unknown tags of the typed fields: an error naming them, never a guess.
         let mut done = vec![DONE, 9, 0, 0, 0, 7];
         done.extend_from_slice(&5u64.to_le_bytes());
-        let mut delivered = vec![DELIVERED, 3];
+        let mut delivered = vec![DELIVERED, 9];
         delivered.extend_from_slice(&[0; 16]);
         for body in [done, delivered] {
             let mut buf = (body.len() as u32).to_le_bytes().to_vec();

@@ -31,6 +31,12 @@ pub struct Counters {
     pub pusher_api_refused: u64,
     /// Pusher subscriptions refused (bad name, bad signature, not served).
     pub pusher_subscriptions_refused: u64,
+    /// Pusher sockets that joined a presence channel (signature and data checked).
+    pub pusher_presence_joins: u64,
+    /// Client events (`client-*`) passed on to a channel's other subscribers.
+    pub pusher_client_events: u64,
+    /// Client events refused (not enabled, wrong channel, rate limit, size).
+    pub pusher_client_events_refused: u64,
     /// Connections closed for falling behind (`--slow-consumer disconnect`).
     pub slow_consumers: u64,
     /// Messages skipped for slow consumers (`--slow-consumer drop`).

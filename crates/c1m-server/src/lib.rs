@@ -55,6 +55,7 @@ pub mod metrics;
 pub mod node_stats;
 pub mod outbox;
 pub mod per_ip;
+pub mod presence;
 pub mod publish_acks;
 pub mod pusher;
 pub mod registry;

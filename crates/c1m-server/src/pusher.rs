@@ -122,17 +122,21 @@ pub fn app_key(path: &str) -> Option<&str> {
 pub enum ClientMessage {
     Ping,
     Pong,
-    /// `auth`: for a private channel, `KEY:SIGNATURE` from the app's auth endpoint.
+    /// `auth`: for a private or presence channel, `KEY:SIGNATURE` from the app's auth
+    /// endpoint; `channel_data`: for a presence channel, the user (signed with it).
     Subscribe {
         channel: String,
         auth: Option<String>,
+        channel_data: Option<String>,
     },
     Unsubscribe {
         channel: String,
     },
-    /// A `client-*` event (not enabled yet: answered with an error).
+    /// A `client-*` event to the other members of `channel`; `data` as sent.
     ClientEvent {
+        event: String,
         channel: Option<String>,
+        data: Value,
     },
     /// Anything else: answered with an error, the connection stays.
     Unknown(String),
@@ -152,6 +156,13 @@ impl ClientMessage {
     pub fn parse(text: &str) -> Result<ClientMessage, String> {
         let wire: Wire = serde_json::from_str(text)
             .map_err(|_| error(code::GENERIC, "expected {\"event\":NAME,\"data\":…}"))?;
+        if wire.event.starts_with("client-") {
+            return Ok(ClientMessage::ClientEvent {
+                event: wire.event,
+                channel: wire.channel,
+                data: wire.data,
+            });
+        }
         // `data` is an object in pusher-js's subscribe, a string in some clients.
         let data = match wire.data {
             Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
@@ -169,21 +180,29 @@ impl ClientMessage {
             "pusher:subscribe" => ClientMessage::Subscribe {
                 channel: channel()?,
                 auth: data.get("auth").and_then(Value::as_str).map(str::to_string),
+                channel_data: data
+                    .get("channel_data")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
             },
             "pusher:unsubscribe" => ClientMessage::Unsubscribe {
                 channel: channel()?,
-            },
-            name if name.starts_with("client-") => ClientMessage::ClientEvent {
-                channel: wire.channel,
             },
             other => ClientMessage::Unknown(other.to_string()),
         })
     }
 }
 
-/// Checks a private channel's `auth` (`KEY:SIGNATURE`, made by the app's auth endpoint
-/// with its secret): SIGNATURE = hex HMAC-SHA256(secret, "SOCKET_ID:CHANNEL").
-pub fn channel_auth_ok(app: &App, socket_id: &str, channel: &str, auth: &str) -> bool {
+/// Checks a private or presence channel's `auth` (`KEY:SIGNATURE`, made by the app's
+/// auth endpoint with its secret): SIGNATURE = hex HMAC-SHA256(secret,
+/// "SOCKET_ID:CHANNEL"), with ":CHANNEL_DATA" after it for a presence channel.
+pub fn channel_auth_ok(
+    app: &App,
+    socket_id: &str,
+    channel: &str,
+    channel_data: Option<&str>,
+    auth: &str,
+) -> bool {
     let Some((key, signature)) = auth.split_once(':') else {
         return false;
     };
@@ -191,7 +210,10 @@ pub fn channel_auth_ok(app: &App, socket_id: &str, channel: &str, auth: &str) ->
         return false;
     };
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
-    let signed = format!("{socket_id}:{channel}");
+    let signed = match channel_data {
+        Some(data) => format!("{socket_id}:{channel}:{data}"),
+        None => format!("{socket_id}:{channel}"),
+    };
     // `verify` compares in constant time.
     key == app.key && ring::hmac::verify(&hmac, signed.as_bytes(), &signature).is_ok()
 }
@@ -205,12 +227,15 @@ pub enum ChannelKind {
     Encrypted,
 }
 
+/// What every presence channel's name starts with.
+pub const PRESENCE_PREFIX: &str = "presence-";
+
 pub fn channel_kind(name: &str) -> ChannelKind {
     if name.starts_with("private-encrypted-") {
         ChannelKind::Encrypted
     } else if name.starts_with("private-") {
         ChannelKind::Private
-    } else if name.starts_with("presence-") {
+    } else if name.starts_with(PRESENCE_PREFIX) {
         ChannelKind::Presence
     } else {
         ChannelKind::Public
@@ -228,8 +253,23 @@ pub fn pong() -> String {
 }
 
 pub fn subscription_succeeded(channel: &str) -> String {
-    json!({"event": "pusher_internal:subscription_succeeded", "channel": channel, "data": "{}"})
+    subscription_succeeded_with(channel, "{}")
+}
+
+/// `subscription_succeeded` with its data string (a presence channel's members).
+pub fn subscription_succeeded_with(channel: &str, data: &str) -> String {
+    json!({"event": "pusher_internal:subscription_succeeded", "channel": channel, "data": data})
         .to_string()
+}
+
+/// A client event as the channel's other members get it: `data` as the sender gave it,
+/// and on a presence channel the sender's `user_id`.
+pub fn client_event(event: &str, channel: &str, data: &Value, user_id: Option<&Value>) -> String {
+    let mut message = json!({"event": event, "channel": channel, "data": data});
+    if let Some(user_id) = user_id {
+        message["user_id"] = user_id.clone();
+    }
+    message.to_string()
 }
 
 /// `pusher:subscription_error` (what pusher-js reports as a failed subscription).
@@ -555,6 +595,17 @@ mod tests {
             Ok(ClientMessage::Subscribe {
                 channel: "c".into(),
                 auth: Some(String::new()),
+                channel_data: None,
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"event":"client-typing","channel":"private-c","data":{"who":1}}"#
+            ),
+            Ok(ClientMessage::ClientEvent {
+                event: "client-typing".into(),
+                channel: Some("private-c".into()),
+                data: json!({"who": 1}),
             })
         );
         assert_eq!(
@@ -610,22 +661,26 @@ mod tests {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"the-secret");
         let sig = hex::encode(ring::hmac::sign(&key, b"1.2:private-a"));
         let auth = format!("the-key:{sig}");
-        assert!(channel_auth_ok(&app, "1.2", "private-a", &auth));
-        assert!(
-            !channel_auth_ok(&app, "1.3", "private-a", &auth),
-            "another socket"
-        );
-        assert!(
-            !channel_auth_ok(&app, "1.2", "private-b", &auth),
-            "another channel"
-        );
-        assert!(!channel_auth_ok(
-            &app,
-            "1.2",
-            "private-a",
-            &format!("other:{sig}")
+        let ok =
+            |socket, channel, data, auth: &str| channel_auth_ok(&app, socket, channel, data, auth);
+        assert!(ok("1.2", "private-a", None, &auth));
+        assert!(!ok("1.3", "private-a", None, &auth), "another socket");
+        assert!(!ok("1.2", "private-b", None, &auth), "another channel");
+        assert!(!ok("1.2", "private-a", None, &format!("other:{sig}")));
+        assert!(!ok("1.2", "private-a", None, "garbage"));
+        // A presence channel signs the channel data too.
+        let data = r#"{"user_id":"u1"}"#;
+        let sig = hex::encode(ring::hmac::sign(
+            &key,
+            format!("1.2:presence-a:{data}").as_bytes(),
         ));
-        assert!(!channel_auth_ok(&app, "1.2", "private-a", "garbage"));
+        let auth = format!("the-key:{sig}");
+        assert!(ok("1.2", "presence-a", Some(data), &auth));
+        assert!(
+            !ok("1.2", "presence-a", Some(r#"{"user_id":"u2"}"#), &auth),
+            "another user"
+        );
+        assert!(!ok("1.2", "presence-a", None, &auth));
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub struct Registry {
     /// Topics that got their first (`true`) or lost their last (`false`) local
     /// subscriber since the owner last took them (the cluster follows them).
     interest_changes: Vec<(String, bool)>,
+    /// Pusher sockets that left a presence channel (unsubscribed or gone), as
+    /// (channel, key), in order: the owner takes them before its next join and at the
+    /// end of each turn (see `server/pusher_clients.rs`), so a key reused in the same
+    /// turn never has its join undone by its predecessor's leave.
+    presence_left: Vec<(String, usize)>,
     /// `exp` (Unix seconds) of each open connection admitted with a token that has one.
     token_expiry: HashMap<usize, u64>,
     /// A worker's resumes waiting for the master's history, by request id: the
@@ -84,6 +89,7 @@ impl Registry {
             closing_deadlines: VecDeque::new(),
             read_again: Vec::new(),
             interest_changes: Vec::new(),
+            presence_left: Vec::new(),
             token_expiry: HashMap::new(),
             resumes: HashMap::new(),
             next_resume: 0,
@@ -206,6 +212,9 @@ impl Registry {
             return;
         };
         let name = self.topics.name(topic).to_string();
+        if name.starts_with(crate::pusher::PRESENCE_PREFIX) && self.conns[key].is_pusher() {
+            self.presence_left.push((name.clone(), key));
+        }
         if let Some(moved) = self.topics.remove(sub) {
             self.conns[moved].move_subscription(sub.topic, sub.position);
         }
@@ -224,6 +233,11 @@ impl Registry {
     /// Topics that gained their first or lost their last subscriber since last asked.
     pub fn take_interest_changes(&mut self) -> Vec<(String, bool)> {
         std::mem::take(&mut self.interest_changes)
+    }
+
+    /// Presence channels left since last asked, as (channel, key), in order.
+    pub fn take_presence_left(&mut self) -> Vec<(String, usize)> {
+        std::mem::take(&mut self.presence_left)
     }
 
     /// Records (or forgets) when the token of open connection `key` expires.

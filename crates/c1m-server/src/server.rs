@@ -178,6 +178,15 @@ struct Server {
     /// This process stopped reading its master's channel or the broker's events
     /// because `publications` was full; read again once it has room.
     upstream_paused: bool,
+    /// Presence members of the node, when this process keeps them (a single process;
+    /// a worker's master keeps them for it). See `server/pusher_clients.rs`.
+    presence: Option<crate::presence::Presence>,
+    /// The user id each local Pusher socket joined each presence channel as (client
+    /// events on presence channels carry it), by (key, channel).
+    presence_users: std::collections::HashMap<(usize, String), serde_json::Value>,
+    /// Each sending connection's client event bucket (the rate limit): when it was
+    /// last used and the tokens left then.
+    client_event_budget: std::collections::HashMap<usize, (Instant, f32)>,
     /// Test fault `--fault-skip-source`: slab keys of connections from that address.
     muted: HashSet<usize>,
     shutdown_deadline: Option<Instant>,
@@ -247,6 +256,8 @@ impl Server {
         )?
         .with_pusher_apps(&config.pusher_apps);
         let now = Instant::now();
+        // A worker's master keeps its node's presence members.
+        let keeps_presence = !matches!(upstream, Upstream::ViaMaster(_));
         let mut clock_config = config.clone();
         // A worker broadcasts what its master sends; only a single process keeps time.
         clock_config.connect_only |= matches!(upstream, Upstream::ViaMaster(_));
@@ -311,6 +322,9 @@ impl Server {
             upstream,
             accept_rate,
             muted: HashSet::new(),
+            presence: keeps_presence.then(crate::presence::Presence::default),
+            presence_users: Default::default(),
+            client_event_budget: Default::default(),
             history,
             relayed: Default::default(),
             copy: Default::default(),
@@ -432,6 +446,7 @@ impl Server {
     /// Tells upstream about topics that got their first or lost their last local
     /// subscriber, then writes everything queued for the master.
     fn send_upstream_changes(&mut self, now: Instant) {
+        self.presence_flush(now);
         for (topic, on) in self.registry.take_interest_changes() {
             self.upstream.interest(&topic, on);
             self.stop_listening_unless_subscribed(&topic);

@@ -239,10 +239,17 @@ pub struct ServeArgs {
     /// Serve a Pusher Channels app, ID:KEY:SECRET (one per server for now): pusher-js
     /// and Laravel Echo clients connect to ws://HOST/app/KEY, and the `pusher` server
     /// SDKs send events to POST /apps/ID/events, signed with SECRET. Channels are
-    /// topics, shared with native clients. Public, private and private-encrypted
-    /// channels for now (see docs/server.md, "Pusher protocol").
+    /// topics, shared with native clients. Public, private, private-encrypted and
+    /// presence channels (see docs/server.md, "Pusher protocol").
     #[arg(long, value_name = "ID:KEY:SECRET", value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]
     pusher_app: Vec<c1m_server::pusher::App>,
+
+    /// Let Pusher clients send client events (`client-*`, Laravel Echo's `whisper`) to
+    /// the other subscribers of their private and presence channels, at most 10 per
+    /// second per connection (Pusher's limit). Off by default, as on Pusher: anyone
+    /// who may join a channel can then talk on it.
+    #[arg(long, env = "C1M_PUSHER_CLIENT_EVENTS")]
+    pusher_client_events: bool,
 
     /// The most memory topic history may hold, all topics together (payloads plus
     /// bookkeeping); past it the oldest publications of any topic go first, and a topic
@@ -431,6 +438,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recovery_limit: args.recovery_limit as usize,
         },
         pusher_apps: args.pusher_app.clone(),
+        pusher_client_events: args.pusher_client_events,
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),

@@ -150,6 +150,110 @@ fn pusher_js_and_the_pusher_sdk_on_two_workers() {
     drop(server);
 }
 
+/// What `presence.mjs` saw: members as pusher-js holds them, member events once per
+/// user (not per socket), client events with the sender's user id and not to the
+/// sender, the rate limit, a public channel refused, a forged member refused.
+fn assert_presence_works(steps: &[Value]) {
+    let alice = serde_json::json!({"id": "alice", "info": {"name": "Alice"}});
+    let bob = serde_json::json!({"id": "bob", "info": {"name": "Bob"}});
+    let joined = step(steps, "alice_joined");
+    assert_eq!(joined["members"], serde_json::json!([alice]), "{joined}");
+    assert_eq!(joined["me"], alice, "{joined}");
+    assert_eq!(joined["count"], 1, "{joined}");
+    let bob_joined = step(steps, "bob_joined");
+    assert_eq!(
+        bob_joined["members"],
+        serde_json::json!([alice, bob]),
+        "{bob_joined}"
+    );
+    assert_eq!(bob_joined["count"], 2, "{bob_joined}");
+    assert_eq!(step(steps, "alice_saw_bob")["member"], bob);
+    let again = step(steps, "bob_again");
+    assert_eq!(
+        again["count"], 2,
+        "a second socket is the same user: {again}"
+    );
+    assert_eq!(again["alice_extra_adds"], 0, "{again}");
+    let event = step(steps, "client_event");
+    assert_eq!(
+        event["data"],
+        serde_json::json!({"typing": true}),
+        "{event}"
+    );
+    assert_eq!(event["user_id"], "alice", "{event}");
+    assert_eq!(event["both"], true, "{event}");
+    assert_eq!(event["sender_got"], 0, "not back to the sender: {event}");
+    let limited = step(steps, "rate_limited");
+    assert_eq!(limited["code"], 4301, "{limited}");
+    assert_eq!(limited["delivered"], 10, "10 a second pass: {limited}");
+    let public = step(steps, "public_client_event");
+    assert_eq!(public["code"], 4301, "{public}");
+    assert!(
+        public["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("private and presence"),
+        "{public}"
+    );
+    let forged = step(steps, "forged_member");
+    assert_eq!(forged["error"]["status"], 401, "{forged}");
+    let left = step(steps, "bob_left");
+    assert_eq!(
+        left["after_first_socket"], 0,
+        "Bob still has a socket: {left}"
+    );
+    assert_eq!(left["member"], bob, "{left}");
+    assert_eq!(left["count"], 1, "{left}");
+    step(steps, "done");
+}
+
+fn presence_server(workers: &str) -> (Server, u16) {
+    let mut args = pusher_args(workers);
+    args.push("--pusher-client-events".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let port = server.addr.port();
+    (server, port)
+}
+
+#[test]
+fn presence_channels_and_client_events_on_one_process() {
+    let (server, port) = presence_server("1");
+    assert_presence_works(&run_script("presence.mjs", port, port));
+    drop(server);
+}
+
+#[test]
+fn presence_channels_and_client_events_on_two_workers() {
+    let (server, port) = presence_server("2");
+    assert_presence_works(&run_script("presence.mjs", port, port));
+    drop(server);
+}
+
+/// What `echo_presence.mjs` saw: Echo's `here`, `joining`, `leaving` and `whisper`.
+fn assert_echo_presence_works(steps: &[Value]) {
+    let ben = serde_json::json!({"id": 2, "name": "Ben"});
+    assert_eq!(step(steps, "ann_here")["names"], serde_json::json!(["Ann"]));
+    assert_eq!(
+        step(steps, "ben_here")["names"],
+        serde_json::json!(["Ann", "Ben"])
+    );
+    assert_eq!(step(steps, "ann_saw_joining")["user"], ben);
+    assert_eq!(
+        step(steps, "whisper")["got"],
+        serde_json::json!({"name": "Ben"})
+    );
+    assert_eq!(step(steps, "ann_saw_leaving")["user"], ben);
+    step(steps, "done");
+}
+
+#[test]
+fn laravel_echo_joins_a_presence_channel_and_whispers_on_two_workers() {
+    let (server, port) = presence_server("2");
+    assert_echo_presence_works(&run_script("echo_presence.mjs", port, port));
+    drop(server);
+}
+
 /// A server with the test app on `workers` workers, and its port.
 fn pusher_server(workers: &str) -> (Server, u16) {
     let args = pusher_args(workers);
@@ -266,6 +370,29 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
             r#"{"event":"client-typing","channel":"news","data":{}}"#,
             "pusher:error",
         ),
+        // Client events are off on this server (no --pusher-client-events).
+        (
+            r#"{"event":"client-typing","channel":"private-x","data":{}}"#,
+            "pusher:error",
+        ),
+        // Presence: no channel_data, channel_data that is not JSON or names no user, a
+        // signature that is not the app's.
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"presence-x","auth":"app-key:00"}}"#,
+            "pusher:subscription_error",
+        ),
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"presence-x","auth":"app-key:00","channel_data":"{"}}"#,
+            "pusher:subscription_error",
+        ),
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"presence-x","auth":"app-key:00","channel_data":"{\"user_info\":{}}"}}"#,
+            "pusher:subscription_error",
+        ),
+        (
+            r#"{"event":"pusher:subscribe","data":{"channel":"presence-x","auth":"app-key:00","channel_data":"{\"user_id\":\"u\"}"}}"#,
+            "pusher:subscription_error",
+        ),
     ] {
         rogue.send(Message::text(bad)).await.unwrap();
         let answer = common::next_json(&mut rogue).await;
@@ -302,7 +429,9 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
     let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
     for (name, value) in [
         ("c1m_pusher_connections_opened_total", 2.0),
-        ("c1m_pusher_subscriptions_refused_total", 2.0),
+        ("c1m_pusher_subscriptions_refused_total", 6.0),
+        ("c1m_pusher_client_events_refused_total", 2.0),
+        ("c1m_pusher_presence_joins_total", 0.0),
         ("c1m_pusher_api_refused_total", 2.0),
         ("c1m_pusher_api_events_total", 0.0),
     ] {

@@ -21,6 +21,7 @@
 //! - on SIGINT/SIGTERM passes SIGTERM to every worker (each closes its clients with
 //!   1001), waits for them up to `close_timeout` + 2 s, then SIGKILLs what is left.
 
+mod presence;
 mod relays;
 mod workers;
 
@@ -116,6 +117,9 @@ struct Master<S> {
     /// broker, which keeps the cluster's history.
     history_reads: HistoryReads<(usize, u32)>,
     next_history_expiry: Instant,
+    /// Presence members of the node's Pusher sockets, each owned by its worker
+    /// (`master/presence.rs`).
+    presence: crate::presence::Presence,
     node: String,
     next_stats: Instant,
     /// (when, messages out) at the previous stats line, for its rate.
@@ -194,6 +198,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             copy: ClusterCopy::default(),
             history_reads: HistoryReads::default(),
             next_history_expiry: now,
+            presence: Default::default(),
             node,
             shutdown_deadline: None,
         })
@@ -290,6 +295,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             // A dead worker will not answer: it is done with every waiting relay.
             self.relays.worker_gone(index);
             self.worker_counts[index] = TopicCounts::default();
+            self.presence_worker_gone(index, Instant::now());
             if let Some(cluster) = self.cluster.as_mut() {
                 cluster.forget_member(index);
             }
@@ -421,6 +427,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 };
                 self.answer_worker(index, request, status, &body);
             }
+            Message::PresenceJoin {
+                channel,
+                socket,
+                channel_data,
+            } => self.on_presence_join(index, channel, socket, &channel_data, now),
+            Message::PresenceLeave { channel, socket } => {
+                self.on_presence_leave(&channel, socket, now)
+            }
             other => tracing::warn!(?other, "unexpected control message from a worker"),
         }
     }
@@ -486,7 +500,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         let mut bytes = Vec::new();
         publish.encode(&mut bytes);
         let (sent_to, skipped) = self.send_to_all(&bytes);
-        if origin != Origin::Clock {
+        if !matches!(origin, Origin::Clock | Origin::Master) {
             self.relays.start(origin, sent_to, skipped, reply, now);
         }
     }
@@ -748,7 +762,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                         cluster.ack(reply, connections);
                     }
                 }
-                Origin::Clock => {}
+                Origin::Clock | Origin::Master => {}
             }
         }
     }

@@ -98,6 +98,21 @@ impl Server {
                 "Pusher subscriptions refused (name, signature, channel kind not served).",
                 c.pusher_subscriptions_refused,
             ),
+            (
+                "c1m_pusher_presence_joins_total",
+                "Pusher sockets that joined a presence channel (signed channel_data).",
+                c.pusher_presence_joins,
+            ),
+            (
+                "c1m_pusher_client_events_total",
+                "Pusher client events (client-*) passed on to a channel's other subscribers.",
+                c.pusher_client_events,
+            ),
+            (
+                "c1m_pusher_client_events_refused_total",
+                "Pusher client events refused (not enabled, channel kind, rate limit, size).",
+                c.pusher_client_events_refused,
+            ),
         ] {
             text.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"

@@ -1,25 +1,46 @@
 //! Pusher clients (`/app/{key}`, see `pusher`): what the server does with their
-//! messages, and the signed HTTP API's events.
+//! messages, presence channels, client events, and the signed HTTP API's events.
 //!
 //! A Pusher connection is an ordinary open connection with its protocol set: channels
 //! are topics (a native client of the topic gets the same events), and the fan-out
-//! gives it Pusher events (`fanout.rs`). Public channels, and private and
-//! private-encrypted ones with the app's signature (the server never decrypts); a
-//! presence channel is refused with `pusher:subscription_error` (not served yet), and
-//! client events with error 4301.
+//! gives it Pusher events (`fanout.rs`). Public channels; private and
+//! private-encrypted ones with the app's signature (the server never decrypts);
+//! presence channels with a signed `channel_data`; client events (`client-*`) on
+//! private and presence channels with `--pusher-client-events`.
+//!
+//! Presence membership (`presence.rs`) is kept per node by whoever orders the node's
+//! publications: the single process, or the master for its workers (a worker sends
+//! `PresenceJoin`/`PresenceLeave` and answers its client when the master says who is
+//! there). Member events are publications on the channel, made where the table is.
 
 use std::time::Instant;
 
 use c1m_proto::CloseCode;
+use serde_json::Value;
 
-use crate::connection::{Next, Protocol};
-use crate::pusher::{self, ChannelKind, ClientMessage, Trigger};
+use crate::connection::{Next, PhaseKind, Protocol};
+use crate::control::Message;
+use crate::presence::{Change, Member, Refused};
+use crate::pusher::{self, ChannelKind, ClientMessage, SocketRef, Trigger};
 use crate::target::Target;
 use crate::topics::validate_name;
 use crate::upstream::{Upstream, Waiting};
 
 use super::delivery::WhenDelivered;
 use super::Server;
+
+/// Client events one connection may send per second (Pusher's limit); past it they
+/// are refused with error 4301.
+pub const CLIENT_EVENTS_PER_SECOND: u32 = 10;
+
+/// Largest client event `data` (Pusher's limit: 10 KB).
+pub const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;
+
+/// A presence subscription's checked user: who, and the `channel_data` they signed.
+struct Joining<'a> {
+    member: Member,
+    channel_data: &'a str,
+}
 
 impl Server {
     /// A Pusher client's upgrade went through: it is told its socket id, or that its
@@ -41,7 +62,7 @@ impl Server {
     }
 
     /// A Pusher client's message.
-    pub(super) fn pusher_message(&mut self, key: usize, text: &str) -> Next {
+    pub(super) fn pusher_message(&mut self, key: usize, text: &str, now: Instant) -> Next {
         let message = match ClientMessage::parse(text) {
             Ok(message) => message,
             Err(answer) => return self.reply(key, &answer),
@@ -49,9 +70,16 @@ impl Server {
         let answer = match message {
             ClientMessage::Ping => pusher::pong(),
             ClientMessage::Pong => return Next::Keep,
-            ClientMessage::Subscribe { channel, auth } => {
-                match self.pusher_subscribe(key, &channel, auth.as_deref()) {
-                    Ok(answer) => answer,
+            ClientMessage::Subscribe {
+                channel,
+                auth,
+                channel_data,
+            } => {
+                let asked = (auth.as_deref(), channel_data.as_deref());
+                match self.pusher_subscribe(key, &channel, asked, now) {
+                    Ok(Some(answer)) => answer,
+                    // A worker's presence join: answered when the master says who is there.
+                    Ok(None) => return Next::Keep,
                     Err(refusal) => {
                         self.registry.counters.pusher_subscriptions_refused += 1;
                         refusal
@@ -64,10 +92,17 @@ impl Server {
                 }
                 return Next::Keep;
             }
-            ClientMessage::ClientEvent { .. } => pusher::error(
-                pusher::code::GENERIC,
-                "client events are not enabled for this app",
-            ),
+            ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            } => match self.pusher_client_event(key, &event, channel, &data, now) {
+                Ok(()) => return Next::Keep,
+                Err(refusal) => {
+                    self.registry.counters.pusher_client_events_refused += 1;
+                    refusal
+                }
+            },
             ClientMessage::Unknown(event) => pusher::error(
                 pusher::code::GENERIC,
                 &format!("unsupported event {event:?}"),
@@ -77,41 +112,55 @@ impl Server {
     }
 
     /// `pusher:subscribe`: a public channel is joined at once, a private one with the
-    /// app's signature of this socket and channel. `Err`: the subscription error to send.
+    /// app's signature of this socket and channel, a presence one with the signature
+    /// of its `channel_data` too. `Ok(None)`: answered later (a worker's presence
+    /// join); `Err`: the subscription error to send.
     fn pusher_subscribe(
         &mut self,
         key: usize,
         channel: &str,
-        auth: Option<&str>,
-    ) -> Result<String, String> {
+        (auth, channel_data): (Option<&str>, Option<&str>),
+        now: Instant,
+    ) -> Result<Option<String>, String> {
+        let refuse =
+            |status, message: &str| Err(pusher::subscription_error(channel, status, message));
         if let Err(error) = validate_name(channel) {
-            return Err(pusher::subscription_error(
-                channel,
-                400,
-                &format!("bad channel name: {error}"),
-            ));
+            return refuse(400, &format!("bad channel name: {error}"));
         }
-        match pusher::channel_kind(channel) {
-            ChannelKind::Public => {}
-            ChannelKind::Private | ChannelKind::Encrypted => {
-                let socket_id = pusher::socket_id(key);
-                let signed = self.config.pusher_apps.first().is_some_and(|app| {
-                    auth.is_some_and(|auth| pusher::channel_auth_ok(app, &socket_id, channel, auth))
-                });
-                if !signed {
-                    return Err(pusher::subscription_error(
-                        channel,
-                        401,
-                        "invalid signature: auth must be KEY:HMAC-SHA256(secret, \"SOCKET_ID:CHANNEL\")",
-                    ));
+        let kind = pusher::channel_kind(channel);
+        let joining = match kind {
+            ChannelKind::Presence => {
+                let Some(channel_data) = channel_data else {
+                    return refuse(400, "a presence channel needs channel_data");
+                };
+                match Member::parse(channel_data) {
+                    Ok(member) => Some(Joining {
+                        member,
+                        channel_data,
+                    }),
+                    Err(error) => return refuse(400, &format!("bad channel_data: {error}")),
                 }
             }
-            ChannelKind::Presence => {
-                return Err(pusher::subscription_error(
-                    channel,
-                    403,
-                    "presence channels are not served here yet",
-                ))
+            _ => None,
+        };
+        if kind != ChannelKind::Public {
+            let socket_id = pusher::socket_id(key);
+            let signed_data = joining.as_ref().map(|j| j.channel_data);
+            let signed = self.config.pusher_apps.first().is_some_and(|app| {
+                auth.is_some_and(|auth| {
+                    pusher::channel_auth_ok(app, &socket_id, channel, signed_data, auth)
+                })
+            });
+            if !signed {
+                let what = if joining.is_some() {
+                    "\"SOCKET_ID:CHANNEL:CHANNEL_DATA\""
+                } else {
+                    "\"SOCKET_ID:CHANNEL\""
+                };
+                return refuse(
+                    401,
+                    &format!("invalid signature: auth must be KEY:HMAC-SHA256(secret, {what})"),
+                );
             }
         }
         let registry = &mut self.registry;
@@ -122,18 +171,229 @@ impl Server {
             .is_some_and(|id| conn.is_subscribed(id));
         if !already {
             if conn.subscription_count() >= self.config.max_topics_per_connection {
-                return Err(pusher::subscription_error(
-                    channel,
-                    400,
-                    &format!(
-                        "at most {} channels per connection",
-                        self.config.max_topics_per_connection
-                    ),
-                ));
+                let limit = self.config.max_topics_per_connection;
+                return refuse(400, &format!("at most {limit} channels per connection"));
             }
             registry.subscribe(key, channel);
         }
-        Ok(pusher::subscription_succeeded(channel))
+        match joining {
+            Some(joining) => self.presence_join(key, channel, joining, now),
+            None => Ok(Some(pusher::subscription_succeeded(channel))),
+        }
+    }
+
+    /// A subscribed socket joins a presence channel's members: here when this process
+    /// keeps the table, else through the master.
+    fn presence_join(
+        &mut self,
+        key: usize,
+        channel: &str,
+        joining: Joining,
+        now: Instant,
+    ) -> Result<Option<String>, String> {
+        // Earlier leaves first: one of them may be this key's previous owner's.
+        self.presence_flush(now);
+        self.registry.counters.pusher_presence_joins += 1;
+        let socket = (pusher::process_token(), key as u32);
+        self.presence_users
+            .insert((key, channel.to_string()), joining.member.user_id.clone());
+        let Some(table) = self.presence.as_mut() else {
+            self.send_to_master(&Message::PresenceJoin {
+                channel: channel.to_string(),
+                socket,
+                channel_data: joining.channel_data.to_string(),
+            });
+            return Ok(None);
+        };
+        match table.join(channel, socket, 0, joining.member) {
+            Ok(change) => {
+                let data = table.subscription_data(channel);
+                if let Some(change) = change {
+                    self.presence_publish(channel, &change, Some(socket), now);
+                }
+                Ok(Some(pusher::subscription_succeeded_with(channel, &data)))
+            }
+            Err(Refused::Full) => {
+                self.presence_refused(key, channel);
+                Err(presence_full(channel))
+            }
+        }
+    }
+
+    /// A presence join that was refused: the socket leaves the channel's topic.
+    fn presence_refused(&mut self, key: usize, channel: &str) {
+        self.presence_users.remove(&(key, channel.to_string()));
+        if let Some(id) = self.registry.topics.id(channel) {
+            self.registry.unsubscribe(key, id);
+        }
+        // Its leave is nobody's: the table never had it.
+        let _ = self.registry.take_presence_left();
+    }
+
+    /// The master's answer to a worker's presence join: the client gets the members
+    /// (or the refusal), if it is still subscribed.
+    pub(super) fn on_presence_joined(
+        &mut self,
+        slot: u32,
+        channel: &str,
+        outcome: Result<String, String>,
+    ) {
+        let key = slot as usize;
+        let registry = &self.registry;
+        let subscribed = registry.conns.get(key).is_some_and(|conn| {
+            conn.kind() == PhaseKind::Open
+                && conn.is_pusher()
+                && registry
+                    .topics
+                    .id(channel)
+                    .is_some_and(|id| conn.is_subscribed(id))
+        });
+        if !subscribed {
+            return;
+        }
+        let answer = match outcome {
+            Ok(data) => pusher::subscription_succeeded_with(channel, &data),
+            Err(_) => {
+                self.registry.counters.pusher_subscriptions_refused += 1;
+                self.presence_users.remove(&(key, channel.to_string()));
+                if let Some(id) = self.registry.topics.id(channel) {
+                    self.registry.unsubscribe(key, id);
+                }
+                presence_full(channel)
+            }
+        };
+        let next = self.reply(key, &answer);
+        self.registry.after(key, PhaseKind::Open, next);
+    }
+
+    /// Takes the presence channels sockets left since the last call, in order: the
+    /// table here applies them (and tells the members), or the master is told.
+    pub(super) fn presence_flush(&mut self, now: Instant) {
+        for (channel, key) in self.registry.take_presence_left() {
+            self.presence_users.remove(&(key, channel.clone()));
+            let socket = (pusher::process_token(), key as u32);
+            match self.presence.as_mut() {
+                Some(table) => {
+                    if let Some(change) = table.leave(&channel, socket) {
+                        self.presence_publish(&channel, &change, None, now);
+                    }
+                }
+                None => self.send_to_master(&Message::PresenceLeave { channel, socket }),
+            }
+        }
+    }
+
+    /// Tells the members of `channel` here that a user came or went (not `exclude`,
+    /// the socket that joined: it gets the member list instead).
+    fn presence_publish(
+        &mut self,
+        channel: &str,
+        change: &Change,
+        exclude: Option<SocketRef>,
+        now: Instant,
+    ) {
+        let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
+        let target = Target::Topic(channel.to_string());
+        let then = WhenDelivered::Answer(Waiting::nobody(now));
+        self.publish_excluding(target, frame, None, exclude, then);
+    }
+
+    /// A `client-*` event: to the other subscribers of a private or presence channel
+    /// the sender is in, when the app allows them, within the rate limit. `Err`: the
+    /// `pusher:error` to send back.
+    fn pusher_client_event(
+        &mut self,
+        key: usize,
+        event: &str,
+        channel: Option<String>,
+        data: &Value,
+        now: Instant,
+    ) -> Result<(), String> {
+        let refuse = |message: &str| Err(pusher::error(pusher::code::GENERIC, message));
+        if !self.config.pusher_client_events {
+            return refuse("client events are not enabled for this app");
+        }
+        let Some(channel) = channel else {
+            return refuse("a client event needs a channel");
+        };
+        let kind = pusher::channel_kind(&channel);
+        if !matches!(kind, ChannelKind::Private | ChannelKind::Presence) {
+            return refuse("client events go to private and presence channels only");
+        }
+        let conn = &self.registry.conns[key];
+        let subscribed = self
+            .registry
+            .topics
+            .id(&channel)
+            .is_some_and(|id| conn.is_subscribed(id));
+        if !subscribed {
+            return refuse(&format!("not subscribed to {channel}"));
+        }
+        let user_id = match kind {
+            ChannelKind::Presence => match self.presence_users.get(&(key, channel.clone())) {
+                Some(user_id) => Some(user_id.clone()),
+                None => return refuse(&format!("not a member of {channel} yet")),
+            },
+            _ => None,
+        };
+        if !self.client_event_allowed(key, now) {
+            return refuse("Client event rejected due to rate limit");
+        }
+        let text = pusher::client_event(event, &channel, data, user_id.as_ref());
+        if text.len() > MAX_CLIENT_EVENT_BYTES + 256 {
+            return refuse(&format!(
+                "a client event's data has at most {MAX_CLIENT_EVENT_BYTES} bytes"
+            ));
+        }
+        self.registry.counters.pusher_client_events += 1;
+        let socket = (pusher::process_token(), key as u32);
+        let frame = pusher::text_frame(&text);
+        self.pusher_publish(&channel, frame, Some(socket), now)
+            .map_err(|_| {
+                pusher::error(pusher::code::GENERIC, "the server is busy: try again later")
+            })
+    }
+
+    /// Takes one client event of `key` from its token bucket: [`CLIENT_EVENTS_PER_SECOND`]
+    /// at most in a burst, refilled at that rate (a fixed window would let a burst
+    /// across its edge through twice).
+    fn client_event_allowed(&mut self, key: usize, now: Instant) -> bool {
+        let full = CLIENT_EVENTS_PER_SECOND as f32;
+        let refill = |(at, tokens): (Instant, f32)| {
+            (tokens + now.duration_since(at).as_secs_f32() * full).min(full)
+        };
+        let budget = &mut self.client_event_budget;
+        if budget.len() > 4096 {
+            // Bounded: a bucket that refilled is the same as none.
+            budget.retain(|_, bucket| refill(*bucket) < full);
+        }
+        let bucket = budget.entry(key).or_insert((now, full));
+        let tokens = refill(*bucket);
+        let allowed = tokens >= 1.0;
+        *bucket = (now, if allowed { tokens - 1.0 } else { tokens });
+        allowed
+    }
+
+    /// Publishes a Pusher event `frame` on `channel` (leaving out `exclude`) the way a
+    /// `POST /publish` goes: here, through the master, or through the broker; kept in
+    /// the topic's history if it has one. Nobody waits for the count. `Err` is the
+    /// HTTP answer when it cannot be taken now.
+    fn pusher_publish(
+        &mut self,
+        channel: &str,
+        frame: bytes::Bytes,
+        exclude: Option<SocketRef>,
+        now: Instant,
+    ) -> Result<(), Vec<u8>> {
+        let target = Target::Topic(channel.to_string());
+        if matches!(self.upstream, Upstream::Local) {
+            let position = self.keep_in_history(&target, &frame, now);
+            let then = WhenDelivered::Answer(Waiting::nobody(now));
+            self.publish_excluding(target, frame, position, exclude, then);
+            Ok(())
+        } else {
+            self.publish_upstream(Waiting::nobody(now), (target, exclude), frame.to_vec(), now)
+        }
     }
 
     /// `POST /apps/{id}/events` or `/batch_events`, signature checked: each event goes
@@ -157,23 +417,19 @@ impl Server {
             .flat_map(|t| t.channels.iter().map(move |channel| (t, channel)));
         for (trigger, channel) in events {
             let frame = pusher::text_frame(&pusher::event(&trigger.name, channel, &trigger.data));
-            let target = Target::Topic(channel.clone());
             self.registry.counters.pusher_api_events += 1;
-            // Nobody waits for the count: `Waiting::nobody` answers no connection.
-            if matches!(self.upstream, Upstream::Local) {
-                let position = self.keep_in_history(&target, &frame, now);
-                self.publish_excluding(
-                    target,
-                    frame,
-                    position,
-                    trigger.socket_id,
-                    WhenDelivered::Answer(Waiting::nobody(now)),
-                );
-            } else {
-                let target = (target, trigger.socket_id);
-                self.publish_upstream(Waiting::nobody(now), target, frame.to_vec(), now)?;
-            }
+            self.pusher_publish(channel, frame, trigger.socket_id, now)?;
         }
         Ok(())
     }
+}
+
+/// The refusal of a join to a presence channel that holds its most members.
+fn presence_full(channel: &str) -> String {
+    let limit = crate::presence::MAX_MEMBERS;
+    pusher::subscription_error(
+        channel,
+        403,
+        &format!("the presence channel is full (at most {limit} members)"),
+    )
 }

@@ -145,7 +145,7 @@ impl Server {
                 Next::Keep
             }
             Action::Command(text) if self.registry.conns[key].is_pusher() => {
-                self.pusher_message(key, &text)
+                self.pusher_message(key, &text, now)
             }
             // Text that is not a JSON object is not meant as a command: no answer.
             Action::Command(text) if !commands::is_command(&text) => Next::Keep,

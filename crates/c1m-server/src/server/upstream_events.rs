@@ -145,6 +145,7 @@ impl Server {
             } => {
                 let then = match origin {
                     Origin::Clock => WhenDelivered::Clock,
+                    Origin::Master => WhenDelivered::Answer(Waiting::nobody(now)),
                     origin => WhenDelivered::TellMaster(origin),
                 };
                 if let (Target::Topic(topic), Some(position)) = (&target, &position) {
@@ -187,7 +188,14 @@ impl Server {
                 Ok(largest) => link.history_largest = largest,
                 Err(error) => tracing::warn!(%error, "bad history sizes from the master"),
             },
+            Message::PresenceJoined {
+                slot,
+                channel,
+                outcome,
+            } => self.on_presence_joined(slot, &channel, outcome),
             Message::Relay { .. }
+            | Message::PresenceJoin { .. }
+            | Message::PresenceLeave { .. }
             | Message::Delivered { .. }
             | Message::Interest { .. }
             | Message::TopicCounts { .. }

@@ -1,0 +1,81 @@
+//! The node's presence members, kept by the master for its workers (see `presence`
+//! and `server/pusher_clients.rs`).
+//!
+//! A worker checks a presence subscription (signature, `channel_data`) and sends
+//! `PresenceJoin`; the master adds the socket (owned by that worker), answers the
+//! worker with the members, and tells the channel's other subscribers on every worker
+//! with a `member_added` publication, leaving out the socket that joined. Leaves come
+//! as `PresenceLeave`; a worker that dies leaves with all its sockets at once.
+
+use std::time::Instant;
+
+use crate::control::{Message, Origin};
+use crate::presence::{Change, Member, Refused};
+use crate::pusher::{self, SocketRef};
+use crate::target::Target;
+
+use super::{Master, WorkerFds};
+
+impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
+    /// Worker `index`'s socket joins a presence channel.
+    pub(super) fn on_presence_join(
+        &mut self,
+        index: usize,
+        channel: String,
+        socket: SocketRef,
+        channel_data: &str,
+        now: Instant,
+    ) {
+        let joined = Member::parse(channel_data).and_then(|member| {
+            self.presence
+                .join(&channel, socket, index as u32, member)
+                .map_err(|Refused::Full| "full".to_string())
+        });
+        let (outcome, change) = match joined {
+            Ok(change) => (Ok(self.presence.subscription_data(&channel)), change),
+            Err(reason) => (Err(reason), None),
+        };
+        // The joiner's answer goes first: its worker writes it before the event.
+        self.workers[index].send(&Message::PresenceJoined {
+            slot: socket.1,
+            channel: channel.clone(),
+            outcome,
+        });
+        if let Some(change) = change {
+            self.presence_publish(&channel, &change, Some(socket), now);
+        }
+    }
+
+    /// A worker's socket left a presence channel.
+    pub(super) fn on_presence_leave(&mut self, channel: &str, socket: SocketRef, now: Instant) {
+        if let Some(change) = self.presence.leave(channel, socket) {
+            self.presence_publish(channel, &change, None, now);
+        }
+    }
+
+    /// Worker `index` died: every socket it held leaves its presence channels.
+    pub(super) fn presence_worker_gone(&mut self, index: usize, now: Instant) {
+        for (channel, change) in self.presence.leave_owner(index as u32) {
+            self.presence_publish(&channel, &change, None, now);
+        }
+    }
+
+    /// Tells the subscribers of `channel` on every worker that a user came or went.
+    fn presence_publish(
+        &mut self,
+        channel: &str,
+        change: &Change,
+        exclude: Option<SocketRef>,
+        now: Instant,
+    ) {
+        let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
+        let publish = Message::Publish {
+            origin: Origin::Master,
+            target: Target::Topic(channel.to_string()),
+            position: None,
+            exclude,
+            frame: frame.to_vec(),
+        };
+        self.relay(publish, None, now);
+    }
+}
