@@ -101,11 +101,23 @@ impl BrokerUrl {
         }
     }
 
+    /// The subject (NATS) or channel (Redis) of presence membership changes (see
+    /// `cluster_presence`).
+    fn presence_subject(&self) -> &'static str {
+        match self {
+            BrokerUrl::Nats(_) => "c1m.presence",
+            BrokerUrl::Redis(_) => "c1m:presence",
+        }
+    }
+
     /// What a message on `subject` is, if it is one of ours (`acks`: this node's acks
     /// subject). A malformed publication or ack is logged and dropped.
     fn incoming(&self, subject: &str, acks: &str, payload: Vec<u8>) -> Option<Event> {
         if subject == self.reports_subject() {
             return Some(Event::Report(payload));
+        }
+        if subject == self.presence_subject() {
+            return Some(Event::Presence(payload));
         }
         if subject == acks {
             let ack = serde_json::from_slice::<AckBody>(&payload);
@@ -364,6 +376,10 @@ pub enum Command {
     /// Publish this node's report (JSON, see `node_stats`); dropped while the link is
     /// down, never confirmed: the next one follows within a second.
     Report(Vec<u8>),
+    /// Publish a presence membership change of this node's (JSON, see
+    /// `cluster_presence`); dropped while the link is down (the node announces its
+    /// whole state when the link comes back).
+    Presence(Vec<u8>),
     /// Tell a publisher how many of this node's connections its publication reached
     /// (best effort, like a report).
     Ack {
@@ -406,6 +422,8 @@ pub enum Event {
     Subscribed(String),
     /// A node report (this node's own included).
     Report(Vec<u8>),
+    /// A presence membership change (this node's own included).
+    Presence(Vec<u8>),
     /// The link went up or down.
     Up(bool),
 }
@@ -573,6 +591,7 @@ async fn run_nats(
     subscriptions.insert(BROADCAST.into(), subscribe(url.subject(BROADCAST)));
     // Not in `subscriptions` (keyed by topic): reports and acks are listened to for good.
     let _reports = subscribe(url.reports_subject().to_string());
+    let _presence = subscribe(url.presence_subject().to_string());
     let _acks = subscribe(out.acks.to_string());
     while let Some(command) = commands.recv().await {
         match command {
@@ -663,6 +682,11 @@ async fn run_nats(
                     let _ = client.publish(url.reports_subject(), report.into()).await;
                 }
             }
+            Command::Presence(change) => {
+                if up.load(Ordering::SeqCst) {
+                    let _ = client.publish(url.presence_subject(), change.into()).await;
+                }
+            }
             Command::Ack { reply, delivered } => {
                 if up.load(Ordering::SeqCst) {
                     let body = out.ack_body(&reply, delivered);
@@ -721,7 +745,7 @@ fn remember(command: Command, wanted: &mut HashSet<String>, out: &Out) {
             position: None,
         }),
         Command::Recover { id, .. } => out.emit(Event::Stored { id, stored: None }),
-        Command::Report(_) | Command::Ack { .. } => {}
+        Command::Report(_) | Command::Presence(_) | Command::Ack { .. } => {}
     }
 }
 
@@ -745,6 +769,7 @@ async fn redis_session(
     // History answers held until the pubsub stream caught up with them (see below).
     let mut synced: HashMap<u64, Stored> = HashMap::new();
     sink.subscribe(url.reports_subject()).await?;
+    sink.subscribe(url.presence_subject()).await?;
     sink.subscribe(out.acks.to_string()).await?;
     for topic in wanted.iter() {
         sink.subscribe(url.subject(topic)).await?;
@@ -788,6 +813,11 @@ async fn redis_session(
                 Some(Command::Report(report)) => {
                     let mut command = redis::cmd("PUBLISH");
                     command.arg(url.reports_subject()).arg(report);
+                    best_effort(command, &mut publisher).await?;
+                }
+                Some(Command::Presence(change)) => {
+                    let mut command = redis::cmd("PUBLISH");
+                    command.arg(url.presence_subject()).arg(change);
                     best_effort(command, &mut publisher).await?;
                 }
                 Some(Command::Ack { reply, delivered }) => {

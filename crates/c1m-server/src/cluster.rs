@@ -23,10 +23,13 @@ use mio::{Registry, Token};
 use serde_json::Value;
 
 use crate::broker::{self, BrokerLink, Keep, Reply, Stored};
+use crate::cluster_presence::ClusterPresence;
 use crate::config::BrokerUrl;
 use crate::history::Position;
 use crate::node_stats::{self, ClusterView, NodeReport};
+use crate::presence::{Change, Member, Presence};
 use crate::publish_acks::{Finished, PublishAcks};
+use crate::pusher::SocketRef;
 use crate::target::Target;
 
 /// What the link brought that the owner must act on.
@@ -49,8 +52,11 @@ pub enum ClusterEvent<W> {
     Subscribed(String),
     /// A publish of this node's is over: answer whoever waits for it.
     Finished(Finished<W>),
-    /// The link went up or down (already logged).
+    /// The link went up or down (already logged). Up: the owner announces its
+    /// presence state ([`ClusterNode::presence_state`] with `ask`).
     Up(bool),
+    /// Another node's presence change: apply it with [`ClusterNode::apply_presence`].
+    Presence(Vec<u8>),
 }
 
 pub struct ClusterNode<W> {
@@ -68,6 +74,9 @@ pub struct ClusterNode<W> {
     /// with how many.
     held: HashMap<String, usize>,
     next_report: Instant,
+    /// Presence across the cluster: the other nodes' owner ids in the owner's table
+    /// (boxed: used rarely, and it would make every `Upstream` larger).
+    presence: Box<ClusterPresence>,
 }
 
 impl<W> ClusterNode<W> {
@@ -86,6 +95,7 @@ impl<W> ClusterNode<W> {
         })?;
         Ok(ClusterNode {
             link,
+            presence: Box::new(ClusterPresence::new(&node)),
             node,
             up: false,
             next_id: 0,
@@ -277,6 +287,7 @@ impl<W> ClusterNode<W> {
                         .ack(id, node, delivered)
                         .map(ClusterEvent::Finished),
                 ),
+                broker::Event::Presence(change) => out.push(ClusterEvent::Presence(change)),
                 broker::Event::Report(report) => {
                     if let Err(error) = self.view.record(&report, now) {
                         tracing::warn!(%error, "ignoring a node report from the broker");
@@ -298,6 +309,55 @@ impl<W> ClusterNode<W> {
             }
         }
         out
+    }
+
+    /// This node's socket joined a presence channel: the other nodes are told.
+    pub fn presence_joined(&self, channel: &str, socket: SocketRef, member: &Member) {
+        let change = self.presence.join(channel, socket, member);
+        self.link.send(broker::Command::Presence(change));
+    }
+
+    /// This node's socket left a presence channel: the other nodes are told.
+    pub fn presence_left(&self, channel: &str, socket: SocketRef) {
+        let change = self.presence.leave(channel, socket);
+        self.link.send(broker::Command::Presence(change));
+    }
+
+    /// Announces every socket of this node's in `table` (after the link came up, with
+    /// `ask` so the others answer with theirs; after a worker died, without).
+    pub fn presence_state(&self, table: &Presence, ask: bool) {
+        for part in self.presence.state(table, ask) {
+            self.link.send(broker::Command::Presence(part));
+        }
+    }
+
+    /// Applies another node's presence change to `table`: the member events for this
+    /// node's subscribers. A node asking for states is answered here.
+    pub fn apply_presence(
+        &mut self,
+        table: &mut Presence,
+        change: &[u8],
+        now: Instant,
+    ) -> Vec<(String, Change)> {
+        match self.presence.apply(table, change, now) {
+            Ok(applied) => {
+                if applied.state_wanted {
+                    self.presence_state(table, false);
+                }
+                applied.changes
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a presence message from the broker");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Other nodes gone silent (see `cluster_presence`): their sockets leave `table`.
+    pub fn expire_presence(&mut self, table: &mut Presence, now: Instant) -> Vec<(String, Change)> {
+        let view = &self.view;
+        self.presence
+            .expire(table, |node| view.reported_at(node), now)
     }
 
     /// Tells a publishing node how many local connections its publication reached.

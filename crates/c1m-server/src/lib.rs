@@ -40,6 +40,7 @@ pub mod broker;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_copy;
+pub mod cluster_presence;
 pub mod commands;
 pub mod config;
 pub mod connection;

@@ -162,6 +162,11 @@ impl ClusterView {
         Ok(())
     }
 
+    /// When `node`'s latest report came, if one did.
+    pub fn reported_at(&self, node: &str) -> Option<Instant> {
+        self.reports.get(node).map(|(_, at)| *at)
+    }
+
     /// The nodes that should deliver a publication to `target` (every node, for
     /// [`Target::All`]): those heard from within `STALE_AFTER` whose last report has subscribers of
     /// it, and this node (`local`) if `local_has` says it has some.

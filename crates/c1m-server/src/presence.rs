@@ -235,13 +235,13 @@ impl Presence {
         channel.users.get(key).map(|u| &u.member)
     }
 
-    /// Every socket `owner` holds, with its channel and member (what a node tells a
-    /// newcomer to the cluster).
-    pub fn held_by(&self, owner: u32) -> Vec<(String, SocketRef, Member)> {
+    /// Every socket whose owner passes `owned`, with its channel and member (what a
+    /// node tells the others in a cluster).
+    pub fn held_where(&self, owned: impl Fn(u32) -> bool) -> Vec<(String, SocketRef, Member)> {
         let mut out = Vec::new();
         for (name, channel) in &self.channels {
             for (socket, (key, o)) in &channel.sockets {
-                if *o == owner {
+                if owned(*o) {
                     if let Some(user) = channel.users.get(key) {
                         out.push((name.clone(), *socket, user.member.clone()));
                     }
@@ -349,7 +349,7 @@ mod tests {
             1,
             "u1 still has a socket of owner 0"
         );
-        assert_eq!(p.held_by(0).len(), 1);
+        assert_eq!(p.held_where(|o| o == 0).len(), 1);
     }
 
     #[test]

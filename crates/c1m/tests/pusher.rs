@@ -277,36 +277,45 @@ fn laravel_echo_listens_on_public_and_private_channels() {
     step(&steps, "done");
 }
 
-/// A Pusher event sent to one node of a cluster (over Redis) reaches a pusher-js client
-/// on another, like any publication.
-#[test]
-fn pusher_js_on_one_node_gets_events_sent_to_another() {
-    let redis_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let mut redis = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &redis_port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("redis-server is needed for this test ({e})"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+/// A `redis-server` on a free port of loopback, stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server is needed for this test ({e})"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
     }
-    let mut args = pusher_args("2");
-    args.extend([
-        "--broker".to_string(),
-        format!("redis://127.0.0.1:{redis_port}"),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes = [Server::start(&args), Server::start(&args)];
-    for node in &nodes {
+
+    /// A node of the cluster serving the test app on `workers` workers, once ready.
+    fn node(&self, workers: &str, extra: &[&str]) -> Server {
+        let mut args = pusher_args(workers);
+        args.extend(["--broker".to_string(), self.url.clone()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node = Server::start(&args);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while common::http(node.addr, "GET", "/readyz", &[], b"").status != 200 {
             assert!(
@@ -315,12 +324,139 @@ fn pusher_js_on_one_node_gets_events_sent_to_another() {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        node
     }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Pusher event sent to one node of a cluster (over Redis) reaches a pusher-js client
+/// on another, like any publication.
+#[test]
+fn pusher_js_on_one_node_gets_events_sent_to_another() {
+    let redis = Redis::start();
+    let nodes = [redis.node("2", &[]), redis.node("2", &[])];
     let steps = run_public(nodes[0].addr.port(), nodes[1].addr.port());
-    let _ = redis.kill();
-    let _ = redis.wait();
     assert_public_channels_work(&steps);
 }
+
+/// Presence and client events across a three-node cluster over Redis (a single-process
+/// node and two 2-worker nodes): pusher-js's Alice on one node, Bob's two sockets on
+/// another; Laravel Echo's Ann on the third, Ben on the first.
+#[test]
+fn presence_and_client_events_across_a_three_node_cluster() {
+    let redis = Redis::start();
+    let events = ["--pusher-client-events"];
+    let nodes = [
+        redis.node("1", &events),
+        redis.node("2", &events),
+        redis.node("2", &events),
+    ];
+    let port = |i: usize| nodes[i].addr.port();
+    assert_presence_works(&run_script("presence.mjs", port(0), port(1)));
+    assert_presence_works(&run_script("presence.mjs", port(1), port(0)));
+    assert_echo_presence_works(&run_script("echo_presence.mjs", port(2), port(0)));
+}
+
+/// A Pusher client of the test app on `addr`: connected, its socket id read.
+async fn pusher_client(addr: std::net::SocketAddr) -> (common::Ws, String) {
+    let url = format!("ws://{addr}/app/{}", APP[1]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade");
+    let hello = common::next_json(&mut ws).await;
+    let data: Value = serde_json::from_str(hello["data"].as_str().expect("data string"))
+        .expect("connection data");
+    let socket_id = data["socket_id"].as_str().expect("socket id").to_string();
+    (ws, socket_id)
+}
+
+/// Joins `channel` as `user`, signed as the app's auth endpoint would: the members
+/// (`presence.hash`) the server answered with.
+async fn join_presence(ws: &mut common::Ws, socket_id: &str, channel: &str, user: &str) -> Value {
+    use futures_util::SinkExt;
+    let app = c1m_server::pusher::App::parse(&APP.join(":")).expect("app");
+    let channel_data =
+        serde_json::json!({"user_id": user, "user_info": {"name": user}}).to_string();
+    let auth = c1m_server::pusher::sign_channel(&app, socket_id, channel, Some(&channel_data));
+    let subscribe = serde_json::json!({"event": "pusher:subscribe", "data": {
+        "channel": channel, "auth": auth, "channel_data": channel_data}});
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        subscribe.to_string(),
+    ))
+    .await
+    .expect("send");
+    loop {
+        let message = common::next_json(ws).await;
+        if message["event"] == "pusher_internal:subscription_succeeded" {
+            let data: Value =
+                serde_json::from_str(message["data"].as_str().expect("data")).expect("members");
+            return data["presence"]["hash"].clone();
+        }
+        assert_ne!(message["event"], "pusher:subscription_error", "{message}");
+    }
+}
+
+/// The next message on `ws` that is event `event`, skipping others (bounded by
+/// `within`).
+async fn next_event(ws: &mut common::Ws, event: &str, within: std::time::Duration) -> Value {
+    tokio::time::timeout(within, async {
+        loop {
+            let message = common::next_json(ws).await;
+            if message["event"] == event {
+                return message;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {event} within {within:?}"))
+}
+
+/// A node that joins the cluster late learns the members already there (the others
+/// answer its announcement with their state); a node that dies takes its members with
+/// it (the others notice its silence within `STALE_AFTER` and tell their members).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_nodes_that_come_late_and_nodes_that_die() {
+    let redis = Redis::start();
+    let first = tokio::task::block_in_place(|| redis.node("2", &[]));
+    let (mut xavier, xavier_id) = pusher_client(first.addr).await;
+    let members = join_presence(&mut xavier, &xavier_id, "presence-hall", "xavier").await;
+    assert_eq!(members, serde_json::json!({"xavier": {"name": "xavier"}}));
+
+    let late = tokio::task::block_in_place(|| redis.node("1", &[]));
+    let (mut yara, yara_id) = pusher_client(late.addr).await;
+    let members = join_presence(&mut yara, &yara_id, "presence-hall", "yara").await;
+    assert_eq!(
+        members,
+        serde_json::json!({"xavier": {"name": "xavier"}, "yara": {"name": "yara"}}),
+        "the late node knows who was there"
+    );
+    let added = next_event(&mut xavier, "pusher_internal:member_added", SECONDS_5).await;
+    let data: Value = serde_json::from_str(added["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["user_id"], "yara", "{added}");
+
+    // The late node dies without a word: Xavier is told Yara left.
+    let mut late = late;
+    let _ = late.child.kill();
+    let _ = late.child.wait();
+    let removed = next_event(
+        &mut xavier,
+        "pusher_internal:member_removed",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(removed["channel"], "presence-hall");
+    let data: Value = serde_json::from_str(removed["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data, serde_json::json!({"user_id": "yara"}), "{removed}");
+    drop(first);
+}
+
+const SECONDS_5: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bad input from a Pusher client gets the protocol's error and touches nobody else;
 /// the HTTP API refuses unknown apps and unsigned requests.

@@ -591,9 +591,19 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     if let (false, Some(history)) = (up, self.history.as_mut()) {
                         self.copy.stop_all(history);
                     }
+                    if let (true, Some(cluster)) = (up, &self.cluster) {
+                        cluster.presence_state(&self.presence, true);
+                    }
                     let mut bytes = Vec::new();
                     Message::BrokerUp { up }.encode(&mut bytes);
                     self.send_to_all(&bytes);
+                }
+                ClusterEvent::Presence(change) => {
+                    let changes = match self.cluster.as_mut() {
+                        Some(cluster) => cluster.apply_presence(&mut self.presence, &change, now),
+                        None => Vec::new(),
+                    };
+                    self.presence_publish_all(changes, now);
                 }
             }
         }
@@ -779,8 +789,10 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         }
         if self.cluster.as_mut().is_some_and(|c| c.report_due(now)) {
             let report = self.node_report();
-            if let Some(cluster) = &self.cluster {
+            if let Some(cluster) = self.cluster.as_mut() {
                 cluster.send_report(&report);
+                let gone = cluster.expire_presence(&mut self.presence, now);
+                self.presence_publish_all(gone, now);
             }
         }
         if self.clock.due(now, self.scoreboard.total_open() as usize) {

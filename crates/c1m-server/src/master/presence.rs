@@ -5,7 +5,8 @@
 //! `PresenceJoin`; the master adds the socket (owned by that worker), answers the
 //! worker with the members, and tells the channel's other subscribers on every worker
 //! with a `member_added` publication, leaving out the socket that joined. Leaves come
-//! as `PresenceLeave`; a worker that dies leaves with all its sockets at once.
+//! as `PresenceLeave`; a worker that dies leaves with all its sockets at once. In a
+//! cluster each change is also told to the other nodes (`cluster_presence`).
 
 use std::time::Instant;
 
@@ -27,9 +28,14 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         now: Instant,
     ) {
         let joined = Member::parse(channel_data).and_then(|member| {
-            self.presence
-                .join(&channel, socket, index as u32, member)
-                .map_err(|Refused::Full| "full".to_string())
+            let change = self
+                .presence
+                .join(&channel, socket, index as u32, member.clone())
+                .map_err(|Refused::Full| "full".to_string())?;
+            if let Some(cluster) = &self.cluster {
+                cluster.presence_joined(&channel, socket, &member);
+            }
+            Ok(change)
         });
         let (outcome, change) = match joined {
             Ok(change) => (Ok(self.presence.subscription_data(&channel)), change),
@@ -48,14 +54,28 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
 
     /// A worker's socket left a presence channel.
     pub(super) fn on_presence_leave(&mut self, channel: &str, socket: SocketRef, now: Instant) {
-        if let Some(change) = self.presence.leave(channel, socket) {
+        let change = self.presence.leave(channel, socket);
+        if let Some(cluster) = &self.cluster {
+            cluster.presence_left(channel, socket);
+        }
+        if let Some(change) = change {
             self.presence_publish(channel, &change, None, now);
         }
     }
 
     /// Worker `index` died: every socket it held leaves its presence channels.
     pub(super) fn presence_worker_gone(&mut self, index: usize, now: Instant) {
-        for (channel, change) in self.presence.leave_owner(index as u32) {
+        let changes = self.presence.leave_owner(index as u32);
+        if let Some(cluster) = &self.cluster {
+            // The other nodes diff what they held of this node against what is left.
+            cluster.presence_state(&self.presence, false);
+        }
+        self.presence_publish_all(changes, now);
+    }
+
+    /// [`Self::presence_publish`] for each change (another node's, or a gone one's).
+    pub(super) fn presence_publish_all(&mut self, changes: Vec<(String, Change)>, now: Instant) {
+        for (channel, change) in changes {
             self.presence_publish(&channel, &change, None, now);
         }
     }

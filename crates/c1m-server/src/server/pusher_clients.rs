@@ -205,8 +205,12 @@ impl Server {
             });
             return Ok(None);
         };
+        let member = joining.member.clone();
         match table.join(channel, socket, 0, joining.member) {
             Ok(change) => {
+                if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
+                    cluster.presence_joined(channel, socket, &member);
+                }
                 let data = table.subscription_data(channel);
                 if let Some(change) = change {
                     self.presence_publish(channel, &change, Some(socket), now);
@@ -274,7 +278,11 @@ impl Server {
             let socket = (pusher::process_token(), key as u32);
             match self.presence.as_mut() {
                 Some(table) => {
-                    if let Some(change) = table.leave(&channel, socket) {
+                    let change = table.leave(&channel, socket);
+                    if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
+                        cluster.presence_left(&channel, socket);
+                    }
+                    if let Some(change) = change {
                         self.presence_publish(&channel, &change, None, now);
                     }
                 }
@@ -296,6 +304,14 @@ impl Server {
         let target = Target::Topic(channel.to_string());
         let then = WhenDelivered::Answer(Waiting::nobody(now));
         self.publish_excluding(target, frame, None, exclude, then);
+    }
+
+    /// [`Server::presence_publish`] for each change of another node's (or a gone
+    /// node's) members.
+    pub(super) fn presence_publish_all(&mut self, changes: Vec<(String, Change)>, now: Instant) {
+        for (channel, change) in changes {
+            self.presence_publish(&channel, &change, None, now);
+        }
     }
 
     /// A `client-*` event: to the other subscribers of a private or presence channel

@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::cluster::ClusterEvent;
+use crate::cluster::{ClusterEvent, ClusterNode};
 use crate::control::{Message, Origin};
 use crate::http;
 use crate::publish_acks::Finished;
@@ -240,6 +240,17 @@ impl Server {
                     if let (false, Some(history)) = (up, self.history.as_mut()) {
                         self.copy.stop_all(history);
                     }
+                    if let (true, Some(table)) = (up, &self.presence) {
+                        cluster_of(&mut self.upstream)
+                            .inspect(|cluster| cluster.presence_state(table, true));
+                    }
+                }
+                ClusterEvent::Presence(change) => {
+                    let changes = match (cluster_of(&mut self.upstream), self.presence.as_mut()) {
+                        (Some(cluster), Some(table)) => cluster.apply_presence(table, &change, now),
+                        _ => Vec::new(),
+                    };
+                    self.presence_publish_all(changes, now);
                 }
             }
         }
@@ -280,8 +291,13 @@ impl Server {
                 self.broker_resume_timers(now);
                 if report_due {
                     let report = self.node_report();
-                    if let Upstream::ViaBroker(cluster) = &self.upstream {
+                    if let Upstream::ViaBroker(cluster) = &mut self.upstream {
                         cluster.send_report(&report);
+                        let gone = match self.presence.as_mut() {
+                            Some(table) => cluster.expire_presence(table, now),
+                            None => Vec::new(),
+                        };
+                        self.presence_publish_all(gone, now);
                     }
                 }
             }
@@ -293,5 +309,13 @@ impl Server {
         if let Upstream::ViaMaster(link) = &mut self.upstream {
             link.send(message);
         }
+    }
+}
+
+/// The cluster link of a single process in a cluster.
+pub(super) fn cluster_of(upstream: &mut Upstream) -> Option<&mut ClusterNode<Waiting>> {
+    match upstream {
+        Upstream::ViaBroker(cluster) => Some(cluster),
+        _ => None,
     }
 }
