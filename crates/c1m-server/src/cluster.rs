@@ -360,6 +360,11 @@ impl<W> ClusterNode<W> {
             .expire(table, |node| view.reported_at(node), now)
     }
 
+    /// Subscribers per topic on the cluster's other nodes (their latest reports).
+    pub fn others_counts(&self, now: Instant) -> crate::node_stats::TopicCounts {
+        self.view.others_counts(&self.node, now)
+    }
+
     /// Tells a publishing node how many local connections its publication reached.
     pub fn ack(&self, reply: Reply, delivered: u64) {
         self.link.send(broker::Command::Ack { reply, delivered });

@@ -126,6 +126,9 @@ pub enum Message {
     },
     /// Worker → master: a Pusher socket left a presence channel (unsubscribed or gone).
     PresenceLeave { channel: String, socket: SocketRef },
+    /// Worker → master: a signed `GET /apps/{id}/channels…` (a `pusher_api::Read` as
+    /// JSON); answered with `Answer`.
+    PusherRead { request: u32, json: Vec<u8> },
     /// Master → worker: the answer to a `PresenceJoin` of the socket in `slot`: the
     /// `subscription_succeeded` data (the members), or why it was refused.
     PresenceJoined {
@@ -152,6 +155,7 @@ const HISTORY_LARGEST: u8 = 14;
 const PRESENCE_JOIN: u8 = 15;
 const PRESENCE_LEAVE: u8 = 16;
 const PRESENCE_JOINED: u8 = 17;
+const PUSHER_READ: u8 = 18;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -296,6 +300,11 @@ impl Message {
                 put_exclude(out, Some(*socket));
                 out.extend_from_slice(channel_data.as_bytes());
             }
+            Message::PusherRead { request, json } => {
+                out.push(PUSHER_READ);
+                out.extend_from_slice(&request.to_le_bytes());
+                out.extend_from_slice(json);
+            }
             Message::PresenceLeave { channel, socket } => {
                 out.push(PRESENCE_LEAVE);
                 put_bytes(out, channel.as_bytes());
@@ -437,6 +446,10 @@ impl Message {
                 channel: r.string()?,
                 socket: r.socket()?,
                 channel_data: r.text()?,
+            },
+            PUSHER_READ => Message::PusherRead {
+                request: r.u32()?,
+                json: r.rest(),
             },
             PRESENCE_LEAVE => Message::PresenceLeave {
                 channel: r.string()?,
@@ -698,6 +711,10 @@ mod tests {
             Message::PresenceLeave {
                 channel: "presence-room".into(),
                 socket: (7, 12),
+            },
+            Message::PusherRead {
+                request: 3,
+                json: br#"{"Users":{"name":"presence-room"}}"#.to_vec(),
             },
             Message::PresenceJoined {
                 slot: 12,

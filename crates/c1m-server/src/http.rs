@@ -33,6 +33,8 @@ pub enum Outcome {
     /// `POST /apps/{id}/events` or `/batch_events` (Pusher's HTTP API), signature
     /// checked: send each event to its channels.
     PusherEvents(Vec<crate::pusher::Trigger>),
+    /// `GET /apps/{id}/channels…` (Pusher's read API), signature checked.
+    PusherRead(crate::pusher_api::Read),
 }
 
 /// The most publications one `GET /history` answer holds.
@@ -183,6 +185,7 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
         {
             pusher_events(request, path, query, body, cx)
         }
+        ("GET", path) if path.starts_with("/apps/") => pusher_read(request, path, query, cx),
         ("GET", "/history") => {
             if let Some(refusal) = refuse_without_key(cx, request, "history") {
                 return refusal;
@@ -265,6 +268,66 @@ pub fn fan_out_busy() -> Vec<u8> {
 
 /// `POST /apps/{id}/events` and `/batch_events` (Pusher's HTTP API): the app, its
 /// signature, the events.
+/// Finds app `id` and checks the request's signature; `Err`: the answer.
+fn pusher_signed<'a>(
+    request: &PlainRequest,
+    id: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    cx: &Context<'a>,
+) -> Result<&'a crate::pusher::App, Outcome> {
+    let Some(app) = cx.pusher_apps.iter().find(|app| app.id == id) else {
+        let error =
+            format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
+        return Err(Outcome::Respond(json_response(
+            404,
+            "Not Found",
+            &json!({ "error": error }),
+        )));
+    };
+    let now = crate::auth::unix_now();
+    if let Err((status, error)) =
+        crate::pusher::verify_signature(app, &request.method, path, query, body, now)
+    {
+        let reason = if status == 401 {
+            "Unauthorized"
+        } else {
+            "Bad Request"
+        };
+        return Err(Outcome::Respond(json_response(
+            status,
+            reason,
+            &json!({ "error": error }),
+        )));
+    }
+    Ok(app)
+}
+
+/// `GET /apps/{id}/channels`, `/channels/{name}`, `/channels/{name}/users` (Pusher's
+/// read API): the app, its signature, the parameters.
+fn pusher_read(request: &PlainRequest, path: &str, query: &str, cx: &Context<'_>) -> Outcome {
+    let rest = path.strip_prefix("/apps/").unwrap_or_default();
+    let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    if let Err(refusal) = pusher_signed(request, id, path, query, &[], cx) {
+        return refusal;
+    }
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    match crate::pusher_api::Read::parse(rest, &params) {
+        Ok(read) => Outcome::PusherRead(read),
+        Err((status, error)) => {
+            let reason = if status == 404 {
+                "Not Found"
+            } else {
+                "Bad Request"
+            };
+            Outcome::Respond(json_response(status, reason, &json!({ "error": error })))
+        }
+    }
+}
+
 fn pusher_events(
     request: &PlainRequest,
     path: &str,
@@ -277,21 +340,8 @@ fn pusher_events(
         Some(id) => (id, true),
         None => (rest.strip_suffix("/events").unwrap_or_default(), false),
     };
-    let Some(app) = cx.pusher_apps.iter().find(|app| app.id == id) else {
-        let error =
-            format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
-        return Outcome::Respond(json_response(404, "Not Found", &json!({ "error": error })));
-    };
-    let now = crate::auth::unix_now();
-    if let Err((status, error)) =
-        crate::pusher::verify_signature(app, &request.method, path, query, body, now)
-    {
-        let reason = if status == 401 {
-            "Unauthorized"
-        } else {
-            "Bad Request"
-        };
-        return Outcome::Respond(json_response(status, reason, &json!({ "error": error })));
+    if let Err(refusal) = pusher_signed(request, id, path, query, body, cx) {
+        return refusal;
     }
     let triggers = if batch {
         crate::pusher::Trigger::parse_batch(body, cx.max_event_bytes)

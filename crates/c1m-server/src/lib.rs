@@ -59,6 +59,7 @@ pub mod per_ip;
 pub mod presence;
 pub mod publish_acks;
 pub mod pusher;
+pub mod pusher_api;
 pub mod registry;
 pub mod scoreboard;
 pub mod server;

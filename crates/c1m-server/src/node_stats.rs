@@ -162,6 +162,18 @@ impl ClusterView {
         Ok(())
     }
 
+    /// Subscribers per topic on the other nodes heard from within `STALE_AFTER` (each
+    /// report lists a node's `MAX_REPORTED_TOPICS` largest topics).
+    pub fn others_counts(&self, local: &str, now: Instant) -> TopicCounts {
+        let mut counts = TopicCounts::default();
+        for (node, (report, at)) in &self.reports {
+            if node != local && now.saturating_duration_since(*at) <= STALE_AFTER {
+                counts.add(&report.counts);
+            }
+        }
+        counts
+    }
+
     /// When `node`'s latest report came, if one did.
     pub fn reported_at(&self, node: &str) -> Option<Instant> {
         self.reports.get(node).map(|(_, at)| *at)

@@ -174,6 +174,23 @@ fn assert_presence_works(steps: &[Value]) {
         "a second socket is the same user: {again}"
     );
     assert_eq!(again["alice_extra_adds"], 0, "{again}");
+    let read = step(steps, "read_api");
+    assert_eq!(
+        read["channel"],
+        serde_json::json!({"occupied": true, "user_count": 2, "subscription_count": 3}),
+        "{read}"
+    );
+    assert_eq!(
+        read["listed"],
+        serde_json::json!({"channels": {"presence-room": {"user_count": 2}}}),
+        "{read}"
+    );
+    assert_eq!(
+        read["users"],
+        serde_json::json!({"users": [{"id": "alice"}, {"id": "bob"}]}),
+        "{read}"
+    );
+    assert_eq!(read["refusal"], 400, "users of a public channel: {read}");
     let event = step(steps, "client_event");
     assert_eq!(
         event["data"],

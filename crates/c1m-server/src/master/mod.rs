@@ -432,6 +432,13 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 socket,
                 channel_data,
             } => self.on_presence_join(index, channel, socket, &channel_data, now),
+            Message::PusherRead { request, json } => {
+                let (status, body) = match serde_json::from_slice(&json) {
+                    Ok(read) => self.pusher_read(&read, now),
+                    Err(error) => (500, serde_json::json!({ "error": error.to_string() })),
+                };
+                self.answer_worker(index, request, status, &body);
+            }
             Message::PresenceLeave { channel, socket } => {
                 self.on_presence_leave(&channel, socket, now)
             }

@@ -80,6 +80,23 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         }
     }
 
+    /// Pusher's read API for a worker: the node's members, and subscribers per channel
+    /// from the workers' latest counts plus the cluster's other nodes.
+    pub(super) fn pusher_read(
+        &self,
+        read: &crate::pusher_api::Read,
+        now: Instant,
+    ) -> (u16, serde_json::Value) {
+        let mut counts = crate::node_stats::TopicCounts::default();
+        for part in &self.worker_counts {
+            counts.add(part);
+        }
+        if let Some(cluster) = &self.cluster {
+            counts.add(&cluster.others_counts(now));
+        }
+        crate::pusher_api::answer(read, &counts.topics, &self.presence)
+    }
+
     /// Tells the subscribers of `channel` on every worker that a user came or went.
     fn presence_publish(
         &mut self,

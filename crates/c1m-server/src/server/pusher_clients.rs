@@ -412,6 +412,25 @@ impl Server {
         }
     }
 
+    /// Pusher's read API answered by this process (a single process, with or without
+    /// a cluster): its exact subscriber counts plus the other nodes' latest reports.
+    pub(super) fn pusher_read(
+        &mut self,
+        read: &crate::pusher_api::Read,
+        now: Instant,
+    ) -> (u16, Value) {
+        let mut counts = crate::node_stats::TopicCounts::default();
+        for (topic, n) in self.registry.topics.subscriber_counts() {
+            counts.topics.insert(topic.to_string(), n);
+        }
+        if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
+            counts.add(&cluster.others_counts(now));
+        }
+        let empty = crate::presence::Presence::default();
+        let presence = self.presence.as_ref().unwrap_or(&empty);
+        crate::pusher_api::answer(read, &counts.topics, presence)
+    }
+
     /// `POST /apps/{id}/events` or `/batch_events`, signature checked: each event goes
     /// to each of its channels as a publication (one frame per channel, the same for
     /// native and Pusher clients), and the request is answered at once with `{}`, as

@@ -323,6 +323,16 @@ impl Server {
                 let (status, body) = self.node_stats(cluster, now);
                 http::json_answer(status, &body)
             }
+            Outcome::PusherRead(read) if matches!(self.upstream, Upstream::ViaMaster(_)) => {
+                // The master keeps the node's presence members and workers' counts.
+                let parked = waiting(self, WaitingFor::Stats);
+                self.ask_master_for_pusher_read(parked, &read, now);
+                return Next::Keep;
+            }
+            Outcome::PusherRead(read) => {
+                let (status, body) = self.pusher_read(&read, now);
+                http::json_answer(status, &body)
+            }
             Outcome::History(query) if self.resumes_via_master() => {
                 // The master keeps the node's history.
                 let parked = waiting(self, WaitingFor::Stats);

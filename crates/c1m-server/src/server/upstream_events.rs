@@ -67,6 +67,21 @@ impl Server {
         }
     }
 
+    /// Pusher's read API in a worker: the master keeps the node's presence members and
+    /// its workers' subscriber counts.
+    pub(super) fn ask_master_for_pusher_read(
+        &mut self,
+        waiting: Waiting,
+        read: &crate::pusher_api::Read,
+        now: Instant,
+    ) {
+        if let Upstream::ViaMaster(link) = &mut self.upstream {
+            let request = link.park(waiting, now);
+            let json = serde_json::to_vec(read).unwrap_or_default();
+            link.send(&Message::PusherRead { request, json });
+        }
+    }
+
     /// `GET /history` in a worker: the master keeps the node's history.
     pub(super) fn ask_master_for_history(
         &mut self,
@@ -195,6 +210,7 @@ impl Server {
             } => self.on_presence_joined(slot, &channel, outcome),
             Message::Relay { .. }
             | Message::PresenceJoin { .. }
+            | Message::PusherRead { .. }
             | Message::PresenceLeave { .. }
             | Message::Delivered { .. }
             | Message::Interest { .. }

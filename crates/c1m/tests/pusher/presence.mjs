@@ -69,6 +69,25 @@ async function main() {
   await pause(500);
   say("bob_again", { count: b2.members.count, alice_extra_adds: extraAdds });
 
+  // The read API through the SDK's signed GETs: counts from other workers and nodes
+  // arrive with their reports (within a second or two), so ask until they add up.
+  const read = async (path, params) => (await server.get({ path, params })).json();
+  let channel;
+  for (let i = 0; i < 50; i++) {
+    channel = await read(`/channels/${ROOM}`, { info: "user_count,subscription_count" });
+    if (channel.subscription_count === 3) break;
+    await pause(100);
+  }
+  const listed = await read("/channels", { filter_by_prefix: "presence-", info: "user_count" });
+  const users = await read(`/channels/${ROOM}/users`);
+  let refusal;
+  try {
+    await read("/channels/lobby/users");
+  } catch (e) {
+    refusal = e.status;
+  }
+  say("read_api", { channel, listed, users, refusal });
+
   // A client event: both of Bob's sockets get it with Alice's user id; Alice does not.
   let echoed = 0;
   a.channel.bind("client-typing", () => echoed++);
