@@ -566,7 +566,8 @@ mod tests {
             Outcome::Publish { .. }
             | Outcome::Stats { .. }
             | Outcome::History(_)
-            | Outcome::PusherEvents(_) => 0,
+            | Outcome::PusherEvents(_)
+            | Outcome::PusherRead(_) => 0,
         }
     }
 
