@@ -77,6 +77,8 @@ pub struct ClusterNode<W> {
     /// Presence across the cluster: the other nodes' owner ids in the owner's table
     /// (boxed: used rarely, and it would make every `Upstream` larger).
     presence: Box<ClusterPresence>,
+    /// Tell the other nodes which channels have subscribers here (with webhooks).
+    share_occupancy: bool,
 }
 
 impl<W> ClusterNode<W> {
@@ -96,6 +98,7 @@ impl<W> ClusterNode<W> {
         Ok(ClusterNode {
             link,
             presence: Box::new(ClusterPresence::new(&node)),
+            share_occupancy: false,
             node,
             up: false,
             next_id: 0,
@@ -120,11 +123,17 @@ impl<W> ClusterNode<W> {
         let held = self.held.contains_key(topic);
         if on {
             let members = self.interest.entry(topic.to_string()).or_default();
-            if members.is_empty() && !held {
-                self.link
-                    .send(broker::Command::Subscribe(topic.to_string()));
+            if members.is_empty() {
+                if !held {
+                    self.link
+                        .send(broker::Command::Subscribe(topic.to_string()));
+                }
+                self.tell_occupancy(topic, true);
             }
-            members.insert(member);
+            self.interest
+                .entry(topic.to_string())
+                .or_default()
+                .insert(member);
         } else if let Some(members) = self.interest.get_mut(topic) {
             members.remove(&member);
             if members.is_empty() {
@@ -133,8 +142,40 @@ impl<W> ClusterNode<W> {
                     self.link
                         .send(broker::Command::Unsubscribe(topic.to_string()));
                 }
+                self.tell_occupancy(topic, false);
             }
         }
+    }
+
+    /// From now on, tell the other nodes which channels have subscribers here (Pusher
+    /// webhooks: `channel_occupied`/`vacated` once per cluster).
+    pub fn share_occupancy(&mut self) {
+        self.share_occupancy = true;
+    }
+
+    fn tell_occupancy(&self, topic: &str, on: bool) {
+        if self.share_occupancy {
+            let change = self.presence.occupancy(topic, on);
+            self.link.send(broker::Command::Presence(change));
+        }
+    }
+
+    /// Whether another node has subscribers of `topic` (with [`Self::share_occupancy`]).
+    pub fn others_occupy(&self, topic: &str) -> bool {
+        self.presence.others_occupy(topic)
+    }
+
+    /// Whether this node has subscribers of `topic`.
+    pub fn occupies(&self, topic: &str) -> bool {
+        self.interest.contains_key(topic)
+    }
+
+    /// Whether this node's name is the least of the nodes heard from lately: the one
+    /// that speaks for the cluster when a node goes silent (webhooks sent once).
+    pub fn speaks_for_the_cluster(&self, now: Instant) -> bool {
+        self.view
+            .fresh_nodes(now)
+            .all(|node| node >= self.node.as_str())
     }
 
     /// Asks the broker what it keeps of `topic` after offset `since` (at most
@@ -326,7 +367,12 @@ impl<W> ClusterNode<W> {
     /// Announces every socket of this node's in `table` (after the link came up, with
     /// `ask` so the others answer with theirs; after a worker died, without).
     pub fn presence_state(&self, table: &Presence, ask: bool) {
-        for part in self.presence.state(table, ask) {
+        let occupied: Vec<String> = if self.share_occupancy {
+            self.interest.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        for part in self.presence.state(table, &occupied, ask) {
             self.link.send(broker::Command::Presence(part));
         }
     }
@@ -353,11 +399,21 @@ impl<W> ClusterNode<W> {
         }
     }
 
-    /// Other nodes gone silent (see `cluster_presence`): their sockets leave `table`.
-    pub fn expire_presence(&mut self, table: &mut Presence, now: Instant) -> Vec<(String, Change)> {
+    /// Other nodes gone silent (see `cluster_presence`): their sockets leave `table`;
+    /// the channels they alone had subscribers of are vacated (not counting this node).
+    pub fn expire_presence(
+        &mut self,
+        table: &mut Presence,
+        now: Instant,
+    ) -> crate::cluster_presence::Expired {
         let view = &self.view;
-        self.presence
-            .expire(table, |node| view.reported_at(node), now)
+        let mut expired = self
+            .presence
+            .expire(table, |node| view.reported_at(node), now);
+        expired
+            .vacated
+            .retain(|topic| !self.interest.contains_key(topic));
+        expired
     }
 
     /// Subscribers per topic on the cluster's other nodes (their latest reports).

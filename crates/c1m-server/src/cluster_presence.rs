@@ -54,13 +54,23 @@ enum Wire {
         socket: SocketRef,
     },
     /// Part `part` of `parts` of every socket `node` holds; `ask`: the others answer
-    /// with theirs (the node's link just came up).
+    /// with theirs (the node's link just came up). The first part also lists the
+    /// channels with subscribers on the node (with webhooks).
     State {
         node: String,
         ask: bool,
         part: usize,
         parts: usize,
         sockets: Vec<(String, SocketRef, Value, Value)>,
+        #[serde(default)]
+        occupied: Vec<String>,
+    },
+    /// `channel` got its first (`on`) or lost its last subscriber on `node` (sent
+    /// with webhooks, so that `channel_occupied`/`vacated` go out once per cluster).
+    Occupancy {
+        node: String,
+        channel: String,
+        on: bool,
     },
 }
 
@@ -73,6 +83,15 @@ pub struct Applied {
     pub state_wanted: bool,
 }
 
+/// What nodes that went silent took with them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Expired {
+    /// Member events to deliver to this node's subscribers, by channel.
+    pub changes: Vec<(String, Change)>,
+    /// Channels no other node has subscribers of any more.
+    pub vacated: Vec<String>,
+}
+
 /// One node's replication state: which owner id stands for which other node, and when
 /// each was last heard from.
 #[derive(Debug)]
@@ -83,6 +102,8 @@ pub struct ClusterPresence {
     heard: HashMap<String, Instant>,
     /// A `State` being received in parts: node → sockets so far.
     partial: HashMap<String, Vec<(String, SocketRef, Value, Value)>>,
+    /// Channels with subscribers on other nodes, and which (with webhooks).
+    occupied: HashMap<String, HashSet<String>>,
 }
 
 impl ClusterPresence {
@@ -93,6 +114,7 @@ impl ClusterPresence {
             next_owner: REMOTE_OWNERS,
             heard: HashMap::new(),
             partial: HashMap::new(),
+            occupied: HashMap::new(),
         }
     }
 
@@ -116,9 +138,25 @@ impl ClusterPresence {
         })
     }
 
-    /// Every socket this node holds (owners below [`REMOTE_OWNERS`]), as messages;
-    /// `ask`: the others answer with theirs.
-    pub fn state(&self, table: &Presence, ask: bool) -> Vec<Vec<u8>> {
+    /// `channel` got its first (`on`) or lost its last subscriber on this node.
+    pub fn occupancy(&self, channel: &str, on: bool) -> Vec<u8> {
+        encode(&Wire::Occupancy {
+            node: self.node.clone(),
+            channel: channel.to_string(),
+            on,
+        })
+    }
+
+    /// Whether another node has subscribers of `channel` (as far as this node heard).
+    pub fn others_occupy(&self, channel: &str) -> bool {
+        self.occupied
+            .get(channel)
+            .is_some_and(|nodes| !nodes.is_empty())
+    }
+
+    /// Every socket this node holds (owners below [`REMOTE_OWNERS`]) and the
+    /// channels it has subscribers of, as messages; `ask`: the others answer with theirs.
+    pub fn state(&self, table: &Presence, occupied: &[String], ask: bool) -> Vec<Vec<u8>> {
         let sockets: Vec<(String, SocketRef, Value, Value)> = table
             .held_where(|owner| owner < REMOTE_OWNERS)
             .into_iter()
@@ -140,6 +178,11 @@ impl ClusterPresence {
                     part,
                     parts,
                     sockets: chunk.to_vec(),
+                    occupied: if part == 0 {
+                        occupied.to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 })
             })
             .collect()
@@ -156,9 +199,10 @@ impl ClusterPresence {
         let wire: Wire =
             serde_json::from_slice(bytes).map_err(|e| format!("bad presence message: {e}"))?;
         let node = match &wire {
-            Wire::Join { node, .. } | Wire::Leave { node, .. } | Wire::State { node, .. } => {
-                node.clone()
-            }
+            Wire::Join { node, .. }
+            | Wire::Leave { node, .. }
+            | Wire::State { node, .. }
+            | Wire::Occupancy { node, .. } => node.clone(),
         };
         if node == self.node {
             return Ok(Applied::default());
@@ -188,14 +232,25 @@ impl ClusterPresence {
                     applied.changes.push((channel, change));
                 }
             }
+            Wire::Occupancy { channel, on, .. } => self.occupy(&node, channel, on),
             Wire::State {
                 ask,
                 part,
                 parts,
                 sockets,
+                occupied,
                 ..
             } => {
                 applied.state_wanted = ask;
+                if part == 0 {
+                    for nodes in self.occupied.values_mut() {
+                        nodes.remove(&node);
+                    }
+                    self.occupied.retain(|_, nodes| !nodes.is_empty());
+                    for channel in occupied {
+                        self.occupy(&node, channel, true);
+                    }
+                }
                 let so_far = self.partial.entry(node.clone()).or_default();
                 if part == 0 {
                     so_far.clear();
@@ -210,14 +265,29 @@ impl ClusterPresence {
         Ok(applied)
     }
 
+    fn occupy(&mut self, node: &str, channel: String, on: bool) {
+        if on {
+            self.occupied
+                .entry(channel)
+                .or_default()
+                .insert(node.to_string());
+        } else if let Some(nodes) = self.occupied.get_mut(&channel) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                self.occupied.remove(&channel);
+            }
+        }
+    }
+
     /// Other nodes not heard from (here or by `reported`, their last report's time)
-    /// within `STALE_AFTER`: their sockets leave. The changes, by channel.
+    /// within `STALE_AFTER`: their sockets leave. The member changes by channel, and
+    /// the channels no other node has subscribers of any more.
     pub fn expire(
         &mut self,
         table: &mut Presence,
         reported: impl Fn(&str) -> Option<Instant>,
         now: Instant,
-    ) -> Vec<(String, Change)> {
+    ) -> Expired {
         let gone: Vec<String> = self
             .owners
             .keys()
@@ -230,15 +300,21 @@ impl ClusterPresence {
             })
             .cloned()
             .collect();
-        let mut changes = Vec::new();
+        let mut expired = Expired::default();
         for node in gone {
             if let Some(owner) = self.owners.remove(&node) {
-                changes.extend(table.leave_owner(owner));
+                expired.changes.extend(table.leave_owner(owner));
             }
             self.heard.remove(&node);
             self.partial.remove(&node);
+            for (channel, nodes) in self.occupied.iter_mut() {
+                if nodes.remove(&node) && nodes.is_empty() {
+                    expired.vacated.push(channel.clone());
+                }
+            }
+            self.occupied.retain(|_, nodes| !nodes.is_empty());
         }
-        changes
+        expired
     }
 
     /// The owner id standing for `node` in the table.
@@ -328,7 +404,7 @@ mod tests {
         ta.join("presence-r", (1, 3), 0, member("u3")).unwrap();
         let mut changes = Vec::new();
         let mut wanted = false;
-        for message in a.state(&ta, true) {
+        for message in a.state(&ta, &[], true) {
             let applied = b.apply(&mut tb, &message, now).unwrap();
             changes.extend(applied.changes);
             wanted |= applied.state_wanted;
@@ -352,7 +428,7 @@ mod tests {
             ta.join(&channel, (1, i as u32), 0, member(&i.to_string()))
                 .unwrap();
         }
-        let messages = a.state(&ta, false);
+        let messages = a.state(&ta, &[], false);
         assert_eq!(messages.len(), 2);
         for message in messages {
             b.apply(&mut tb, &message, now).unwrap();
@@ -368,13 +444,33 @@ mod tests {
         let join = a.join("presence-r", (1, 1), &member("u1"));
         b.apply(&mut tb, &join, start).unwrap();
         let reported = |_: &str| Some(start + Duration::from_secs(2));
-        assert!(b
-            .expire(&mut tb, reported, start + Duration::from_secs(5))
-            .is_empty());
+        let early = b.expire(&mut tb, reported, start + Duration::from_secs(5));
+        assert_eq!(early, Expired::default());
         let later = start + Duration::from_secs(6);
-        let changes = b.expire(&mut tb, reported, later);
-        assert!(matches!(changes[..], [(_, Change::Removed(_))]));
+        let expired = b.expire(&mut tb, reported, later);
+        assert!(matches!(expired.changes[..], [(_, Change::Removed(_))]));
         assert_eq!(tb.socket_count(), 0);
+    }
+
+    #[test]
+    fn occupancy_follows_messages_states_and_silence() {
+        let start = Instant::now();
+        let (a, mut b) = (ClusterPresence::new("a"), ClusterPresence::new("b"));
+        let mut tb = Presence::default();
+        b.apply(&mut tb, &a.occupancy("news", true), start).unwrap();
+        assert!(b.others_occupy("news"));
+        b.apply(&mut tb, &a.occupancy("news", false), start)
+            .unwrap();
+        assert!(!b.others_occupy("news"));
+        // A state replaces what a node held.
+        b.apply(&mut tb, &a.occupancy("old", true), start).unwrap();
+        for part in a.state(&Presence::default(), &["news".into()], false) {
+            b.apply(&mut tb, &part, start).unwrap();
+        }
+        assert!(b.others_occupy("news") && !b.others_occupy("old"));
+        // Silence: the channel is vacated as far as b knows.
+        let expired = b.expire(&mut tb, |_| None, start + Duration::from_secs(10));
+        assert_eq!(expired.vacated, vec!["news".to_string()]);
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct ServeConfig {
     /// Pusher clients may send `client-*` events to the other members of their private
     /// and presence channels (`--pusher-client-events`).
     pub pusher_client_events: bool,
+    /// Where the Pusher app's webhooks go (`--pusher-webhook`), if anywhere.
+    pub pusher_webhook: Option<String>,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -150,6 +152,7 @@ impl Default for ServeConfig {
             history: crate::history::Policy::default(),
             pusher_apps: Vec::new(),
             pusher_client_events: false,
+            pusher_webhook: None,
             faults: Faults::default(),
         }
     }

@@ -129,6 +129,12 @@ pub enum Message {
     /// Worker → master: a signed `GET /apps/{id}/channels…` (a `pusher_api::Read` as
     /// JSON); answered with `Answer`.
     PusherRead { request: u32, json: Vec<u8> },
+    /// Worker → master: a Pusher webhook event (JSON) for the master's batches (the
+    /// master sends the node's webhooks).
+    Webhook { json: Vec<u8> },
+    /// Master → worker, every second: the node's webhook counters (a
+    /// `webhooks::WebhookCounts` as JSON), for the workers' `/metrics`.
+    WebhookCounts { json: Vec<u8> },
     /// Master → worker: the answer to a `PresenceJoin` of the socket in `slot`: the
     /// `subscription_succeeded` data (the members), or why it was refused.
     PresenceJoined {
@@ -156,6 +162,8 @@ const PRESENCE_JOIN: u8 = 15;
 const PRESENCE_LEAVE: u8 = 16;
 const PRESENCE_JOINED: u8 = 17;
 const PUSHER_READ: u8 = 18;
+const WEBHOOK: u8 = 19;
+const WEBHOOK_COUNTS: u8 = 20;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -299,6 +307,14 @@ impl Message {
                 put_bytes(out, channel.as_bytes());
                 put_exclude(out, Some(*socket));
                 out.extend_from_slice(channel_data.as_bytes());
+            }
+            Message::Webhook { json } => {
+                out.push(WEBHOOK);
+                out.extend_from_slice(json);
+            }
+            Message::WebhookCounts { json } => {
+                out.push(WEBHOOK_COUNTS);
+                out.extend_from_slice(json);
             }
             Message::PusherRead { request, json } => {
                 out.push(PUSHER_READ);
@@ -447,6 +463,8 @@ impl Message {
                 socket: r.socket()?,
                 channel_data: r.text()?,
             },
+            WEBHOOK => Message::Webhook { json: r.rest() },
+            WEBHOOK_COUNTS => Message::WebhookCounts { json: r.rest() },
             PUSHER_READ => Message::PusherRead {
                 request: r.u32()?,
                 json: r.rest(),
@@ -711,6 +729,12 @@ mod tests {
             Message::PresenceLeave {
                 channel: "presence-room".into(),
                 socket: (7, 12),
+            },
+            Message::Webhook {
+                json: br#"{"name":"client_event"}"#.to_vec(),
+            },
+            Message::WebhookCounts {
+                json: br#"{"events_sent":1}"#.to_vec(),
             },
             Message::PusherRead {
                 request: 3,

@@ -68,6 +68,7 @@ pub mod target;
 pub mod tls;
 pub mod topics;
 pub mod upstream;
+pub mod webhooks;
 
 pub use config::{
     BrokerUrl, Faults, JwtConfig, JwtKey, Precision, ServeConfig, SlowConsumerPolicy, TlsFiles,

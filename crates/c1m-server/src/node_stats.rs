@@ -174,6 +174,14 @@ impl ClusterView {
         counts
     }
 
+    /// The nodes heard from within `STALE_AFTER` (this one's own report included).
+    pub fn fresh_nodes(&self, now: Instant) -> impl Iterator<Item = &str> {
+        self.reports
+            .iter()
+            .filter(move |(_, (_, at))| now.saturating_duration_since(*at) <= STALE_AFTER)
+            .map(|(node, _)| node.as_str())
+    }
+
     /// When `node`'s latest report came, if one did.
     pub fn reported_at(&self, node: &str) -> Option<Instant> {
         self.reports.get(node).map(|(_, at)| *at)

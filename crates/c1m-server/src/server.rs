@@ -22,6 +22,7 @@ mod cluster_resume;
 mod delivery;
 mod observe;
 mod pusher_clients;
+mod pusher_webhooks;
 mod requests;
 mod resume;
 mod upstream_events;
@@ -184,6 +185,9 @@ struct Server {
     /// The user id each local Pusher socket joined each presence channel as (client
     /// events on presence channels carry it), by (key, channel).
     presence_users: std::collections::HashMap<(usize, String), serde_json::Value>,
+    /// The Pusher app's webhooks, sent by this process (a single process; a worker's
+    /// master sends its node's).
+    webhooks: Option<crate::webhooks::Webhooks>,
     /// Each sending connection's client event bucket (the rate limit): when it was
     /// last used and the tokens left then.
     client_event_budget: std::collections::HashMap<usize, (Instant, f32)>,
@@ -226,7 +230,8 @@ impl Server {
                 let accept_rate = config
                     .max_accept_rate
                     .map(|rate| AcceptRate::shared(rate, Arc::clone(&scoreboard)));
-                let link = MasterLink::new(role.index, scoreboard, control, cluster);
+                let mut link = MasterLink::new(role.index, scoreboard, control, cluster);
+                link.share_interest = config.pusher_webhook.is_some();
                 (Upstream::ViaMaster(link), per_ip, accept_rate)
             }
             None => {
@@ -256,8 +261,18 @@ impl Server {
         )?
         .with_pusher_apps(&config.pusher_apps);
         let now = Instant::now();
-        // A worker's master keeps its node's presence members.
+        // A worker's master keeps its node's presence members and sends its webhooks.
         let keeps_presence = !matches!(upstream, Upstream::ViaMaster(_));
+        let webhooks = match (&config.pusher_webhook, config.pusher_apps.first()) {
+            (Some(url), Some(app)) if keeps_presence => {
+                Some(crate::webhooks::Webhooks::start(url, app)?)
+            }
+            _ => None,
+        };
+        let mut upstream = upstream;
+        if let (Upstream::ViaBroker(cluster), Some(_)) = (&mut upstream, &webhooks) {
+            cluster.share_occupancy();
+        }
         let mut clock_config = config.clone();
         // A worker broadcasts what its master sends; only a single process keeps time.
         clock_config.connect_only |= matches!(upstream, Upstream::ViaMaster(_));
@@ -323,6 +338,7 @@ impl Server {
             accept_rate,
             muted: HashSet::new(),
             presence: keeps_presence.then(crate::presence::Presence::default),
+            webhooks,
             presence_users: Default::default(),
             client_event_budget: Default::default(),
             history,
@@ -450,6 +466,10 @@ impl Server {
         for (topic, on) in self.registry.take_interest_changes() {
             self.upstream.interest(&topic, on);
             self.stop_listening_unless_subscribed(&topic);
+            self.occupancy_webhook(&topic, on, now);
+        }
+        if let Some(webhooks) = self.webhooks.as_mut() {
+            webhooks.flush_due(now);
         }
         self.flush_to_master(now);
     }
@@ -473,6 +493,7 @@ impl Server {
             self.publications.deadline(now),
             self.copy.next_deadline(),
             self.history_reads.next_deadline(),
+            self.webhooks.as_ref().and_then(|w| w.next_deadline()),
             self.shutdown_deadline,
         ]
         .into_iter()

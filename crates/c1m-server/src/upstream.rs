@@ -54,7 +54,7 @@ impl Upstream {
         match self {
             Upstream::Local => {}
             Upstream::ViaMaster(link) => {
-                if link.cluster_up.is_some() {
+                if link.cluster_up.is_some() || link.share_interest {
                     link.send(&Message::Interest {
                         topic: topic.to_string(),
                         on,
@@ -144,6 +144,12 @@ pub struct MasterLink {
     /// The master's largest history topics as (name, bytes), as of its last second
     /// (`control::Message::HistoryLargest`).
     pub history_largest: Vec<(String, usize)>,
+    /// Tell the master about topics that got their first or lost their last
+    /// subscriber even without a cluster (Pusher webhooks: the master decides
+    /// `channel_occupied`/`vacated` for the node).
+    pub share_interest: bool,
+    /// The node's webhook counters, as of the master's last second.
+    pub webhook_counts: Option<crate::webhooks::WebhookCounts>,
     /// When this worker next sends its topic counts.
     next_report: Instant,
 }
@@ -165,6 +171,8 @@ impl MasterLink {
             waiting: HashMap::new(),
             cluster_up: cluster.then_some(false),
             history_largest: Vec::new(),
+            share_interest: false,
+            webhook_counts: None,
             next_report: Instant::now(),
         }
     }

@@ -251,6 +251,13 @@ pub struct ServeArgs {
     #[arg(long, env = "C1M_PUSHER_CLIENT_EVENTS")]
     pusher_client_events: bool,
 
+    /// Send the Pusher app's webhooks to URL (http:// or https://): channel_occupied,
+    /// channel_vacated, member_added, member_removed and client_event, each once per
+    /// cluster, batched (up to 100 events, 250 ms), signed with the app's secret
+    /// (X-Pusher-Key, X-Pusher-Signature), retried with backoff; counted in /metrics.
+    #[arg(long, value_name = "URL", value_parser = parse_webhook_url, env = "C1M_PUSHER_WEBHOOK")]
+    pusher_webhook: Option<String>,
+
     /// The most memory topic history may hold, all topics together (payloads plus
     /// bookkeeping); past it the oldest publications of any topic go first, and a topic
     /// left with none starts a new epoch.
@@ -368,6 +375,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
              run one server per app"
         );
     }
+    if args.pusher_webhook.is_some() && args.pusher_app.is_empty() {
+        anyhow::bail!("--pusher-webhook needs a --pusher-app (whose secret signs the webhooks)");
+    }
     if args.api_key.as_deref() == Some("") {
         anyhow::bail!(
             "--api-key is empty: give a key, or leave the flag out to turn the publish API off"
@@ -439,6 +449,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         pusher_apps: args.pusher_app.clone(),
         pusher_client_events: args.pusher_client_events,
+        pusher_webhook: args.pusher_webhook.clone(),
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),
@@ -579,6 +590,10 @@ fn parse_history_rule(text: &str) -> Result<c1m_server::history::Rule, String> {
             ttl: ttl.filter(|d| !d.is_zero()),
         },
     })
+}
+
+fn parse_webhook_url(url: &str) -> Result<String, String> {
+    c1m_server::webhooks::check_url(url).map(|()| url.to_string())
 }
 
 #[cfg(test)]

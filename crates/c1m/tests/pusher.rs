@@ -45,16 +45,17 @@ fn run_public(port: u16, api_port: u16) -> Vec<Value> {
 
 /// Runs one of the Node scripts: its steps, one JSON object per line.
 fn run_script(script: &str, port: u16, api_port: u16) -> Vec<Value> {
+    run_script_with(script, port, &[api_port])
+}
+
+/// [`run_script`] with further port arguments after the app.
+fn run_script_with(script: &str, port: u16, more: &[u16]) -> Vec<Value> {
     let dir = npm_packages();
+    let more: Vec<String> = more.iter().map(u16::to_string).collect();
     let output = Command::new("node")
         .arg(script)
-        .args([
-            &port.to_string(),
-            APP[0],
-            APP[1],
-            APP[2],
-            &api_port.to_string(),
-        ])
+        .args([&port.to_string(), APP[0], APP[1], APP[2]])
+        .args(&more)
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("node is needed for this test: {e}"));
@@ -378,6 +379,98 @@ fn presence_and_client_events_across_a_three_node_cluster() {
     assert_presence_works(&run_script("presence.mjs", port(0), port(1)));
     assert_presence_works(&run_script("presence.mjs", port(1), port(0)));
     assert_echo_presence_works(&run_script("echo_presence.mjs", port(2), port(0)));
+}
+
+/// A free port on loopback (for a listener a script opens later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// What `webhooks.mjs` received: every event valid by the SDK's validator, and each
+/// of the channel's life once (occupied, two members in and out, the client event,
+/// vacated), whichever process or node sent it.
+fn assert_webhooks_work(steps: &[Value]) {
+    let got = step(steps, "webhooks");
+    assert_eq!(got["invalid"], 0, "{got}");
+    let events = got["events"].as_array().expect("events");
+    let count = |name: &str, user: Option<&str>| {
+        events
+            .iter()
+            .filter(|e| {
+                e["name"] == name
+                    && e["channel"] == "presence-hooks"
+                    && user.is_none_or(|u| e["user_id"] == u)
+            })
+            .count()
+    };
+    for (name, user) in [
+        ("channel_occupied", None),
+        ("member_added", Some("alice")),
+        ("member_added", Some("bob")),
+        ("member_removed", Some("bob")),
+        ("member_removed", Some("alice")),
+        ("channel_vacated", None),
+    ] {
+        assert_eq!(count(name, user), 1, "{name} {user:?}: {got}");
+    }
+    let client_event = events
+        .iter()
+        .find(|e| e["name"] == "client_event")
+        .unwrap_or_else(|| panic!("no client_event: {got}"));
+    assert_eq!(client_event["event"], "client-ping", "{got}");
+    assert_eq!(
+        client_event["data"], r#"{"n":1}"#,
+        "data as a string: {got}"
+    );
+    assert_eq!(client_event["user_id"], "alice", "{got}");
+    assert!(client_event["socket_id"].is_string(), "{got}");
+    assert_eq!(events.len(), 7, "nothing else, nothing twice: {got}");
+    step(steps, "done");
+}
+
+fn webhook_args(hook_port: u16) -> Vec<String> {
+    vec![
+        "--pusher-client-events".into(),
+        "--pusher-webhook".into(),
+        format!("http://127.0.0.1:{hook_port}/"),
+    ]
+}
+
+#[test]
+fn webhooks_on_one_process_and_on_two_workers() {
+    for workers in ["1", "2"] {
+        let hook_port = free_port();
+        let mut args = pusher_args(workers);
+        args.extend(webhook_args(hook_port));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start(&args);
+        let port = server.addr.port();
+        assert_webhooks_work(&run_script_with("webhooks.mjs", port, &[port, hook_port]));
+        let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
+        let sent = common::metric_value(&metrics, "c1m_pusher_webhook_events_sent_total");
+        if workers == "1" {
+            assert_eq!(sent, Some(7.0), "{metrics}");
+        } else {
+            // A worker shows the master's counts as of its last second.
+            assert!(sent.is_some(), "{metrics}");
+        }
+    }
+}
+
+/// Webhooks across a cluster: Alice on one node, Bob on another; still each event
+/// once (the nodes tell each other which channels they have).
+#[test]
+fn webhooks_across_a_cluster() {
+    let redis = Redis::start();
+    let hook_port = free_port();
+    let args = webhook_args(hook_port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nodes = [redis.node("1", &args), redis.node("2", &args)];
+    let (a, b) = (nodes[0].addr.port(), nodes[1].addr.port());
+    assert_webhooks_work(&run_script_with("webhooks.mjs", a, &[b, hook_port]));
 }
 
 /// A Pusher client of the test app on `addr`: connected, its socket id read.

@@ -117,9 +117,14 @@ struct Master<S> {
     /// broker, which keeps the cluster's history.
     history_reads: HistoryReads<(usize, u32)>,
     next_history_expiry: Instant,
+    next_webhook_counts: Instant,
     /// Presence members of the node's Pusher sockets, each owned by its worker
     /// (`master/presence.rs`).
     presence: crate::presence::Presence,
+    /// The node's Pusher webhooks (`--pusher-webhook`), and which workers have
+    /// subscribers of each channel (for `channel_occupied`/`vacated`).
+    webhooks: Option<crate::webhooks::Webhooks>,
+    occupied: HashMap<String, std::collections::HashSet<usize>>,
     node: String,
     next_stats: Instant,
     /// (when, messages out) at the previous stats line, for its rate.
@@ -170,6 +175,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 BROKER,
             )?),
         };
+        let webhooks = match (&config.pusher_webhook, config.pusher_apps.first()) {
+            (Some(url), Some(app)) => Some(crate::webhooks::Webhooks::start(url, app)?),
+            _ => None,
+        };
+        let mut cluster = cluster;
+        if let (Some(cluster), Some(_)) = (cluster.as_mut(), &webhooks) {
+            cluster.share_occupancy();
+        }
         let now = Instant::now();
         // Without a cluster the master orders the node's publications and keeps their
         // history; in one, its copy of what the broker keeps (`cluster_copy`).
@@ -198,7 +211,10 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             copy: ClusterCopy::default(),
             history_reads: HistoryReads::default(),
             next_history_expiry: now,
+            next_webhook_counts: now,
             presence: Default::default(),
+            webhooks,
+            occupied: HashMap::new(),
             node,
             shutdown_deadline: None,
         })
@@ -216,6 +232,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.cluster.as_ref().map(ClusterNode::next_deadline),
                 self.copy.next_deadline(),
                 self.history_reads.next_deadline(),
+                self.webhooks.as_ref().and_then(|w| w.next_deadline()),
             ]
             .into_iter()
             .flatten()
@@ -296,6 +313,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             self.relays.worker_gone(index);
             self.worker_counts[index] = TopicCounts::default();
             self.presence_worker_gone(index, Instant::now());
+            self.interest_worker_gone(index, Instant::now());
             if let Some(cluster) = self.cluster.as_mut() {
                 cluster.forget_member(index);
             }
@@ -357,7 +375,12 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     cluster.interest(index, &topic, on);
                 }
                 self.stop_listening_unless_subscribed(&topic);
+                self.worker_interest(index, &topic, on, now);
             }
+            Message::Webhook { json } => match serde_json::from_slice(&json) {
+                Ok(event) => self.webhook(event, now),
+                Err(error) => tracing::warn!(%error, "bad webhook event from a worker"),
+            },
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
             Message::HistoryRequest { request, query } => {
                 let (status, body) = match crate::http::parse_history_query(&query) {
@@ -788,6 +811,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
     /// the clock, the stats line; then everything queued for the workers is written.
     fn on_tick(&mut self, now: Instant) {
         self.finish_relays(now);
+        if let Some(webhooks) = self.webhooks.as_mut() {
+            webhooks.flush_due(now);
+        }
         self.broker_resume_timers(now);
         if let Some(cluster) = self.cluster.as_mut() {
             for finished in cluster.expire(now) {
@@ -798,8 +824,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             let report = self.node_report();
             if let Some(cluster) = self.cluster.as_mut() {
                 cluster.send_report(&report);
+                let speaks = cluster.speaks_for_the_cluster(now);
                 let gone = cluster.expire_presence(&mut self.presence, now);
-                self.presence_publish_all(gone, now);
+                self.presence_expired(gone, speaks, now);
             }
         }
         if self.clock.due(now, self.scoreboard.total_open() as usize) {
@@ -842,6 +869,17 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             let json = serde_json::to_vec(&largest).unwrap_or_default();
             for worker in &mut self.workers {
                 worker.send(&Message::HistoryLargest { json: json.clone() });
+            }
+        }
+        if let Some(webhooks) = self
+            .webhooks
+            .as_ref()
+            .filter(|_| now >= self.next_webhook_counts)
+        {
+            self.next_webhook_counts = now + Duration::from_secs(1);
+            let json = serde_json::to_vec(&webhooks.stats.snapshot()).unwrap_or_default();
+            for worker in &mut self.workers {
+                worker.send(&Message::WebhookCounts { json: json.clone() });
             }
         }
         for worker in &mut self.workers {

@@ -48,6 +48,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             outcome,
         });
         if let Some(change) = change {
+            self.webhook(crate::webhooks::event::member(&channel, &change), now);
             self.presence_publish(&channel, &change, Some(socket), now);
         }
     }
@@ -59,6 +60,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             cluster.presence_left(channel, socket);
         }
         if let Some(change) = change {
+            self.webhook(crate::webhooks::event::member(channel, &change), now);
             self.presence_publish(channel, &change, None, now);
         }
     }
@@ -70,7 +72,81 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             // The other nodes diff what they held of this node against what is left.
             cluster.presence_state(&self.presence, false);
         }
+        for (channel, change) in &changes {
+            self.webhook(crate::webhooks::event::member(channel, change), now);
+        }
         self.presence_publish_all(changes, now);
+    }
+
+    /// Sends `event` with the node's webhooks, if the app has them.
+    pub(super) fn webhook(&mut self, event: serde_json::Value, now: Instant) {
+        if let Some(webhooks) = self.webhooks.as_mut() {
+            webhooks.push(event, now);
+        }
+    }
+
+    /// Worker `index` has (`on`) or no longer has subscribers of `topic`: with
+    /// webhooks, the node's first subscriber or last one tells the app (unless another
+    /// node of the cluster has some).
+    pub(super) fn worker_interest(&mut self, index: usize, topic: &str, on: bool, now: Instant) {
+        if self.webhooks.is_none() || topic == crate::topics::TIME {
+            return;
+        }
+        let workers = self.occupied.entry(topic.to_string()).or_default();
+        let was = !workers.is_empty();
+        if on {
+            workers.insert(index);
+        } else {
+            workers.remove(&index);
+        }
+        let is = !workers.is_empty();
+        if !is {
+            self.occupied.remove(topic);
+        }
+        let others = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.others_occupy(topic));
+        if was != is && !others {
+            let event = if is {
+                crate::webhooks::event::channel_occupied(topic)
+            } else {
+                crate::webhooks::event::channel_vacated(topic)
+            };
+            self.webhook(event, now);
+        }
+    }
+
+    /// Worker `index` died: the channels only it had subscribers of are vacated.
+    pub(super) fn interest_worker_gone(&mut self, index: usize, now: Instant) {
+        let topics: Vec<String> = self
+            .occupied
+            .iter()
+            .filter(|(_, workers)| workers.contains(&index))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in topics {
+            self.worker_interest(index, &topic, false, now);
+        }
+    }
+
+    /// Other nodes went silent: their members leave (told to the members here); the
+    /// node that speaks for the cluster tells the app.
+    pub(super) fn presence_expired(
+        &mut self,
+        expired: crate::cluster_presence::Expired,
+        speaks: bool,
+        now: Instant,
+    ) {
+        if speaks {
+            for (channel, change) in &expired.changes {
+                self.webhook(crate::webhooks::event::member(channel, change), now);
+            }
+            for channel in &expired.vacated {
+                self.webhook(crate::webhooks::event::channel_vacated(channel), now);
+            }
+        }
+        self.presence_publish_all(expired.changes, now);
     }
 
     /// [`Self::presence_publish`] for each change (another node's, or a gone one's).

@@ -118,6 +118,14 @@ impl Server {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             ));
         }
+        let webhook_counts = match (&self.webhooks, &self.upstream) {
+            (Some(webhooks), _) => Some(webhooks.stats.snapshot()),
+            (None, Upstream::ViaMaster(link)) => link.webhook_counts,
+            _ => None,
+        };
+        if let Some(counts) = webhook_counts {
+            text.push_str(&counts.render());
+        }
         text.push_str(&format!(
             "# HELP c1m_sse_streams_opened_total Server-Sent Events streams opened (GET /sse); open ones count in c1m_connections.\n# TYPE c1m_sse_streams_opened_total counter\nc1m_sse_streams_opened_total {}\n",
             self.registry.counters.sse_opened

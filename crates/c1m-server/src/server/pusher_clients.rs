@@ -214,6 +214,7 @@ impl Server {
                 let data = table.subscription_data(channel);
                 if let Some(change) = change {
                     self.presence_publish(channel, &change, Some(socket), now);
+                    self.webhook(crate::webhooks::event::member(channel, &change), now);
                 }
                 Ok(Some(pusher::subscription_succeeded_with(channel, &data)))
             }
@@ -284,6 +285,7 @@ impl Server {
                     }
                     if let Some(change) = change {
                         self.presence_publish(&channel, &change, None, now);
+                        self.webhook(crate::webhooks::event::member(&channel, &change), now);
                     }
                 }
                 None => self.send_to_master(&Message::PresenceLeave { channel, socket }),
@@ -293,7 +295,7 @@ impl Server {
 
     /// Tells the members of `channel` here that a user came or went (not `exclude`,
     /// the socket that joined: it gets the member list instead).
-    fn presence_publish(
+    pub(super) fn presence_publish(
         &mut self,
         channel: &str,
         change: &Change,
@@ -363,6 +365,14 @@ impl Server {
         }
         self.registry.counters.pusher_client_events += 1;
         let socket = (pusher::process_token(), key as u32);
+        let hook = crate::webhooks::event::client_event(
+            &channel,
+            event,
+            data,
+            &pusher::socket_id(key),
+            user_id.as_ref(),
+        );
+        self.webhook(hook, now);
         let frame = pusher::text_frame(&text);
         self.pusher_publish(&channel, frame, Some(socket), now)
             .map_err(|_| {

@@ -208,9 +208,14 @@ impl Server {
                 channel,
                 outcome,
             } => self.on_presence_joined(slot, &channel, outcome),
+            Message::WebhookCounts { json } => match serde_json::from_slice(&json) {
+                Ok(counts) => link.webhook_counts = Some(counts),
+                Err(error) => tracing::warn!(%error, "bad webhook counts from the master"),
+            },
             Message::Relay { .. }
             | Message::PresenceJoin { .. }
             | Message::PusherRead { .. }
+            | Message::Webhook { .. }
             | Message::PresenceLeave { .. }
             | Message::Delivered { .. }
             | Message::Interest { .. }
@@ -309,11 +314,12 @@ impl Server {
                     let report = self.node_report();
                     if let Upstream::ViaBroker(cluster) = &mut self.upstream {
                         cluster.send_report(&report);
+                        let speaks = cluster.speaks_for_the_cluster(now);
                         let gone = match self.presence.as_mut() {
                             Some(table) => cluster.expire_presence(table, now),
-                            None => Vec::new(),
+                            None => Default::default(),
                         };
-                        self.presence_publish_all(gone, now);
+                        self.presence_expired(gone, speaks, now);
                     }
                 }
             }
