@@ -31,8 +31,25 @@ pub const MAX_CLOCK_SKEW_SECS: u64 = 600;
 /// Most channels one `POST /apps/{id}/events` may name (Pusher's limit).
 pub const MAX_CHANNELS_PER_EVENT: usize = 100;
 
-/// Longest channel name (Pusher's limit is 164 characters; c1m topics hold 128).
-pub const MAX_CHANNEL_NAME: usize = crate::topics::MAX_TOPIC_NAME;
+/// Longest channel name (Pusher's limit).
+pub const MAX_CHANNEL_NAME: usize = 164;
+
+/// Checks a channel name as Pusher does: 1 to 164 characters from
+/// `A-Z a-z 0-9 _ - = @ , . ;` (and `:`, which c1m's own topic names use). A channel is
+/// a topic; names with `= @ , ;` are for Pusher clients only (the native protocol's
+/// topic names, and comma-separated topic lists, do not take them).
+pub fn validate_channel(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+        return Err(format!(
+            "a channel name has 1 to {MAX_CHANNEL_NAME} characters"
+        ));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-=@,.;:".contains(&b);
+    if !name.bytes().all(allowed) {
+        return Err("a channel name uses only A-Z a-z 0-9 _ - = @ , . ; :".into());
+    }
+    Ok(())
+}
 
 /// One application: clients connect with its `key`, the HTTP API is signed with its
 /// `secret`.
@@ -415,8 +432,7 @@ impl Trigger {
             ));
         }
         for channel in &channels {
-            crate::topics::validate_name(channel)
-                .map_err(|e| format!("channel {channel:?}: {e}"))?;
+            validate_channel(channel).map_err(|e| format!("channel {channel:?}: {e}"))?;
         }
         let data = match wire.data {
             Value::String(text) => text,
@@ -699,6 +715,21 @@ mod tests {
             "another user"
         );
         assert!(!ok("1.2", "presence-a", None, &auth));
+    }
+
+    #[test]
+    fn channel_names_follow_pushers_rules() {
+        for good in [
+            "a",
+            "private-a=b@c,d.e;f",
+            "presence-room:1",
+            &"x".repeat(164),
+        ] {
+            assert!(validate_channel(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a#b", "a/b", "é", &"x".repeat(165)] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

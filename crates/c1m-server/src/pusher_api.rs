@@ -59,7 +59,8 @@ impl Read {
         let user_count = info.contains(&"user_count");
         let subscription_count = info.contains(&"subscription_count");
         let bad_name = |name: &str| {
-            crate::topics::validate_name(name).map_err(|e| (400, format!("channel {name:?}: {e}")))
+            crate::pusher::validate_channel(name)
+                .map_err(|e| (400, format!("channel {name:?}: {e}")))
         };
         let presence_only = |name: &str, what: &str| {
             if channel_kind(name) == ChannelKind::Presence {

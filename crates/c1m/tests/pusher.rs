@@ -599,6 +599,19 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
         "pusher_internal:subscription_succeeded"
     );
 
+    // Pusher's channel names take `= @ , ;` (not c1m's native topic names).
+    let odd = r#"{"event":"pusher:subscribe","data":{"channel":"room=1@eu,a;b"}}"#;
+    bystander.send(Message::text(odd)).await.unwrap();
+    let answer = common::next_json(&mut bystander).await;
+    assert_eq!(
+        (&answer["event"], &answer["channel"]),
+        (
+            &"pusher_internal:subscription_succeeded".into(),
+            &"room=1@eu,a;b".into()
+        ),
+        "{answer}"
+    );
+
     let mut rogue = connect("/app/app-key").await;
     common::next_json(&mut rogue).await;
     for (bad, says) in [

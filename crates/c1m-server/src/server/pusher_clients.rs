@@ -23,7 +23,6 @@ use crate::control::Message;
 use crate::presence::{Change, Member, Refused};
 use crate::pusher::{self, ChannelKind, ClientMessage, SocketRef, Trigger};
 use crate::target::Target;
-use crate::topics::validate_name;
 use crate::upstream::{Upstream, Waiting};
 
 use super::delivery::WhenDelivered;
@@ -124,7 +123,7 @@ impl Server {
     ) -> Result<Option<String>, String> {
         let refuse =
             |status, message: &str| Err(pusher::subscription_error(channel, status, message));
-        if let Err(error) = validate_name(channel) {
+        if let Err(error) = pusher::validate_channel(channel) {
             return refuse(400, &format!("bad channel name: {error}"));
         }
         let kind = pusher::channel_kind(channel);
