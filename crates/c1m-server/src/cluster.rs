@@ -27,7 +27,7 @@ use crate::cluster_presence::ClusterPresence;
 use crate::config::BrokerUrl;
 use crate::history::Position;
 use crate::node_stats::{self, ClusterView, NodeReport};
-use crate::presence::{Change, Member, Presence};
+use crate::presence::{Member, Presence};
 use crate::publish_acks::{Finished, PublishAcks};
 use crate::pusher::SocketRef;
 use crate::target::Target;
@@ -378,25 +378,32 @@ impl<W> ClusterNode<W> {
     }
 
     /// Applies another node's presence change to `table`: the member events for this
-    /// node's subscribers. A node asking for states is answered here.
+    /// node's subscribers, and a user whose connections to close. A node asking for
+    /// states is answered here.
     pub fn apply_presence(
         &mut self,
         table: &mut Presence,
         change: &[u8],
         now: Instant,
-    ) -> Vec<(String, Change)> {
+    ) -> crate::cluster_presence::Applied {
         match self.presence.apply(table, change, now) {
             Ok(applied) => {
                 if applied.state_wanted {
                     self.presence_state(table, false);
                 }
-                applied.changes
+                applied
             }
             Err(error) => {
                 tracing::warn!(%error, "ignoring a presence message from the broker");
-                Vec::new()
+                Default::default()
             }
         }
+    }
+
+    /// The app asked this node to close `user`'s connections: the other nodes are told.
+    pub fn terminate_user(&self, user: &str) {
+        self.link
+            .send(broker::Command::Presence(self.presence.terminate(user)));
     }
 
     /// Other nodes gone silent (see `cluster_presence`): their sockets leave `table`;

@@ -65,6 +65,8 @@ enum Wire {
         #[serde(default)]
         occupied: Vec<String>,
     },
+    /// The app asked (on `node`) to close every connection signed in as `user`.
+    Terminate { node: String, user: String },
     /// `channel` got its first (`on`) or lost its last subscriber on `node` (sent
     /// with webhooks, so that `channel_occupied`/`vacated` go out once per cluster).
     Occupancy {
@@ -81,6 +83,8 @@ pub struct Applied {
     pub changes: Vec<(String, Change)>,
     /// Another node asked for every node's state: send [`ClusterPresence::state`].
     pub state_wanted: bool,
+    /// Close the connections signed in as this user.
+    pub terminate: Option<String>,
 }
 
 /// What nodes that went silent took with them.
@@ -147,6 +151,14 @@ impl ClusterPresence {
         })
     }
 
+    /// The app asked this node to close `user`'s connections: the others too.
+    pub fn terminate(&self, user: &str) -> Vec<u8> {
+        encode(&Wire::Terminate {
+            node: self.node.clone(),
+            user: user.to_string(),
+        })
+    }
+
     /// Whether another node has subscribers of `channel` (as far as this node heard).
     pub fn others_occupy(&self, channel: &str) -> bool {
         self.occupied
@@ -202,7 +214,8 @@ impl ClusterPresence {
             Wire::Join { node, .. }
             | Wire::Leave { node, .. }
             | Wire::State { node, .. }
-            | Wire::Occupancy { node, .. } => node.clone(),
+            | Wire::Occupancy { node, .. }
+            | Wire::Terminate { node, .. } => node.clone(),
         };
         if node == self.node {
             return Ok(Applied::default());
@@ -233,6 +246,7 @@ impl ClusterPresence {
                 }
             }
             Wire::Occupancy { channel, on, .. } => self.occupy(&node, channel, on),
+            Wire::Terminate { user, .. } => applied.terminate = Some(user),
             Wire::State {
                 ask,
                 part,

@@ -129,6 +129,9 @@ pub enum Message {
     /// Worker → master: a signed `GET /apps/{id}/channels…` (a `pusher_api::Read` as
     /// JSON); answered with `Answer`.
     PusherRead { request: u32, json: Vec<u8> },
+    /// Worker → master: close every connection of the node (and of the cluster) signed
+    /// in as `user`; master → worker: close yours.
+    Terminate { user: String },
     /// Worker → master: a Pusher webhook event (JSON) for the master's batches (the
     /// master sends the node's webhooks).
     Webhook { json: Vec<u8> },
@@ -164,6 +167,7 @@ const PRESENCE_JOINED: u8 = 17;
 const PUSHER_READ: u8 = 18;
 const WEBHOOK: u8 = 19;
 const WEBHOOK_COUNTS: u8 = 20;
+const TERMINATE: u8 = 21;
 
 impl Message {
     /// Appends the encoded message to `out`.
@@ -307,6 +311,10 @@ impl Message {
                 put_bytes(out, channel.as_bytes());
                 put_exclude(out, Some(*socket));
                 out.extend_from_slice(channel_data.as_bytes());
+            }
+            Message::Terminate { user } => {
+                out.push(TERMINATE);
+                out.extend_from_slice(user.as_bytes());
             }
             Message::Webhook { json } => {
                 out.push(WEBHOOK);
@@ -464,6 +472,7 @@ impl Message {
                 channel_data: r.text()?,
             },
             WEBHOOK => Message::Webhook { json: r.rest() },
+            TERMINATE => Message::Terminate { user: r.text()? },
             WEBHOOK_COUNTS => Message::WebhookCounts { json: r.rest() },
             PUSHER_READ => Message::PusherRead {
                 request: r.u32()?,
@@ -733,6 +742,7 @@ mod tests {
             Message::Webhook {
                 json: br#"{"name":"client_event"}"#.to_vec(),
             },
+            Message::Terminate { user: "u@1".into() },
             Message::WebhookCounts {
                 json: br#"{"events_sent":1}"#.to_vec(),
             },

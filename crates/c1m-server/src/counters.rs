@@ -33,6 +33,10 @@ pub struct Counters {
     pub pusher_subscriptions_refused: u64,
     /// Pusher sockets that joined a presence channel (signature and data checked).
     pub pusher_presence_joins: u64,
+    /// Pusher sockets signed in as a user (`pusher:signin`).
+    pub pusher_signins: u64,
+    /// Pusher connections closed by the app (`terminate_connections`).
+    pub pusher_terminated: u64,
     /// Client events (`client-*`) passed on to a channel's other subscribers.
     pub pusher_client_events: u64,
     /// Client events refused (not enabled, wrong channel, rate limit, size).

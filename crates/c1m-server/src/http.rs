@@ -33,6 +33,8 @@ pub enum Outcome {
     /// `POST /apps/{id}/events` or `/batch_events` (Pusher's HTTP API), signature
     /// checked: send each event to its channels.
     PusherEvents(Vec<crate::pusher::Trigger>),
+    /// `POST /apps/{id}/users/{user}/terminate_connections`, signature checked.
+    PusherTerminate(String),
     /// `GET /apps/{id}/channels…` (Pusher's read API), signature checked.
     PusherRead(crate::pusher_api::Read),
 }
@@ -181,9 +183,15 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
         }
         ("POST", path)
             if path.starts_with("/apps/")
-                && (path.ends_with("/events") || path.ends_with("/batch_events")) =>
+                && (path.ends_with("/events") || path.ends_with("/batch_events"))
+                && !path.contains("/users/") =>
         {
             pusher_events(request, path, query, body, cx)
+        }
+        ("POST", path)
+            if path.starts_with("/apps/") && path.ends_with("/terminate_connections") =>
+        {
+            pusher_terminate(request, path, query, body, cx)
         }
         ("GET", path) if path.starts_with("/apps/") => pusher_read(request, path, query, cx),
         ("GET", "/history") => {
@@ -325,6 +333,37 @@ fn pusher_read(request: &PlainRequest, path: &str, query: &str, cx: &Context<'_>
             };
             Outcome::Respond(json_response(status, reason, &json!({ "error": error })))
         }
+    }
+}
+
+/// `POST /apps/{id}/users/{user}/terminate_connections`: the app, its signature, the
+/// user.
+fn pusher_terminate(
+    request: &PlainRequest,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    cx: &Context<'_>,
+) -> Outcome {
+    let rest = path.strip_prefix("/apps/").unwrap_or_default();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [id, "users", user, "terminate_connections"] = parts[..] else {
+        return Outcome::Respond(json_response(
+            404,
+            "Not Found",
+            &json!({ "error": "expected /apps/ID/users/USER/terminate_connections" }),
+        ));
+    };
+    if let Err(refusal) = pusher_signed(request, id, path, query, body, cx) {
+        return refusal;
+    }
+    match crate::pusher::check_user_id(user) {
+        Ok(()) => Outcome::PusherTerminate(user.to_string()),
+        Err(error) => Outcome::Respond(json_response(
+            400,
+            "Bad Request",
+            &json!({ "error": error }),
+        )),
     }
 }
 
@@ -567,7 +606,8 @@ mod tests {
             | Outcome::Stats { .. }
             | Outcome::History(_)
             | Outcome::PusherEvents(_)
-            | Outcome::PusherRead(_) => 0,
+            | Outcome::PusherRead(_)
+            | Outcome::PusherTerminate(_) => 0,
         }
     }
 

@@ -149,6 +149,11 @@ pub enum ClientMessage {
     Unsubscribe {
         channel: String,
     },
+    /// `pusher:signin`: the user the app's user-authentication endpoint signed.
+    Signin {
+        auth: String,
+        user_data: String,
+    },
     /// A `client-*` event to the other members of `channel`; `data` as sent.
     ClientEvent {
         event: String,
@@ -202,6 +207,18 @@ impl ClientMessage {
                     .and_then(Value::as_str)
                     .map(str::to_string),
             },
+            "pusher:signin" => {
+                let field = |name: &str| {
+                    data.get(name)
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| error(code::GENERIC, &format!("missing data.{name}")))
+                };
+                ClientMessage::Signin {
+                    auth: field("auth")?,
+                    user_data: field("user_data")?,
+                }
+            }
             "pusher:unsubscribe" => ClientMessage::Unsubscribe {
                 channel: channel()?,
             },
@@ -251,6 +268,48 @@ pub fn sign_channel(
     };
     let signature = hex::encode(ring::hmac::sign(&hmac, signed.as_bytes()));
     format!("{}:{signature}", app.key)
+}
+
+/// The channel through which a signed-in user gets the app's `sendToUser` events;
+/// the user's id follows.
+pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
+
+/// Checks a user sign-in: `auth` is `KEY:SIGNATURE`, SIGNATURE = hex
+/// HMAC-SHA256(secret, "SOCKET_ID::user::USER_DATA"), and USER_DATA a JSON object
+/// with a non-empty string `id`. `Ok`: the user's id.
+pub fn signin_user(
+    app: &App,
+    socket_id: &str,
+    user_data: &str,
+    auth: &str,
+) -> Result<String, String> {
+    let signed = format!("{socket_id}::user::{user_data}");
+    let Some((key, signature)) = auth.split_once(':') else {
+        return Err("auth must be KEY:SIGNATURE".into());
+    };
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
+    let valid = hex::decode(signature)
+        .is_ok_and(|sig| ring::hmac::verify(&hmac, signed.as_bytes(), &sig).is_ok());
+    if key != app.key || !valid {
+        return Err("invalid signature: auth must be KEY:HMAC-SHA256(secret, \"SOCKET_ID::user::USER_DATA\")".into());
+    }
+    let user: Value =
+        serde_json::from_str(user_data).map_err(|_| "user_data is not JSON".to_string())?;
+    match user.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() && check_user_id(id).is_ok() => Ok(id.to_string()),
+        _ => Err("user_data needs an id: a non-empty string of at most 164 characters from A-Z a-z 0-9 _ - = @ , . ; :".into()),
+    }
+}
+
+/// Checks a user id (what goes after [`USER_CHANNEL_PREFIX`]).
+pub fn check_user_id(id: &str) -> Result<(), String> {
+    validate_channel(id).map_err(|_| format!("bad user id {id:?}"))
+}
+
+/// `pusher:signin_success` (its data a JSON string holding the signed user data).
+pub fn signin_success(user_data: &str) -> String {
+    let data = json!({ "user_data": user_data });
+    json!({"event": "pusher:signin_success", "data": data.to_string()}).to_string()
 }
 
 /// What kind of channel a name is (its prefix decides).
@@ -432,7 +491,12 @@ impl Trigger {
             ));
         }
         for channel in &channels {
-            validate_channel(channel).map_err(|e| format!("channel {channel:?}: {e}"))?;
+            match channel.strip_prefix(USER_CHANNEL_PREFIX) {
+                // `sendToUser`: the user's own channel.
+                Some(user) => check_user_id(user),
+                None => validate_channel(channel),
+            }
+            .map_err(|e| format!("channel {channel:?}: {e}"))?;
         }
         let data = match wire.data {
             Value::String(text) => text,

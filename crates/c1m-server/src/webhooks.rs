@@ -223,6 +223,12 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     hex::encode(ring::hmac::sign(&key, body))
 }
 
+/// Whether `topic` is a channel the app hears about: not the clock's topic (it exists
+/// from the start, subscribers or not) nor a user's own channel (`#server-to-user-…`).
+pub fn is_app_channel(topic: &str) -> bool {
+    topic != crate::topics::TIME && !topic.starts_with('#')
+}
+
 /// Checks a webhook URL at start-up: `http://` or `https://` and a host.
 pub fn check_url(url: &str) -> Result<(), String> {
     let rest = url

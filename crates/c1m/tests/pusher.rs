@@ -381,6 +381,36 @@ fn presence_and_client_events_across_a_three_node_cluster() {
     assert_echo_presence_works(&run_script("echo_presence.mjs", port(2), port(0)));
 }
 
+/// What `users.mjs` saw: sign-in, `sendToUser`, a forged sign-in refused, and
+/// `terminate_connections` closing the user's connection and no other.
+fn assert_users_work(steps: &[Value]) {
+    let signed = step(steps, "signed_in");
+    assert_eq!(signed["user"]["id"], "carol", "{signed}");
+    assert_eq!(
+        step(steps, "sent_to_user")["got"],
+        serde_json::json!({"text": "hi"})
+    );
+    let forged = step(steps, "forged_signin");
+    assert_eq!(forged["error"]["code"], 4009, "{forged}");
+    assert_eq!(forged["state"], "connected", "{forged}");
+    let terminated = step(steps, "terminated");
+    assert_eq!(terminated["status"], 200, "{terminated}");
+    assert_eq!(terminated["error"]["code"], 4009, "{terminated}");
+    assert_ne!(terminated["carol"], "connected", "{terminated}");
+    assert_eq!(terminated["mallory"], "connected", "{terminated}");
+    step(steps, "done");
+}
+
+#[test]
+fn user_signin_send_to_user_and_terminate_on_one_process_and_two_workers() {
+    for workers in ["1", "2"] {
+        let (server, port) = pusher_server(workers);
+        assert_users_work(&run_script("users.mjs", port, port));
+        let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
+        assert!(metrics.contains("c1m_pusher_signins_total"), "{metrics}");
+    }
+}
+
 /// A free port on loopback (for a listener a script opens later).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -461,7 +491,7 @@ fn webhooks_on_one_process_and_on_two_workers() {
 }
 
 /// Webhooks across a cluster: Alice on one node, Bob on another; still each event
-/// once (the nodes tell each other which channels they have).
+/// once (the nodes tell each other which channels they have). Then users across it.
 #[test]
 fn webhooks_across_a_cluster() {
     let redis = Redis::start();
@@ -471,6 +501,9 @@ fn webhooks_across_a_cluster() {
     let nodes = [redis.node("1", &args), redis.node("2", &args)];
     let (a, b) = (nodes[0].addr.port(), nodes[1].addr.port());
     assert_webhooks_work(&run_script_with("webhooks.mjs", a, &[b, hook_port]));
+    // Sign-in on one node, the SDK's sendToUser and terminate_connections on another.
+    assert_users_work(&run_script("users.mjs", a, b));
+    assert_users_work(&run_script("users.mjs", b, a));
 }
 
 /// A Pusher client of the test app on `addr`: connected, its socket id read.

@@ -377,6 +377,12 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.stop_listening_unless_subscribed(&topic);
                 self.worker_interest(index, &topic, on, now);
             }
+            Message::Terminate { user } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.terminate_user(&user);
+                }
+                self.terminate_on_workers(&user);
+            }
             Message::Webhook { json } => match serde_json::from_slice(&json) {
                 Ok(event) => self.webhook(event, now),
                 Err(error) => tracing::warn!(%error, "bad webhook event from a worker"),
@@ -629,11 +635,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                     self.send_to_all(&bytes);
                 }
                 ClusterEvent::Presence(change) => {
-                    let changes = match self.cluster.as_mut() {
+                    let applied = match self.cluster.as_mut() {
                         Some(cluster) => cluster.apply_presence(&mut self.presence, &change, now),
-                        None => Vec::new(),
+                        None => Default::default(),
                     };
-                    self.presence_publish_all(changes, now);
+                    if let Some(user) = applied.terminate {
+                        self.terminate_on_workers(&user);
+                    }
+                    self.presence_publish_all(applied.changes, now);
                 }
             }
         }

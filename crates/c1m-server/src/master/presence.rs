@@ -78,6 +78,16 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         self.presence_publish_all(changes, now);
     }
 
+    /// Every worker closes its connections signed in as `user`.
+    pub(super) fn terminate_on_workers(&mut self, user: &str) {
+        let mut bytes = Vec::new();
+        Message::Terminate {
+            user: user.to_string(),
+        }
+        .encode(&mut bytes);
+        self.send_to_all(&bytes);
+    }
+
     /// Sends `event` with the node's webhooks, if the app has them.
     pub(super) fn webhook(&mut self, event: serde_json::Value, now: Instant) {
         if let Some(webhooks) = self.webhooks.as_mut() {
@@ -89,7 +99,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
     /// webhooks, the node's first subscriber or last one tells the app (unless another
     /// node of the cluster has some).
     pub(super) fn worker_interest(&mut self, index: usize, topic: &str, on: bool, now: Instant) {
-        if self.webhooks.is_none() || topic == crate::topics::TIME {
+        if self.webhooks.is_none() || !crate::webhooks::is_app_channel(topic) {
             return;
         }
         let workers = self.occupied.entry(topic.to_string()).or_default();

@@ -104,6 +104,16 @@ impl Server {
                 c.pusher_presence_joins,
             ),
             (
+                "c1m_pusher_signins_total",
+                "Pusher sockets signed in as a user (pusher:signin).",
+                c.pusher_signins,
+            ),
+            (
+                "c1m_pusher_terminated_total",
+                "Pusher connections closed by the app (terminate_connections).",
+                c.pusher_terminated,
+            ),
+            (
                 "c1m_pusher_client_events_total",
                 "Pusher client events (client-*) passed on to a channel's other subscribers.",
                 c.pusher_client_events,

@@ -91,6 +91,12 @@ impl Server {
                 }
                 return Next::Keep;
             }
+            ClientMessage::Signin { auth, user_data } => {
+                match self.pusher_signin(key, &auth, &user_data) {
+                    Ok(answer) => answer,
+                    Err(error) => pusher::error(pusher::code::UNAUTHORIZED, &error),
+                }
+            }
             ClientMessage::ClientEvent {
                 event,
                 channel,
@@ -178,6 +184,76 @@ impl Server {
         match joining {
             Some(joining) => self.presence_join(key, channel, joining, now),
             None => Ok(Some(pusher::subscription_succeeded(channel))),
+        }
+    }
+
+    /// `pusher:signin`: a valid signature puts the socket in its user's channel
+    /// (`#server-to-user-ID`: the app's `sendToUser` events, and how
+    /// `terminate_connections` finds it). `Err`: why not.
+    fn pusher_signin(&mut self, key: usize, auth: &str, user_data: &str) -> Result<String, String> {
+        let Some(app) = self.config.pusher_apps.first() else {
+            return Err("no app".into());
+        };
+        let user = pusher::signin_user(app, &pusher::socket_id(key), user_data, auth)?;
+        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
+        let registry = &mut self.registry;
+        let conn = &registry.conns[key];
+        let already = registry
+            .topics
+            .id(&channel)
+            .is_some_and(|id| conn.is_subscribed(id));
+        if !already {
+            if conn.subscription_count() >= self.config.max_topics_per_connection {
+                let limit = self.config.max_topics_per_connection;
+                return Err(format!("at most {limit} channels per connection"));
+            }
+            registry.subscribe(key, &channel);
+        }
+        self.registry.counters.pusher_signins += 1;
+        Ok(pusher::signin_success(user_data))
+    }
+
+    /// Closes this process's connections signed in as `user` (the app asked with
+    /// `terminate_connections`): `pusher:error` 4009, then close code 4009, so that
+    /// pusher-js does not reconnect on its own.
+    pub(super) fn terminate_user_here(&mut self, user: &str, now: Instant) {
+        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
+        let Some(id) = self.registry.topics.id(&channel) else {
+            return;
+        };
+        let keys: Vec<usize> = self
+            .registry
+            .topics
+            .subscribers(id)
+            .iter()
+            .map(|&key| key as usize)
+            .collect();
+        let error = pusher::error(
+            pusher::code::UNAUTHORIZED,
+            "connection terminated by the app",
+        );
+        for key in keys {
+            self.registry.counters.pusher_terminated += 1;
+            let next = self.reply(key, &error);
+            self.registry.after(key, PhaseKind::Open, next);
+            let code = CloseCode(pusher::code::UNAUTHORIZED);
+            self.registry
+                .close_open(key, code, "terminated by the app", now);
+        }
+    }
+
+    /// `POST /apps/{id}/users/{user}/terminate_connections`: the user's connections
+    /// here, on the node's other workers, and on the cluster's other nodes.
+    pub(super) fn terminate_user(&mut self, user: &str, now: Instant) {
+        match &mut self.upstream {
+            Upstream::ViaMaster(link) => link.send(&Message::Terminate {
+                user: user.to_string(),
+            }),
+            Upstream::ViaBroker(cluster) => {
+                cluster.terminate_user(user);
+                self.terminate_user_here(user, now);
+            }
+            Upstream::Local => self.terminate_user_here(user, now),
         }
     }
 

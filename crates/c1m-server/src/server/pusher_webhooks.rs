@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::cluster_presence::Expired;
 use crate::control::Message;
 use crate::upstream::Upstream;
-use crate::webhooks::event;
+use crate::webhooks::{event, is_app_channel};
 
 use super::Server;
 
@@ -36,9 +36,8 @@ impl Server {
     /// `topic` got its first (`on`) or lost its last subscriber in this process: a
     /// single process tells the app, unless another node of the cluster has some.
     pub(super) fn occupancy_webhook(&mut self, topic: &str, on: bool, now: Instant) {
-        // (A worker: its master decides for the node. The clock's topic exists from
-        // the start, subscribers or not: it is no app's channel.)
-        if self.webhooks.is_none() || topic == crate::topics::TIME {
+        // (A worker: its master decides for the node.)
+        if self.webhooks.is_none() || !is_app_channel(topic) {
             return;
         }
         if let Upstream::ViaBroker(cluster) = &self.upstream {

@@ -329,6 +329,10 @@ impl Server {
                 self.ask_master_for_pusher_read(parked, &read, now);
                 return Next::Keep;
             }
+            Outcome::PusherTerminate(user) => {
+                self.terminate_user(&user, now);
+                http::json_answer(200, &serde_json::json!({}))
+            }
             Outcome::PusherRead(read) => {
                 let (status, body) = self.pusher_read(&read, now);
                 http::json_answer(status, &body)

@@ -208,6 +208,7 @@ impl Server {
                 channel,
                 outcome,
             } => self.on_presence_joined(slot, &channel, outcome),
+            Message::Terminate { user } => self.terminate_user_here(&user, now),
             Message::WebhookCounts { json } => match serde_json::from_slice(&json) {
                 Ok(counts) => link.webhook_counts = Some(counts),
                 Err(error) => tracing::warn!(%error, "bad webhook counts from the master"),
@@ -267,11 +268,14 @@ impl Server {
                     }
                 }
                 ClusterEvent::Presence(change) => {
-                    let changes = match (cluster_of(&mut self.upstream), self.presence.as_mut()) {
+                    let applied = match (cluster_of(&mut self.upstream), self.presence.as_mut()) {
                         (Some(cluster), Some(table)) => cluster.apply_presence(table, &change, now),
-                        _ => Vec::new(),
+                        _ => Default::default(),
                     };
-                    self.presence_publish_all(changes, now);
+                    if let Some(user) = applied.terminate {
+                        self.terminate_user_here(&user, now);
+                    }
+                    self.presence_publish_all(applied.changes, now);
                 }
             }
         }
