@@ -3,8 +3,11 @@
 //! channels and to private ones (signed by the SDK's `authorizeChannel`), and the
 //! `pusher` server SDK sends events through the signed HTTP API
 //! (`tests/pusher/public.mjs`; the packages, pinned by its `package-lock.json`, are
-//! installed with `npm ci` on first use). On one process, on two workers, and across a
-//! cluster (the event sent to another node).
+//! installed with `npm ci` on first use), presence channels and client events
+//! (`presence.mjs`, Laravel Echo's `join`/`whisper` in `echo_presence.mjs`, the browser
+//! build in headless Chromium), the read API, user sign-in and `terminate_connections`
+//! (`users.mjs`) and webhooks checked by the SDK's validator (`webhooks.mjs`). On one
+//! process, on two workers, and across a three-node cluster.
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::Server;
+use common::{free_port, Broker, Server};
 use serde_json::Value;
 
 const APP: [&str; 3] = ["42", "app-key", "app-secret"];
@@ -295,72 +298,23 @@ fn laravel_echo_listens_on_public_and_private_channels() {
     step(&steps, "done");
 }
 
-/// A `redis-server` on a free port of loopback, stopped when dropped.
-struct Redis {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server is needed for this test ({e})"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Redis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
+/// A node of a cluster on `broker` serving the test app on `workers` workers, once
+/// ready.
+fn node(broker: &Broker, workers: &str, extra: &[&str]) -> Server {
+    let mut args = pusher_args(workers);
+    args.extend(["--broker".to_string(), broker.url()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let node = Server::start(&args);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while common::http(node.addr, "GET", "/readyz", &[], b"").status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a node never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-
-    /// A node of the cluster serving the test app on `workers` workers, once ready.
-    fn node(&self, workers: &str, extra: &[&str]) -> Server {
-        let mut args = pusher_args(workers);
-        args.extend(["--broker".to_string(), self.url.clone()]);
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let node = Server::start(&args);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while common::http(node.addr, "GET", "/readyz", &[], b"").status != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a node never got ready"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        node
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A Pusher event sent to one node of a cluster (over Redis) reaches a pusher-js client
-/// on another, like any publication.
-#[test]
-fn pusher_js_on_one_node_gets_events_sent_to_another() {
-    let redis = Redis::start();
-    let nodes = [redis.node("2", &[]), redis.node("2", &[])];
-    let steps = run_public(nodes[0].addr.port(), nodes[1].addr.port());
-    assert_public_channels_work(&steps);
+    node
 }
 
 /// Presence and client events across a three-node cluster over Redis (a single-process
@@ -368,12 +322,12 @@ fn pusher_js_on_one_node_gets_events_sent_to_another() {
 /// another; Laravel Echo's Ann on the third, Ben on the first.
 #[test]
 fn presence_and_client_events_across_a_three_node_cluster() {
-    let redis = Redis::start();
+    let redis = Broker::start("redis", free_port());
     let events = ["--pusher-client-events"];
     let nodes = [
-        redis.node("1", &events),
-        redis.node("2", &events),
-        redis.node("2", &events),
+        node(&redis, "1", &events),
+        node(&redis, "2", &events),
+        node(&redis, "2", &events),
     ];
     let port = |i: usize| nodes[i].addr.port();
     assert_presence_works(&run_script("presence.mjs", port(0), port(1)));
@@ -409,14 +363,6 @@ fn user_signin_send_to_user_and_terminate_on_one_process_and_two_workers() {
         let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
         assert!(metrics.contains("c1m_pusher_signins_total"), "{metrics}");
     }
-}
-
-/// A free port on loopback (for a listener a script opens later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// What `webhooks.mjs` received: every event valid by the SDK's validator, and each
@@ -490,20 +436,30 @@ fn webhooks_on_one_process_and_on_two_workers() {
     }
 }
 
-/// Webhooks across a cluster: Alice on one node, Bob on another; still each event
-/// once (the nodes tell each other which channels they have). Then users across it.
+/// Across a three-node cluster (a single-process node and two 2-worker nodes):
+/// webhooks with Alice on one node and Bob on another, still each event once (the
+/// nodes tell each other which channels they have); users signed in on one node while
+/// the SDK calls another; public and private channels with the SDK on another node.
 #[test]
-fn webhooks_across_a_cluster() {
-    let redis = Redis::start();
+fn webhooks_users_and_channels_across_a_three_node_cluster() {
+    let redis = Broker::start("redis", free_port());
     let hook_port = free_port();
     let args = webhook_args(hook_port);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes = [redis.node("1", &args), redis.node("2", &args)];
-    let (a, b) = (nodes[0].addr.port(), nodes[1].addr.port());
-    assert_webhooks_work(&run_script_with("webhooks.mjs", a, &[b, hook_port]));
-    // Sign-in on one node, the SDK's sendToUser and terminate_connections on another.
-    assert_users_work(&run_script("users.mjs", a, b));
-    assert_users_work(&run_script("users.mjs", b, a));
+    let nodes = [
+        node(&redis, "1", &args),
+        node(&redis, "2", &args),
+        node(&redis, "2", &args),
+    ];
+    let port = |i: usize| nodes[i].addr.port();
+    assert_webhooks_work(&run_script_with(
+        "webhooks.mjs",
+        port(0),
+        &[port(2), hook_port],
+    ));
+    assert_users_work(&run_script("users.mjs", port(1), port(0)));
+    assert_users_work(&run_script("users.mjs", port(0), port(2)));
+    assert_public_channels_work(&run_public(port(2), port(1)));
 }
 
 /// A Pusher client of the test app on `addr`: connected, its socket id read.
@@ -564,14 +520,24 @@ async fn next_event(ws: &mut common::Ws, event: &str, within: std::time::Duratio
 /// answer its announcement with their state); a node that dies takes its members with
 /// it (the others notice its silence within `STALE_AFTER` and tell their members).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_follows_nodes_that_come_late_and_nodes_that_die() {
-    let redis = Redis::start();
-    let first = tokio::task::block_in_place(|| redis.node("2", &[]));
+async fn presence_follows_nodes_that_come_late_and_nodes_that_die_over_redis() {
+    presence_follows_nodes("redis").await;
+}
+
+/// The same over NATS (the presence subject, not Redis's channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_nodes_that_come_late_and_nodes_that_die_over_nats() {
+    presence_follows_nodes("nats").await;
+}
+
+async fn presence_follows_nodes(kind: &'static str) {
+    let broker = Broker::start(kind, free_port());
+    let first = tokio::task::block_in_place(|| node(&broker, "2", &[]));
     let (mut xavier, xavier_id) = pusher_client(first.addr).await;
     let members = join_presence(&mut xavier, &xavier_id, "presence-hall", "xavier").await;
     assert_eq!(members, serde_json::json!({"xavier": {"name": "xavier"}}));
 
-    let late = tokio::task::block_in_place(|| redis.node("1", &[]));
+    let late = tokio::task::block_in_place(|| node(&broker, "1", &[]));
     let (mut yara, yara_id) = pusher_client(late.addr).await;
     let members = join_presence(&mut yara, &yara_id, "presence-hall", "yara").await;
     assert_eq!(
@@ -888,4 +854,94 @@ pusher.subscribe("news").bind("greet", (data) => {{
         seen["connects"].as_u64() >= Some(2),
         "it reconnected: {seen}"
     );
+}
+
+/// pusher-js's browser build in headless Chromium on a presence channel: two users
+/// (signed in the page with WebCrypto, as the app's auth endpoint would sign them)
+/// see each other come and go, and a client event from one reaches the other with
+/// the sender's user id; on two workers.
+#[test]
+fn pusher_js_in_chromium_on_a_presence_channel_with_client_events() {
+    let bundle = std::fs::read_to_string(
+        npm_packages().join("node_modules/pusher-js/dist/web/pusher.min.js"),
+    )
+    .expect("pusher-js's browser build");
+    let (server, port) = presence_server("2");
+    let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
+    let report_addr = report.local_addr().unwrap();
+    let page = std::env::temp_dir().join(format!("c1m-presence-{}.html", std::process::id()));
+    let (key, secret) = (APP[1], APP[2]);
+    std::fs::write(
+        &page,
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><script>{bundle}</script><script>
+const enc = new TextEncoder();
+async function sign(text) {{
+  const k = await crypto.subtle.importKey("raw", enc.encode("{secret}"),
+    {{ name: "HMAC", hash: "SHA-256" }}, false, ["sign"]);
+  const sig = new Uint8Array(await crypto.subtle.sign("HMAC", k, enc.encode(text)));
+  return Array.from(sig, (b) => b.toString(16).padStart(2, "0")).join("");
+}}
+function client(user) {{
+  return new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPort: {port},
+    forceTLS: false, enabledTransports: ["ws"], disableStats: true,
+    channelAuthorization: {{ customHandler: ({{ socketId, channelName }}, callback) => {{
+      const channel_data = JSON.stringify({{ user_id: user, user_info: {{ name: user }} }});
+      sign(`${{socketId}}:${{channelName}}:${{channel_data}}`)
+        .then((s) => callback(null, {{ auth: "{key}:" + s, channel_data }}));
+    }} }} }});
+}}
+const report = (body) => fetch("http://{report_addr}/",
+  {{ method: "POST", mode: "no-cors", body: JSON.stringify(body) }});
+const joined = (channel) => new Promise((resolve, reject) => {{
+  channel.bind("pusher:subscription_succeeded", resolve);
+  channel.bind("pusher:subscription_error", (e) => reject(JSON.stringify(e)));
+}});
+(async () => {{
+  const alice = client("alice").subscribe("presence-browser");
+  await joined(alice);
+  const added = new Promise((resolve) => alice.bind("pusher:member_added", resolve));
+  const bob = client("bob").subscribe("presence-browser");
+  const bobCount = (await joined(bob)).count;
+  const member = await added;
+  const waved = new Promise((resolve) => bob.bind("client-wave", (data, meta) =>
+    resolve({{ data, user_id: meta && meta.user_id }})));
+  alice.trigger("client-wave", {{ hello: "bob" }});
+  const wave = await waved;
+  const removed = new Promise((resolve) => alice.bind("pusher:member_removed", resolve));
+  bob.pusher.disconnect();
+  const left = await removed;
+  report({{ bob_count: bobCount, member, wave, left, alice_count: alice.members.count }});
+}})().catch((e) => report({{ error: String(e) }}));
+</script>"#
+        ),
+    )
+    .unwrap();
+    let (mut command, profile) =
+        common::chromium_command(&format!("file://{}", page.display()), &[]);
+    let mut browser = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| common::missing_chromium(e));
+    let body = common::await_posted_body(&report, std::time::Duration::from_secs(30));
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    drop(server);
+    let seen: Value = serde_json::from_slice(&body).expect("report JSON");
+    assert_eq!(seen["bob_count"], 2, "{seen}");
+    assert_eq!(
+        seen["member"],
+        serde_json::json!({"id": "bob", "info": {"name": "bob"}}),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["wave"],
+        serde_json::json!({"data": {"hello": "bob"}, "user_id": "alice"}),
+        "{seen}"
+    );
+    assert_eq!(seen["left"]["id"], "bob", "{seen}");
+    assert_eq!(seen["alice_count"], 1, "{seen}");
 }

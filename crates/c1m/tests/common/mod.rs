@@ -2,6 +2,10 @@
 
 #![allow(dead_code)]
 
+mod broker;
+#[allow(unused_imports)] // (not every test binary runs a broker)
+pub use broker::{free_port, Broker};
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
