@@ -175,9 +175,10 @@ pub struct Admission {
     /// `?since=TOPIC:EPOCH:OFFSET` (repeatable): topics to resume from a position
     /// (they are in `topics` too), as (topic, offset, epoch).
     pub since: Vec<(String, u64, String)>,
-    /// A Pusher client (`/app/{key}`, see `pusher`): whether its key names an app
-    /// here. It joins no topic at connect; its channels come with `pusher:subscribe`.
-    pub pusher: Option<bool>,
+    /// A Pusher client (`/app/{key}`, see `pusher`): the number of the app its key
+    /// names here, or `None` for an unknown key. It joins no topic at connect; its
+    /// channels come with `pusher:subscribe`.
+    pub pusher: Option<Option<usize>>,
 }
 
 /// `TOPIC:EPOCH:OFFSET` of `?since=` (a topic name may itself contain `:`).
@@ -304,7 +305,7 @@ impl Gate {
                 expires: None,
                 envelope: false,
                 since: Vec::new(),
-                pusher: Some(self.pusher_keys.iter().any(|k| k == key)),
+                pusher: Some(self.pusher_keys.iter().position(|k| k == key)),
             });
         }
         let mut topics = Vec::new();

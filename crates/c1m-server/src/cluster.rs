@@ -400,10 +400,11 @@ impl<W> ClusterNode<W> {
         }
     }
 
-    /// The app asked this node to close `user`'s connections: the other nodes are told.
-    pub fn terminate_user(&self, user: &str) {
+    /// The app asked this node to close the connections in a user's channel `topic`:
+    /// the other nodes are told.
+    pub fn terminate_user(&self, topic: &str) {
         self.link
-            .send(broker::Command::Presence(self.presence.terminate(user)));
+            .send(broker::Command::Presence(self.presence.terminate(topic)));
     }
 
     /// Other nodes gone silent (see `cluster_presence`): their sockets leave `table`;

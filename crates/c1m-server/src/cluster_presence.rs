@@ -65,8 +65,9 @@ enum Wire {
         #[serde(default)]
         occupied: Vec<String>,
     },
-    /// The app asked (on `node`) to close every connection signed in as `user`.
-    Terminate { node: String, user: String },
+    /// The app asked (on `node`) to close every connection in a user's channel
+    /// `topic` (`terminate_connections`).
+    Terminate { node: String, topic: String },
     /// `channel` got its first (`on`) or lost its last subscriber on `node` (sent
     /// with webhooks, so that `channel_occupied`/`vacated` go out once per cluster).
     Occupancy {
@@ -83,7 +84,7 @@ pub struct Applied {
     pub changes: Vec<(String, Change)>,
     /// Another node asked for every node's state: send [`ClusterPresence::state`].
     pub state_wanted: bool,
-    /// Close the connections signed in as this user.
+    /// Close the connections in this user's channel (a topic).
     pub terminate: Option<String>,
 }
 
@@ -151,11 +152,12 @@ impl ClusterPresence {
         })
     }
 
-    /// The app asked this node to close `user`'s connections: the others too.
-    pub fn terminate(&self, user: &str) -> Vec<u8> {
+    /// The app asked this node to close the connections in a user's channel `topic`:
+    /// the others too.
+    pub fn terminate(&self, topic: &str) -> Vec<u8> {
         encode(&Wire::Terminate {
             node: self.node.clone(),
-            user: user.to_string(),
+            topic: topic.to_string(),
         })
     }
 
@@ -246,7 +248,7 @@ impl ClusterPresence {
                 }
             }
             Wire::Occupancy { channel, on, .. } => self.occupy(&node, channel, on),
-            Wire::Terminate { user, .. } => applied.terminate = Some(user),
+            Wire::Terminate { topic, .. } => applied.terminate = Some(topic),
             Wire::State {
                 ask,
                 part,

@@ -90,13 +90,11 @@ pub struct ServeConfig {
     pub fanout_slice: usize,
     /// Topic history (`--history-*`): what each topic keeps for clients that come back.
     pub history: crate::history::Policy,
-    /// Pusher apps served on `/app/{key}` and `/apps/{id}/…` (`--pusher-app`).
+    /// Pusher apps served on `/app/{key}` and `/apps/{id}/…` (`--pusher-app`), each
+    /// with its options (`--pusher-client-events` and `--pusher-webhook` folded in).
+    /// The first app's channels are topics as named; the others' are namespaced
+    /// (`pusher::topic_of`).
     pub pusher_apps: Vec<crate::pusher::App>,
-    /// Pusher clients may send `client-*` events to the other members of their private
-    /// and presence channels (`--pusher-client-events`).
-    pub pusher_client_events: bool,
-    /// Where the Pusher app's webhooks go (`--pusher-webhook`), if anywhere.
-    pub pusher_webhook: Option<String>,
     /// Deliberate faults, for testing the measuring instrument (`c1m bench`) only.
     pub faults: Faults,
 }
@@ -151,8 +149,6 @@ impl Default for ServeConfig {
             fanout_slice: 1024,
             history: crate::history::Policy::default(),
             pusher_apps: Vec::new(),
-            pusher_client_events: false,
-            pusher_webhook: None,
             faults: Faults::default(),
         }
     }

@@ -54,15 +54,13 @@ const ENVELOPE: u8 = 64;
 /// instead of frames, and nothing it sends is read.
 const SSE: u8 = 128;
 
-/// The protocol an open connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Protocol {
-    /// c1m's own: bare payloads (or envelopes), JSON commands.
-    Native,
-    /// Pusher Channels protocol 7 (`/app/{key}`, see `pusher`).
-    Pusher,
-}
+/// `Connection::protocol` of a connection speaking c1m's own protocol (bare payloads
+/// or envelopes, JSON commands); any other value `n` is the Pusher Channels protocol
+/// (`/app/{key}`, see `pusher`) for app number `n - 1` of the server's list.
+const NATIVE: u8 = 0;
+
+/// Most Pusher apps one server holds (the app's number fits the protocol byte).
+pub const MAX_PUSHER_APPS: usize = u8::MAX as usize;
 
 /// `Subscription::topic` of a connection in no topic.
 const NO_TOPIC: TopicId = TopicId::MAX;
@@ -239,8 +237,9 @@ pub struct Connection<S = TcpStream> {
     flags: u8,
     /// Idle sweeps in a row that found the connection silent.
     silent_sweeps: u8,
-    /// Which protocol it speaks once open (a byte the struct's padding had free).
-    protocol: Protocol,
+    /// Which protocol it speaks once open, and for Pusher which app (see [`NATIVE`];
+    /// a byte the struct's padding had free).
+    protocol: u8,
     outbox: Option<Box<Outbox>>,
     extra: Option<Box<Extra>>,
 }
@@ -257,7 +256,7 @@ impl<S: Stream> Connection<S> {
                 topic: NO_TOPIC,
                 position: 0,
             },
-            protocol: Protocol::Native,
+            protocol: NATIVE,
             kind: PhaseKind::Handshake,
             flags: HEARD,
             silent_sweeps: 0,
@@ -339,11 +338,18 @@ impl<S: Stream> Connection<S> {
 
     /// Whether it speaks the Pusher protocol (see `pusher`).
     pub fn is_pusher(&self) -> bool {
-        self.protocol == Protocol::Pusher
+        self.protocol != NATIVE
     }
 
-    pub fn set_protocol(&mut self, protocol: Protocol) {
-        self.protocol = protocol;
+    /// The Pusher app it belongs to (its number in the server's list), if it speaks
+    /// Pusher.
+    pub fn pusher_app(&self) -> Option<usize> {
+        (self.protocol != NATIVE).then(|| usize::from(self.protocol) - 1)
+    }
+
+    /// It speaks Pusher, for app number `app` (below [`MAX_PUSHER_APPS`]).
+    pub fn set_pusher_app(&mut self, app: usize) {
+        self.protocol = u8::try_from(app + 1).unwrap_or(u8::MAX);
     }
 
     /// Whether this is a Server-Sent Events stream (see `sse`).

@@ -129,12 +129,12 @@ pub enum Message {
     /// Worker → master: a signed `GET /apps/{id}/channels…` (a `pusher_api::Read` as
     /// JSON); answered with `Answer`.
     PusherRead { request: u32, json: Vec<u8> },
-    /// Worker → master: close every connection of the node (and of the cluster) signed
-    /// in as `user`; master → worker: close yours.
-    Terminate { user: String },
-    /// Worker → master: a Pusher webhook event (JSON) for the master's batches (the
-    /// master sends the node's webhooks).
-    Webhook { json: Vec<u8> },
+    /// Worker → master: close every connection of the node (and of the cluster) in a
+    /// user's channel `topic` (`terminate_connections`); master → worker: close yours.
+    Terminate { topic: String },
+    /// Worker → master: a Pusher webhook event (JSON) of app number `app` for the
+    /// master's batches (the master sends the node's webhooks).
+    Webhook { app: u32, json: Vec<u8> },
     /// Master → worker, every second: the node's webhook counters (a
     /// `webhooks::WebhookCounts` as JSON), for the workers' `/metrics`.
     WebhookCounts { json: Vec<u8> },
@@ -312,12 +312,13 @@ impl Message {
                 put_exclude(out, Some(*socket));
                 out.extend_from_slice(channel_data.as_bytes());
             }
-            Message::Terminate { user } => {
+            Message::Terminate { topic } => {
                 out.push(TERMINATE);
-                out.extend_from_slice(user.as_bytes());
+                out.extend_from_slice(topic.as_bytes());
             }
-            Message::Webhook { json } => {
+            Message::Webhook { app, json } => {
                 out.push(WEBHOOK);
+                out.extend_from_slice(&app.to_le_bytes());
                 out.extend_from_slice(json);
             }
             Message::WebhookCounts { json } => {
@@ -471,8 +472,11 @@ impl Message {
                 socket: r.socket()?,
                 channel_data: r.text()?,
             },
-            WEBHOOK => Message::Webhook { json: r.rest() },
-            TERMINATE => Message::Terminate { user: r.text()? },
+            WEBHOOK => Message::Webhook {
+                app: r.u32()?,
+                json: r.rest(),
+            },
+            TERMINATE => Message::Terminate { topic: r.text()? },
             WEBHOOK_COUNTS => Message::WebhookCounts { json: r.rest() },
             PUSHER_READ => Message::PusherRead {
                 request: r.u32()?,
@@ -740,9 +744,12 @@ mod tests {
                 socket: (7, 12),
             },
             Message::Webhook {
+                app: 2,
                 json: br#"{"name":"client_event"}"#.to_vec(),
             },
-            Message::Terminate { user: "u@1".into() },
+            Message::Terminate {
+                topic: "2~#server-to-user-u@1".into(),
+            },
             Message::WebhookCounts {
                 json: br#"{"events_sent":1}"#.to_vec(),
             },

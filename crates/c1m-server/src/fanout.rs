@@ -253,8 +253,9 @@ impl Broadcast {
                 _ if conn.is_pusher() => {
                     let (topic, frame) =
                         (self.envelope.topic.as_deref().unwrap_or(""), &self.frame);
-                    self.pusher
-                        .get_or_insert_with(|| crate::pusher::frame_for(topic, frame))
+                    self.pusher.get_or_insert_with(|| {
+                        crate::pusher::frame_for(crate::pusher::channel_of(topic), frame)
+                    })
                 }
                 _ if conn.wants_envelope() => {
                     envelope_of(&self.envelope, &self.frame, &mut self.enveloped)

@@ -32,11 +32,13 @@ pub enum Outcome {
     History(HistoryQuery),
     /// `POST /apps/{id}/events` or `/batch_events` (Pusher's HTTP API), signature
     /// checked: send each event to its channels.
-    PusherEvents(Vec<crate::pusher::Trigger>),
-    /// `POST /apps/{id}/users/{user}/terminate_connections`, signature checked.
+    PusherEvents(usize, Vec<crate::pusher::Trigger>),
+    /// `POST /apps/{id}/users/{user}/terminate_connections`, signature checked: the
+    /// user's channel (its topic in the app).
     PusherTerminate(String),
-    /// `GET /apps/{id}/channels…` (Pusher's read API), signature checked.
-    PusherRead(crate::pusher_api::Read),
+    /// `GET /apps/{id}/channels…` (Pusher's read API) of app number `.0`, signature
+    /// checked.
+    PusherRead(usize, crate::pusher_api::Read),
 }
 
 /// The most publications one `GET /history` answer holds.
@@ -276,16 +278,17 @@ pub fn fan_out_busy() -> Vec<u8> {
 
 /// `POST /apps/{id}/events` and `/batch_events` (Pusher's HTTP API): the app, its
 /// signature, the events.
-/// Finds app `id` and checks the request's signature; `Err`: the answer.
-fn pusher_signed<'a>(
+/// Finds app `id` and checks the request's signature: the app's number; `Err`: the
+/// answer.
+fn pusher_signed(
     request: &PlainRequest,
     id: &str,
     path: &str,
     query: &str,
     body: &[u8],
-    cx: &Context<'a>,
-) -> Result<&'a crate::pusher::App, Outcome> {
-    let Some(app) = cx.pusher_apps.iter().find(|app| app.id == id) else {
+    cx: &Context<'_>,
+) -> Result<usize, Outcome> {
+    let Some(index) = cx.pusher_apps.iter().position(|app| app.id == id) else {
         let error =
             format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
         return Err(Outcome::Respond(json_response(
@@ -294,6 +297,7 @@ fn pusher_signed<'a>(
             &json!({ "error": error }),
         )));
     };
+    let app = &cx.pusher_apps[index];
     let now = crate::auth::unix_now();
     if let Err((status, error)) =
         crate::pusher::verify_signature(app, &request.method, path, query, body, now)
@@ -309,7 +313,7 @@ fn pusher_signed<'a>(
             &json!({ "error": error }),
         )));
     }
-    Ok(app)
+    Ok(index)
 }
 
 /// `GET /apps/{id}/channels`, `/channels/{name}`, `/channels/{name}/users` (Pusher's
@@ -317,14 +321,15 @@ fn pusher_signed<'a>(
 fn pusher_read(request: &PlainRequest, path: &str, query: &str, cx: &Context<'_>) -> Outcome {
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    if let Err(refusal) = pusher_signed(request, id, path, query, &[], cx) {
-        return refusal;
-    }
+    let app = match pusher_signed(request, id, path, query, &[], cx) {
+        Ok(app) => app,
+        Err(refusal) => return refusal,
+    };
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     match crate::pusher_api::Read::parse(rest, &params) {
-        Ok(read) => Outcome::PusherRead(read),
+        Ok(read) => Outcome::PusherRead(app, read),
         Err((status, error)) => {
             let reason = if status == 404 {
                 "Not Found"
@@ -354,11 +359,15 @@ fn pusher_terminate(
             &json!({ "error": "expected /apps/ID/users/USER/terminate_connections" }),
         ));
     };
-    if let Err(refusal) = pusher_signed(request, id, path, query, body, cx) {
-        return refusal;
-    }
+    let app = match pusher_signed(request, id, path, query, body, cx) {
+        Ok(app) => app,
+        Err(refusal) => return refusal,
+    };
     match crate::pusher::check_user_id(user) {
-        Ok(()) => Outcome::PusherTerminate(user.to_string()),
+        Ok(()) => {
+            let channel = format!("{}{user}", crate::pusher::USER_CHANNEL_PREFIX);
+            Outcome::PusherTerminate(crate::pusher::topic_of(cx.pusher_apps, app, &channel))
+        }
         Err(error) => Outcome::Respond(json_response(
             400,
             "Bad Request",
@@ -379,16 +388,17 @@ fn pusher_events(
         Some(id) => (id, true),
         None => (rest.strip_suffix("/events").unwrap_or_default(), false),
     };
-    if let Err(refusal) = pusher_signed(request, id, path, query, body, cx) {
-        return refusal;
-    }
+    let app = match pusher_signed(request, id, path, query, body, cx) {
+        Ok(app) => app,
+        Err(refusal) => return refusal,
+    };
     let triggers = if batch {
         crate::pusher::Trigger::parse_batch(body, cx.max_event_bytes)
     } else {
         crate::pusher::Trigger::parse(body, cx.max_event_bytes).map(|t| vec![t])
     };
     match triggers {
-        Ok(triggers) => Outcome::PusherEvents(triggers),
+        Ok(triggers) => Outcome::PusherEvents(app, triggers),
         Err(error) => Outcome::Respond(json_response(
             400,
             "Bad Request",
@@ -605,8 +615,8 @@ mod tests {
             Outcome::Publish { .. }
             | Outcome::Stats { .. }
             | Outcome::History(_)
-            | Outcome::PusherEvents(_)
-            | Outcome::PusherRead(_)
+            | Outcome::PusherEvents(..)
+            | Outcome::PusherRead(..)
             | Outcome::PusherTerminate(_) => 0,
         }
     }

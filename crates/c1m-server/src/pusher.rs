@@ -52,19 +52,24 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
 }
 
 /// One application: clients connect with its `key`, the HTTP API is signed with its
-/// `secret`.
+/// `secret`; its options say whether its clients may send client events and where
+/// its webhooks go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     pub id: String,
     pub key: String,
     pub secret: String,
+    pub client_events: bool,
+    pub webhook: Option<String>,
 }
 
 impl App {
-    /// Reads `ID:KEY:SECRET` (`--pusher-app`).
+    /// Reads `ID:KEY:SECRET`, optionally followed by `?OPTION=VALUE&…` with
+    /// `client_events=true|false` and `webhook=URL` (`--pusher-app`).
     pub fn parse(value: &str) -> Result<App, String> {
+        let (value, options) = value.split_once('?').unwrap_or((value, ""));
         let mut parts = value.splitn(3, ':');
-        match (parts.next(), parts.next(), parts.next()) {
+        let mut app = match (parts.next(), parts.next(), parts.next()) {
             (Some(id), Some(key), Some(secret))
                 if !id.is_empty() && !key.is_empty() && !secret.is_empty() =>
             {
@@ -77,14 +82,66 @@ impl App {
                         "a Pusher app's id and key use only A-Z a-z 0-9 - _ . ({value:?})"
                     ));
                 }
-                Ok(App {
+                App {
                     id: id.into(),
                     key: key.into(),
                     secret: secret.into(),
-                })
+                    client_events: false,
+                    webhook: None,
+                }
             }
-            _ => Err(format!("a Pusher app is ID:KEY:SECRET, not {value:?}")),
+            _ => {
+                return Err(format!(
+                    "a Pusher app is ID:KEY:SECRET[?OPTIONS], not {value:?}"
+                ))
+            }
+        };
+        for (name, option) in form_urlencoded::parse(options.as_bytes()) {
+            match (name.as_ref(), option.as_ref()) {
+                ("client_events", "true") => app.client_events = true,
+                ("client_events", "false") => app.client_events = false,
+                ("webhook", url) => {
+                    crate::webhooks::check_url(url)?;
+                    app.webhook = Some(url.to_string());
+                }
+                (name, option) => {
+                    return Err(format!(
+                        "unknown Pusher app option {name}={option} (client_events=true|false, webhook=URL)"
+                    ))
+                }
+            }
         }
+        Ok(app)
+    }
+}
+
+/// Between an app's id and a channel name in the topic of every app but the first
+/// (`APP_ID~CHANNEL`): in neither a channel's nor a native topic's alphabet, so no
+/// client can name another app's topics.
+pub const NAMESPACE: char = '~';
+
+/// The topic of `channel` in app number `app` of the server's list: the channel's own
+/// name for the first app (its channels are shared with native clients), the app's
+/// namespace for the others.
+pub fn topic_of(apps: &[App], app: usize, channel: &str) -> String {
+    match apps.get(app) {
+        Some(named) if app > 0 => format!("{}{NAMESPACE}{channel}", named.id),
+        _ => channel.to_string(),
+    }
+}
+
+/// The channel a topic stands for (its name without an app's namespace).
+pub fn channel_of(topic: &str) -> &str {
+    topic
+        .split_once(NAMESPACE)
+        .map_or(topic, |(_, channel)| channel)
+}
+
+/// Which app of `apps` a topic belongs to (the first app's have no namespace).
+pub fn app_of(apps: &[App], topic: &str) -> Option<usize> {
+    match topic.split_once(NAMESPACE) {
+        None => (!apps.is_empty()).then_some(0),
+        Some((id, _)) => apps.iter().position(|app| app.id == id).filter(|&i| i > 0),
     }
 }
 
@@ -779,6 +836,25 @@ mod tests {
             "another user"
         );
         assert!(!ok("1.2", "presence-a", None, &auth));
+    }
+
+    #[test]
+    fn apps_parse_with_options_and_namespace_their_channels() {
+        let app =
+            App::parse("7:k:s?client_events=true&webhook=http%3A%2F%2F127.0.0.1%3A9%2Fh").unwrap();
+        assert!(app.client_events);
+        assert_eq!(app.webhook.as_deref(), Some("http://127.0.0.1:9/h"));
+        for bad in ["7:k", "7:k:s?bogus=1", "7:k:s?webhook=ftp://x", "a b:k:s"] {
+            assert!(App::parse(bad).is_err(), "{bad}");
+        }
+        let apps = [App::parse("1:a:s").unwrap(), App::parse("2:b:s").unwrap()];
+        assert_eq!(topic_of(&apps, 0, "news"), "news");
+        assert_eq!(topic_of(&apps, 1, "news"), "2~news");
+        assert_eq!(channel_of("2~news"), "news");
+        assert_eq!(channel_of("news"), "news");
+        assert_eq!(app_of(&apps, "2~news"), Some(1));
+        assert_eq!(app_of(&apps, "news"), Some(0));
+        assert_eq!(app_of(&apps, "9~news"), None);
     }
 
     #[test]

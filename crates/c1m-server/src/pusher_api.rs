@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::presence::Presence;
-use crate::pusher::{channel_kind, ChannelKind, PRESENCE_PREFIX};
+use crate::pusher::{app_of, channel_kind, channel_of, App, ChannelKind, PRESENCE_PREFIX};
 
 /// A checked read request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,14 +107,40 @@ impl Read {
     }
 }
 
+/// [`answer`] for app number `app` of `apps`: its channels among `by_topic`
+/// (subscribers per topic, the node's or the cluster's) and among `presence`'s
+/// channels (members per topic). Users' own channels (`#server-to-user-…`) are left out.
+pub fn answer_for_app(
+    apps: &[App],
+    app: usize,
+    read: &Read,
+    by_topic: &BTreeMap<String, u64>,
+    presence: &Presence,
+) -> (u16, Value) {
+    let mine = |topic: &str| {
+        (app_of(apps, topic) == Some(app) && !channel_of(topic).starts_with('#'))
+            .then(|| channel_of(topic).to_string())
+    };
+    let counts: BTreeMap<String, u64> = by_topic
+        .iter()
+        .filter_map(|(topic, n)| Some((mine(topic)?, *n)))
+        .collect();
+    let members: BTreeMap<String, Vec<Value>> = presence
+        .channels()
+        .filter_map(|(topic, _)| Some((mine(topic)?, presence.user_ids(topic))))
+        .collect();
+    answer(read, &counts, &members)
+}
+
 /// The answer to `read`: `subscriptions` are subscribers per channel (the node's, or
-/// the cluster's), `presence` the members of presence channels.
+/// the cluster's), `members` the user ids of each presence channel with any.
 pub fn answer(
     read: &Read,
     subscriptions: &BTreeMap<String, u64>,
-    presence: &Presence,
+    members: &BTreeMap<String, Vec<Value>>,
 ) -> (u16, Value) {
     let count = |name: &str| subscriptions.get(name).copied().unwrap_or(0);
+    let users_in = |name: &str| members.get(name).map_or(0, Vec::len);
     match read {
         Read::Channels {
             prefix,
@@ -125,7 +151,7 @@ pub fn answer(
                 .iter()
                 .filter(|(_, n)| **n > 0)
                 .map(|(name, _)| name.as_str())
-                .chain(presence.channels().map(|(name, _)| name))
+                .chain(members.keys().map(String::as_str))
                 .filter(|name| prefix.as_deref().is_none_or(|p| name.starts_with(p)))
                 .collect();
             names.sort_unstable();
@@ -135,7 +161,7 @@ pub fn answer(
                 .map(|name| {
                     let mut info = Map::new();
                     if *user_count {
-                        info.insert("user_count".into(), presence.user_count(name).into());
+                        info.insert("user_count".into(), users_in(name).into());
                     }
                     if *subscription_count {
                         info.insert("subscription_count".into(), count(name).into());
@@ -150,7 +176,7 @@ pub fn answer(
             user_count,
             subscription_count,
         } => {
-            let users = presence.user_count(name);
+            let users = users_in(name);
             let mut body = Map::new();
             body.insert("occupied".into(), (count(name) > 0 || users > 0).into());
             if *user_count {
@@ -162,9 +188,10 @@ pub fn answer(
             (200, Value::Object(body))
         }
         Read::Users { name } => {
-            let users: Vec<Value> = presence
-                .user_ids(name)
+            let users: Vec<Value> = members
+                .get(name)
                 .into_iter()
+                .flatten()
                 .map(|id| json!({ "id": id }))
                 .collect();
             (200, json!({ "users": users }))
@@ -216,6 +243,30 @@ mod tests {
     }
 
     #[test]
+    fn each_app_sees_its_own_channels() {
+        let apps = [App::parse("1:a:s").unwrap(), App::parse("2:b:s").unwrap()];
+        let counts: BTreeMap<String, u64> = [
+            ("news", 1),
+            ("2~news", 2),
+            ("2~sports", 3),
+            ("#server-to-user-u", 1),
+        ]
+        .into_iter()
+        .map(|(t, n)| (t.to_string(), n))
+        .collect();
+        let all = Read::parse("channels", &params("info=subscription_count")).unwrap();
+        let presence = Presence::default();
+        assert_eq!(
+            answer_for_app(&apps, 0, &all, &counts, &presence).1,
+            json!({"channels": {"news": {"subscription_count": 1}}})
+        );
+        assert_eq!(
+            answer_for_app(&apps, 1, &all, &counts, &presence).1,
+            json!({"channels": {"news": {"subscription_count": 2}, "sports": {"subscription_count": 3}}})
+        );
+    }
+
+    #[test]
     fn answers_have_pushers_shapes() {
         let mut presence = Presence::default();
         let member = |id: &str| Member::parse(&format!(r#"{{"user_id":"{id}"}}"#)).unwrap();
@@ -232,6 +283,10 @@ mod tests {
         ]
         .into_iter()
         .collect();
+        let apps = [App::parse("1:a:s").unwrap()];
+        let answer = |read: &Read, counts: &BTreeMap<String, u64>, presence: &Presence| {
+            answer_for_app(&apps, 0, read, counts, presence)
+        };
         let all = Read::parse("channels", &params("info=subscription_count")).unwrap();
         assert_eq!(
             answer(&all, &counts, &presence).1,

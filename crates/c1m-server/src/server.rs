@@ -185,9 +185,9 @@ struct Server {
     /// The user id each local Pusher socket joined each presence channel as (client
     /// events on presence channels carry it), by (key, channel).
     presence_users: std::collections::HashMap<(usize, String), serde_json::Value>,
-    /// The Pusher app's webhooks, sent by this process (a single process; a worker's
-    /// master sends its node's).
-    webhooks: Option<crate::webhooks::Webhooks>,
+    /// Each Pusher app's webhooks (by app number; `None`: the app has none), sent by
+    /// this process (a single process; a worker's master sends its node's).
+    webhooks: Vec<Option<crate::webhooks::Webhooks>>,
     /// Each sending connection's client event bucket (the rate limit): when it was
     /// last used and the tokens left then.
     client_event_budget: std::collections::HashMap<usize, (Instant, f32)>,
@@ -231,7 +231,7 @@ impl Server {
                     .max_accept_rate
                     .map(|rate| AcceptRate::shared(rate, Arc::clone(&scoreboard)));
                 let mut link = MasterLink::new(role.index, scoreboard, control, cluster);
-                link.share_interest = config.pusher_webhook.is_some();
+                link.share_interest = config.pusher_apps.iter().any(|a| a.webhook.is_some());
                 (Upstream::ViaMaster(link), per_ip, accept_rate)
             }
             None => {
@@ -263,15 +263,16 @@ impl Server {
         let now = Instant::now();
         // A worker's master keeps its node's presence members and sends its webhooks.
         let keeps_presence = !matches!(upstream, Upstream::ViaMaster(_));
-        let webhooks = match (&config.pusher_webhook, config.pusher_apps.first()) {
-            (Some(url), Some(app)) if keeps_presence => {
-                Some(crate::webhooks::Webhooks::start(url, app)?)
-            }
-            _ => None,
+        let webhooks = if keeps_presence {
+            crate::webhooks::Webhooks::for_apps(&config.pusher_apps)?
+        } else {
+            Vec::new()
         };
         let mut upstream = upstream;
-        if let (Upstream::ViaBroker(cluster), Some(_)) = (&mut upstream, &webhooks) {
-            cluster.share_occupancy();
+        if let Upstream::ViaBroker(cluster) = &mut upstream {
+            if webhooks.iter().any(Option::is_some) {
+                cluster.share_occupancy();
+            }
         }
         let mut clock_config = config.clone();
         // A worker broadcasts what its master sends; only a single process keeps time.
@@ -468,7 +469,7 @@ impl Server {
             self.stop_listening_unless_subscribed(&topic);
             self.occupancy_webhook(&topic, on, now);
         }
-        if let Some(webhooks) = self.webhooks.as_mut() {
+        for webhooks in self.webhooks.iter_mut().flatten() {
             webhooks.flush_due(now);
         }
         self.flush_to_master(now);
@@ -493,7 +494,11 @@ impl Server {
             self.publications.deadline(now),
             self.copy.next_deadline(),
             self.history_reads.next_deadline(),
-            self.webhooks.as_ref().and_then(|w| w.next_deadline()),
+            self.webhooks
+                .iter()
+                .flatten()
+                .filter_map(|w| w.next_deadline())
+                .min(),
             self.shutdown_deadline,
         ]
         .into_iter()

@@ -64,6 +64,19 @@ impl WebhookStats {
 }
 
 impl WebhookCounts {
+    /// The counts of every app's webhooks together.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Webhooks>) -> Option<WebhookCounts> {
+        let mut total: Option<WebhookCounts> = None;
+        for webhooks in all {
+            let c = webhooks.stats.snapshot();
+            let t = total.get_or_insert_with(WebhookCounts::default);
+            t.events_sent += c.events_sent;
+            t.failed_attempts += c.failed_attempts;
+            t.events_dropped += c.events_dropped;
+        }
+        total
+    }
+
     /// The `/metrics` lines.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -101,6 +114,18 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
+    /// A sender for each app of `apps` with a webhook URL (by app number).
+    pub fn for_apps(apps: &[App]) -> std::io::Result<Vec<Option<Webhooks>>> {
+        apps.iter()
+            .map(|app| {
+                app.webhook
+                    .as_deref()
+                    .map(|url| Webhooks::start(url, app))
+                    .transpose()
+            })
+            .collect()
+    }
+
     /// Starts the sender thread for `app`'s webhooks to `url`.
     pub fn start(url: &str, app: &App) -> std::io::Result<Webhooks> {
         let (queue, batches) = sync_channel(QUEUE_BATCHES);

@@ -236,25 +236,30 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATTERN=SIZE[/TTL]", value_delimiter = ',', value_parser = parse_history_rule, env = "C1M_HISTORY_FOR")]
     history_for: Vec<c1m_server::history::Rule>,
 
-    /// Serve a Pusher Channels app, ID:KEY:SECRET (one per server for now): pusher-js
-    /// and Laravel Echo clients connect to ws://HOST/app/KEY, and the `pusher` server
-    /// SDKs send events to POST /apps/ID/events, signed with SECRET. Channels are
-    /// topics, shared with native clients. Public, private, private-encrypted and
-    /// presence channels (see docs/server.md, "Pusher protocol").
-    #[arg(long, value_name = "ID:KEY:SECRET", value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]
+    /// Serve a Pusher Channels app, ID:KEY:SECRET: pusher-js and Laravel Echo clients
+    /// connect to ws://HOST/app/KEY, and the `pusher` server SDKs call
+    /// /apps/ID/…, signed with SECRET. Repeat the flag (or separate apps with commas)
+    /// for several apps: the first app's channels are topics shared with native
+    /// clients, the others' are the app's own. Options per app after a `?`:
+    /// `client_events=true` and `webhook=URL` (URL-encoded), e.g.
+    /// `2:key2:secret2?client_events=true&webhook=https%3A%2F%2Fapp.example%2Fpusher`.
+    /// See docs/server.md, "Pusher protocol".
+    #[arg(long, value_name = "ID:KEY:SECRET[?OPTIONS]", value_delimiter = ',', value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]
     pusher_app: Vec<c1m_server::pusher::App>,
 
-    /// Let Pusher clients send client events (`client-*`, Laravel Echo's `whisper`) to
-    /// the other subscribers of their private and presence channels, at most 10 per
-    /// second per connection (Pusher's limit). Off by default, as on Pusher: anyone
-    /// who may join a channel can then talk on it.
+    /// Let Pusher clients of every app send client events (`client-*`, Laravel Echo's
+    /// `whisper`) to the other subscribers of their private and presence channels, at
+    /// most 10 per second per connection (Pusher's limit). Off by default, as on Pusher:
+    /// anyone who may join a channel can then talk on it. (Per app: the app's
+    /// `client_events` option.)
     #[arg(long, env = "C1M_PUSHER_CLIENT_EVENTS")]
     pusher_client_events: bool,
 
-    /// Send the Pusher app's webhooks to URL (http:// or https://): channel_occupied,
-    /// channel_vacated, member_added, member_removed and client_event, each once per
-    /// cluster, batched (up to 100 events, 250 ms), signed with the app's secret
-    /// (X-Pusher-Key, X-Pusher-Signature), retried with backoff; counted in /metrics.
+    /// Send the Pusher apps' webhooks to URL (http:// or https://), for every app
+    /// without a `webhook` option of its own: channel_occupied, channel_vacated,
+    /// member_added, member_removed and client_event, each once per cluster, batched
+    /// (up to 100 events, 250 ms), signed with the app's secret (X-Pusher-Key,
+    /// X-Pusher-Signature), retried with backoff; counted in /metrics.
     #[arg(long, value_name = "URL", value_parser = parse_webhook_url, env = "C1M_PUSHER_WEBHOOK")]
     pusher_webhook: Option<String>,
 
@@ -367,13 +372,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_topics_per_connection == 0 {
         anyhow::bail!("--max-topics-per-connection must be at least 1");
     }
-    if args.pusher_app.len() > 1 {
-        // Channels are topics: two apps would share channel names, so one app's
-        // clients could hear the other's events. Namespaces per app come later.
+    if args.pusher_app.len() > c1m_server::connection::MAX_PUSHER_APPS {
         anyhow::bail!(
-            "one --pusher-app per server for now (apps would share channel names); \
-             run one server per app"
+            "at most {} --pusher-app per server",
+            c1m_server::connection::MAX_PUSHER_APPS
         );
+    }
+    for (i, app) in args.pusher_app.iter().enumerate() {
+        let twin = |other: &c1m_server::pusher::App| other.id == app.id || other.key == app.key;
+        if args.pusher_app[..i].iter().any(twin) {
+            anyhow::bail!(
+                "two --pusher-app share the id {:?} or the key {:?}",
+                app.id,
+                app.key
+            );
+        }
     }
     if args.pusher_webhook.is_some() && args.pusher_app.is_empty() {
         anyhow::bail!("--pusher-webhook needs a --pusher-app (whose secret signs the webhooks)");
@@ -447,9 +460,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_bytes: usize::try_from(args.history_max_bytes).unwrap_or(usize::MAX),
             recovery_limit: args.recovery_limit as usize,
         },
-        pusher_apps: args.pusher_app.clone(),
-        pusher_client_events: args.pusher_client_events,
-        pusher_webhook: args.pusher_webhook.clone(),
+        pusher_apps: args
+            .pusher_app
+            .iter()
+            .map(|app| c1m_server::pusher::App {
+                client_events: app.client_events || args.pusher_client_events,
+                webhook: app.webhook.clone().or_else(|| args.pusher_webhook.clone()),
+                ..app.clone()
+            })
+            .collect(),
         faults: Faults {
             stamp_offset: args.fault_stamp_offset,
             skip_every: args.fault_skip_every.filter(|&n| n > 0),

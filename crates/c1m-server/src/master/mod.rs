@@ -123,7 +123,7 @@ struct Master<S> {
     presence: crate::presence::Presence,
     /// The node's Pusher webhooks (`--pusher-webhook`), and which workers have
     /// subscribers of each channel (for `channel_occupied`/`vacated`).
-    webhooks: Option<crate::webhooks::Webhooks>,
+    webhooks: Vec<Option<crate::webhooks::Webhooks>>,
     occupied: HashMap<String, std::collections::HashSet<usize>>,
     node: String,
     next_stats: Instant,
@@ -175,13 +175,12 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 BROKER,
             )?),
         };
-        let webhooks = match (&config.pusher_webhook, config.pusher_apps.first()) {
-            (Some(url), Some(app)) => Some(crate::webhooks::Webhooks::start(url, app)?),
-            _ => None,
-        };
+        let webhooks = crate::webhooks::Webhooks::for_apps(&config.pusher_apps)?;
         let mut cluster = cluster;
-        if let (Some(cluster), Some(_)) = (cluster.as_mut(), &webhooks) {
-            cluster.share_occupancy();
+        if let Some(cluster) = cluster.as_mut() {
+            if webhooks.iter().any(Option::is_some) {
+                cluster.share_occupancy();
+            }
         }
         let now = Instant::now();
         // Without a cluster the master orders the node's publications and keeps their
@@ -232,7 +231,11 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.cluster.as_ref().map(ClusterNode::next_deadline),
                 self.copy.next_deadline(),
                 self.history_reads.next_deadline(),
-                self.webhooks.as_ref().and_then(|w| w.next_deadline()),
+                self.webhooks
+                    .iter()
+                    .flatten()
+                    .filter_map(|w| w.next_deadline())
+                    .min(),
             ]
             .into_iter()
             .flatten()
@@ -377,14 +380,14 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.stop_listening_unless_subscribed(&topic);
                 self.worker_interest(index, &topic, on, now);
             }
-            Message::Terminate { user } => {
+            Message::Terminate { topic } => {
                 if let Some(cluster) = &self.cluster {
-                    cluster.terminate_user(&user);
+                    cluster.terminate_user(&topic);
                 }
-                self.terminate_on_workers(&user);
+                self.terminate_on_workers(&topic);
             }
-            Message::Webhook { json } => match serde_json::from_slice(&json) {
-                Ok(event) => self.webhook(event, now),
+            Message::Webhook { app, json } => match serde_json::from_slice(&json) {
+                Ok(event) => self.webhook(app as usize, event, now),
                 Err(error) => tracing::warn!(%error, "bad webhook event from a worker"),
             },
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
@@ -463,7 +466,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             } => self.on_presence_join(index, channel, socket, &channel_data, now),
             Message::PusherRead { request, json } => {
                 let (status, body) = match serde_json::from_slice(&json) {
-                    Ok(read) => self.pusher_read(&read, now),
+                    Ok((app, read)) => self.pusher_read(app, &read, now),
                     Err(error) => (500, serde_json::json!({ "error": error.to_string() })),
                 };
                 self.answer_worker(index, request, status, &body);
@@ -639,8 +642,8 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                         Some(cluster) => cluster.apply_presence(&mut self.presence, &change, now),
                         None => Default::default(),
                     };
-                    if let Some(user) = applied.terminate {
-                        self.terminate_on_workers(&user);
+                    if let Some(topic) = applied.terminate {
+                        self.terminate_on_workers(&topic);
                     }
                     self.presence_publish_all(applied.changes, now);
                 }
@@ -820,7 +823,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
     /// the clock, the stats line; then everything queued for the workers is written.
     fn on_tick(&mut self, now: Instant) {
         self.finish_relays(now);
-        if let Some(webhooks) = self.webhooks.as_mut() {
+        for webhooks in self.webhooks.iter_mut().flatten() {
             webhooks.flush_due(now);
         }
         self.broker_resume_timers(now);
@@ -880,13 +883,10 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 worker.send(&Message::HistoryLargest { json: json.clone() });
             }
         }
-        if let Some(webhooks) = self
-            .webhooks
-            .as_ref()
-            .filter(|_| now >= self.next_webhook_counts)
-        {
+        let counts = crate::webhooks::WebhookCounts::sum(self.webhooks.iter().flatten());
+        if let Some(counts) = counts.filter(|_| now >= self.next_webhook_counts) {
             self.next_webhook_counts = now + Duration::from_secs(1);
-            let json = serde_json::to_vec(&webhooks.stats.snapshot()).unwrap_or_default();
+            let json = serde_json::to_vec(&counts).unwrap_or_default();
             for worker in &mut self.workers {
                 worker.send(&Message::WebhookCounts { json: json.clone() });
             }

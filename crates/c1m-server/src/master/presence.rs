@@ -48,7 +48,11 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             outcome,
         });
         if let Some(change) = change {
-            self.webhook(crate::webhooks::event::member(&channel, &change), now);
+            self.webhook_for(
+                &channel,
+                |c| crate::webhooks::event::member(c, &change),
+                now,
+            );
             self.presence_publish(&channel, &change, Some(socket), now);
         }
     }
@@ -60,7 +64,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             cluster.presence_left(channel, socket);
         }
         if let Some(change) = change {
-            self.webhook(crate::webhooks::event::member(channel, &change), now);
+            self.webhook_for(channel, |c| crate::webhooks::event::member(c, &change), now);
             self.presence_publish(channel, &change, None, now);
         }
     }
@@ -73,25 +77,39 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             cluster.presence_state(&self.presence, false);
         }
         for (channel, change) in &changes {
-            self.webhook(crate::webhooks::event::member(channel, change), now);
+            self.webhook_for(channel, |c| crate::webhooks::event::member(c, change), now);
         }
         self.presence_publish_all(changes, now);
     }
 
-    /// Every worker closes its connections signed in as `user`.
-    pub(super) fn terminate_on_workers(&mut self, user: &str) {
+    /// Every worker closes its connections in a user's channel `topic`.
+    pub(super) fn terminate_on_workers(&mut self, topic: &str) {
         let mut bytes = Vec::new();
         Message::Terminate {
-            user: user.to_string(),
+            topic: topic.to_string(),
         }
         .encode(&mut bytes);
         self.send_to_all(&bytes);
     }
 
-    /// Sends `event` with the node's webhooks, if the app has them.
-    pub(super) fn webhook(&mut self, event: serde_json::Value, now: Instant) {
-        if let Some(webhooks) = self.webhooks.as_mut() {
+    /// Sends `event` with the webhooks of app number `app`, if it has them.
+    pub(super) fn webhook(&mut self, app: usize, event: serde_json::Value, now: Instant) {
+        if let Some(Some(webhooks)) = self.webhooks.get_mut(app) {
             webhooks.push(event, now);
+        }
+    }
+
+    /// Sends the event `make` writes for the channel of `topic` with the webhooks of
+    /// the topic's app.
+    fn webhook_for(
+        &mut self,
+        topic: &str,
+        make: impl FnOnce(&str) -> serde_json::Value,
+        now: Instant,
+    ) {
+        if let Some(app) = pusher::app_of(&self.config.pusher_apps, topic) {
+            let event = make(pusher::channel_of(topic));
+            self.webhook(app, event, now);
         }
     }
 
@@ -99,7 +117,9 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
     /// webhooks, the node's first subscriber or last one tells the app (unless another
     /// node of the cluster has some).
     pub(super) fn worker_interest(&mut self, index: usize, topic: &str, on: bool, now: Instant) {
-        if self.webhooks.is_none() || !crate::webhooks::is_app_channel(topic) {
+        if self.webhooks.iter().all(Option::is_none)
+            || !crate::webhooks::is_app_channel(pusher::channel_of(topic))
+        {
             return;
         }
         let workers = self.occupied.entry(topic.to_string()).or_default();
@@ -118,12 +138,12 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
             .as_ref()
             .is_some_and(|c| c.others_occupy(topic));
         if was != is && !others {
-            let event = if is {
-                crate::webhooks::event::channel_occupied(topic)
+            let make = if is {
+                crate::webhooks::event::channel_occupied
             } else {
-                crate::webhooks::event::channel_vacated(topic)
+                crate::webhooks::event::channel_vacated
             };
-            self.webhook(event, now);
+            self.webhook_for(topic, make, now);
         }
     }
 
@@ -150,10 +170,10 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
     ) {
         if speaks {
             for (channel, change) in &expired.changes {
-                self.webhook(crate::webhooks::event::member(channel, change), now);
+                self.webhook_for(channel, |c| crate::webhooks::event::member(c, change), now);
             }
             for channel in &expired.vacated {
-                self.webhook(crate::webhooks::event::channel_vacated(channel), now);
+                self.webhook_for(channel, crate::webhooks::event::channel_vacated, now);
             }
         }
         self.presence_publish_all(expired.changes, now);
@@ -170,6 +190,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
     /// from the workers' latest counts plus the cluster's other nodes.
     pub(super) fn pusher_read(
         &self,
+        app: usize,
         read: &crate::pusher_api::Read,
         now: Instant,
     ) -> (u16, serde_json::Value) {
@@ -180,7 +201,8 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         if let Some(cluster) = &self.cluster {
             counts.add(&cluster.others_counts(now));
         }
-        crate::pusher_api::answer(read, &counts.topics, &self.presence)
+        let apps = &self.config.pusher_apps;
+        crate::pusher_api::answer_for_app(apps, app, read, &counts.topics, &self.presence)
     }
 
     /// Tells the subscribers of `channel` on every worker that a user came or went.
@@ -191,7 +213,11 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         exclude: Option<SocketRef>,
         now: Instant,
     ) {
-        let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
+        let frame = pusher::text_frame(&pusher::event(
+            change.event(),
+            pusher::channel_of(channel),
+            change.data(),
+        ));
         let publish = Message::Publish {
             origin: Origin::Master,
             target: Target::Topic(channel.to_string()),

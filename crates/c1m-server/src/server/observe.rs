@@ -128,10 +128,9 @@ impl Server {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             ));
         }
-        let webhook_counts = match (&self.webhooks, &self.upstream) {
-            (Some(webhooks), _) => Some(webhooks.stats.snapshot()),
-            (None, Upstream::ViaMaster(link)) => link.webhook_counts,
-            _ => None,
+        let webhook_counts = match &self.upstream {
+            Upstream::ViaMaster(link) => link.webhook_counts,
+            _ => crate::webhooks::WebhookCounts::sum(self.webhooks.iter().flatten()),
         };
         if let Some(counts) = webhook_counts {
             text.push_str(&counts.render());

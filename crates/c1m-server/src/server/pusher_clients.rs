@@ -18,7 +18,7 @@ use std::time::Instant;
 use c1m_proto::CloseCode;
 use serde_json::Value;
 
-use crate::connection::{Next, PhaseKind, Protocol};
+use crate::connection::{Next, PhaseKind};
 use crate::control::Message;
 use crate::presence::{Change, Member, Refused};
 use crate::pusher::{self, ChannelKind, ClientMessage, SocketRef, Trigger};
@@ -44,10 +44,12 @@ struct Joining<'a> {
 impl Server {
     /// A Pusher client's upgrade went through: it is told its socket id, or that its
     /// key names no app here (error 4001, then closed with 4001, as Pusher does).
-    pub(super) fn pusher_opened(&mut self, key: usize, known_app: bool, now: Instant) -> Next {
-        self.registry.conns[key].set_protocol(Protocol::Pusher);
+    pub(super) fn pusher_opened(&mut self, key: usize, app: Option<usize>, now: Instant) -> Next {
+        self.registry.conns[key].set_pusher_app(app.unwrap_or(0));
         self.registry.counters.pusher_opened += 1;
-        if !known_app {
+        // A new socket in this slot starts with a full client event budget.
+        self.client_event_budget.remove(&key);
+        if app.is_none() {
             let error = pusher::error(pusher::code::UNKNOWN_APP, "App key not in this server");
             let next = self.reply(key, &error);
             if next == Next::Keep {
@@ -86,7 +88,8 @@ impl Server {
                 }
             }
             ClientMessage::Unsubscribe { channel } => {
-                if let Some(id) = self.registry.topics.id(&channel) {
+                let topic = self.topic_for(key, &channel);
+                if let Some(id) = self.registry.topics.id(&topic) {
                     self.registry.unsubscribe(key, id);
                 }
                 return Next::Keep;
@@ -129,6 +132,14 @@ impl Server {
     ) -> Result<Option<String>, String> {
         let refuse =
             |status, message: &str| Err(pusher::subscription_error(channel, status, message));
+        let topic = self.topic_for(key, channel);
+        if channel.starts_with(pusher::USER_CHANNEL_PREFIX) {
+            // The server put a signed-in socket in its user's channel already.
+            if self.is_subscribed(key, &topic) {
+                return Ok(Some(pusher::subscription_succeeded(channel)));
+            }
+            return refuse(403, "sign in as this user first (pusher:signin)");
+        }
         if let Err(error) = pusher::validate_channel(channel) {
             return refuse(400, &format!("bad channel name: {error}"));
         }
@@ -151,7 +162,7 @@ impl Server {
         if kind != ChannelKind::Public {
             let socket_id = pusher::socket_id(key);
             let signed_data = joining.as_ref().map(|j| j.channel_data);
-            let signed = self.config.pusher_apps.first().is_some_and(|app| {
+            let signed = self.app_of_socket(key).is_some_and(|app| {
                 auth.is_some_and(|auth| {
                     pusher::channel_auth_ok(app, &socket_id, channel, signed_data, auth)
                 })
@@ -168,21 +179,11 @@ impl Server {
                 );
             }
         }
-        let registry = &mut self.registry;
-        let conn = &registry.conns[key];
-        let already = registry
-            .topics
-            .id(channel)
-            .is_some_and(|id| conn.is_subscribed(id));
-        if !already {
-            if conn.subscription_count() >= self.config.max_topics_per_connection {
-                let limit = self.config.max_topics_per_connection;
-                return refuse(400, &format!("at most {limit} channels per connection"));
-            }
-            registry.subscribe(key, channel);
+        if let Err(full) = self.join_topic(key, &topic) {
+            return refuse(400, &full);
         }
         match joining {
-            Some(joining) => self.presence_join(key, channel, joining, now),
+            Some(joining) => self.presence_join(key, &topic, joining, now),
             None => Ok(Some(pusher::subscription_succeeded(channel))),
         }
     }
@@ -191,34 +192,57 @@ impl Server {
     /// (`#server-to-user-ID`: the app's `sendToUser` events, and how
     /// `terminate_connections` finds it). `Err`: why not.
     fn pusher_signin(&mut self, key: usize, auth: &str, user_data: &str) -> Result<String, String> {
-        let Some(app) = self.config.pusher_apps.first() else {
+        let Some(app) = self.app_of_socket(key) else {
             return Err("no app".into());
         };
         let user = pusher::signin_user(app, &pusher::socket_id(key), user_data, auth)?;
-        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
-        let registry = &mut self.registry;
-        let conn = &registry.conns[key];
-        let already = registry
-            .topics
-            .id(&channel)
-            .is_some_and(|id| conn.is_subscribed(id));
-        if !already {
-            if conn.subscription_count() >= self.config.max_topics_per_connection {
-                let limit = self.config.max_topics_per_connection;
-                return Err(format!("at most {limit} channels per connection"));
-            }
-            registry.subscribe(key, &channel);
-        }
+        let topic = self.topic_for(key, &format!("{}{user}", pusher::USER_CHANNEL_PREFIX));
+        self.join_topic(key, &topic)?;
         self.registry.counters.pusher_signins += 1;
         Ok(pusher::signin_success(user_data))
     }
 
-    /// Closes this process's connections signed in as `user` (the app asked with
-    /// `terminate_connections`): `pusher:error` 4009, then close code 4009, so that
-    /// pusher-js does not reconnect on its own.
-    pub(super) fn terminate_user_here(&mut self, user: &str, now: Instant) {
-        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
-        let Some(id) = self.registry.topics.id(&channel) else {
+    /// The socket joins `topic` unless it is in it already; `Err` when it is in as
+    /// many as `--max-topics-per-connection`.
+    fn join_topic(&mut self, key: usize, topic: &str) -> Result<(), String> {
+        if self.is_subscribed(key, topic) {
+            return Ok(());
+        }
+        let limit = self.config.max_topics_per_connection;
+        if self.registry.conns[key].subscription_count() >= limit {
+            return Err(format!("at most {limit} channels per connection"));
+        }
+        self.registry.subscribe(key, topic);
+        Ok(())
+    }
+
+    fn is_subscribed(&self, key: usize, topic: &str) -> bool {
+        let registry = &self.registry;
+        registry.conns.get(key).is_some_and(|conn| {
+            registry
+                .topics
+                .id(topic)
+                .is_some_and(|id| conn.is_subscribed(id))
+        })
+    }
+
+    /// The app a Pusher socket belongs to.
+    fn app_of_socket(&self, key: usize) -> Option<&pusher::App> {
+        let app = self.registry.conns.get(key)?.pusher_app()?;
+        self.config.pusher_apps.get(app)
+    }
+
+    /// The topic of `channel` in the app of socket `key`.
+    fn topic_for(&self, key: usize, channel: &str) -> String {
+        let app = self.registry.conns.get(key).and_then(|c| c.pusher_app());
+        pusher::topic_of(&self.config.pusher_apps, app.unwrap_or(0), channel)
+    }
+
+    /// Closes this process's connections in a user's channel `topic` (the app asked
+    /// with `terminate_connections`): `pusher:error` 4009, then close code 4009, so
+    /// that pusher-js does not reconnect on its own.
+    pub(super) fn terminate_user_here(&mut self, topic: &str, now: Instant) {
+        let Some(id) = self.registry.topics.id(topic) else {
             return;
         };
         let keys: Vec<usize> = self
@@ -242,27 +266,28 @@ impl Server {
         }
     }
 
-    /// `POST /apps/{id}/users/{user}/terminate_connections`: the user's connections
-    /// here, on the node's other workers, and on the cluster's other nodes.
-    pub(super) fn terminate_user(&mut self, user: &str, now: Instant) {
+    /// `POST /apps/{id}/users/{user}/terminate_connections` (`topic`: the user's
+    /// channel in the app): the user's connections here, on the node's other workers,
+    /// and on the cluster's other nodes.
+    pub(super) fn terminate_user(&mut self, topic: &str, now: Instant) {
         match &mut self.upstream {
             Upstream::ViaMaster(link) => link.send(&Message::Terminate {
-                user: user.to_string(),
+                topic: topic.to_string(),
             }),
             Upstream::ViaBroker(cluster) => {
-                cluster.terminate_user(user);
-                self.terminate_user_here(user, now);
+                cluster.terminate_user(topic);
+                self.terminate_user_here(topic, now);
             }
-            Upstream::Local => self.terminate_user_here(user, now),
+            Upstream::Local => self.terminate_user_here(topic, now),
         }
     }
 
-    /// A subscribed socket joins a presence channel's members: here when this process
+    /// A subscribed socket joins a presence topic's members: here when this process
     /// keeps the table, else through the master.
     fn presence_join(
         &mut self,
         key: usize,
-        channel: &str,
+        topic: &str,
         joining: Joining,
         now: Instant,
     ) -> Result<Option<String>, String> {
@@ -271,39 +296,46 @@ impl Server {
         self.registry.counters.pusher_presence_joins += 1;
         let socket = (pusher::process_token(), key as u32);
         self.presence_users
-            .insert((key, channel.to_string()), joining.member.user_id.clone());
+            .insert((key, topic.to_string()), joining.member.user_id.clone());
         let Some(table) = self.presence.as_mut() else {
             self.send_to_master(&Message::PresenceJoin {
-                channel: channel.to_string(),
+                channel: topic.to_string(),
                 socket,
                 channel_data: joining.channel_data.to_string(),
             });
             return Ok(None);
         };
         let member = joining.member.clone();
-        match table.join(channel, socket, 0, joining.member) {
+        match table.join(topic, socket, 0, joining.member) {
             Ok(change) => {
                 if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
-                    cluster.presence_joined(channel, socket, &member);
+                    cluster.presence_joined(topic, socket, &member);
                 }
-                let data = table.subscription_data(channel);
+                let data = table.subscription_data(topic);
                 if let Some(change) = change {
-                    self.presence_publish(channel, &change, Some(socket), now);
-                    self.webhook(crate::webhooks::event::member(channel, &change), now);
+                    self.presence_publish(topic, &change, Some(socket), now);
+                    self.webhook_for(
+                        topic,
+                        |channel| crate::webhooks::event::member(channel, &change),
+                        now,
+                    );
                 }
-                Ok(Some(pusher::subscription_succeeded_with(channel, &data)))
+                Ok(Some(pusher::subscription_succeeded_with(
+                    pusher::channel_of(topic),
+                    &data,
+                )))
             }
             Err(Refused::Full) => {
-                self.presence_refused(key, channel);
-                Err(presence_full(channel))
+                self.presence_refused(key, topic);
+                Err(presence_full(pusher::channel_of(topic)))
             }
         }
     }
 
-    /// A presence join that was refused: the socket leaves the channel's topic.
-    fn presence_refused(&mut self, key: usize, channel: &str) {
-        self.presence_users.remove(&(key, channel.to_string()));
-        if let Some(id) = self.registry.topics.id(channel) {
+    /// A presence join that was refused: the socket leaves the topic's topic.
+    fn presence_refused(&mut self, key: usize, topic: &str) {
+        self.presence_users.remove(&(key, topic.to_string()));
+        if let Some(id) = self.registry.topics.id(topic) {
             self.registry.unsubscribe(key, id);
         }
         // Its leave is nobody's: the table never had it.
@@ -315,7 +347,7 @@ impl Server {
     pub(super) fn on_presence_joined(
         &mut self,
         slot: u32,
-        channel: &str,
+        topic: &str,
         outcome: Result<String, String>,
     ) {
         let key = slot as usize;
@@ -325,60 +357,68 @@ impl Server {
                 && conn.is_pusher()
                 && registry
                     .topics
-                    .id(channel)
+                    .id(topic)
                     .is_some_and(|id| conn.is_subscribed(id))
         });
         if !subscribed {
             return;
         }
         let answer = match outcome {
-            Ok(data) => pusher::subscription_succeeded_with(channel, &data),
+            Ok(data) => pusher::subscription_succeeded_with(pusher::channel_of(topic), &data),
             Err(_) => {
                 self.registry.counters.pusher_subscriptions_refused += 1;
-                self.presence_users.remove(&(key, channel.to_string()));
-                if let Some(id) = self.registry.topics.id(channel) {
+                self.presence_users.remove(&(key, topic.to_string()));
+                if let Some(id) = self.registry.topics.id(topic) {
                     self.registry.unsubscribe(key, id);
                 }
-                presence_full(channel)
+                presence_full(pusher::channel_of(topic))
             }
         };
         let next = self.reply(key, &answer);
         self.registry.after(key, PhaseKind::Open, next);
     }
 
-    /// Takes the presence channels sockets left since the last call, in order: the
+    /// Takes the presence topics sockets left since the last call, in order: the
     /// table here applies them (and tells the members), or the master is told.
     pub(super) fn presence_flush(&mut self, now: Instant) {
-        for (channel, key) in self.registry.take_presence_left() {
-            self.presence_users.remove(&(key, channel.clone()));
+        for (topic, key) in self.registry.take_presence_left() {
+            self.presence_users.remove(&(key, topic.clone()));
             let socket = (pusher::process_token(), key as u32);
             match self.presence.as_mut() {
                 Some(table) => {
-                    let change = table.leave(&channel, socket);
+                    let change = table.leave(&topic, socket);
                     if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
-                        cluster.presence_left(&channel, socket);
+                        cluster.presence_left(&topic, socket);
                     }
                     if let Some(change) = change {
-                        self.presence_publish(&channel, &change, None, now);
-                        self.webhook(crate::webhooks::event::member(&channel, &change), now);
+                        self.presence_publish(&topic, &change, None, now);
+                        self.webhook_for(
+                            &topic,
+                            |channel| crate::webhooks::event::member(channel, &change),
+                            now,
+                        );
                     }
                 }
-                None => self.send_to_master(&Message::PresenceLeave { channel, socket }),
+                None => self.send_to_master(&Message::PresenceLeave {
+                    channel: topic,
+                    socket,
+                }),
             }
         }
     }
 
-    /// Tells the members of `channel` here that a user came or went (not `exclude`,
+    /// Tells the members of `topic` here that a user came or went (not `exclude`,
     /// the socket that joined: it gets the member list instead).
     pub(super) fn presence_publish(
         &mut self,
-        channel: &str,
+        topic: &str,
         change: &Change,
         exclude: Option<SocketRef>,
         now: Instant,
     ) {
+        let channel = pusher::channel_of(topic);
         let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
-        let target = Target::Topic(channel.to_string());
+        let target = Target::Topic(topic.to_string());
         let then = WhenDelivered::Answer(Waiting::nobody(now));
         self.publish_excluding(target, frame, None, exclude, then);
     }
@@ -386,8 +426,8 @@ impl Server {
     /// [`Server::presence_publish`] for each change of another node's (or a gone
     /// node's) members.
     pub(super) fn presence_publish_all(&mut self, changes: Vec<(String, Change)>, now: Instant) {
-        for (channel, change) in changes {
-            self.presence_publish(&channel, &change, None, now);
+        for (topic, change) in changes {
+            self.presence_publish(&topic, &change, None, now);
         }
     }
 
@@ -403,7 +443,7 @@ impl Server {
         now: Instant,
     ) -> Result<(), String> {
         let refuse = |message: &str| Err(pusher::error(pusher::code::GENERIC, message));
-        if !self.config.pusher_client_events {
+        if !self.app_of_socket(key).is_some_and(|app| app.client_events) {
             return refuse("client events are not enabled for this app");
         }
         let Some(channel) = channel else {
@@ -413,17 +453,12 @@ impl Server {
         if !matches!(kind, ChannelKind::Private | ChannelKind::Presence) {
             return refuse("client events go to private and presence channels only");
         }
-        let conn = &self.registry.conns[key];
-        let subscribed = self
-            .registry
-            .topics
-            .id(&channel)
-            .is_some_and(|id| conn.is_subscribed(id));
-        if !subscribed {
+        let topic = self.topic_for(key, &channel);
+        if !self.is_subscribed(key, &topic) {
             return refuse(&format!("not subscribed to {channel}"));
         }
         let user_id = match kind {
-            ChannelKind::Presence => match self.presence_users.get(&(key, channel.clone())) {
+            ChannelKind::Presence => match self.presence_users.get(&(key, topic.clone())) {
                 Some(user_id) => Some(user_id.clone()),
                 None => return refuse(&format!("not a member of {channel} yet")),
             },
@@ -447,9 +482,9 @@ impl Server {
             &pusher::socket_id(key),
             user_id.as_ref(),
         );
-        self.webhook(hook, now);
+        self.webhook_for(&topic, |_| hook, now);
         let frame = pusher::text_frame(&text);
-        self.pusher_publish(&channel, frame, Some(socket), now)
+        self.pusher_publish(&topic, frame, Some(socket), now)
             .map_err(|_| {
                 pusher::error(pusher::code::GENERIC, "the server is busy: try again later")
             })
@@ -475,18 +510,18 @@ impl Server {
         allowed
     }
 
-    /// Publishes a Pusher event `frame` on `channel` (leaving out `exclude`) the way a
+    /// Publishes a Pusher event `frame` on `topic` (leaving out `exclude`) the way a
     /// `POST /publish` goes: here, through the master, or through the broker; kept in
     /// the topic's history if it has one. Nobody waits for the count. `Err` is the
     /// HTTP answer when it cannot be taken now.
     fn pusher_publish(
         &mut self,
-        channel: &str,
+        topic: &str,
         frame: bytes::Bytes,
         exclude: Option<SocketRef>,
         now: Instant,
     ) -> Result<(), Vec<u8>> {
-        let target = Target::Topic(channel.to_string());
+        let target = Target::Topic(topic.to_string());
         if matches!(self.upstream, Upstream::Local) {
             let position = self.keep_in_history(&target, &frame, now);
             let then = WhenDelivered::Answer(Waiting::nobody(now));
@@ -501,6 +536,7 @@ impl Server {
     /// a cluster): its exact subscriber counts plus the other nodes' latest reports.
     pub(super) fn pusher_read(
         &mut self,
+        app: usize,
         read: &crate::pusher_api::Read,
         now: Instant,
     ) -> (u16, Value) {
@@ -513,7 +549,8 @@ impl Server {
         }
         let empty = crate::presence::Presence::default();
         let presence = self.presence.as_ref().unwrap_or(&empty);
-        crate::pusher_api::answer(read, &counts.topics, presence)
+        let apps = &self.config.pusher_apps;
+        crate::pusher_api::answer_for_app(apps, app, read, &counts.topics, presence)
     }
 
     /// `POST /apps/{id}/events` or `/batch_events`, signature checked: each event goes
@@ -522,6 +559,7 @@ impl Server {
     /// Pusher does (delivery is not awaited). `Err` is the answer when it cannot be taken now.
     pub(super) fn pusher_trigger(
         &mut self,
+        app: usize,
         triggers: Vec<Trigger>,
         now: Instant,
     ) -> Result<(), Vec<u8>> {
@@ -538,7 +576,8 @@ impl Server {
         for (trigger, channel) in events {
             let frame = pusher::text_frame(&pusher::event(&trigger.name, channel, &trigger.data));
             self.registry.counters.pusher_api_events += 1;
-            self.pusher_publish(channel, frame, trigger.socket_id, now)?;
+            let topic = pusher::topic_of(&self.config.pusher_apps, app, channel);
+            self.pusher_publish(&topic, frame, trigger.socket_id, now)?;
         }
         Ok(())
     }

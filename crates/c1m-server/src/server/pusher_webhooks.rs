@@ -1,5 +1,5 @@
 //! Which Pusher webhook events a process sends (see `webhooks`), so that each goes out
-//! once per cluster:
+//! once per cluster, to the app whose channel it is:
 //! - `member_added` / `member_removed`: by whoever keeps the node's presence table
 //!   (the single process here; the master for workers), for its own sockets' changes;
 //! - `channel_occupied` / `channel_vacated`: by the node whose first subscriber came or
@@ -15,19 +15,32 @@ use serde_json::Value;
 
 use crate::cluster_presence::Expired;
 use crate::control::Message;
+use crate::pusher::{app_of, channel_of};
 use crate::upstream::Upstream;
 use crate::webhooks::{event, is_app_channel};
 
 use super::Server;
 
 impl Server {
-    /// Sends `event` with the node's webhooks: batched here, or handed to the master.
-    pub(super) fn webhook(&mut self, event: Value, now: Instant) {
-        match (self.webhooks.as_mut(), &self.upstream) {
-            (Some(webhooks), _) => webhooks.push(event, now),
-            (None, Upstream::ViaMaster(_)) if self.config.pusher_webhook.is_some() => {
+    /// Sends the event `make` writes for the channel of `topic` with the webhooks of
+    /// the topic's app, if it has any: batched here, or handed to the master.
+    pub(super) fn webhook_for(
+        &mut self,
+        topic: &str,
+        make: impl FnOnce(&str) -> Value,
+        now: Instant,
+    ) {
+        let apps = &self.config.pusher_apps;
+        let Some(app) = app_of(apps, topic).filter(|&app| apps[app].webhook.is_some()) else {
+            return;
+        };
+        let event = make(channel_of(topic));
+        match (self.webhooks.get_mut(app), &self.upstream) {
+            (Some(Some(webhooks)), _) => webhooks.push(event, now),
+            (_, Upstream::ViaMaster(_)) => {
                 let json = serde_json::to_vec(&event).unwrap_or_default();
-                self.send_to_master(&Message::Webhook { json });
+                let app = app as u32;
+                self.send_to_master(&Message::Webhook { app, json });
             }
             _ => {}
         }
@@ -37,7 +50,7 @@ impl Server {
     /// single process tells the app, unless another node of the cluster has some.
     pub(super) fn occupancy_webhook(&mut self, topic: &str, on: bool, now: Instant) {
         // (A worker: its master decides for the node.)
-        if self.webhooks.is_none() || !is_app_channel(topic) {
+        if self.webhooks.is_empty() || !is_app_channel(channel_of(topic)) {
             return;
         }
         if let Upstream::ViaBroker(cluster) = &self.upstream {
@@ -45,26 +58,26 @@ impl Server {
                 return;
             }
         }
-        let event = if on {
-            event::channel_occupied(topic)
+        let make = if on {
+            event::channel_occupied
         } else {
-            event::channel_vacated(topic)
+            event::channel_vacated
         };
-        self.webhook(event, now);
+        self.webhook_for(topic, make, now);
     }
 
     /// Other nodes went silent: their members leave (told to the members here); the
     /// node that speaks for the cluster tells the app.
     pub(super) fn presence_expired(&mut self, expired: Expired, speaks: bool, now: Instant) {
-        for (channel, change) in expired.changes {
+        for (topic, change) in expired.changes {
             if speaks {
-                self.webhook(event::member(&channel, &change), now);
+                self.webhook_for(&topic, |channel| event::member(channel, &change), now);
             }
-            self.presence_publish(&channel, &change, None, now);
+            self.presence_publish(&topic, &change, None, now);
         }
         if speaks {
-            for channel in expired.vacated {
-                self.webhook(event::channel_vacated(&channel), now);
+            for topic in expired.vacated {
+                self.webhook_for(&topic, event::channel_vacated, now);
             }
         }
     }

@@ -323,18 +323,18 @@ impl Server {
                 let (status, body) = self.node_stats(cluster, now);
                 http::json_answer(status, &body)
             }
-            Outcome::PusherRead(read) if matches!(self.upstream, Upstream::ViaMaster(_)) => {
+            Outcome::PusherRead(app, read) if matches!(self.upstream, Upstream::ViaMaster(_)) => {
                 // The master keeps the node's presence members and workers' counts.
                 let parked = waiting(self, WaitingFor::Stats);
-                self.ask_master_for_pusher_read(parked, &read, now);
+                self.ask_master_for_pusher_read(parked, app, &read, now);
                 return Next::Keep;
             }
-            Outcome::PusherTerminate(user) => {
-                self.terminate_user(&user, now);
+            Outcome::PusherTerminate(topic) => {
+                self.terminate_user(&topic, now);
                 http::json_answer(200, &serde_json::json!({}))
             }
-            Outcome::PusherRead(read) => {
-                let (status, body) = self.pusher_read(&read, now);
+            Outcome::PusherRead(app, read) => {
+                let (status, body) = self.pusher_read(app, &read, now);
                 http::json_answer(status, &body)
             }
             Outcome::History(query) if self.resumes_via_master() => {
@@ -353,7 +353,7 @@ impl Server {
                 let (status, body) = http::history_answer(self.history.as_mut(), &query, now);
                 http::json_answer(status, &body)
             }
-            Outcome::PusherEvents(triggers) => match self.pusher_trigger(triggers, now) {
+            Outcome::PusherEvents(app, triggers) => match self.pusher_trigger(app, triggers, now) {
                 Ok(()) => http::json_answer(200, &serde_json::json!({})),
                 Err(refusal) => refusal,
             },

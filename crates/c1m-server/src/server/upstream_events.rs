@@ -72,12 +72,13 @@ impl Server {
     pub(super) fn ask_master_for_pusher_read(
         &mut self,
         waiting: Waiting,
+        app: usize,
         read: &crate::pusher_api::Read,
         now: Instant,
     ) {
         if let Upstream::ViaMaster(link) = &mut self.upstream {
             let request = link.park(waiting, now);
-            let json = serde_json::to_vec(read).unwrap_or_default();
+            let json = serde_json::to_vec(&(app, read)).unwrap_or_default();
             link.send(&Message::PusherRead { request, json });
         }
     }
@@ -208,7 +209,7 @@ impl Server {
                 channel,
                 outcome,
             } => self.on_presence_joined(slot, &channel, outcome),
-            Message::Terminate { user } => self.terminate_user_here(&user, now),
+            Message::Terminate { topic } => self.terminate_user_here(&topic, now),
             Message::WebhookCounts { json } => match serde_json::from_slice(&json) {
                 Ok(counts) => link.webhook_counts = Some(counts),
                 Err(error) => tracing::warn!(%error, "bad webhook counts from the master"),
@@ -272,8 +273,8 @@ impl Server {
                         (Some(cluster), Some(table)) => cluster.apply_presence(table, &change, now),
                         _ => Default::default(),
                     };
-                    if let Some(user) = applied.terminate {
-                        self.terminate_user_here(&user, now);
+                    if let Some(topic) = applied.terminate {
+                        self.terminate_user_here(&topic, now);
                     }
                     self.presence_publish_all(applied.changes, now);
                 }
