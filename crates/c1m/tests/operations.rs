@@ -363,6 +363,31 @@ fn bad_config_values_are_named_with_what_is_expected() {
     );
     let err = refused(&["--slow-consumer", "sometimes"], &[]);
     assert!(err.contains("disconnect") && err.contains("drop"), "{err}");
+    // Pusher apps: two with one key, an unknown option, a webhook without an app.
+    let err = refused(&["--pusher-app", "1:k:s", "--pusher-app", "2:k:t"], &[]);
+    assert!(
+        err.contains("share the id") && err.contains("\"k\""),
+        "{err}"
+    );
+    let err = refused(&["--pusher-app", "1:k:s?colour=blue"], &[]);
+    assert!(
+        err.contains("unknown Pusher app option colour=blue"),
+        "{err}"
+    );
+    let err = refused(&["--pusher-webhook", "http://127.0.0.1:9/"], &[]);
+    assert!(
+        err.contains("--pusher-webhook needs a --pusher-app"),
+        "{err}"
+    );
+    let err = refused(
+        &["--pusher-app", "1:k:s", "--pusher-webhook", "ftp://x"],
+        &[],
+    );
+    assert!(err.contains("http:// or https://"), "{err}");
+    // Several apps from a config file's array.
+    let apps = config_file("apps.toml", "pusher_app = [\"1:k:s\", \"1:k2:s2\"]\n");
+    let err = refused(&["--config", &apps], &[]);
+    assert!(err.contains("share the id \"1\""), "{err}");
 }
 
 #[tokio::test]

@@ -53,12 +53,23 @@ fn run_script(script: &str, port: u16, api_port: u16) -> Vec<Value> {
 
 /// [`run_script`] with further port arguments after the app.
 fn run_script_with(script: &str, port: u16, more: &[u16]) -> Vec<Value> {
+    let mut args = vec![
+        port.to_string(),
+        APP[0].into(),
+        APP[1].into(),
+        APP[2].into(),
+    ];
+    args.extend(more.iter().map(u16::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_node(script, &args)
+}
+
+/// Runs a Node script of `tests/pusher` with `args`: its steps.
+fn run_node(script: &str, args: &[&str]) -> Vec<Value> {
     let dir = npm_packages();
-    let more: Vec<String> = more.iter().map(u16::to_string).collect();
     let output = Command::new("node")
         .arg(script)
-        .args([&port.to_string(), APP[0], APP[1], APP[2]])
-        .args(&more)
+        .args(args)
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("node is needed for this test: {e}"));
@@ -460,6 +471,76 @@ fn webhooks_users_and_channels_across_a_three_node_cluster() {
     assert_users_work(&run_script("users.mjs", port(1), port(0)));
     assert_users_work(&run_script("users.mjs", port(0), port(2)));
     assert_public_channels_work(&run_public(port(2), port(1)));
+}
+
+/// Two apps on one server (two workers): the same channel names, each app's events,
+/// members, read API, client-event switch and webhooks its own.
+#[test]
+fn two_apps_on_one_server_keep_to_themselves() {
+    let hook_port = free_port();
+    let second = format!(
+        "7:other-key:other-secret?client_events=true&webhook=http%3A%2F%2F127.0.0.1%3A{hook_port}%2F"
+    );
+    let first = APP.join(":");
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--pusher-app",
+        &first,
+        "--pusher-app",
+        &second,
+    ]);
+    let port = server.addr.port().to_string();
+    let hook = hook_port.to_string();
+    let args = [
+        port.as_str(),
+        APP[0],
+        APP[1],
+        APP[2],
+        "7",
+        "other-key",
+        "other-secret",
+        hook.as_str(),
+    ];
+    let steps = run_node("apps.mjs", &args);
+    assert_eq!(step(&steps, "members")["one"], 1, "{steps:?}");
+    assert_eq!(step(&steps, "members")["two"], 1, "{steps:?}");
+    assert_eq!(
+        step(&steps, "events")["a"],
+        serde_json::json!(["one"]),
+        "{steps:?}"
+    );
+    assert_eq!(
+        step(&steps, "events")["b"],
+        serde_json::json!(["two"]),
+        "{steps:?}"
+    );
+    let read = step(&steps, "read");
+    let listed = serde_json::json!({"channels": {"news": {}, "presence-room": {}}});
+    assert_eq!(read["one"], listed, "{read}");
+    assert_eq!(read["two"], listed, "{read}");
+    let client_events = step(&steps, "client_events");
+    assert_eq!(client_events["one"]["code"], 4301, "{client_events}");
+    assert_eq!(client_events["two_sent"], true, "{client_events}");
+    let hooks = step(&steps, "webhooks")["hooks"]
+        .as_array()
+        .expect("hooks")
+        .clone();
+    assert!(!hooks.is_empty());
+    for hook in &hooks {
+        assert_eq!(
+            hook["valid_for_two"], true,
+            "signed with app 2's secret: {hook}"
+        );
+        assert_eq!(hook["valid_for_one"], false, "{hook}");
+        for event in hook["events"].as_array().expect("events") {
+            assert!(
+                !event["channel"].as_str().unwrap_or("").contains('~'),
+                "channel names as the app knows them: {event}"
+            );
+        }
+    }
+    step(&steps, "done");
 }
 
 /// A Pusher client of the test app on `addr`: connected, its socket id read.
