@@ -14,6 +14,7 @@
 pub mod html;
 pub mod meter;
 pub mod payload;
+pub mod pusher;
 pub mod recovery;
 pub mod report;
 pub mod snapshot;

@@ -72,8 +72,8 @@ pub struct WorkerConfig {
     /// `--recover`: ask for envelopes, keep each connection's positions, resume from
     /// them on every reconnect and count what never arrived (see [`crate::recovery`]).
     pub recover: bool,
-    /// `--pusher-channel`: speak the Pusher protocol and subscribe to this channel.
-    pub pusher_channel: Option<String>,
+    /// `--pusher-channel`: speak the Pusher protocol and subscribe as this plan says.
+    pub pusher: Option<crate::pusher::PusherPlan>,
     /// TLS settings, for a `wss://` target.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Stamps of rounds other workers saw (with `--procs`, the parent fills it). A
@@ -472,13 +472,11 @@ impl Worker {
         let client = &mut self.clients[key];
         client.opened_us = wall_us();
         self.open_times.push(client.opened_us);
-        if let Some(channel) = &self.config.pusher_channel {
-            // The server reads it after its `pusher:connection_established`.
-            let subscribe = serde_json::json!({
-                "event": "pusher:subscribe",
-                "data": {"channel": channel},
-            });
-            client.send_text(subscribe.to_string().as_bytes());
+        if let Some(plan) = self.config.pusher.as_ref().filter(|plan| !plan.signs()) {
+            // The server reads it after its `pusher:connection_established`. (A signed
+            // one waits for that message's socket id: see `record_message`.)
+            let subscribe = plan.subscribe(client.index as usize, None);
+            client.send_text(subscribe.as_bytes());
         }
         if let Some(positions) = self.positions.as_mut() {
             positions.opened(client.index);
@@ -515,7 +513,7 @@ impl Worker {
             done,
             target_messages: config.messages,
             positions: None, // --recover needs WebSocket envelopes
-            pusher: false,
+            pusher: None,
         };
         let client = &mut clients[key];
         let mut rest = input;
@@ -558,7 +556,7 @@ impl Worker {
             done,
             target_messages: config.messages,
             positions: positions.as_mut(),
-            pusher: config.pusher_channel.is_some(),
+            pusher: config.pusher.as_ref(),
         };
         let client = &mut clients[key];
         let mut decoder = client.decoder.take().unwrap_or_else(|| {
@@ -843,8 +841,9 @@ struct Tally<'a> {
     done: &'a mut usize,
     target_messages: Option<u64>,
     positions: Option<&'a mut Positions>,
-    /// `--pusher-channel`: the protocol's own messages are not publications.
-    pusher: bool,
+    /// `--pusher-channel`: the protocol's own messages are not publications, and a
+    /// signed subscription goes out when the socket id comes.
+    pusher: Option<&'a crate::pusher::PusherPlan>,
 }
 
 /// Whether a message is one of the Pusher protocol's own (`pusher:…`,
@@ -871,7 +870,14 @@ fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us
         Some(positions) => positions.on_message(client.index, payload, stamp_of_value),
         None => Seen::Other,
     };
-    if seen == Seen::Answer || (*pusher && is_pusher_protocol_message(payload)) {
+    if let Some(plan) = pusher.filter(|plan| plan.signs()) {
+        if let Some(socket_id) = crate::pusher::socket_id(payload) {
+            let subscribe = plan.subscribe(client.index as usize, Some(&socket_id));
+            client.send_text(subscribe.as_bytes());
+            return;
+        }
+    }
+    if seen == Seen::Answer || (pusher.is_some() && is_pusher_protocol_message(payload)) {
         return;
     }
     snap.messages += 1;

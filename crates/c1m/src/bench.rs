@@ -99,6 +99,24 @@ pub struct BenchArgs {
     #[arg(long, value_name = "CHANNEL", conflicts_with = "recover")]
     pusher_channel: Option<String>,
 
+    /// With --pusher-channel: spread the connections over N channels, CHANNEL-0 …
+    /// CHANNEL-(N-1) (connection i on i % N); e.g. presence channels hold at most
+    /// 1,000 members each.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "pusher_channel", value_parser = clap::value_parser!(u32).range(1..))]
+    pusher_channels: u32,
+
+    /// With --pusher-channel on a private- or presence- channel: the app's secret, to
+    /// sign each subscription as the app's auth endpoint would (a presence member is
+    /// named by its socket id). Also read from C1M_PUSHER_SECRET.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        requires = "pusher_channel",
+        env = "C1M_PUSHER_SECRET",
+        hide_env_values = true
+    )]
+    pusher_secret: Option<String>,
+
     /// Close each connection cleanly after about this long (±50 %), to generate churn;
     /// with --reconnect it is reopened right away.
     #[arg(long, value_parser = parse_duration)]
@@ -124,6 +142,27 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The Pusher side of the run, if it speaks Pusher (the app key from the URL).
+    fn pusher_plan(&self) -> Option<c1m_bench::pusher::PusherPlan> {
+        let channel = self.pusher_channel.clone()?;
+        let key = self
+            .url
+            .split_once("/app/")
+            .map(|(_, rest)| {
+                rest.split(['?', '/'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        Some(c1m_bench::pusher::PusherPlan {
+            channel,
+            channels: self.pusher_channels,
+            key,
+            secret: self.pusher_secret.clone(),
+        })
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         if self.connections == 0 {
             bail!("--connections must be at least 1");
@@ -133,6 +172,9 @@ impl BenchArgs {
         }
         if self.pusher_channel.is_some() && self.url.starts_with("tcp://") {
             bail!("--pusher-channel needs a WebSocket server (ws:// or wss://)");
+        }
+        if self.pusher_channel.is_some() && !self.url.contains("/app/") {
+            bail!("--pusher-channel needs the app's URL: ws://HOST:PORT/app/KEY");
         }
         if self.recover && self.url.starts_with("tcp://") {
             bail!("--recover needs a WebSocket server (ws:// or wss://): it resumes by position");
@@ -202,7 +244,7 @@ impl BenchArgs {
             reconnect: self.reconnect,
             lifetime: self.lifetime,
             recover: self.recover,
-            pusher_channel: self.pusher_channel.clone(),
+            pusher: self.pusher_plan(),
             tls,
             rounds_elsewhere: None,
         })
@@ -405,6 +447,11 @@ fn run_children(
         }
         if let Some(channel) = &args.pusher_channel {
             cmd.args(["--pusher-channel", channel]);
+            cmd.args(["--pusher-channels", &args.pusher_channels.to_string()]);
+        }
+        if let Some(secret) = &args.pusher_secret {
+            // Through the environment, not the command line (`ps` shows that).
+            cmd.env("C1M_PUSHER_SECRET", secret);
         }
         if let Some(lifetime) = args.lifetime {
             cmd.args(["--lifetime", &format!("{}ms", lifetime.as_millis())]);

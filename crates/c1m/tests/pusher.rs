@@ -830,6 +830,50 @@ fn the_bench_speaks_pusher() {
     assert_eq!(snap.latency.len(), 300, "every event's stamp read");
 }
 
+/// `c1m bench` on presence channels: each connection signs its subscription with the
+/// app's secret (in 2 bench processes), one member per connection, spread over 3
+/// channels: the server took all 60 joins and refused none.
+#[test]
+fn the_bench_joins_presence_channels_signed() {
+    let (server, _) = pusher_server("1");
+    let url = server.url("/app/app-key");
+    let (_, json) = common::run_bench(
+        "pusher-presence-bench",
+        &[
+            "--url",
+            &url,
+            "--pusher-channel",
+            "presence-bench",
+            "--pusher-channels",
+            "3",
+            "--pusher-secret",
+            APP[2],
+            "-c",
+            "60",
+            "--procs",
+            "2",
+            "--messages",
+            "0",
+            "--duration",
+            "2s",
+        ],
+    );
+    let result: c1m_bench::report::BenchResult = serde_json::from_str(&json).expect("a result");
+    assert_eq!(result.snapshot.established, 60, "{json}");
+    let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
+    let value = |name| common::metric_value(&metrics, name);
+    assert_eq!(
+        value("c1m_pusher_presence_joins_total"),
+        Some(60.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("c1m_pusher_subscriptions_refused_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
 /// pusher-js's browser build in headless Chromium (the browser's own WebSocket): it
 /// subscribes, gets an event, and when every worker of the server is SIGKILLed it
 /// reconnects and subscribes again by itself, and gets the next event.
