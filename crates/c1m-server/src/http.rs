@@ -278,6 +278,16 @@ pub fn fan_out_busy() -> Vec<u8> {
 
 /// `POST /apps/{id}/events` and `/batch_events` (Pusher's HTTP API): the app, its
 /// signature, the events.
+/// A JSON `{"error": …}` answer with `status` (400, 401 or 404).
+fn json_refusal(status: u16, error: &str) -> Outcome {
+    let reason = match status {
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Bad Request",
+    };
+    Outcome::Respond(json_response(status, reason, &json!({ "error": error })))
+}
+
 /// Finds app `id` and checks the request's signature: the app's number; `Err`: the
 /// answer.
 fn pusher_signed(
@@ -291,27 +301,14 @@ fn pusher_signed(
     let Some(index) = cx.pusher_apps.iter().position(|app| app.id == id) else {
         let error =
             format!("unknown app id {id:?}: start the server with --pusher-app ID:KEY:SECRET");
-        return Err(Outcome::Respond(json_response(
-            404,
-            "Not Found",
-            &json!({ "error": error }),
-        )));
+        return Err(json_refusal(404, &error));
     };
     let app = &cx.pusher_apps[index];
     let now = crate::auth::unix_now();
     if let Err((status, error)) =
         crate::pusher::verify_signature(app, &request.method, path, query, body, now)
     {
-        let reason = if status == 401 {
-            "Unauthorized"
-        } else {
-            "Bad Request"
-        };
-        return Err(Outcome::Respond(json_response(
-            status,
-            reason,
-            &json!({ "error": error }),
-        )));
+        return Err(json_refusal(status, &error));
     }
     Ok(index)
 }
@@ -330,14 +327,7 @@ fn pusher_read(request: &PlainRequest, path: &str, query: &str, cx: &Context<'_>
         .collect();
     match crate::pusher_api::Read::parse(rest, &params) {
         Ok(read) => Outcome::PusherRead(app, read),
-        Err((status, error)) => {
-            let reason = if status == 404 {
-                "Not Found"
-            } else {
-                "Bad Request"
-            };
-            Outcome::Respond(json_response(status, reason, &json!({ "error": error })))
-        }
+        Err((status, error)) => json_refusal(status, &error),
     }
 }
 
@@ -353,11 +343,7 @@ fn pusher_terminate(
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let parts: Vec<&str> = rest.split('/').collect();
     let [id, "users", user, "terminate_connections"] = parts[..] else {
-        return Outcome::Respond(json_response(
-            404,
-            "Not Found",
-            &json!({ "error": "expected /apps/ID/users/USER/terminate_connections" }),
-        ));
+        return json_refusal(404, "expected /apps/ID/users/USER/terminate_connections");
     };
     let app = match pusher_signed(request, id, path, query, body, cx) {
         Ok(app) => app,
@@ -368,11 +354,7 @@ fn pusher_terminate(
             let channel = format!("{}{user}", crate::pusher::USER_CHANNEL_PREFIX);
             Outcome::PusherTerminate(crate::pusher::topic_of(cx.pusher_apps, app, &channel))
         }
-        Err(error) => Outcome::Respond(json_response(
-            400,
-            "Bad Request",
-            &json!({ "error": error }),
-        )),
+        Err(error) => json_refusal(400, &error),
     }
 }
 
@@ -399,11 +381,7 @@ fn pusher_events(
     };
     match triggers {
         Ok(triggers) => Outcome::PusherEvents(app, triggers),
-        Err(error) => Outcome::Respond(json_response(
-            400,
-            "Bad Request",
-            &json!({ "error": error }),
-        )),
+        Err(error) => json_refusal(400, &error),
     }
 }
 

@@ -239,13 +239,9 @@ fn assert_presence_works(steps: &[Value]) {
     step(steps, "done");
 }
 
+/// A server with the test app and client events on `workers` workers, and its port.
 fn presence_server(workers: &str) -> (Server, u16) {
-    let mut args = pusher_args(workers);
-    args.push("--pusher-client-events".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start(&args);
-    let port = server.addr.port();
-    (server, port)
+    pusher_server_with(workers, &["--pusher-client-events"])
 }
 
 #[test]
@@ -288,7 +284,13 @@ fn laravel_echo_joins_a_presence_channel_and_whispers_on_two_workers() {
 
 /// A server with the test app on `workers` workers, and its port.
 fn pusher_server(workers: &str) -> (Server, u16) {
-    let args = pusher_args(workers);
+    pusher_server_with(workers, &[])
+}
+
+/// [`pusher_server`] with more flags.
+fn pusher_server_with(workers: &str, extra: &[&str]) -> (Server, u16) {
+    let mut args = pusher_args(workers);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
     let port = server.addr.port();
@@ -430,11 +432,9 @@ fn webhook_args(hook_port: u16) -> Vec<String> {
 fn webhooks_on_one_process_and_on_two_workers() {
     for workers in ["1", "2"] {
         let hook_port = free_port();
-        let mut args = pusher_args(workers);
-        args.extend(webhook_args(hook_port));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Server::start(&args);
-        let port = server.addr.port();
+        let extra = webhook_args(hook_port);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (server, port) = pusher_server_with(workers, &extra);
         assert_webhooks_work(&run_script_with("webhooks.mjs", port, &[port, hook_port]));
         let metrics = common::http(server.addr, "GET", "/metrics", &[], b"").body;
         let sent = common::metric_value(&metrics, "c1m_pusher_webhook_events_sent_total");

@@ -6,7 +6,7 @@
 import http from "node:http";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, id1, key1, secret1, id2, key2, secret2, hookPort] = process.argv.slice(2);
 const sdk = (appId, key, secret) =>
@@ -31,8 +31,7 @@ const receiver = http.createServer((req, res) => {
 
 function client(key, server, user) {
   return new PusherClient(key, {
-    cluster: "mt1", wsHost: "127.0.0.1", wsPort: Number(port), forceTLS: false,
-    enabledTransports: ["ws"], disableStats: true,
+    ...clientOptions(port),
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
         callback(null, server.authorizeChannel(socketId, channelName, { user_id: user })),

@@ -5,7 +5,7 @@
 import Echo from "laravel-echo";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret] = process.argv.slice(2);
 
@@ -14,12 +14,7 @@ const echo = new Echo({
   broadcaster: "pusher",
   Pusher: PusherClient,
   key,
-  cluster: "mt1",
-  wsHost: "127.0.0.1",
-  wsPort: Number(port),
-  forceTLS: false,
-  enabledTransports: ["ws"],
-  disableStats: true,
+  ...clientOptions(port),
   // The app's /broadcasting/auth endpoint, played by the SDK's own signer.
   authorizer: (channel) => ({
     authorize: (socketId, callback) => callback(null, server.authorizeChannel(socketId, channel.name)),

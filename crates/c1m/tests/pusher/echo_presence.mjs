@@ -8,7 +8,7 @@
 import Echo from "laravel-echo";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, otherPort = port] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port, useTLS: false });
@@ -19,12 +19,7 @@ function echoFor(wsPort, user) {
     broadcaster: "pusher",
     Pusher: PusherClient,
     key,
-    cluster: "mt1",
-    wsHost: "127.0.0.1",
-    wsPort: Number(wsPort),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...clientOptions(wsPort),
     authorizer: (channel) => ({
       authorize: (socketId, callback) =>
         callback(null, server.authorizeChannel(socketId, channel.name, { user_id: user.id, user_info: user })),

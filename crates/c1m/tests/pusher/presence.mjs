@@ -7,7 +7,7 @@
 // asserts on them. Bounded: every wait gives up after 10 s.
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, otherPort = port] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port, useTLS: false });
@@ -16,12 +16,7 @@ const ROOM = "presence-room";
 /** A pusher-js client on `wsPort` signed in as `user` (or with `sign` as its auth). */
 function client(wsPort, user, sign) {
   return new PusherClient(key, {
-    cluster: "mt1",
-    wsHost: "127.0.0.1",
-    wsPort: Number(wsPort),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...clientOptions(wsPort),
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
         callback(null, sign ? sign(socketId, channelName) : server.authorizeChannel(socketId, channelName, user)),

@@ -5,18 +5,11 @@
 // every wait gives up after 10 s.
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
 
-const options = {
-  cluster: "mt1", // required by pusher-js; wsHost decides where it connects
-  wsHost: "127.0.0.1",
-  wsPort: Number(port),
-  forceTLS: false,
-  enabledTransports: ["ws"],
-  disableStats: true,
-};
+const options = clientOptions(port);
 const server = new PusherServer({
   appId,
   key,

@@ -22,3 +22,13 @@ export function run(main) {
     },
   );
 }
+
+/** pusher-js options for a c1m server on 127.0.0.1:`port` (plain ws, no stats). */
+export const clientOptions = (port) => ({
+  cluster: "mt1", // required by pusher-js; wsHost decides where it connects
+  wsHost: "127.0.0.1",
+  wsPort: Number(port),
+  forceTLS: false,
+  enabledTransports: ["ws"],
+  disableStats: true,
+});

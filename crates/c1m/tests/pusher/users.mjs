@@ -5,19 +5,14 @@
 // cluster; PORT by default). One JSON line per step; every wait is bounded.
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: apiPort, useTLS: false });
 
 function client(sign) {
   return new PusherClient(key, {
-    cluster: "mt1",
-    wsHost: "127.0.0.1",
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...clientOptions(port),
     userAuthentication: { customHandler: ({ socketId }, callback) => callback(null, sign(socketId)) },
   });
 }

@@ -8,7 +8,7 @@
 import http from "node:http";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
-import { run, say, within } from "./steps.mjs";
+import { clientOptions, run, say, within } from "./steps.mjs";
 
 const [port, appId, key, secret, otherPort, hookPort] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port, useTLS: false });
@@ -33,12 +33,7 @@ const hooks = http.createServer((req, res) => {
 
 function client(wsPort, user) {
   return new PusherClient(key, {
-    cluster: "mt1",
-    wsHost: "127.0.0.1",
-    wsPort: Number(wsPort),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...clientOptions(wsPort),
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
         callback(null, server.authorizeChannel(socketId, channelName, { user_id: user })),
