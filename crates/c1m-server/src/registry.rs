@@ -212,7 +212,8 @@ impl Registry {
             return;
         };
         let name = self.topics.name(topic).to_string();
-        if name.starts_with(crate::pusher::PRESENCE_PREFIX) && self.conns[key].is_pusher() {
+        let channel = crate::pusher::channel_of(&name);
+        if channel.starts_with(crate::pusher::PRESENCE_PREFIX) && self.conns[key].is_pusher() {
             self.presence_left.push((name.clone(), key));
         }
         if let Some(moved) = self.topics.remove(sub) {
@@ -235,9 +236,16 @@ impl Registry {
         std::mem::take(&mut self.interest_changes)
     }
 
-    /// Presence channels left since last asked, as (channel, key), in order.
+    /// Presence channels left since last asked, as (topic, key), in order.
     pub fn take_presence_left(&mut self) -> Vec<(String, usize)> {
         std::mem::take(&mut self.presence_left)
+    }
+
+    /// Forgets the leave of `key` from `topic` (a join that never made it into a
+    /// presence table).
+    pub fn forget_presence_left(&mut self, topic: &str, key: usize) {
+        self.presence_left
+            .retain(|(t, k)| !(t == topic && *k == key));
     }
 
     /// Records (or forgets) when the token of open connection `key` expires.

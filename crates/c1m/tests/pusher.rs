@@ -540,6 +540,9 @@ fn two_apps_on_one_server_keep_to_themselves() {
             );
         }
     }
+    let left = step(&steps, "left");
+    assert_eq!(left["users"], serde_json::json!([]), "{left}");
+    assert_eq!(left["removed"], true, "{left}");
     step(&steps, "done");
 }
 

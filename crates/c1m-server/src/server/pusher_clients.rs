@@ -339,7 +339,7 @@ impl Server {
             self.registry.unsubscribe(key, id);
         }
         // Its leave is nobody's: the table never had it.
-        let _ = self.registry.take_presence_left();
+        self.registry.forget_presence_left(topic, key);
     }
 
     /// The master's answer to a worker's presence join: the client gets the members

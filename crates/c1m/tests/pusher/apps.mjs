@@ -84,8 +84,17 @@ async function main() {
     while (!hooks.some((h) => h.events.some((e) => e.name === "client_event"))) await pause(50);
   })());
   say("webhooks", { hooks });
-  a.disconnect();
+  // Bea leaves: app 2's channel has no members left, and its webhook says so.
   b.disconnect();
+  const users = async () => (await two.get({ path: "/channels/presence-room/users" })).json();
+  let left;
+  for (let i = 0; i < 50; i++) {
+    left = await users();
+    if (left.users.length === 0 && hooks.some((h) => h.events.some((e) => e.name === "member_removed"))) break;
+    await pause(100);
+  }
+  say("left", { users: left.users, removed: hooks.some((h) => h.events.some((e) => e.name === "member_removed" && e.user_id === "bea")) });
+  a.disconnect();
   receiver.close();
   say("done");
 }
