@@ -49,8 +49,8 @@ connected() {
   curl -s --max-time 2 "http://127.0.0.1:$PORT/stats" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["connections"])' 2>/dev/null || echo 0
 }
-echo "| run ($N clients, $CHANNELS channels of $M) | established | errors | setup /s | server memory / connection |"
-echo "|---|---:|---:|---:|---:|"
+echo "| run ($N clients, $CHANNELS channels of $M) | established | errors | setup /s | server memory / connection | of which the master |"
+echo "|---|---:|---:|---:|---:|---:|"
 for kind in $KINDS; do
   case $kind in
     public) channel=news; sign=() ;;
@@ -65,6 +65,7 @@ for kind in $KINDS; do
   for _ in $(seq 300); do grep -q listening "$log" && break; sleep 0.1; done
   sleep 1
   rss0=$(rss_kib "$SERVER_PID" $(pgrep -P "$SERVER_PID" || true))
+  master0=$(rss_kib "$SERVER_PID")
   $BIN bench --url "ws://127.0.0.1:$PORT/app/bench-key" --quiet --connections "$N" \
     --procs "$PROCS" --rate 20000 --messages 1 --duration 300s --source-ips 127.0.0.2-127.0.0.60 \
     --connect-timeout 30s --pusher-channel "$channel" --pusher-channels "$CHANNELS" "${sign[@]}" \
@@ -79,6 +80,7 @@ for kind in $KINDS; do
     python3 -c "import sys; sys.exit(0 if $c1 - $c0 < 0.05 else 1)" && break
   done
   rss1=$(rss_kib "$SERVER_PID" $(pgrep -P "$SERVER_PID" || true))
+  master1=$(rss_kib "$SERVER_PID")
   # Nothing is published on these channels: the bench holds them until told (SIGINT:
   # it stops and still writes its result).
   kill -INT "$BENCH_PID" 2>/dev/null || true
@@ -87,13 +89,14 @@ for kind in $KINDS; do
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=""
-  python3 - "$OUT/$kind-$N.json" "$kind" "$N" "$rss0" "$rss1" <<'PY'
+  python3 - "$OUT/$kind-$N.json" "$kind" "$N" "$rss0" "$rss1" "$master0" "$master1" <<'PY'
 import json, sys
-path, kind, n, rss0, rss1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, kind = sys.argv[1], sys.argv[2]
+n, rss0, rss1, master0, master1 = map(int, sys.argv[3:8])
 s = json.load(open(path))["snapshot"]
 setup = s["established"] / s["ramp_secs"] if s.get("ramp_secs") else 0
 print(f"| {kind} | {s['established']:,} | {sum(s['errors'].values())} | {setup:,.0f} "
-      f"| {(rss1 - rss0) * 1024 / n:.0f} B |")
+      f"| {(rss1 - rss0) * 1024 / n:.0f} B | {(master1 - master0) * 1024 / n:.0f} B |")
 PY
   sleep 3
 done

@@ -25,7 +25,17 @@ pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::
             Err(e) => return Err(e),
         }
     }
+    release_burst(queue);
     Ok(())
+}
+
+/// A buffer a burst grew (a storm of presence joins, a large recovery) goes back to a
+/// small size once it is empty, so the peak is not held for good.
+pub fn release_burst(buffer: &mut Vec<u8>) {
+    const KEEP: usize = 64 << 10;
+    if buffer.is_empty() && buffer.capacity() > 16 * KEEP {
+        buffer.shrink_to(KEEP);
+    }
 }
 
 /// Who waits for the workers' counts of a publication the master sends them.
@@ -368,6 +378,7 @@ impl Message {
             at += 4 + len;
         }
         buf.drain(..at);
+        release_burst(buf);
         Ok(messages)
     }
 
@@ -781,6 +792,17 @@ mod tests {
         }
         assert_eq!(got, all);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_drained_burst_buffer_shrinks() {
+        let mut buffer = Vec::with_capacity(8 << 20);
+        buffer.extend_from_slice(&[1; 100]);
+        release_burst(&mut buffer);
+        assert!(buffer.capacity() >= 8 << 20, "not while it holds bytes");
+        buffer.clear();
+        release_burst(&mut buffer);
+        assert!(buffer.capacity() <= 64 << 10);
     }
 
     #[test]
