@@ -22,6 +22,7 @@ mod cluster_resume;
 mod delivery;
 mod observe;
 mod pusher_clients;
+mod pusher_presence;
 mod pusher_webhooks;
 mod requests;
 mod resume;

@@ -1,17 +1,15 @@
 //! Pusher clients (`/app/{key}`, see `pusher`): what the server does with their
-//! messages, presence channels, client events, and the signed HTTP API's events.
+//! messages (subscriptions, sign-in, client events) and with the signed HTTP API's
+//! events, reads and terminations.
 //!
-//! A Pusher connection is an ordinary open connection with its protocol set: channels
-//! are topics (a native client of the topic gets the same events), and the fan-out
-//! gives it Pusher events (`fanout.rs`). Public channels; private and
-//! private-encrypted ones with the app's signature (the server never decrypts);
-//! presence channels with a signed `channel_data`; client events (`client-*`) on
-//! private and presence channels with `--pusher-client-events`.
-//!
-//! Presence membership (`presence.rs`) is kept per node by whoever orders the node's
-//! publications: the single process, or the master for its workers (a worker sends
-//! `PresenceJoin`/`PresenceLeave` and answers its client when the master says who is
-//! there). Member events are publications on the channel, made where the table is.
+//! A Pusher connection is an ordinary open connection whose protocol byte names its
+//! app: channels are topics (the first app's shared with native clients, the others'
+//! namespaced, `pusher::topic_of`), and the fan-out gives it Pusher events
+//! (`fanout.rs`). Public channels; private and private-encrypted ones with the app's
+//! signature (the server never decrypts); presence channels with a signed
+//! `channel_data` (`server/pusher_presence.rs`); client events (`client-*`) on private
+//! and presence channels when the app allows them; the user's own channel after a
+//! sign-in.
 
 use std::time::Instant;
 
@@ -20,12 +18,13 @@ use serde_json::Value;
 
 use crate::connection::{Next, PhaseKind};
 use crate::control::Message;
-use crate::presence::{Change, Member, Refused};
+use crate::presence::Member;
 use crate::pusher::{self, ChannelKind, ClientMessage, SocketRef, Trigger};
 use crate::target::Target;
 use crate::upstream::{Upstream, Waiting};
 
 use super::delivery::WhenDelivered;
+use super::pusher_presence::Joining;
 use super::Server;
 
 /// Client events one connection may send per second (Pusher's limit); past it they
@@ -34,12 +33,6 @@ pub const CLIENT_EVENTS_PER_SECOND: u32 = 10;
 
 /// Largest client event `data` (Pusher's limit: 10 KB).
 pub const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;
-
-/// A presence subscription's checked user: who, and the `channel_data` they signed.
-struct Joining<'a> {
-    member: Member,
-    channel_data: &'a str,
-}
 
 impl Server {
     /// A Pusher client's upgrade went through: it is told its socket id, or that its
@@ -282,155 +275,6 @@ impl Server {
         }
     }
 
-    /// A subscribed socket joins a presence topic's members: here when this process
-    /// keeps the table, else through the master.
-    fn presence_join(
-        &mut self,
-        key: usize,
-        topic: &str,
-        joining: Joining,
-        now: Instant,
-    ) -> Result<Option<String>, String> {
-        // Earlier leaves first: one of them may be this key's previous owner's.
-        self.presence_flush(now);
-        self.registry.counters.pusher_presence_joins += 1;
-        let socket = (pusher::process_token(), key as u32);
-        self.presence_users
-            .insert((key, topic.to_string()), joining.member.user_id.clone());
-        let Some(table) = self.presence.as_mut() else {
-            self.send_to_master(&Message::PresenceJoin {
-                channel: topic.to_string(),
-                socket,
-                channel_data: joining.channel_data.to_string(),
-            });
-            return Ok(None);
-        };
-        let member = joining.member.clone();
-        match table.join(topic, socket, 0, joining.member) {
-            Ok(change) => {
-                if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
-                    cluster.presence_joined(topic, socket, &member);
-                }
-                let data = table.subscription_data(topic);
-                if let Some(change) = change {
-                    self.presence_publish(topic, &change, Some(socket), now);
-                    self.webhook_for(
-                        topic,
-                        |channel| crate::webhooks::event::member(channel, &change),
-                        now,
-                    );
-                }
-                Ok(Some(pusher::subscription_succeeded_with(
-                    pusher::channel_of(topic),
-                    &data,
-                )))
-            }
-            Err(Refused::Full) => {
-                self.presence_refused(key, topic);
-                Err(presence_full(pusher::channel_of(topic)))
-            }
-        }
-    }
-
-    /// A presence join that was refused: the socket leaves the topic's topic.
-    fn presence_refused(&mut self, key: usize, topic: &str) {
-        self.presence_users.remove(&(key, topic.to_string()));
-        if let Some(id) = self.registry.topics.id(topic) {
-            self.registry.unsubscribe(key, id);
-        }
-        // Its leave is nobody's: the table never had it.
-        self.registry.forget_presence_left(topic, key);
-    }
-
-    /// The master's answer to a worker's presence join: the client gets the members
-    /// (or the refusal), if it is still subscribed.
-    pub(super) fn on_presence_joined(
-        &mut self,
-        slot: u32,
-        topic: &str,
-        outcome: Result<String, String>,
-    ) {
-        let key = slot as usize;
-        let registry = &self.registry;
-        let subscribed = registry.conns.get(key).is_some_and(|conn| {
-            conn.kind() == PhaseKind::Open
-                && conn.is_pusher()
-                && registry
-                    .topics
-                    .id(topic)
-                    .is_some_and(|id| conn.is_subscribed(id))
-        });
-        if !subscribed {
-            return;
-        }
-        let answer = match outcome {
-            Ok(data) => pusher::subscription_succeeded_with(pusher::channel_of(topic), &data),
-            Err(_) => {
-                self.registry.counters.pusher_subscriptions_refused += 1;
-                self.presence_users.remove(&(key, topic.to_string()));
-                if let Some(id) = self.registry.topics.id(topic) {
-                    self.registry.unsubscribe(key, id);
-                }
-                presence_full(pusher::channel_of(topic))
-            }
-        };
-        let next = self.reply(key, &answer);
-        self.registry.after(key, PhaseKind::Open, next);
-    }
-
-    /// Takes the presence topics sockets left since the last call, in order: the
-    /// table here applies them (and tells the members), or the master is told.
-    pub(super) fn presence_flush(&mut self, now: Instant) {
-        for (topic, key) in self.registry.take_presence_left() {
-            self.presence_users.remove(&(key, topic.clone()));
-            let socket = (pusher::process_token(), key as u32);
-            match self.presence.as_mut() {
-                Some(table) => {
-                    let change = table.leave(&topic, socket);
-                    if let Some(cluster) = super::upstream_events::cluster_of(&mut self.upstream) {
-                        cluster.presence_left(&topic, socket);
-                    }
-                    if let Some(change) = change {
-                        self.presence_publish(&topic, &change, None, now);
-                        self.webhook_for(
-                            &topic,
-                            |channel| crate::webhooks::event::member(channel, &change),
-                            now,
-                        );
-                    }
-                }
-                None => self.send_to_master(&Message::PresenceLeave {
-                    channel: topic,
-                    socket,
-                }),
-            }
-        }
-    }
-
-    /// Tells the members of `topic` here that a user came or went (not `exclude`,
-    /// the socket that joined: it gets the member list instead).
-    pub(super) fn presence_publish(
-        &mut self,
-        topic: &str,
-        change: &Change,
-        exclude: Option<SocketRef>,
-        now: Instant,
-    ) {
-        let channel = pusher::channel_of(topic);
-        let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
-        let target = Target::Topic(topic.to_string());
-        let then = WhenDelivered::Answer(Waiting::nobody(now));
-        self.publish_excluding(target, frame, None, exclude, then);
-    }
-
-    /// [`Server::presence_publish`] for each change of another node's (or a gone
-    /// node's) members.
-    pub(super) fn presence_publish_all(&mut self, changes: Vec<(String, Change)>, now: Instant) {
-        for (topic, change) in changes {
-            self.presence_publish(&topic, &change, None, now);
-        }
-    }
-
     /// A `client-*` event: to the other subscribers of a private or presence channel
     /// the sender is in, when the app allows them, within the rate limit. `Err`: the
     /// `pusher:error` to send back.
@@ -581,14 +425,4 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// The refusal of a join to a presence channel that holds its most members.
-fn presence_full(channel: &str) -> String {
-    let limit = crate::presence::MAX_MEMBERS;
-    pusher::subscription_error(
-        channel,
-        403,
-        &format!("the presence channel is full (at most {limit} members)"),
-    )
 }
