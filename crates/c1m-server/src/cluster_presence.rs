@@ -497,4 +497,16 @@ mod tests {
             assert!(b.apply(&mut tb, bad, Instant::now()).is_err());
         }
     }
+
+    proptest::proptest! {
+        /// Anyone who can publish on the broker can send anything: an error, never a
+        /// panic, and the table stays usable.
+        #[test]
+        fn any_bytes_are_applied_or_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut b = ClusterPresence::new("b");
+            let mut tb = Presence::default();
+            let _ = b.apply(&mut tb, &bytes, Instant::now());
+            let _ = tb.subscription_data("presence-r");
+        }
+    }
 }

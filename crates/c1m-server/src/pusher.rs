@@ -900,4 +900,31 @@ mod tests {
             assert!(Trigger::parse_batch(bad, 100).is_err());
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a client or an operator sends: a value or an error, never a panic.
+        #[test]
+        fn any_input_parses_or_is_refused(text in ".{0,200}") {
+            let _ = ClientMessage::parse(&text);
+            let _ = App::parse(&text);
+            let _ = parse_socket_id(&text);
+            let _ = validate_channel(&text);
+            let _ = Trigger::parse(text.as_bytes(), 100);
+            let _ = Trigger::parse_batch(text.as_bytes(), 100);
+            let _ = crate::presence::Member::parse(&text);
+        }
+
+        /// JSON-shaped client messages with any fields: the same.
+        #[test]
+        fn any_json_message_parses_or_is_refused(
+            event in "(pusher:(subscribe|unsubscribe|signin|ping)|client-[a-z]{0,5}|[a-z]{0,5})",
+            data in proptest::option::of(".{0,40}"),
+            channel in proptest::option::of("[a-z-]{0,12}"),
+        ) {
+            let message = json!({"event": event, "data": data, "channel": channel});
+            let _ = ClientMessage::parse(&message.to_string());
+            let nested = json!({"event": event, "data": {"channel": channel, "auth": data, "channel_data": data, "user_data": data}});
+            let _ = ClientMessage::parse(&nested.to_string());
+        }
+    }
 }
