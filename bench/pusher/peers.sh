@@ -53,7 +53,9 @@ for server in $SERVERS; do
       ;;
     sockudo)
       if [ -z "$SOCKUDO" ]; then echo "| sockudo | not installed (cargo install sockudo; see BENCHMARKS.md) | | | | | |"; continue; fi
-      HOST=127.0.0.1 PORT=$PORT SOCKUDO_DEFAULT_APP_ID=${APP[0]} SOCKUDO_DEFAULT_APP_KEY=${APP[1]} \
+      # Its rate limiter (20 connections per IP a minute by default) off and its default
+      # app's connection cap above N: c1m has neither by default.
+      RATE_LIMITER_ENABLED=false SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=$((N + 1000)) HOST=127.0.0.1 PORT=$PORT SOCKUDO_DEFAULT_APP_ID=${APP[0]} SOCKUDO_DEFAULT_APP_KEY=${APP[1]} \
         SOCKUDO_DEFAULT_APP_SECRET=${APP[2]} "$SOCKUDO" >"$log" 2>&1 &
       ;;
     *) echo "unknown server $server" >&2; exit 2 ;;
@@ -63,12 +65,12 @@ for server in $SERVERS; do
   sleep 1
   rss0=$(rss_kib "$SERVER_PID")
   $BIN bench --url "ws://127.0.0.1:$PORT/app/${APP[1]}" --quiet --connections "$N" --procs 1 \
-    --rate 10000 --messages "$ROUNDS" --duration 120s --connect-timeout 30s \
+    --rate 10000 --messages "$ROUNDS" --duration 120s --connect-timeout 30s --source-ips 127.0.0.2-127.0.0.20 \
     --pusher-channel feed --json "$OUT/$server-$N.json" >"$OUT/$server-$N.bench.txt" 2>&1 &
   BENCH_PID=$!
   # All in (the bench's ramp at 10,000/s, and room for the subscriptions), then memory,
   # then the rounds.
-  sleep $(( N / 10000 + 6 ))
+  sleep $(( N / 5000 + 8 ))
   rss1=$(rss_kib "$SERVER_PID")
   python3 bench/pusher/publish.py "127.0.0.1:$PORT" "${APP[@]}" feed "$ROUNDS" 3 >"$OUT/$server-$N.publish.txt" 2>&1 || true
   wait "$BENCH_PID" || true
