@@ -418,6 +418,12 @@ impl Registry {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             match self.conns[key].kind() {
+                // Pusher clients are told to come back at once (4200, what pusher-js
+                // reconnects on without backoff): a restart, not an end.
+                PhaseKind::Open if self.conns[key].is_pusher() => {
+                    let code = CloseCode(crate::pusher::code::RECONNECT);
+                    self.close_open(key, code, "server restarting: reconnect", now)
+                }
                 PhaseKind::Open => {
                     self.close_open(key, CloseCode::GOING_AWAY, "server shutting down", now)
                 }

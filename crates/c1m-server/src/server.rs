@@ -15,8 +15,8 @@
 //! - counters, `/metrics`, node reports: `server/observe.rs`.
 //!
 //! Shutdown protocol: SIGINT/SIGTERM stops accepting, sends close 1001 to every open
-//! connection and waits up to `close_timeout` for the close handshakes; a second signal
-//! exits at once. A worker whose control channel to the master closes does the same.
+//! connection (4200, "reconnect", to Pusher clients) and waits up to `close_timeout` for
+//! the close handshakes; a second signal exits at once. A worker whose control channel to the master closes does the same.
 
 mod cluster_resume;
 mod delivery;

@@ -276,10 +276,12 @@ fn assert_echo_presence_works(steps: &[Value]) {
 }
 
 #[test]
-fn laravel_echo_joins_a_presence_channel_and_whispers_on_two_workers() {
-    let (server, port) = presence_server("2");
-    assert_echo_presence_works(&run_script("echo_presence.mjs", port, port));
-    drop(server);
+fn laravel_echo_joins_a_presence_channel_and_whispers_on_one_process_and_two_workers() {
+    for workers in ["1", "2"] {
+        let (server, port) = presence_server(workers);
+        assert_echo_presence_works(&run_script("echo_presence.mjs", port, port));
+        drop(server);
+    }
 }
 
 /// A server with the test app on `workers` workers, and its port.
@@ -299,16 +301,18 @@ fn pusher_server_with(workers: &str, extra: &[&str]) -> (Server, u16) {
 
 /// Laravel Echo's Pusher connector: `channel(…).listen("OrderShipped")` (Laravel's
 /// namespaced event name) and `private(…).listen(".invoice.paid")` (signed by the SDK's
-/// `authorizeChannel`), on two workers.
+/// `authorizeChannel`), on one process and on two workers.
 #[test]
 fn laravel_echo_listens_on_public_and_private_channels() {
-    let (server, port) = pusher_server("2");
-    let steps = run_script("echo.mjs", port, port);
-    drop(server);
-    let received = step(&steps, "received");
-    assert_eq!(received["order"]["id"], 1, "{received}");
-    assert_eq!(received["invoice"]["amount"], 12, "{received}");
-    step(&steps, "done");
+    for workers in ["1", "2"] {
+        let (server, port) = pusher_server(workers);
+        let steps = run_script("echo.mjs", port, port);
+        drop(server);
+        let received = step(&steps, "received");
+        assert_eq!(received["order"]["id"], 1, "{received}");
+        assert_eq!(received["invoice"]["amount"], 12, "{received}");
+        step(&steps, "done");
+    }
 }
 
 /// A node of a cluster on `broker` serving the test app on `workers` workers, once
@@ -797,6 +801,39 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
         (&"message".into(), &"news".into(), &"plain text".into()),
         "{event}"
     );
+}
+
+/// A server shutting down tells its Pusher clients to come back at once (close code
+/// 4200, which pusher-js reconnects on without backoff), and native clients 1001.
+#[tokio::test]
+async fn pusher_clients_are_told_to_reconnect_when_the_server_stops() {
+    let (server, _) = pusher_server("1");
+    let (mut pusher, _) = tokio_tungstenite::connect_async(server.url("/app/app-key"))
+        .await
+        .expect("upgrade");
+    common::next_json(&mut pusher).await;
+    let (mut native, _) = tokio_tungstenite::connect_async(server.url("/"))
+        .await
+        .expect("upgrade");
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    assert_eq!(close_code(&mut pusher).await, Some(4200));
+    assert_eq!(close_code(&mut native).await, Some(1001));
+}
+
+/// The code of the close frame `ws` gets next (other messages skipped; at most 20).
+async fn close_code(ws: &mut common::Ws) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    for _ in 0..20 {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+    panic!("no close frame among 20 messages")
 }
 
 /// `c1m bench --pusher-channel` measures Pusher clients like native ones: every
