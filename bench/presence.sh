@@ -35,14 +35,7 @@ BIN=target/release/c1m
 OUT=bench/out/presence
 mkdir -p "$OUT"
 $BIN tune --apply --connections "$N" >"$OUT/tune.txt" 2>&1 || true
-SERVER_PID=""
-BENCH_PID=""
-cleanup() {
-  [ -n "$BENCH_PID" ] && kill "$BENCH_PID" 2>/dev/null
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+stop_started_on_exit
 PROCS=$(( (N + 18999) / 19000 ))
 CHANNELS=$(( (N + M - 1) / M ))
 connected() {

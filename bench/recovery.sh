@@ -52,14 +52,7 @@ BIN=target/release/c1m
 OUT=bench/out/recovery
 mkdir -p "$OUT"
 $BIN tune --apply --connections $(( N > S ? N : S )) >"$OUT/tune.txt" 2>&1 || true
-SERVER_PID=""
-BENCH_PID=""
-cleanup() {
-  [ -n "$BENCH_PID" ] && kill "$BENCH_PID" 2>/dev/null
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+stop_started_on_exit
 server_pids() { echo "$SERVER_PID" $(pgrep -P "$SERVER_PID" || true); }
 procs_for() { echo $(( ($1 + 18999) / 19000 )); }
 

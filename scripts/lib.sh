@@ -23,3 +23,16 @@ cpu_secs() {
     awk '{ print ($14 + $15) / 100 }' "/proc/$p/stat" 2>/dev/null || echo 0
   done | awk '{ t += $1 } END { printf "%.2f", t }'
 }
+
+# stop_started_on_exit: on exit, stops the server and the bench the script started
+# (their PIDs in SERVER_PID and BENCH_PID; empty when none is running).
+stop_started_on_exit() {
+  SERVER_PID=""
+  BENCH_PID=""
+  trap 'stop_started' EXIT
+}
+stop_started() {
+  [ -n "$BENCH_PID" ] && kill "$BENCH_PID" 2>/dev/null
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
+  wait 2>/dev/null || true
+}

@@ -33,14 +33,7 @@ OUT=bench/out/pusher-peers
 mkdir -p "$OUT"
 $BIN tune --apply --connections "$N" >"$OUT/tune.txt" 2>&1 || true
 APP=(42 bench-key bench-secret)
-SERVER_PID=""
-BENCH_PID=""
-cleanup() {
-  [ -n "$BENCH_PID" ] && kill "$BENCH_PID" 2>/dev/null
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+stop_started_on_exit
 echo "| server ($N clients, one channel) | established | errors | setup /s | server memory / connection | fan-out per round, stamp to last client (s) | missed |"
 echo "|---|---:|---:|---:|---:|---|---:|"
 for server in $SERVERS; do

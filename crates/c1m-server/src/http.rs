@@ -188,14 +188,16 @@ pub fn route(request: &PlainRequest, body: &[u8], cx: &Context<'_>) -> Outcome {
                 && (path.ends_with("/events") || path.ends_with("/batch_events"))
                 && !path.contains("/users/") =>
         {
-            pusher_events(request, path, query, body, cx)
+            pusher_events(request, path, query, body, cx).unwrap_or_else(|refusal| refusal)
         }
         ("POST", path)
             if path.starts_with("/apps/") && path.ends_with("/terminate_connections") =>
         {
-            pusher_terminate(request, path, query, body, cx)
+            pusher_terminate(request, path, query, body, cx).unwrap_or_else(|refusal| refusal)
         }
-        ("GET", path) if path.starts_with("/apps/") => pusher_read(request, path, query, cx),
+        ("GET", path) if path.starts_with("/apps/") => {
+            pusher_read(request, path, query, cx).unwrap_or_else(|refusal| refusal)
+        }
         ("GET", "/history") => {
             if let Some(refusal) = refuse_without_key(cx, request, "history") {
                 return refusal;
@@ -315,20 +317,22 @@ fn pusher_signed(
 
 /// `GET /apps/{id}/channels`, `/channels/{name}`, `/channels/{name}/users` (Pusher's
 /// read API): the app, its signature, the parameters.
-fn pusher_read(request: &PlainRequest, path: &str, query: &str, cx: &Context<'_>) -> Outcome {
+/// (`Err`, here and in the other `pusher_*` routes: the refusal to answer with.)
+fn pusher_read(
+    request: &PlainRequest,
+    path: &str,
+    query: &str,
+    cx: &Context<'_>,
+) -> Result<Outcome, Outcome> {
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let app = match pusher_signed(request, id, path, query, &[], cx) {
-        Ok(app) => app,
-        Err(refusal) => return refusal,
-    };
+    let app = pusher_signed(request, id, path, query, &[], cx)?;
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    match crate::pusher_api::Read::parse(rest, &params) {
-        Ok(read) => Outcome::PusherRead(app, read),
-        Err((status, error)) => json_refusal(status, &error),
-    }
+    let read = crate::pusher_api::Read::parse(rest, &params)
+        .map_err(|(status, error)| json_refusal(status, &error))?;
+    Ok(Outcome::PusherRead(app, read))
 }
 
 /// `POST /apps/{id}/users/{user}/terminate_connections`: the app, its signature, the
@@ -339,23 +343,20 @@ fn pusher_terminate(
     query: &str,
     body: &[u8],
     cx: &Context<'_>,
-) -> Outcome {
+) -> Result<Outcome, Outcome> {
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let parts: Vec<&str> = rest.split('/').collect();
     let [id, "users", user, "terminate_connections"] = parts[..] else {
-        return json_refusal(404, "expected /apps/ID/users/USER/terminate_connections");
+        return Err(json_refusal(404, "expected /apps/ID/users/USER/terminate_connections"));
     };
-    let app = match pusher_signed(request, id, path, query, body, cx) {
-        Ok(app) => app,
-        Err(refusal) => return refusal,
-    };
-    match crate::pusher::check_user_id(user) {
-        Ok(()) => {
-            let channel = format!("{}{user}", crate::pusher::USER_CHANNEL_PREFIX);
-            Outcome::PusherTerminate(crate::pusher::topic_of(cx.pusher_apps, app, &channel))
-        }
-        Err(error) => json_refusal(400, &error),
-    }
+    let app = pusher_signed(request, id, path, query, body, cx)?;
+    crate::pusher::check_user_id(user).map_err(|error| json_refusal(400, &error))?;
+    let channel = format!("{}{user}", crate::pusher::USER_CHANNEL_PREFIX);
+    Ok(Outcome::PusherTerminate(crate::pusher::topic_of(
+        cx.pusher_apps,
+        app,
+        &channel,
+    )))
 }
 
 fn pusher_events(
@@ -364,25 +365,20 @@ fn pusher_events(
     query: &str,
     body: &[u8],
     cx: &Context<'_>,
-) -> Outcome {
+) -> Result<Outcome, Outcome> {
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let (id, batch) = match rest.strip_suffix("/batch_events") {
         Some(id) => (id, true),
         None => (rest.strip_suffix("/events").unwrap_or_default(), false),
     };
-    let app = match pusher_signed(request, id, path, query, body, cx) {
-        Ok(app) => app,
-        Err(refusal) => return refusal,
-    };
+    let app = pusher_signed(request, id, path, query, body, cx)?;
     let triggers = if batch {
         crate::pusher::Trigger::parse_batch(body, cx.max_event_bytes)
     } else {
         crate::pusher::Trigger::parse(body, cx.max_event_bytes).map(|t| vec![t])
     };
-    match triggers {
-        Ok(triggers) => Outcome::PusherEvents(app, triggers),
-        Err(error) => json_refusal(400, &error),
-    }
+    let triggers = triggers.map_err(|error| json_refusal(400, &error))?;
+    Ok(Outcome::PusherEvents(app, triggers))
 }
 
 /// An answer composed elsewhere (the master's `GET /stats` or `GET /history`, a
