@@ -347,7 +347,10 @@ fn pusher_terminate(
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let parts: Vec<&str> = rest.split('/').collect();
     let [id, "users", user, "terminate_connections"] = parts[..] else {
-        return Err(json_refusal(404, "expected /apps/ID/users/USER/terminate_connections"));
+        return Err(json_refusal(
+            404,
+            "expected /apps/ID/users/USER/terminate_connections",
+        ));
     };
     let app = pusher_signed(request, id, path, query, body, cx)?;
     crate::pusher::check_user_id(user).map_err(|error| json_refusal(400, &error))?;
