@@ -14,19 +14,24 @@ use crate::target::{Delivery, Target};
 /// Writes as much of `queue` as `out` takes now (non-blocking), removing what was
 /// written; `WouldBlock` leaves the rest for the next writable event.
 pub fn write_queued(out: &mut impl std::io::Write, queue: &mut Vec<u8>) -> std::io::Result<()> {
-    while !queue.is_empty() {
-        match out.write(queue) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                queue.drain(..n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    // What was written leaves the queue once, at the end: draining after every write
+    // moved the whole rest of a large backlog each time.
+    let mut written = 0;
+    let result = loop {
+        if written == queue.len() {
+            break Ok(());
         }
-    }
+        match out.write(&queue[written..]) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    queue.drain(..written);
     release_burst(queue);
-    Ok(())
+    result
 }
 
 /// A buffer a burst grew (a storm of presence joins, a large recovery) goes back to a
@@ -792,6 +797,56 @@ mod tests {
         }
         assert_eq!(got, all);
         assert!(buf.is_empty());
+    }
+
+    /// Takes `per_write` bytes a call, `calls` times, then would block (or fails).
+    struct Trickle {
+        taken: Vec<u8>,
+        per_write: usize,
+        calls: usize,
+        fail: bool,
+    }
+
+    impl std::io::Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.calls == 0 {
+                return Err(if self.fail {
+                    std::io::ErrorKind::BrokenPipe.into()
+                } else {
+                    std::io::ErrorKind::WouldBlock.into()
+                });
+            }
+            self.calls -= 1;
+            let n = buf.len().min(self.per_write);
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn what_was_written_leaves_the_queue_and_the_rest_waits_in_order() {
+        let data: Vec<u8> = (0..=255).collect();
+        let mut queue = data.clone();
+        let mut out = Trickle {
+            taken: Vec::new(),
+            per_write: 10,
+            calls: 3,
+            fail: false,
+        };
+        write_queued(&mut out, &mut queue).unwrap();
+        assert_eq!(out.taken, data[..30]);
+        assert_eq!(queue, data[30..]);
+        out.calls = 3;
+        out.fail = true;
+        assert!(write_queued(&mut out, &mut queue).is_err());
+        assert_eq!(out.taken, data[..60], "what went before the error");
+        assert_eq!(queue, data[60..]);
+        out.calls = 100;
+        write_queued(&mut out, &mut queue).unwrap();
+        assert_eq!((out.taken, queue.len()), (data, 0));
     }
 
     #[test]
