@@ -175,10 +175,22 @@ pub struct Admission {
     /// `?since=TOPIC:EPOCH:OFFSET` (repeatable): topics to resume from a position
     /// (they are in `topics` too), as (topic, offset, epoch).
     pub since: Vec<(String, u64, String)>,
-    /// A Pusher client (`/app/{key}`, see `pusher`): the number of the app its key
-    /// names here, or `None` for an unknown key. It joins no topic at connect; its
+    /// A Pusher client (`/app/{key}`, see `pusher`). It joins no topic at connect; its
     /// channels come with `pusher:subscribe`.
-    pub pusher: Option<Option<usize>>,
+    pub pusher: Option<PusherEntry>,
+}
+
+/// How a Pusher client's upgrade went: Pusher tells a refused client why on the open
+/// connection (a `pusher:error`, then a close with the same code), and pusher-js acts
+/// on the code (4001 and 4004: give up; 4100: come back after a while).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PusherEntry {
+    /// The app of this number in the server's list.
+    App(usize),
+    /// The key names no app here: error 4001.
+    UnknownKey,
+    /// The server is at `--max-connections`: error 4100.
+    OverCapacity,
 }
 
 /// `TOPIC:EPOCH:OFFSET` of `?since=` (a topic name may itself contain `:`).
@@ -305,7 +317,10 @@ impl Gate {
                 expires: None,
                 envelope: false,
                 since: Vec::new(),
-                pusher: Some(self.pusher_keys.iter().position(|k| k == key)),
+                pusher: Some(match self.pusher_keys.iter().position(|k| k == key) {
+                    Some(app) => PusherEntry::App(app),
+                    None => PusherEntry::UnknownKey,
+                }),
             });
         }
         let mut topics = Vec::new();

@@ -429,6 +429,12 @@ impl<W> ClusterNode<W> {
         self.view.others_counts(&self.node, now)
     }
 
+    /// Open Pusher connections of app `app_id` on the other nodes, as of their latest
+    /// reports.
+    pub fn app_connections_elsewhere(&self, app_id: &str, now: Instant) -> u64 {
+        self.view.others_app_connections(&self.node, app_id, now)
+    }
+
     /// Tells a publishing node how many local connections its publication reached.
     pub fn ack(&self, reply: Reply, delivered: u64) {
         self.link.send(broker::Command::Ack { reply, delivered });

@@ -27,7 +27,7 @@ use mio::net::TcpStream;
 mod input;
 
 use crate::admission::{monotonic_ms, AcceptRate};
-use crate::auth::{Admission, Gate};
+use crate::auth::{Admission, Gate, PusherEntry};
 use crate::counters::Counters;
 use crate::outbox::Outbox;
 use crate::tls;

@@ -37,6 +37,8 @@ pub struct Counters {
     pub pusher_signins: u64,
     /// Pusher connections closed by the app (`terminate_connections`).
     pub pusher_terminated: u64,
+    /// Pusher connections refused with 4004: their app was at its `max_connections`.
+    pub pusher_over_quota: u64,
     /// Client events (`client-*`) passed on to a channel's other subscribers.
     pub pusher_client_events: u64,
     /// Client events refused (not enabled, wrong channel, rate limit, size).

@@ -35,6 +35,7 @@
 //! - [`scoreboard`]: per-worker counters in shared memory.
 
 pub mod admission;
+pub mod app_connections;
 pub mod auth;
 pub mod broker;
 pub mod clock;

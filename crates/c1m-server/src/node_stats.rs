@@ -118,6 +118,10 @@ pub struct NodeReport {
     /// Resident memory of every process of the node, in bytes.
     #[serde(default)]
     pub rss_bytes: u64,
+    /// Open Pusher connections per app id (apps with none left out): the other nodes
+    /// add theirs to hold each app's `max_connections` over the cluster.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pusher_apps: BTreeMap<String, u64>,
     #[serde(flatten)]
     pub counts: TopicCounts,
 }
@@ -172,6 +176,18 @@ impl ClusterView {
             }
         }
         counts
+    }
+
+    /// Open Pusher connections of app `app_id` on the other nodes heard from within
+    /// `STALE_AFTER`.
+    pub fn others_app_connections(&self, local: &str, app_id: &str, now: Instant) -> u64 {
+        self.reports
+            .iter()
+            .filter(|(node, (_, at))| {
+                node.as_str() != local && now.saturating_duration_since(*at) <= STALE_AFTER
+            })
+            .filter_map(|(_, (report, _))| report.pusher_apps.get(app_id))
+            .sum()
     }
 
     /// The nodes heard from within `STALE_AFTER` (this one's own report included).
@@ -302,6 +318,7 @@ mod tests {
             messages_out: connections * 10,
             last_fanout_us: connections * 100,
             rss_bytes: 1 << 20,
+            pusher_apps: BTreeMap::from([("app".to_string(), connections)]),
             counts: TopicCounts::largest(topics.iter().copied()),
         }
     }
@@ -322,6 +339,7 @@ mod tests {
             .unwrap();
         let a = report("a", 3, &[("time", 3), ("y", 1)]);
         let all = view.to_json(&a, start + Duration::from_millis(10));
+        assert_eq!(view.others_app_connections("a", "app", start), 5 + 7);
         assert_eq!(all["nodes"], 3);
         assert_eq!(all["connections"], 15);
         assert_eq!(all["topics"]["time"], 15);
@@ -352,6 +370,9 @@ mod tests {
         let all = view.to_json(&a, later);
         assert_eq!(all["nodes"], 2);
         assert_eq!(all["connections"], 10);
+        // Pusher connections per app: the other fresh nodes' (c's 7; b is stale).
+        assert_eq!(view.others_app_connections("a", "app", later), 7);
+        assert_eq!(view.others_app_connections("a", "other", later), 0);
     }
 
     #[test]

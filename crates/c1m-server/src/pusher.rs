@@ -52,8 +52,8 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
 }
 
 /// One application: clients connect with its `key`, the HTTP API is signed with its
-/// `secret`; its options say whether its clients may send client events and where
-/// its webhooks go.
+/// `secret`; its options say whether its clients may send client events (and how
+/// many a second), where its webhooks go, and how many connections it may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     pub id: String,
@@ -61,11 +61,22 @@ pub struct App {
     pub secret: String,
     pub client_events: bool,
     pub webhook: Option<String>,
+    /// Client events one connection may send per second (a burst of as many, then
+    /// refilled at that rate); past it they are refused with error 4301.
+    pub client_events_per_second: u32,
+    /// The app's connection quota over the whole cluster: a connection past it gets
+    /// error 4004 and is closed with 4004 (pusher-js does not retry it).
+    pub max_connections: Option<u64>,
 }
+
+/// Client events one connection may send per second unless its app says otherwise
+/// (Pusher's limit).
+pub const CLIENT_EVENTS_PER_SECOND: u32 = 10;
 
 impl App {
     /// Reads `ID:KEY:SECRET`, optionally followed by `?OPTION=VALUE&…` with
-    /// `client_events=true|false` and `webhook=URL` (`--pusher-app`).
+    /// `client_events=true|false`, `client_events_per_second=N`, `max_connections=N`
+    /// and `webhook=URL` (`--pusher-app`).
     pub fn parse(value: &str) -> Result<App, String> {
         let (value, options) = value.split_once('?').unwrap_or((value, ""));
         let mut parts = value.splitn(3, ':');
@@ -88,6 +99,8 @@ impl App {
                     secret: secret.into(),
                     client_events: false,
                     webhook: None,
+                    client_events_per_second: CLIENT_EVENTS_PER_SECOND,
+                    max_connections: None,
                 }
             }
             _ => {
@@ -104,9 +117,21 @@ impl App {
                     crate::webhooks::check_url(url)?;
                     app.webhook = Some(url.to_string());
                 }
+                ("client_events_per_second", n) => {
+                    app.client_events_per_second = match n.parse() {
+                        Ok(n) if n > 0 => n,
+                        _ => return Err(format!("client_events_per_second is a number above 0, not {n:?}")),
+                    }
+                }
+                ("max_connections", n) => {
+                    app.max_connections = match n.parse() {
+                        Ok(n) => Some(n),
+                        _ => return Err(format!("max_connections is a number, not {n:?}")),
+                    }
+                }
                 (name, option) => {
                     return Err(format!(
-                        "unknown Pusher app option {name}={option} (client_events=true|false, webhook=URL)"
+                        "unknown Pusher app option {name}={option} (client_events=true|false, client_events_per_second=N, max_connections=N, webhook=URL)"
                     ))
                 }
             }
@@ -150,10 +175,14 @@ pub fn app_of(apps: &[App], topic: &str) -> Option<usize> {
 pub mod code {
     /// The key names no app here.
     pub const UNKNOWN_APP: u16 = 4001;
+    /// The app is at its connection quota (`max_connections`).
+    pub const OVER_QUOTA: u16 = 4004;
     /// The client speaks a protocol version c1m does not.
     pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
     /// Not allowed (e.g. a private channel without a valid signature).
     pub const UNAUTHORIZED: u16 = 4009;
+    /// The server is at `--max-connections`: come back after a while.
+    pub const OVER_CAPACITY: u16 = 4100;
     /// The server is shutting down or restarting: reconnect.
     pub const RECONNECT: u16 = 4200;
     /// No pong in time.
@@ -844,7 +873,20 @@ mod tests {
             App::parse("7:k:s?client_events=true&webhook=http%3A%2F%2F127.0.0.1%3A9%2Fh").unwrap();
         assert!(app.client_events);
         assert_eq!(app.webhook.as_deref(), Some("http://127.0.0.1:9/h"));
-        for bad in ["7:k", "7:k:s?bogus=1", "7:k:s?webhook=ftp://x", "a b:k:s"] {
+        assert_eq!(app.client_events_per_second, CLIENT_EVENTS_PER_SECOND);
+        assert_eq!(app.max_connections, None);
+        let limited = App::parse("7:k:s?max_connections=0&client_events_per_second=3").unwrap();
+        assert_eq!(limited.max_connections, Some(0));
+        assert_eq!(limited.client_events_per_second, 3);
+        for bad in [
+            "7:k",
+            "7:k:s?bogus=1",
+            "7:k:s?webhook=ftp://x",
+            "a b:k:s",
+            "7:k:s?max_connections=-1",
+            "7:k:s?max_connections=lots",
+            "7:k:s?client_events_per_second=0",
+        ] {
             assert!(App::parse(bad).is_err(), "{bad}");
         }
         let apps = [App::parse("1:a:s").unwrap(), App::parse("2:b:s").unwrap()];

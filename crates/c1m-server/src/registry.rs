@@ -24,6 +24,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry as MioRegistry, Token};
 use slab::Slab;
 
+use crate::app_connections::AppConnections;
 use crate::connection::{Connection, End, Limits, Next, PhaseKind, SendError};
 use crate::counters::Counters;
 use crate::per_ip::PerIp;
@@ -43,6 +44,8 @@ pub struct Registry {
     close_timeout: Duration,
     /// Sockets per client address, when `--max-connections-per-ip` is set.
     per_ip: Option<PerIp>,
+    /// Open Pusher connections per app (the node's: a worker's is shared).
+    pub app_connections: AppConnections,
     /// (slab key, deadline) of connections in the handshake or waiting for an HTTP
     /// answer, oldest first.
     handshake_deadlines: VecDeque<(usize, Instant)>,
@@ -85,6 +88,7 @@ impl Registry {
             handshake_timeout,
             close_timeout,
             per_ip,
+            app_connections: AppConnections::local(),
             handshake_deadlines: VecDeque::new(),
             closing_deadlines: VecDeque::new(),
             read_again: Vec::new(),
@@ -139,9 +143,15 @@ impl Registry {
         // can upgrade a connection and then find EOF, and `remove` uncounts open ones.
         if before != after && after == PhaseKind::Open {
             self.counters.open += 1;
+            if let Some(app) = conn.pusher_app() {
+                self.app_connections.opened(app);
+            }
         }
         if before == PhaseKind::Open && after != PhaseKind::Open {
             self.counters.open -= 1;
+            if let Some(app) = conn.pusher_app() {
+                self.app_connections.closed(app);
+            }
         }
         match next {
             Next::Remove(end) => return self.remove(key, end),
@@ -179,6 +189,9 @@ impl Registry {
         };
         if conn.kind() == PhaseKind::Open {
             self.counters.open -= 1;
+            if let Some(app) = conn.pusher_app() {
+                self.app_connections.closed(app);
+            }
         }
         self.unsubscribe_all(key);
         self.token_expiry.remove(&key);

@@ -14,7 +14,9 @@
 //! sketch): a collision can only make the limit stricter for an address, never
 //! looser, and needs a collision in both rows. A dead worker's table is emptied with
 //! its slot. The tables cost nothing until used: the memfd is sparse, and emptying
-//! punches a hole instead of writing zeroes.
+//! punches a hole instead of writing zeroes. The same table counts the worker's Pusher
+//! connections per app (for each app's `max_connections`), and the master writes the
+//! other nodes' counts of a cluster beside the slots.
 //!
 //! Written by hand with `libc` because no crate offers a shared, fixed-layout table of
 //! atomics across `exec`; the unsafe parts are the `mmap` calls and the cast of the
@@ -30,11 +32,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 const IP_BUCKETS: usize = 32 * 1024;
 /// Rows (hash functions) of a per-address table.
 const IP_ROWS: usize = 2;
+/// Pusher apps counted (every app number a connection can carry, and one for
+/// connections with an unknown key).
+pub const APPS: usize = crate::connection::MAX_PUSHER_APPS + 1;
 
-/// One worker's sockets per client address, hashed (see the module doc).
+/// One worker's sockets per client address, hashed (see the module doc), and its
+/// Pusher connections per app.
 #[repr(C)]
-struct IpTable {
+struct WorkerTable {
     rows: [[AtomicU32; IP_BUCKETS]; IP_ROWS],
+    pusher_apps: [AtomicU32; APPS],
 }
 
 /// Node-wide values behind the slots, on a cache line of their own.
@@ -45,6 +52,9 @@ struct NodeWide {
     /// The master's topic history, for the workers' `/metrics`: topics,
     /// publications, bytes, evicted (see `history::Usage`).
     history: [AtomicU64; 4],
+    /// Pusher connections per app on the cluster's other nodes, as of their latest
+    /// reports (written by the master).
+    pusher_apps_elsewhere: [AtomicU64; APPS],
 }
 
 /// Bytes of the slot area (the slots, then [`NodeWide`]), rounded up to whole pages so
@@ -56,7 +66,7 @@ fn slots_len(slots: usize) -> usize {
 
 /// Bytes of a whole scoreboard of `slots` workers.
 fn total_len(slots: usize) -> usize {
-    slots_len(slots) + slots * std::mem::size_of::<IpTable>()
+    slots_len(slots) + slots * std::mem::size_of::<WorkerTable>()
 }
 
 /// The bucket of `ip` in row `row`.
@@ -272,7 +282,7 @@ impl Scoreboard {
         for counter in self.slot(index).counters() {
             counter.store(0, Relaxed);
         }
-        let size = std::mem::size_of::<IpTable>();
+        let size = std::mem::size_of::<WorkerTable>();
         let offset = slots_len(self.slots) + index * size;
         // SAFETY: punching a hole in our own memfd, inside its length: the range reads
         // as zeroes afterwards (for every process mapping it) and its pages are freed.
@@ -286,22 +296,21 @@ impl Scoreboard {
         };
         if rc != 0 {
             // Not expected on a memfd; zero by hand instead.
-            for row in &self.ip_table(index).rows {
-                for count in row {
-                    count.store(0, Relaxed);
-                }
+            let table = self.worker_table(index);
+            for count in table.rows.iter().flatten().chain(&table.pusher_apps) {
+                count.store(0, Relaxed);
             }
         }
     }
 
-    fn ip_table(&self, index: usize) -> &IpTable {
+    fn worker_table(&self, index: usize) -> &WorkerTable {
         assert!(index < self.slots, "worker index out of range");
         // SAFETY: the tables follow the page-aligned slot area, one per worker, inside
         // the mapping (whose size `map` made sure of); zero-filled memory is a valid
         // table of atomics.
         unsafe {
             let base = self.ptr.cast::<u8>().add(slots_len(self.slots));
-            &*base.cast::<IpTable>().add(index)
+            &*base.cast::<WorkerTable>().add(index)
         }
     }
 
@@ -311,7 +320,7 @@ impl Scoreboard {
             .map(|row| {
                 let b = bucket(ip, row);
                 (0..self.slots)
-                    .map(|w| self.ip_table(w).rows[row][b].load(Relaxed))
+                    .map(|w| self.worker_table(w).rows[row][b].load(Relaxed))
                     .sum::<u32>()
             })
             .min()
@@ -321,17 +330,52 @@ impl Scoreboard {
     /// Worker `index` holds one more socket from `ip`.
     pub fn ip_add(&self, index: usize, ip: IpAddr) {
         for row in 0..IP_ROWS {
-            self.ip_table(index).rows[row][bucket(ip, row)].fetch_add(1, Relaxed);
+            self.worker_table(index).rows[row][bucket(ip, row)].fetch_add(1, Relaxed);
         }
     }
 
     /// Worker `index` holds one socket from `ip` fewer.
     pub fn ip_remove(&self, index: usize, ip: IpAddr) {
         for row in 0..IP_ROWS {
-            let count = &self.ip_table(index).rows[row][bucket(ip, row)];
+            let count = &self.worker_table(index).rows[row][bucket(ip, row)];
             // Never below zero, even after a reset raced with a removal.
             let _ = count.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
         }
+    }
+}
+
+/// Pusher connections per app (see `app_connections`).
+impl Scoreboard {
+    /// Worker `index` holds one more connection of app `app`.
+    pub fn app_add(&self, index: usize, app: usize) {
+        self.worker_table(index).pusher_apps[app].fetch_add(1, Relaxed);
+    }
+
+    /// Worker `index` holds one connection of app `app` fewer.
+    pub fn app_remove(&self, index: usize, app: usize) {
+        let count = &self.worker_table(index).pusher_apps[app];
+        // Never below zero, even after a reset raced with a removal.
+        let _ = count.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+
+    /// Connections of app `app` over every worker of this node.
+    pub fn app_count(&self, app: usize) -> u64 {
+        (0..self.slots)
+            .map(|w| u64::from(self.worker_table(w).pusher_apps[app].load(Relaxed)))
+            .sum()
+    }
+
+    /// The master writes the other nodes' connections of each app (`counts[app]`).
+    pub fn set_apps_elsewhere(&self, counts: &[u64]) {
+        let cells = &self.node_wide().pusher_apps_elsewhere;
+        for (app, cell) in cells.iter().enumerate() {
+            cell.store(counts.get(app).copied().unwrap_or(0), Relaxed);
+        }
+    }
+
+    /// Connections of app `app` on the cluster's other nodes (0 without a cluster).
+    pub fn app_count_elsewhere(&self, app: usize) -> u64 {
+        self.node_wide().pusher_apps_elsewhere[app].load(Relaxed)
     }
 }
 
@@ -424,5 +468,28 @@ mod tests {
         assert_eq!((b.ip_count(one), b.ip_count(two)), (1, 0));
         a.ip_remove(2, two); // a late removal does not wrap below zero
         assert_eq!(a.ip_count(two), 0);
+    }
+
+    #[test]
+    fn pusher_connections_per_app_are_summed_over_workers() {
+        let a = Scoreboard::create(2).unwrap();
+        // SAFETY: as above.
+        let b = unsafe { Scoreboard::from_fd(libc::dup(a.raw_fd()), 2).unwrap() };
+        a.app_add(0, 3);
+        b.app_add(1, 3);
+        b.app_add(1, APPS - 1);
+        assert_eq!(
+            (a.app_count(3), a.app_count(0), a.app_count(APPS - 1)),
+            (2, 0, 1)
+        );
+        a.app_remove(0, 3);
+        assert_eq!(b.app_count(3), 1);
+        a.reset(1);
+        assert_eq!(b.app_count(3), 0);
+        b.app_remove(1, 3); // late
+        assert_eq!(a.app_count(3), 0);
+        a.set_apps_elsewhere(&[5, 0, 0, 7]);
+        assert_eq!((b.app_count_elsewhere(0), b.app_count_elsewhere(3)), (5, 7));
+        assert_eq!(b.app_count_elsewhere(APPS - 1), 0);
     }
 }

@@ -44,6 +44,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::admission::AcceptRate;
+use crate::app_connections::AppConnections;
 use crate::auth::{AuthConfigError, Gate};
 use crate::clock::Clock;
 use crate::cluster::ClusterNode;
@@ -188,7 +189,7 @@ struct Server {
     presence_users: std::collections::HashMap<(usize, String), serde_json::Value>,
     /// Each Pusher app's webhooks (by app number; `None`: the app has none), sent by
     /// this process (a single process; a worker's master sends its node's).
-    webhooks: Vec<Option<crate::webhooks::Webhooks>>,
+    webhooks: crate::webhooks::AppWebhooks,
     /// Each sending connection's client event bucket (the rate limit): when it was
     /// last used and the tokens left then.
     client_event_budget: std::collections::HashMap<usize, (Instant, f32)>,
@@ -265,13 +266,13 @@ impl Server {
         // A worker's master keeps its node's presence members and sends its webhooks.
         let keeps_presence = !matches!(upstream, Upstream::ViaMaster(_));
         let webhooks = if keeps_presence {
-            crate::webhooks::Webhooks::for_apps(&config.pusher_apps)?
+            crate::webhooks::AppWebhooks::for_apps(&config.pusher_apps)?
         } else {
-            Vec::new()
+            Default::default()
         };
         let mut upstream = upstream;
         if let Upstream::ViaBroker(cluster) = &mut upstream {
-            if webhooks.iter().any(Option::is_some) {
+            if webhooks.any() {
                 cluster.share_occupancy();
             }
         }
@@ -351,6 +352,11 @@ impl Server {
             upstream_paused: false,
             shutdown_deadline: None,
         };
+        if let Upstream::ViaMaster(link) = &server.upstream {
+            // A worker counts its Pusher connections where the others see them.
+            server.registry.app_connections =
+                AppConnections::shared(Arc::clone(&link.scoreboard), link.index);
+        }
         server.update_accepting(now);
         // The clock's topic exists from the start: tell the cluster.
         server.upstream.interest(crate::topics::TIME, true);
@@ -470,9 +476,7 @@ impl Server {
             self.stop_listening_unless_subscribed(&topic);
             self.occupancy_webhook(&topic, on, now);
         }
-        for webhooks in self.webhooks.iter_mut().flatten() {
-            webhooks.flush_due(now);
-        }
+        self.webhooks.flush_due(now);
         self.flush_to_master(now);
     }
 
@@ -495,11 +499,7 @@ impl Server {
             self.publications.deadline(now),
             self.copy.next_deadline(),
             self.history_reads.next_deadline(),
-            self.webhooks
-                .iter()
-                .flatten()
-                .filter_map(|w| w.next_deadline())
-                .min(),
+            self.webhooks.next_deadline(),
             self.shutdown_deadline,
         ]
         .into_iter()

@@ -10,8 +10,10 @@
 //! doubling from [`FIRST_RETRY`]). A full queue or a batch that never got through
 //! drops its events, counted in [`WebhookStats`] (`/metrics`), never blocking clients.
 //!
-//! Who sends which event, so that each is sent once per cluster: see
-//! `server/pusher_clients.rs` and `master/presence.rs`.
+//! [`AppWebhooks`] holds a server's senders, one per app with a webhook URL, and
+//! routes each event to the app whose channel it is about. Who sends which event, so
+//! that each is sent once per cluster: see `server/pusher_webhooks.rs` and
+//! `master/presence.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -105,7 +107,95 @@ impl WebhookCounts {
     }
 }
 
-/// One process's webhook batches and its sender thread.
+/// The webhook senders of a server's apps, by app number (an app without a webhook
+/// URL has none), kept by whoever sends the node's webhooks: the single process or the
+/// master (a worker's is empty).
+#[derive(Default)]
+pub struct AppWebhooks {
+    senders: Vec<Option<Webhooks>>,
+}
+
+impl AppWebhooks {
+    /// A sender for each app of `apps` with a webhook URL.
+    pub fn for_apps(apps: &[App]) -> std::io::Result<AppWebhooks> {
+        let senders = apps
+            .iter()
+            .map(|app| {
+                app.webhook
+                    .as_deref()
+                    .map(|url| Webhooks::start(url, app))
+                    .transpose()
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(AppWebhooks { senders })
+    }
+
+    /// Whether any app has webhooks here.
+    pub fn any(&self) -> bool {
+        self.senders.iter().any(Option::is_some)
+    }
+
+    /// Sends `event` with the webhooks of app number `app`, if it has them.
+    pub fn push(&mut self, app: usize, event: Value, now: Instant) {
+        if let Some(Some(webhooks)) = self.senders.get_mut(app) {
+            webhooks.push(event, now);
+        }
+    }
+
+    /// Sends the event `make` writes for the channel of `topic` with the webhooks of
+    /// the topic's app (of `apps`), if it has them.
+    pub fn push_for(
+        &mut self,
+        apps: &[App],
+        topic: &str,
+        make: impl FnOnce(&str) -> Value,
+        now: Instant,
+    ) {
+        let app = crate::pusher::app_of(apps, topic);
+        if let Some(app) = app.filter(|&app| matches!(self.senders.get(app), Some(Some(_)))) {
+            self.push(app, make(crate::pusher::channel_of(topic)), now);
+        }
+    }
+
+    /// What the apps are told of other nodes that went silent (by the node that speaks
+    /// for the cluster): their members left, their channels were vacated.
+    pub fn push_expired(
+        &mut self,
+        apps: &[App],
+        expired: &crate::cluster_presence::Expired,
+        now: Instant,
+    ) {
+        for (topic, change) in &expired.changes {
+            self.push_for(apps, topic, |channel| event::member(channel, change), now);
+        }
+        for topic in &expired.vacated {
+            self.push_for(apps, topic, event::channel_vacated, now);
+        }
+    }
+
+    /// Hands the batches that waited long enough to their senders.
+    pub fn flush_due(&mut self, now: Instant) {
+        for webhooks in self.senders.iter_mut().flatten() {
+            webhooks.flush_due(now);
+        }
+    }
+
+    /// When the oldest waiting batch is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.senders
+            .iter()
+            .flatten()
+            .filter_map(Webhooks::next_deadline)
+            .min()
+    }
+
+    /// Every app's counts together (`None` without webhooks).
+    pub fn counts(&self) -> Option<WebhookCounts> {
+        WebhookCounts::sum(self.senders.iter().flatten())
+    }
+}
+
+/// One app's webhook batches and its sender thread.
 pub struct Webhooks {
     pending: Vec<Value>,
     first_pending: Option<Instant>,
@@ -114,18 +204,6 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// A sender for each app of `apps` with a webhook URL (by app number).
-    pub fn for_apps(apps: &[App]) -> std::io::Result<Vec<Option<Webhooks>>> {
-        apps.iter()
-            .map(|app| {
-                app.webhook
-                    .as_deref()
-                    .map(|url| Webhooks::start(url, app))
-                    .transpose()
-            })
-            .collect()
-    }
-
     /// Starts the sender thread for `app`'s webhooks to `url`.
     pub fn start(url: &str, app: &App) -> std::io::Result<Webhooks> {
         let (queue, batches) = sync_channel(QUEUE_BATCHES);

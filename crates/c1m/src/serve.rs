@@ -241,7 +241,9 @@ pub struct ServeArgs {
     /// /apps/ID/…, signed with SECRET. Repeat the flag (or separate apps with commas)
     /// for several apps: the first app's channels are topics shared with native
     /// clients, the others' are the app's own. Options per app after a `?`:
-    /// `client_events=true` and `webhook=URL` (URL-encoded), e.g.
+    /// `client_events=true`, `client_events_per_second=N` (default 10),
+    /// `max_connections=N` (the app's quota over the cluster; past it error 4004) and
+    /// `webhook=URL` (URL-encoded), e.g.
     /// `2:key2:secret2?client_events=true&webhook=https%3A%2F%2Fapp.example%2Fpusher`.
     /// See docs/server.md, "Pusher protocol".
     #[arg(long, value_name = "ID:KEY:SECRET[?OPTIONS]", value_delimiter = ',', value_parser = c1m_server::pusher::App::parse, env = "C1M_PUSHER_APP")]

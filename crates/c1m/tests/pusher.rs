@@ -301,26 +301,43 @@ fn pusher_server_with(workers: &str, extra: &[&str]) -> (Server, u16) {
 
 /// Laravel Echo's Pusher connector: `channel(…).listen("OrderShipped")` (Laravel's
 /// namespaced event name) and `private(…).listen(".invoice.paid")` (signed by the SDK's
-/// `authorizeChannel`), on one process and on two workers.
+/// `authorizeChannel`), on one process, on two workers, and on a three-node cluster
+/// (the events sent to another node than Echo's).
 #[test]
 fn laravel_echo_listens_on_public_and_private_channels() {
-    for workers in ["1", "2"] {
-        let (server, port) = pusher_server(workers);
-        let steps = run_script("echo.mjs", port, port);
-        drop(server);
+    let assert_received = |steps: Vec<Value>| {
         let received = step(&steps, "received");
         assert_eq!(received["order"]["id"], 1, "{received}");
         assert_eq!(received["invoice"]["amount"], 12, "{received}");
         step(&steps, "done");
+    };
+    for workers in ["1", "2"] {
+        let (server, port) = pusher_server(workers);
+        assert_received(run_script("echo.mjs", port, port));
+        drop(server);
     }
+    let redis = Broker::start("redis", free_port());
+    let nodes = [
+        node(&redis, "1", &[]),
+        node(&redis, "2", &[]),
+        node(&redis, "2", &[]),
+    ];
+    let port = |i: usize| nodes[i].addr.port();
+    assert_received(run_script("echo.mjs", port(1), port(0)));
+    assert_received(run_script("echo.mjs", port(0), port(2)));
 }
 
 /// A node of a cluster on `broker` serving the test app on `workers` workers, once
 /// ready.
 fn node(broker: &Broker, workers: &str, extra: &[&str]) -> Server {
     let mut args = pusher_args(workers);
-    args.extend(["--broker".to_string(), broker.url()]);
     args.extend(extra.iter().map(|a| a.to_string()));
+    node_with(broker, args)
+}
+
+/// A node of a cluster on `broker` started with `args`, once ready.
+fn node_with(broker: &Broker, mut args: Vec<String>) -> Server {
+    args.extend(["--broker".to_string(), broker.url()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = Server::start(&args);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -548,6 +565,68 @@ fn two_apps_on_one_server_keep_to_themselves() {
     assert_eq!(left["users"], serde_json::json!([]), "{left}");
     assert_eq!(left["removed"], true, "{left}");
     step(&steps, "done");
+}
+
+/// `limits.mjs` in `mode` (quota or capacity) against `ports` (its first two
+/// clients' servers; the third goes to the first), checked.
+fn assert_limit_holds(mode: &str, ports: [u16; 2]) {
+    let [a, b] = ports.map(|p| p.to_string());
+    let steps = run_node("limits.mjs", &[mode, &a, &b, APP[1]]);
+    let refused = step(&steps, "refused");
+    match mode {
+        "quota" => {
+            assert_eq!(refused["code"], 4004, "{steps:?}");
+            let gave_up = step(&steps, "gave_up");
+            assert_eq!(gave_up["state"], "disconnected", "no retry: {gave_up}");
+            assert_eq!(gave_up["errors"], serde_json::json!([4004]), "{gave_up}");
+            step(&steps, "room_again");
+        }
+        _ => {
+            assert_eq!(refused["code"], 4100, "{steps:?}");
+            let back = step(&steps, "came_back");
+            assert!(back["socket_id"].is_string(), "{back}");
+        }
+    }
+    step(&steps, "done");
+}
+
+/// Limits in Pusher's words, with pusher-js: an app's `max_connections` (error 4004:
+/// pusher-js gives up, and gets in once there is room and it is told to connect) on
+/// one process, two workers (the count is the node's) and two nodes of a cluster
+/// (the count is the cluster's); the server's `--max-connections` (error 4100:
+/// pusher-js retries by itself and gets in once a place is free).
+#[test]
+fn an_apps_quota_and_the_servers_capacity_are_told_in_pushers_codes() {
+    let quota = format!("{}?max_connections=2", APP.join(":"));
+    let args = |workers: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["--workers", workers, "--pusher-app", &quota]
+            .map(str::to_string)
+            .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    for workers in ["1", "2"] {
+        let server = Server::start(
+            &args(workers, &[])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        let port = server.addr.port();
+        assert_limit_holds("quota", [port, port]);
+    }
+    let redis = Broker::start("redis", free_port());
+    let nodes = [
+        node_with(&redis, args("2", &[])),
+        node_with(&redis, args("1", &[])),
+    ];
+    assert_limit_holds("quota", [nodes[0].addr.port(), nodes[1].addr.port()]);
+    drop(nodes);
+    for workers in ["1", "2"] {
+        let (server, port) = pusher_server_with(workers, &["--max-connections", "2"]);
+        assert_limit_holds("capacity", [port, port]);
+        drop(server);
+    }
 }
 
 /// A Pusher client of the test app on `addr`: connected, its socket id read.
@@ -1021,21 +1100,64 @@ pusher.subscribe("news").bind("greet", (data) => {{
     );
 }
 
-/// pusher-js's browser build in headless Chromium on a presence channel: two users
-/// (signed in the page with WebCrypto, as the app's auth endpoint would sign them)
-/// see each other come and go, and a client event from one reaches the other with
-/// the sender's user id; on two workers.
+/// pusher-js's browser build in headless Chromium on presence and private channels: two
+/// users (signed in the page with WebCrypto, as the app's auth endpoint would sign
+/// them) see each other come and go, a client event on the private channel and one on
+/// the presence channel (with the sender's user id) reach the other; on one process,
+/// on two workers, and across a three-node cluster (Alice and Bob on different nodes).
 #[test]
-fn pusher_js_in_chromium_on_a_presence_channel_with_client_events() {
+fn pusher_js_in_chromium_on_presence_and_private_channels_with_client_events() {
+    for workers in ["1", "2"] {
+        let (server, port) = presence_server(workers);
+        assert_browser_users_meet(&browser_users_meet([port, port]));
+        drop(server);
+    }
+    let redis = Broker::start("redis", free_port());
+    let events = ["--pusher-client-events"];
+    let nodes = [
+        node(&redis, "1", &events),
+        node(&redis, "2", &events),
+        node(&redis, "2", &events),
+    ];
+    let port = |i: usize| nodes[i].addr.port();
+    assert_browser_users_meet(&browser_users_meet([port(1), port(2)]));
+    assert_browser_users_meet(&browser_users_meet([port(2), port(0)]));
+}
+
+/// What the page of [`browser_users_meet`] reported.
+fn assert_browser_users_meet(seen: &Value) {
+    assert_eq!(seen["bob_count"], 2, "{seen}");
+    assert_eq!(
+        seen["member"],
+        serde_json::json!({"id": "bob", "info": {"name": "bob"}}),
+        "{seen}"
+    );
+    assert_eq!(seen["note"], serde_json::json!({"from": "bob"}), "{seen}");
+    assert_eq!(
+        seen["wave"],
+        serde_json::json!({"data": {"hello": "bob"}, "user_id": "alice"}),
+        "{seen}"
+    );
+    assert_eq!(seen["left"]["id"], "bob", "{seen}");
+    assert_eq!(seen["alice_count"], 1, "{seen}");
+}
+
+/// Runs a page in headless Chromium where Alice (on `ports[0]`) and Bob (on
+/// `ports[1]`) meet on `presence-browser` and `private-notes`; returns its report.
+fn browser_users_meet(ports: [u16; 2]) -> Value {
     let bundle = std::fs::read_to_string(
         npm_packages().join("node_modules/pusher-js/dist/web/pusher.min.js"),
     )
     .expect("pusher-js's browser build");
-    let (server, port) = presence_server("2");
     let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
     let report_addr = report.local_addr().unwrap();
-    let page = std::env::temp_dir().join(format!("c1m-presence-{}.html", std::process::id()));
+    let page = std::env::temp_dir().join(format!(
+        "c1m-presence-{}-{}.html",
+        std::process::id(),
+        ports[0]
+    ));
     let (key, secret) = (APP[1], APP[2]);
+    let [alice_port, bob_port] = ports;
     std::fs::write(
         &page,
         format!(
@@ -1047,10 +1169,14 @@ async function sign(text) {{
   const sig = new Uint8Array(await crypto.subtle.sign("HMAC", k, enc.encode(text)));
   return Array.from(sig, (b) => b.toString(16).padStart(2, "0")).join("");
 }}
-function client(user) {{
-  return new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPort: {port},
+function client(user, port) {{
+  return new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPort: port,
     forceTLS: false, enabledTransports: ["ws"], disableStats: true,
     channelAuthorization: {{ customHandler: ({{ socketId, channelName }}, callback) => {{
+      if (!channelName.startsWith("presence-")) {{
+        sign(`${{socketId}}:${{channelName}}`).then((s) => callback(null, {{ auth: "{key}:" + s }}));
+        return;
+      }}
       const channel_data = JSON.stringify({{ user_id: user, user_info: {{ name: user }} }});
       sign(`${{socketId}}:${{channelName}}:${{channel_data}}`)
         .then((s) => callback(null, {{ auth: "{key}:" + s, channel_data }}));
@@ -1063,20 +1189,29 @@ const joined = (channel) => new Promise((resolve, reject) => {{
   channel.bind("pusher:subscription_error", (e) => reject(JSON.stringify(e)));
 }});
 (async () => {{
-  const alice = client("alice").subscribe("presence-browser");
-  await joined(alice);
+  const alicePusher = client("alice", {alice_port});
+  const alice = alicePusher.subscribe("presence-browser");
+  const aliceNotes = alicePusher.subscribe("private-notes");
+  await Promise.all([joined(alice), joined(aliceNotes)]);
   const added = new Promise((resolve) => alice.bind("pusher:member_added", resolve));
-  const bob = client("bob").subscribe("presence-browser");
-  const bobCount = (await joined(bob)).count;
+  const bobPusher = client("bob", {bob_port});
+  const bob = bobPusher.subscribe("presence-browser");
+  const bobNotes = bobPusher.subscribe("private-notes");
+  const [bobMembers] = await Promise.all([joined(bob), joined(bobNotes)]);
+  const bobCount = bobMembers.count;
   const member = await added;
+  const noted = new Promise((resolve) => aliceNotes.bind("client-note", resolve));
+  bobNotes.trigger("client-note", {{ from: "bob" }});
+  const note = await noted;
   const waved = new Promise((resolve) => bob.bind("client-wave", (data, meta) =>
     resolve({{ data, user_id: meta && meta.user_id }})));
   alice.trigger("client-wave", {{ hello: "bob" }});
   const wave = await waved;
   const removed = new Promise((resolve) => alice.bind("pusher:member_removed", resolve));
-  bob.pusher.disconnect();
+  bobPusher.disconnect();
   const left = await removed;
-  report({{ bob_count: bobCount, member, wave, left, alice_count: alice.members.count }});
+  report({{ bob_count: bobCount, member, note, wave, left, alice_count: alice.members.count }});
+  alicePusher.disconnect();
 }})().catch((e) => report({{ error: String(e) }}));
 </script>"#
         ),
@@ -1094,19 +1229,5 @@ const joined = (channel) => new Promise((resolve, reject) => {{
     let _ = browser.wait();
     let _ = std::fs::remove_dir_all(&profile);
     let _ = std::fs::remove_file(&page);
-    drop(server);
-    let seen: Value = serde_json::from_slice(&body).expect("report JSON");
-    assert_eq!(seen["bob_count"], 2, "{seen}");
-    assert_eq!(
-        seen["member"],
-        serde_json::json!({"id": "bob", "info": {"name": "bob"}}),
-        "{seen}"
-    );
-    assert_eq!(
-        seen["wave"],
-        serde_json::json!({"data": {"hello": "bob"}, "user_id": "alice"}),
-        "{seen}"
-    );
-    assert_eq!(seen["left"]["id"], "bob", "{seen}");
-    assert_eq!(seen["alice_count"], 1, "{seen}");
+    serde_json::from_slice(&body).expect("report JSON")
 }

@@ -279,6 +279,15 @@ fn decide(
         }),
         Admit::ServerFull => {
             cx.counters.rejected_full += 1;
+            // A Pusher client is told in its protocol (error 4100, "over capacity"),
+            // which pusher-js answers by coming back after a while; an HTTP refusal
+            // would only be a failed WebSocket to it.
+            if let Ok(mut admission) = ask_gate(cx.gate) {
+                if admission.pusher.is_some() {
+                    admission.pusher = Some(PusherEntry::OverCapacity);
+                    return Ok(admission);
+                }
+            }
             Err(handshake::http_response(
                 503,
                 "Service Unavailable",

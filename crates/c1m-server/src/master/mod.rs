@@ -123,7 +123,7 @@ struct Master<S> {
     presence: crate::presence::Presence,
     /// The node's Pusher webhooks (`--pusher-webhook`), and which workers have
     /// subscribers of each channel (for `channel_occupied`/`vacated`).
-    webhooks: Vec<Option<crate::webhooks::Webhooks>>,
+    webhooks: crate::webhooks::AppWebhooks,
     occupied: HashMap<String, std::collections::HashSet<usize>>,
     node: String,
     next_stats: Instant,
@@ -175,10 +175,10 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 BROKER,
             )?),
         };
-        let webhooks = crate::webhooks::Webhooks::for_apps(&config.pusher_apps)?;
+        let webhooks = crate::webhooks::AppWebhooks::for_apps(&config.pusher_apps)?;
         let mut cluster = cluster;
         if let Some(cluster) = cluster.as_mut() {
-            if webhooks.iter().any(Option::is_some) {
+            if webhooks.any() {
                 cluster.share_occupancy();
             }
         }
@@ -231,11 +231,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.cluster.as_ref().map(ClusterNode::next_deadline),
                 self.copy.next_deadline(),
                 self.history_reads.next_deadline(),
-                self.webhooks
-                    .iter()
-                    .flatten()
-                    .filter_map(|w| w.next_deadline())
-                    .min(),
+                self.webhooks.next_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -387,7 +383,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.terminate_on_workers(&topic);
             }
             Message::Webhook { app, json } => match serde_json::from_slice(&json) {
-                Ok(event) => self.webhook(app as usize, event, now),
+                Ok(event) => self.webhooks.push(app as usize, event, now),
                 Err(error) => tracing::warn!(%error, "bad webhook event from a worker"),
             },
             Message::Delivered { origin, count } => self.relays.counted(origin, index, count),
@@ -823,9 +819,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
     /// the clock, the stats line; then everything queued for the workers is written.
     fn on_tick(&mut self, now: Instant) {
         self.finish_relays(now);
-        for webhooks in self.webhooks.iter_mut().flatten() {
-            webhooks.flush_due(now);
-        }
+        self.webhooks.flush_due(now);
         self.broker_resume_timers(now);
         if let Some(cluster) = self.cluster.as_mut() {
             for finished in cluster.expire(now) {
@@ -836,6 +830,11 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             let report = self.node_report();
             if let Some(cluster) = self.cluster.as_mut() {
                 cluster.send_report(&report);
+                // The workers hold the apps' quotas with the other nodes' counts.
+                let elsewhere: Vec<u64> = (self.config.pusher_apps.iter())
+                    .map(|app| cluster.app_connections_elsewhere(&app.id, now))
+                    .collect();
+                self.scoreboard.set_apps_elsewhere(&elsewhere);
                 let speaks = cluster.speaks_for_the_cluster(now);
                 let gone = cluster.expire_presence(&mut self.presence, now);
                 self.presence_expired(gone, speaks, now);
@@ -883,7 +882,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 worker.send(&Message::HistoryLargest { json: json.clone() });
             }
         }
-        let counts = crate::webhooks::WebhookCounts::sum(self.webhooks.iter().flatten());
+        let counts = self.webhooks.counts();
         if let Some(counts) = counts.filter(|_| now >= self.next_webhook_counts) {
             self.next_webhook_counts = now + Duration::from_secs(1);
             let json = serde_json::to_vec(&counts).unwrap_or_default();
@@ -921,6 +920,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 .unwrap_or(0),
             rss_bytes: slots.iter().map(|s| s.rss_bytes.load(Relaxed)).sum::<u64>()
                 + crate::counters::rss_bytes().unwrap_or(0),
+            pusher_apps: crate::app_connections::by_app_id(&self.config.pusher_apps, |app| {
+                self.scoreboard.app_count(app)
+            }),
             counts: counts.cap(),
         }
     }

@@ -92,13 +92,6 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         self.send_to_all(&bytes);
     }
 
-    /// Sends `event` with the webhooks of app number `app`, if it has them.
-    pub(super) fn webhook(&mut self, app: usize, event: serde_json::Value, now: Instant) {
-        if let Some(Some(webhooks)) = self.webhooks.get_mut(app) {
-            webhooks.push(event, now);
-        }
-    }
-
     /// Sends the event `make` writes for the channel of `topic` with the webhooks of
     /// the topic's app.
     fn webhook_for(
@@ -107,19 +100,15 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         make: impl FnOnce(&str) -> serde_json::Value,
         now: Instant,
     ) {
-        if let Some(app) = pusher::app_of(&self.config.pusher_apps, topic) {
-            let event = make(pusher::channel_of(topic));
-            self.webhook(app, event, now);
-        }
+        let apps = &self.config.pusher_apps;
+        self.webhooks.push_for(apps, topic, make, now);
     }
 
     /// Worker `index` has (`on`) or no longer has subscribers of `topic`: with
     /// webhooks, the node's first subscriber or last one tells the app (unless another
     /// node of the cluster has some).
     pub(super) fn worker_interest(&mut self, index: usize, topic: &str, on: bool, now: Instant) {
-        if self.webhooks.iter().all(Option::is_none)
-            || !crate::webhooks::is_app_channel(pusher::channel_of(topic))
-        {
+        if !self.webhooks.any() || !crate::webhooks::is_app_channel(pusher::channel_of(topic)) {
             return;
         }
         let workers = self.occupied.entry(topic.to_string()).or_default();
@@ -169,12 +158,8 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         now: Instant,
     ) {
         if speaks {
-            for (channel, change) in &expired.changes {
-                self.webhook_for(channel, |c| crate::webhooks::event::member(c, change), now);
-            }
-            for channel in &expired.vacated {
-                self.webhook_for(channel, crate::webhooks::event::channel_vacated, now);
-            }
+            let apps = &self.config.pusher_apps;
+            self.webhooks.push_expired(apps, &expired, now);
         }
         self.presence_publish_all(expired.changes, now);
     }

@@ -114,6 +114,11 @@ impl Server {
                 c.pusher_terminated,
             ),
             (
+                "c1m_pusher_over_quota_total",
+                "Pusher connections refused with 4004: the app was at its max_connections.",
+                c.pusher_over_quota,
+            ),
+            (
                 "c1m_pusher_client_events_total",
                 "Pusher client events (client-*) passed on to a channel's other subscribers.",
                 c.pusher_client_events,
@@ -130,7 +135,7 @@ impl Server {
         }
         let webhook_counts = match &self.upstream {
             Upstream::ViaMaster(link) => link.webhook_counts,
-            _ => crate::webhooks::WebhookCounts::sum(self.webhooks.iter().flatten()),
+            _ => self.webhooks.counts(),
         };
         if let Some(counts) = webhook_counts {
             text.push_str(&counts.render());
@@ -175,6 +180,9 @@ impl Server {
             messages_out: stats.frames_out,
             last_fanout_us: stats.last_fanout.as_micros() as u64,
             rss_bytes: rss_bytes().unwrap_or(0),
+            pusher_apps: crate::app_connections::by_app_id(&self.config.pusher_apps, |app| {
+                self.registry.app_connections.on_node(app)
+            }),
             counts: self.topic_counts(),
         }
     }

@@ -11,11 +11,12 @@
 //! and presence channels when the app allows them; the user's own channel after a
 //! sign-in.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use c1m_proto::CloseCode;
 use serde_json::Value;
 
+use crate::auth::PusherEntry;
 use crate::connection::{Next, PhaseKind};
 use crate::control::Message;
 use crate::presence::Member;
@@ -27,32 +28,69 @@ use super::delivery::WhenDelivered;
 use super::pusher_presence::Joining;
 use super::Server;
 
-/// Client events one connection may send per second (Pusher's limit); past it they
-/// are refused with error 4301.
-pub const CLIENT_EVENTS_PER_SECOND: u32 = 10;
-
 /// Largest client event `data` (Pusher's limit: 10 KB).
 pub const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;
 
 impl Server {
-    /// A Pusher client's upgrade went through: it is told its socket id, or that its
-    /// key names no app here (error 4001, then closed with 4001, as Pusher does).
-    pub(super) fn pusher_opened(&mut self, key: usize, app: Option<usize>, now: Instant) -> Next {
-        self.registry.conns[key].set_pusher_app(app.unwrap_or(0));
+    /// A Pusher client's upgrade went through: it is told its socket id, or why it
+    /// may not stay (as Pusher does: a `pusher:error`, then a close with its code):
+    /// its key names no app here (4001), its app is at its `max_connections` (4004),
+    /// or the server is at `--max-connections` (4100).
+    pub(super) fn pusher_opened(&mut self, key: usize, entry: PusherEntry, now: Instant) -> Next {
+        let apps = self.config.pusher_apps.len();
+        // A refused client gets an app number past the list: it names no app's channels.
+        let app = match entry {
+            PusherEntry::App(app) => app,
+            PusherEntry::UnknownKey | PusherEntry::OverCapacity => apps,
+        };
+        self.registry.conns[key].set_pusher_app(app);
         self.registry.counters.pusher_opened += 1;
         // A new socket in this slot starts with a full client event budget.
         self.client_event_budget.remove(&key);
-        if app.is_none() {
-            let error = pusher::error(pusher::code::UNKNOWN_APP, "App key not in this server");
-            let next = self.reply(key, &error);
+        let refusal = match entry {
+            PusherEntry::UnknownKey => {
+                Some((pusher::code::UNKNOWN_APP, "App key not in this server"))
+            }
+            PusherEntry::OverCapacity => Some((pusher::code::OVER_CAPACITY, "Over capacity")),
+            PusherEntry::App(_) if self.app_over_quota(app, now) => {
+                self.registry.counters.pusher_over_quota += 1;
+                Some((
+                    pusher::code::OVER_QUOTA,
+                    "Application is over connection quota",
+                ))
+            }
+            PusherEntry::App(_) => None,
+        };
+        if let Some((code, message)) = refusal {
+            let next = self.reply(key, &pusher::error(code, message));
             if next == Next::Keep {
-                let code = CloseCode(pusher::code::UNKNOWN_APP);
-                self.registry.close_open(key, code, "unknown app key", now);
+                self.registry.close_open(key, CloseCode(code), message, now);
             }
             return next;
         }
         let socket_id = pusher::socket_id(key);
         self.reply(key, &pusher::connection_established(&socket_id))
+    }
+
+    /// Whether app `app` holds its `max_connections` already, over the cluster: this
+    /// node's count (every worker's) plus the other nodes' latest reports.
+    fn app_over_quota(&mut self, app: usize, now: Instant) -> bool {
+        let Some(max) = self
+            .config
+            .pusher_apps
+            .get(app)
+            .and_then(|a| a.max_connections)
+        else {
+            return false;
+        };
+        let counts = &self.registry.app_connections;
+        let elsewhere = match super::upstream_events::cluster_of(&mut self.upstream) {
+            Some(cluster) => {
+                cluster.app_connections_elsewhere(&self.config.pusher_apps[app].id, now)
+            }
+            None => counts.elsewhere(app),
+        };
+        counts.on_node(app) + elsewhere >= max
     }
 
     /// A Pusher client's message.
@@ -308,7 +346,12 @@ impl Server {
             },
             _ => None,
         };
-        if !self.client_event_allowed(key, now) {
+        let per_second = self
+            .app_of_socket(key)
+            .map_or(pusher::CLIENT_EVENTS_PER_SECOND, |app| {
+                app.client_events_per_second
+            });
+        if !self.client_event_allowed(key, per_second, now) {
             return refuse("Client event rejected due to rate limit");
         }
         let text = pusher::client_event(event, &channel, data, user_id.as_ref());
@@ -334,18 +377,19 @@ impl Server {
             })
     }
 
-    /// Takes one client event of `key` from its token bucket: [`CLIENT_EVENTS_PER_SECOND`]
-    /// at most in a burst, refilled at that rate (a fixed window would let a burst
-    /// across its edge through twice).
-    fn client_event_allowed(&mut self, key: usize, now: Instant) -> bool {
-        let full = CLIENT_EVENTS_PER_SECOND as f32;
+    /// Takes one client event of `key` from its token bucket: `per_second` at most
+    /// in a burst, refilled at that rate (a fixed window would let a burst across its
+    /// edge through twice).
+    fn client_event_allowed(&mut self, key: usize, per_second: u32, now: Instant) -> bool {
+        let full = per_second as f32;
         let refill = |(at, tokens): (Instant, f32)| {
             (tokens + now.duration_since(at).as_secs_f32() * full).min(full)
         };
         let budget = &mut self.client_event_budget;
         if budget.len() > 4096 {
-            // Bounded: a bucket that refilled is the same as none.
-            budget.retain(|_, bucket| refill(*bucket) < full);
+            // Bounded: a bucket untouched for a second refilled (whatever its rate,
+            // it holds one second of events), the same as none.
+            budget.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(1));
         }
         let bucket = budget.entry(key).or_insert((now, full));
         let tokens = refill(*bucket);

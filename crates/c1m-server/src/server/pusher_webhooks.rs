@@ -31,26 +31,23 @@ impl Server {
         now: Instant,
     ) {
         let apps = &self.config.pusher_apps;
+        if !matches!(self.upstream, Upstream::ViaMaster(_)) {
+            return self.webhooks.push_for(apps, topic, make, now);
+        }
+        // A worker hands the event to its master, which sends the node's webhooks.
         let Some(app) = app_of(apps, topic).filter(|&app| apps[app].webhook.is_some()) else {
             return;
         };
-        let event = make(channel_of(topic));
-        match (self.webhooks.get_mut(app), &self.upstream) {
-            (Some(Some(webhooks)), _) => webhooks.push(event, now),
-            (_, Upstream::ViaMaster(_)) => {
-                let json = serde_json::to_vec(&event).unwrap_or_default();
-                let app = app as u32;
-                self.send_to_master(&Message::Webhook { app, json });
-            }
-            _ => {}
-        }
+        let json = serde_json::to_vec(&make(channel_of(topic))).unwrap_or_default();
+        let app = app as u32;
+        self.send_to_master(&Message::Webhook { app, json });
     }
 
     /// `topic` got its first (`on`) or lost its last subscriber in this process: a
     /// single process tells the app, unless another node of the cluster has some.
     pub(super) fn occupancy_webhook(&mut self, topic: &str, on: bool, now: Instant) {
         // (A worker: its master decides for the node.)
-        if self.webhooks.is_empty() || !is_app_channel(channel_of(topic)) {
+        if !self.webhooks.any() || !is_app_channel(channel_of(topic)) {
             return;
         }
         if let Upstream::ViaBroker(cluster) = &self.upstream {
@@ -69,16 +66,10 @@ impl Server {
     /// Other nodes went silent: their members leave (told to the members here); the
     /// node that speaks for the cluster tells the app.
     pub(super) fn presence_expired(&mut self, expired: Expired, speaks: bool, now: Instant) {
-        for (topic, change) in expired.changes {
-            if speaks {
-                self.webhook_for(&topic, |channel| event::member(channel, &change), now);
-            }
-            self.presence_publish(&topic, &change, None, now);
-        }
         if speaks {
-            for topic in expired.vacated {
-                self.webhook_for(&topic, event::channel_vacated, now);
-            }
+            let apps = &self.config.pusher_apps;
+            self.webhooks.push_expired(apps, &expired, now);
         }
+        self.presence_publish_all(expired.changes, now);
     }
 }

@@ -98,8 +98,8 @@ impl Server {
                 if self.registry.conns[key].kind() != PhaseKind::Open {
                     return Next::Keep;
                 }
-                if let Some(known_app) = admission.pusher {
-                    return self.pusher_opened(key, known_app, now);
+                if let Some(entry) = admission.pusher {
+                    return self.pusher_opened(key, entry, now);
                 }
                 // A resumed topic is joined by the resume (see `resume`): a worker's
                 // when the master's history comes, and in a cluster, one this process

@@ -1,5 +1,6 @@
 // Real Laravel Echo (its Pusher connector, over pusher-js) and the `pusher` server SDK
-// against c1m:   node echo.mjs PORT APP_ID KEY SECRET
+// against c1m:   node echo.mjs PORT APP_ID KEY SECRET [API_PORT]
+// (the SDK calls the server on API_PORT, another node of a cluster; PORT by default)
 // Prints one JSON line per step; crates/c1m/tests/pusher.rs asserts on them. Bounded:
 // every wait gives up after 10 s.
 import Echo from "laravel-echo";
@@ -7,9 +8,9 @@ import PusherClient from "pusher-js";
 import PusherServer from "pusher";
 import { clientOptions, run, say, within } from "./steps.mjs";
 
-const [port, appId, key, secret] = process.argv.slice(2);
+const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
 
-const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port, useTLS: false });
+const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: apiPort, useTLS: false });
 const echo = new Echo({
   broadcaster: "pusher",
   Pusher: PusherClient,
