@@ -993,23 +993,99 @@ fn the_bench_joins_presence_channels_signed() {
     );
 }
 
-/// pusher-js's browser build in headless Chromium (the browser's own WebSocket): it
-/// subscribes, gets an event, and when every worker of the server is SIGKILLed it
-/// reconnects and subscribes again by itself, and gets the next event.
+/// pusher-js's browser build in headless Chromium comes back by itself and gets its
+/// channel's events again: after its one-process server restarts on the same port
+/// (it is told 4200 as the server stops), after the worker holding it is SIGKILLed
+/// (two workers), and after its node of a three-node cluster restarts (the events
+/// published on another node).
 #[test]
-fn pusher_js_in_chromium_reconnects_after_its_worker_dies() {
+fn pusher_js_in_chromium_reconnects_after_its_server_worker_or_node_goes() {
+    let mut args = pusher_args("1");
+    args.extend(["--api-key".to_string(), "k".to_string()]);
+    let start = |listen: &str, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start_on(listen, &args)
+    };
+
+    // One process, restarted on its port.
+    let mut server = start("127.0.0.1:0", &args);
+    let addr = server.addr;
+    let seen = browser_reconnects(addr, addr, || {
+        server.terminate();
+        server = start(&addr.to_string(), &args);
+    });
+    assert_browser_reconnected(&seen);
+    drop(server);
+
+    // Two workers, the page's worker SIGKILLed (every worker: only this test's).
+    args[1] = "2".into();
+    let server = start("127.0.0.1:0", &args);
+    let (addr, pid) = (server.addr, server.child.id());
+    let seen = browser_reconnects(addr, addr, || {
+        for worker in common::children_of(pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &worker.to_string()])
+                .status();
+        }
+    });
+    assert_browser_reconnected(&seen);
+    drop(server);
+
+    // A cluster: the page's node (one process) restarts; events come from another.
+    let redis = Broker::start("redis", free_port());
+    args[1] = "1".into();
+    let mut nodes = [
+        node_with(&redis, args.clone()),
+        node_with(&redis, {
+            let mut a = args.clone();
+            a[1] = "2".into();
+            a
+        }),
+        node_with(&redis, args.clone()),
+    ];
+    let (page_addr, publish_addr) = (nodes[0].addr, nodes[1].addr);
+    let mut restart_args = args.clone();
+    restart_args.extend(["--broker".to_string(), redis.url()]);
+    let seen = browser_reconnects(page_addr, publish_addr, || {
+        nodes[0].terminate();
+        nodes[0] = start(&page_addr.to_string(), &restart_args);
+    });
+    assert_browser_reconnected(&seen);
+}
+
+/// What [`browser_reconnects`]'s page reported: the event before and the one after,
+/// over two connections at least.
+fn assert_browser_reconnected(seen: &Value) {
+    assert_eq!(
+        seen["got"],
+        serde_json::json!([{"n": "before"}, {"n": "end"}]),
+        "{seen}"
+    );
+    assert!(
+        seen["connects"].as_u64() >= Some(2),
+        "it reconnected: {seen}"
+    );
+}
+
+/// A page in headless Chromium subscribes to `news` on `page_addr`; an event published
+/// on `publish_addr` reaches it, then `disrupt` runs, and events are published until
+/// the page reports one that came after: its report.
+fn browser_reconnects(
+    page_addr: std::net::SocketAddr,
+    publish_addr: std::net::SocketAddr,
+    disrupt: impl FnOnce(),
+) -> Value {
     let bundle = std::fs::read_to_string(
         npm_packages().join("node_modules/pusher-js/dist/web/pusher.min.js"),
     )
     .expect("pusher-js's browser build");
-    let mut args = pusher_args("2");
-    args.extend(["--api-key".to_string(), "k".to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start(&args);
-    let (addr, pid) = (server.addr, server.child.id());
     let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
     let report_addr = report.local_addr().unwrap();
-    let page = std::env::temp_dir().join(format!("c1m-pusher-{}.html", std::process::id()));
+    let page = std::env::temp_dir().join(format!(
+        "c1m-pusher-{}-{}.html",
+        std::process::id(),
+        page_addr.port()
+    ));
     let key = APP[1];
     std::fs::write(
         &page,
@@ -1021,6 +1097,7 @@ const pusher = new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPor
   forceTLS: false, enabledTransports: ["ws"], disableStats: true }});
 pusher.connection.bind("connected", () => connects++);
 pusher.subscribe("news").bind("greet", (data) => {{
+  if (got.some((g) => g.n === data.n)) return;
   got.push(data);
   if (data.n === "end") {{
     const body = JSON.stringify({{ got, connects }});
@@ -1028,7 +1105,7 @@ pusher.subscribe("news").bind("greet", (data) => {{
   }}
 }});
 </script>"#,
-            port = addr.port()
+            port = page_addr.port()
         ),
     )
     .unwrap();
@@ -1045,31 +1122,32 @@ pusher.subscribe("news").bind("greet", (data) => {{
             "event": "greet", "channel": "news", "data": serde_json::json!({"n": n}).to_string()
         });
         common::http(
-            addr,
+            publish_addr,
             "POST",
             "/publish?topic=news",
             &["Authorization: Bearer k", "Content-Type: text/plain"],
             event.to_string().as_bytes(),
         )
     };
-    let subscribed = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while common::stats(addr, "node")["topics"]["news"] != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the page never subscribed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+    // Subscribed where the event is published from (in a cluster: the page's node's
+    // report, a second old at most, says so).
+    let scope = if page_addr == publish_addr {
+        "node"
+    } else {
+        "cluster"
     };
-    subscribed();
-    assert_eq!(send("before").status, 200);
-    for worker in common::children_of(pid) {
-        // Only processes this test started: the workers of its own server.
-        let _ = Command::new("kill")
-            .args(["-KILL", &worker.to_string()])
-            .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while common::stats(publish_addr, scope)["topics"]["news"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never subscribed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    assert_eq!(send("before").status, 200);
+    // The event reaches the page before it is cut off (it reports only on "end").
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    disrupt();
     // Until the page reports: it subscribes again on its own schedule, and an event
     // sent before that reaches nobody (the page reports on the first "end" it gets).
     let reported = std::sync::atomic::AtomicBool::new(false);
@@ -1088,16 +1166,7 @@ pusher.subscribe("news").bind("greet", (data) => {{
     let _ = browser.wait();
     let _ = std::fs::remove_dir_all(&profile);
     let _ = std::fs::remove_file(&page);
-    let seen: Value = serde_json::from_slice(&body).expect("report JSON");
-    assert_eq!(
-        seen["got"],
-        serde_json::json!([{"n": "before"}, {"n": "end"}]),
-        "{seen}"
-    );
-    assert!(
-        seen["connects"].as_u64() >= Some(2),
-        "it reconnected: {seen}"
-    );
+    serde_json::from_slice(&body).expect("report JSON")
 }
 
 /// pusher-js's browser build in headless Chromium on presence and private channels: two
