@@ -477,6 +477,12 @@ pub fn text_frame(text: &str) -> bytes::Bytes {
     out.into()
 }
 
+/// The frame telling a presence channel's subscribers (of `topic`, namespaced or
+/// not) that a member came or went.
+pub fn member_event_frame(topic: &str, change: &crate::presence::Change) -> bytes::Bytes {
+    text_frame(&event(change.event(), channel_of(topic), change.data()))
+}
+
 /// What a Pusher client of `channel` gets for a publication of `frame` (made once per
 /// publication): the frame itself when its payload is already a Pusher event for that
 /// channel (what the HTTP API publishes, so native clients of the topic get the same

@@ -317,11 +317,7 @@ fn laravel_echo_listens_on_public_and_private_channels() {
         drop(server);
     }
     let redis = Broker::start("redis", free_port());
-    let nodes = [
-        node(&redis, "1", &[]),
-        node(&redis, "2", &[]),
-        node(&redis, "2", &[]),
-    ];
+    let nodes = three_nodes(&redis, &[]);
     let port = |i: usize| nodes[i].addr.port();
     assert_received(run_script("echo.mjs", port(1), port(0)));
     assert_received(run_script("echo.mjs", port(0), port(2)));
@@ -333,6 +329,12 @@ fn node(broker: &Broker, workers: &str, extra: &[&str]) -> Server {
     let mut args = pusher_args(workers);
     args.extend(extra.iter().map(|a| a.to_string()));
     node_with(broker, args)
+}
+
+/// A three-node cluster on `broker` serving the test app with `extra` flags: a
+/// single-process node and two nodes of two workers.
+fn three_nodes(broker: &Broker, extra: &[&str]) -> [Server; 3] {
+    ["1", "2", "2"].map(|workers| node(broker, workers, extra))
 }
 
 /// A node of a cluster on `broker` started with `args`, once ready.
@@ -358,11 +360,7 @@ fn node_with(broker: &Broker, mut args: Vec<String>) -> Server {
 fn presence_and_client_events_across_a_three_node_cluster() {
     let redis = Broker::start("redis", free_port());
     let events = ["--pusher-client-events"];
-    let nodes = [
-        node(&redis, "1", &events),
-        node(&redis, "2", &events),
-        node(&redis, "2", &events),
-    ];
+    let nodes = three_nodes(&redis, &events);
     let port = |i: usize| nodes[i].addr.port();
     assert_presence_works(&run_script("presence.mjs", port(0), port(1)));
     assert_presence_works(&run_script("presence.mjs", port(1), port(0)));
@@ -478,11 +476,7 @@ fn webhooks_users_and_channels_across_a_three_node_cluster() {
     let hook_port = free_port();
     let args = webhook_args(hook_port);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes = [
-        node(&redis, "1", &args),
-        node(&redis, "2", &args),
-        node(&redis, "2", &args),
-    ];
+    let nodes = three_nodes(&redis, &args);
     let port = |i: usize| nodes[i].addr.port();
     assert_webhooks_work(&run_script_with(
         "webhooks.mjs",
@@ -1183,11 +1177,7 @@ fn pusher_js_in_chromium_on_presence_and_private_channels_with_client_events() {
     }
     let redis = Broker::start("redis", free_port());
     let events = ["--pusher-client-events"];
-    let nodes = [
-        node(&redis, "1", &events),
-        node(&redis, "2", &events),
-        node(&redis, "2", &events),
-    ];
+    let nodes = three_nodes(&redis, &events);
     let port = |i: usize| nodes[i].addr.port();
     assert_browser_users_meet(&browser_users_meet([port(1), port(2)]));
     assert_browser_users_meet(&browser_users_meet([port(2), port(0)]));

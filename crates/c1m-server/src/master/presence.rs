@@ -198,11 +198,7 @@ impl<S: Fn(WorkerFds) -> std::io::Result<std::process::Child>> Master<S> {
         exclude: Option<SocketRef>,
         now: Instant,
     ) {
-        let frame = pusher::text_frame(&pusher::event(
-            change.event(),
-            pusher::channel_of(channel),
-            change.data(),
-        ));
+        let frame = pusher::member_event_frame(channel, change);
         let publish = Message::Publish {
             origin: Origin::Master,
             target: Target::Topic(channel.to_string()),

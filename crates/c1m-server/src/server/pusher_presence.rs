@@ -158,8 +158,7 @@ impl Server {
         exclude: Option<SocketRef>,
         now: Instant,
     ) {
-        let channel = pusher::channel_of(topic);
-        let frame = pusher::text_frame(&pusher::event(change.event(), channel, change.data()));
+        let frame = pusher::member_event_frame(topic, change);
         let target = Target::Topic(topic.to_string());
         let then = WhenDelivered::Answer(Waiting::nobody(now));
         self.publish_excluding(target, frame, None, exclude, then);
