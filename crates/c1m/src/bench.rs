@@ -91,27 +91,32 @@ pub struct BenchArgs {
     #[arg(long, requires = "reconnect")]
     recover: bool,
 
-    /// Speak the Pusher protocol: subscribe each connection to this channel right after
-    /// its upgrade (`pusher:subscribe`), and read Pusher events (the stamp in their
-    /// `data`); the protocol's own messages (`pusher:…`, `pusher_internal:…`) are not
-    /// counted. The URL is the app's: ws://HOST:PORT/app/KEY (e.g. against
-    /// `c1m serve --pusher-app ID:KEY:SECRET`, channel `time` for its clock).
+    /// The protocol the clients speak: `native` (c1m's own: the topics are in the URL)
+    /// or `pusher` (Pusher Channels protocol 7, as pusher-js: the URL is the app's,
+    /// ws://HOST:PORT/app/KEY, and each connection subscribes to --pusher-channel,
+    /// `time` by default: the clock of `c1m serve --pusher-app ID:KEY:SECRET`).
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Native)]
+    protocol: ProtocolArg,
+
+    /// Speak the Pusher protocol (implies --protocol pusher): subscribe each connection
+    /// to this channel right after its upgrade (`pusher:subscribe`), and read Pusher
+    /// events (the stamp in their `data`); the protocol's own messages (`pusher:…`,
+    /// `pusher_internal:…`) are not counted.
     #[arg(long, value_name = "CHANNEL", conflicts_with = "recover")]
     pusher_channel: Option<String>,
 
-    /// With --pusher-channel: spread the connections over N channels, CHANNEL-0 …
+    /// With the Pusher protocol: spread the connections over N channels, CHANNEL-0 …
     /// CHANNEL-(N-1) (connection i on i % N); e.g. presence channels hold at most
     /// 1,000 members each.
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "pusher_channel", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pusher_channels: u32,
 
-    /// With --pusher-channel on a private- or presence- channel: the app's secret, to
-    /// sign each subscription as the app's auth endpoint would (a presence member is
-    /// named by its socket id). Also read from C1M_PUSHER_SECRET.
+    /// With the Pusher protocol on a private- or presence- channel: the app's secret,
+    /// to sign each subscription as the app's auth endpoint would (a presence member
+    /// is named by its socket id). Also read from C1M_PUSHER_SECRET.
     #[arg(
         long,
         value_name = "SECRET",
-        requires = "pusher_channel",
         env = "C1M_PUSHER_SECRET",
         hide_env_values = true
     )]
@@ -141,10 +146,28 @@ pub struct BenchArgs {
     worker_count: usize,
 }
 
+/// What the bench's clients speak (`--protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProtocolArg {
+    /// c1m's own: topics in the URL, publications as they are.
+    Native,
+    /// Pusher Channels protocol 7 (pusher-js, Laravel Echo).
+    Pusher,
+}
+
 impl BenchArgs {
+    /// The channel every Pusher connection subscribes to, if the run speaks Pusher.
+    fn pusher_channel(&self) -> Option<String> {
+        match (&self.pusher_channel, self.protocol) {
+            (Some(channel), _) => Some(channel.clone()),
+            (None, ProtocolArg::Pusher) => Some(c1m_server::topics::TIME.to_string()),
+            (None, ProtocolArg::Native) => None,
+        }
+    }
+
     /// The Pusher side of the run, if it speaks Pusher (the app key from the URL).
     fn pusher_plan(&self) -> Option<c1m_bench::pusher::PusherPlan> {
-        let channel = self.pusher_channel.clone()?;
+        let channel = self.pusher_channel()?;
         let key = self
             .url
             .split_once("/app/")
@@ -170,11 +193,18 @@ impl BenchArgs {
         if !(self.rate.is_finite() && self.rate > 0.0) {
             bail!("--rate must be a positive number of connections per second");
         }
-        if self.pusher_channel.is_some() && self.url.starts_with("tcp://") {
-            bail!("--pusher-channel needs a WebSocket server (ws:// or wss://)");
+        let pusher = self.pusher_channel().is_some();
+        if pusher && self.url.starts_with("tcp://") {
+            bail!("the Pusher protocol needs a WebSocket server (ws:// or wss://)");
         }
-        if self.pusher_channel.is_some() && !self.url.contains("/app/") {
-            bail!("--pusher-channel needs the app's URL: ws://HOST:PORT/app/KEY");
+        if pusher && !self.url.contains("/app/") {
+            bail!("the Pusher protocol needs the app's URL: ws://HOST:PORT/app/KEY");
+        }
+        if pusher && self.recover {
+            bail!("--recover is for the native protocol (Pusher clients do not resume)");
+        }
+        if !pusher && (self.pusher_secret.is_some() || self.pusher_channels != 1) {
+            bail!("--pusher-secret and --pusher-channels need --protocol pusher");
         }
         if self.recover && self.url.starts_with("tcp://") {
             bail!("--recover needs a WebSocket server (ws:// or wss://): it resumes by position");
@@ -445,8 +475,8 @@ fn run_children(
         if args.recover {
             cmd.arg("--recover");
         }
-        if let Some(channel) = &args.pusher_channel {
-            cmd.args(["--pusher-channel", channel]);
+        if let Some(channel) = args.pusher_channel() {
+            cmd.args(["--pusher-channel", &channel]);
             cmd.args(["--pusher-channels", &args.pusher_channels.to_string()]);
         }
         if let Some(secret) = &args.pusher_secret {

@@ -909,9 +909,10 @@ async fn close_code(ws: &mut common::Ws) -> Option<u16> {
     panic!("no close frame among 20 messages")
 }
 
-/// `c1m bench --pusher-channel` measures Pusher clients like native ones: every
-/// connection subscribed, every tick of the clock received as a Pusher event and its
-/// stamp read, and the protocol's own messages not counted.
+/// `c1m bench --protocol pusher` measures Pusher clients like native ones: every
+/// connection subscribed (to the clock's channel `time` by default), every tick of the
+/// clock received as a Pusher event and its stamp read, and the protocol's own
+/// messages not counted. Pusher flags without the protocol are refused.
 #[test]
 fn the_bench_speaks_pusher() {
     let mut args = pusher_args("1");
@@ -919,13 +920,20 @@ fn the_bench_speaks_pusher() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
     let url = server.url("/app/app-key");
+    let refused = Command::new(env!("CARGO_BIN_EXE_c1m"))
+        .args(["bench", "--url", &url, "--pusher-secret", "s", "-c", "1"])
+        .output()
+        .expect("run c1m bench");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--protocol pusher"), "{said}");
     let (_, json) = common::run_bench(
         "pusher-bench",
         &[
             "--url",
             &url,
-            "--pusher-channel",
-            "time",
+            "--protocol",
+            "pusher",
             "-c",
             "100",
             "--messages",
