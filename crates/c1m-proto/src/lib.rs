@@ -16,6 +16,8 @@ pub mod frame;
 pub mod handshake;
 #[cfg(feature = "tls")]
 pub mod tls_io;
+#[cfg(feature = "tls")]
+pub mod tls_lean;
 pub mod utf8;
 
 pub use close::CloseCode;

@@ -1,0 +1,635 @@
+//! A lean server-side TLS session: rustls for the handshake, then only what an
+//! established connection needs (feature `tls`).
+//!
+//! Why: a `rustls::ServerConnection` keeps its record layer's expanded AES keys (about
+//! half a KiB per direction), its buffers and its handshake state for the
+//! connection's life: ~8 KiB per idle `wss://` client (BENCHMARKS.md). A push server's
+//! connections are idle nearly all the time. So the handshake runs in rustls's
+//! *unbuffered* API (we own the buffers, and free them), and once it is done the
+//! session becomes a [`rustls::kernel::KernelConnection`] (the minimal state rustls
+//! keeps for kernel TLS offload: the traffic secrets, to answer a KeyUpdate) plus, per
+//! direction, the raw traffic key, IV and sequence number. Each record is sealed or
+//! opened with a ring AEAD key built from those bytes for that record: a few hundred
+//! nanoseconds of key setup, instead of keeping the expanded keys in memory.
+//!
+//! Written by hand (the record layer, RFC 8446 §5 and RFC 5246 §6.2.3.3, ~150 lines)
+//! because rustls offers no public way to rebuild its encrypter from stored key bytes,
+//! and kernel TLS (which would do this in the kernel) is not available on every
+//! machine. rustls still does everything else: the handshake, certificates, session
+//! tickets (sent during the handshake) and the secrets of a key update.
+//!
+//! Sans-I/O: the caller reads the socket into a buffer and hands it to [`LeanTls::receive`],
+//! which decrypts in place and leaves the plaintext at the front of that buffer; every
+//! record the session wants sent (handshake messages, a key update, alerts, sealed
+//! application data) is appended to a `Vec` that the caller sends in order with its
+//! other output.
+
+use std::sync::Arc;
+
+use ring::aead;
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
+
+/// Largest plaintext of one record (2^14).
+pub const MAX_PLAINTEXT: usize = 16 * 1024;
+/// Largest ciphertext of one record we accept (RFC 8446: 2^14 + 256).
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+const HEADER: usize = 5;
+const TAG: usize = 16;
+/// TLS 1.2 AES-GCM sends 8 bytes of its nonce in each record.
+const EXPLICIT_NONCE: usize = 8;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+
+/// Records sealed under one key before we move to a fresh one (a TLS 1.3 key update):
+/// far below AES-GCM's confidentiality limit (2^24.5 records).
+const TX_RECORDS_PER_KEY: u64 = 1 << 23;
+
+/// Why a session failed; the connection is closed (its peer is not told more).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS handshake: {0}")]
+    Handshake(rustls::Error),
+    #[error("TLS record: {0}")]
+    Record(&'static str),
+    #[error("TLS alert {0} from the peer")]
+    Alert(u8),
+    #[error("TLS key update: {0}")]
+    KeyUpdate(rustls::Error),
+}
+
+/// What a call to [`LeanTls::receive`] produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Plaintext bytes now at the front of the buffer.
+    pub plaintext: usize,
+    /// The peer sent close_notify: nothing more will come.
+    pub closed: bool,
+}
+
+/// One server-side TLS session (keep it boxed: it is large while handshaking).
+pub struct LeanTls {
+    state: State,
+}
+
+enum State {
+    Handshaking(Box<Handshake>),
+    Established(Box<Established>),
+    Failed,
+}
+
+struct Handshake {
+    conn: UnbufferedServerConnection,
+    /// Input not yet taken by rustls.
+    incoming: Vec<u8>,
+}
+
+/// An established session: what it needs while idle, and nothing else.
+struct Established {
+    /// rustls's minimal state, for the secrets of a key update.
+    kernel: KernelConnection<ServerConnectionData>,
+    records: RecordLayer,
+    /// The start of a record whose rest has not come yet (unallocated when empty).
+    partial: Vec<u8>,
+}
+
+impl LeanTls {
+    /// A new session. `config` must have `enable_secret_extraction` set (see
+    /// [`lean_config`]).
+    pub fn new(config: &Arc<ServerConfig>) -> Result<LeanTls, TlsError> {
+        let conn =
+            UnbufferedServerConnection::new(Arc::clone(config)).map_err(TlsError::Handshake)?;
+        Ok(LeanTls {
+            state: State::Handshaking(Box::new(Handshake {
+                conn,
+                incoming: Vec::new(),
+            })),
+        })
+    }
+
+    /// Whether the handshake is over.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established(_))
+    }
+
+    /// The negotiated protocol version, once established.
+    pub fn protocol_version(&self) -> Option<ProtocolVersion> {
+        match &self.state {
+            State::Established(e) => Some(e.kernel.protocol_version()),
+            _ => None,
+        }
+    }
+
+    /// Bytes the session holds beyond its fixed size (for tests and measurements).
+    pub fn buffered(&self) -> usize {
+        match &self.state {
+            State::Handshaking(h) => h.incoming.capacity(),
+            State::Established(e) => e.partial.capacity(),
+            State::Failed => 0,
+        }
+    }
+
+    /// Takes `buf[..len]`, the bytes just read from the socket (`buf` is the caller's
+    /// scratch buffer, at least [`LeanTls::scratch_needed`] long): decrypts what is
+    /// complete, leaves the plaintext at the front of `buf`, and appends whatever must
+    /// be sent (in order, before any later application data) to `to_send`.
+    ///
+    /// Call [`LeanTls::restore_partial`] first: it puts back the start of a record
+    /// kept from the previous call.
+    pub fn receive(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        to_send: &mut Vec<u8>,
+    ) -> Result<Received, TlsError> {
+        let result = match &mut self.state {
+            State::Handshaking(handshake) => {
+                handshake.incoming.extend_from_slice(&buf[..len]);
+                match handshake.advance(buf, to_send) {
+                    Ok((received, true)) => {
+                        let State::Handshaking(handshake) =
+                            std::mem::replace(&mut self.state, State::Failed)
+                        else {
+                            unreachable!("matched above");
+                        };
+                        let mut established = handshake.into_established()?;
+                        // Whatever followed the handshake's last record (a whole
+                        // record rustls left, or the start of one) is ours now.
+                        let rest = std::mem::take(&mut established.partial);
+                        let mut more = Received::default();
+                        if !rest.is_empty() {
+                            let start = received.plaintext;
+                            let room = buf.len() - start;
+                            if rest.len() > room {
+                                return Err(TlsError::Record("record too long"));
+                            }
+                            buf[start..start + rest.len()].copy_from_slice(&rest);
+                            more =
+                                established.open_records(&mut buf[start..], rest.len(), to_send)?;
+                        }
+                        self.state = State::Established(established);
+                        Ok(Received {
+                            plaintext: received.plaintext + more.plaintext,
+                            closed: more.closed,
+                        })
+                    }
+                    Ok((received, false)) => Ok(received),
+                    Err(e) => Err(e),
+                }
+            }
+            State::Established(established) => established.open_records(buf, len, to_send),
+            State::Failed => Err(TlsError::Record("the session failed earlier")),
+        };
+        if result.is_err() {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    /// How many bytes of `buf` the start of a record kept from the last call takes
+    /// back: read the socket into `buf[returned..]`, then call [`LeanTls::receive`]
+    /// with the total. The kept bytes are freed.
+    pub fn restore_partial(&mut self, buf: &mut [u8]) -> usize {
+        let State::Established(established) = &mut self.state else {
+            return 0;
+        };
+        let partial = std::mem::take(&mut established.partial);
+        buf[..partial.len()].copy_from_slice(&partial);
+        partial.len()
+    }
+
+    /// The scratch buffer a caller needs: room for a kept partial record plus a read.
+    pub const fn scratch_needed() -> usize {
+        2 * (HEADER + MAX_CIPHERTEXT)
+    }
+
+    /// Seals application data into records appended to `out`. Before the handshake is
+    /// over there is nothing to seal with: an error.
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        match &mut self.state {
+            State::Established(e) => e.seal(APPLICATION_DATA, plaintext, out),
+            _ => Err(TlsError::Record(
+                "application data before the handshake is over",
+            )),
+        }
+    }
+
+    /// Appends a close_notify alert to `out` (nothing before the handshake is over).
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+        if let State::Established(e) = &mut self.state {
+            let _ = e.seal(ALERT, &[1, CLOSE_NOTIFY], out);
+        }
+    }
+}
+
+impl Handshake {
+    /// Runs rustls until it needs more input or the handshake is over (`true`).
+    /// Application data that came during the handshake goes to the front of `buf`.
+    fn advance(
+        &mut self,
+        buf: &mut [u8],
+        to_send: &mut Vec<u8>,
+    ) -> Result<(Received, bool), TlsError> {
+        let mut received = Received::default();
+        loop {
+            let status = self.conn.process_tls_records(&mut self.incoming);
+            let discard = status.discard;
+            let state = status.state.map_err(TlsError::Handshake)?;
+            let mut done = false;
+            let mut blocked = false;
+            match state {
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    let start = to_send.len();
+                    to_send.resize(start + 4096, 0);
+                    loop {
+                        match encode.encode(&mut to_send[start..]) {
+                            Ok(n) => {
+                                to_send.truncate(start + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(size)) => {
+                                to_send.resize(start + size.required_size, 0);
+                            }
+                            Err(EncodeError::AlreadyEncoded) => {
+                                to_send.truncate(start);
+                                break;
+                            }
+                        }
+                    }
+                }
+                // The records are in `to_send` already: the caller sends them.
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(TlsError::Handshake)?;
+                        let end = received.plaintext + record.payload.len();
+                        if end > buf.len() {
+                            return Err(TlsError::Record("too much data during the handshake"));
+                        }
+                        buf[received.plaintext..end].copy_from_slice(record.payload);
+                        received.plaintext = end;
+                    }
+                }
+                ConnectionState::ReadEarlyData(_) => {
+                    return Err(TlsError::Record("early data is not accepted"));
+                }
+                ConnectionState::BlockedHandshake => blocked = true,
+                ConnectionState::WriteTraffic(_) => done = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    received.closed = true;
+                    blocked = true;
+                }
+                _ => return Err(TlsError::Record("unexpected handshake state")),
+            }
+            self.incoming.drain(..discard);
+            if done {
+                return Ok((received, true));
+            }
+            if blocked {
+                if self.incoming.len() > 64 * 1024 {
+                    return Err(TlsError::Record("handshake too long"));
+                }
+                return Ok((received, false));
+            }
+        }
+    }
+
+    /// The handshake is over: keep only what an established session needs.
+    fn into_established(self) -> Result<Box<Established>, TlsError> {
+        let Handshake { conn, incoming } = self;
+        let (secrets, kernel) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(TlsError::Handshake)?;
+        let version = kernel.protocol_version();
+        let records = RecordLayer::new(version, secrets.tx, secrets.rx)?;
+        Ok(Box::new(Established {
+            kernel,
+            records,
+            partial: incoming,
+        }))
+    }
+}
+
+impl Established {
+    /// Opens every complete record of `buf[..len]` in place; plaintext goes to the
+    /// front of `buf`, an incomplete last record to `partial`.
+    fn open_records(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        to_send: &mut Vec<u8>,
+    ) -> Result<Received, TlsError> {
+        let mut received = Received::default();
+        let mut at = 0;
+        while len - at >= HEADER {
+            let header = &buf[at..at + HEADER];
+            let body = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if body > MAX_CIPHERTEXT + EXPLICIT_NONCE {
+                return Err(TlsError::Record("record too long"));
+            }
+            if len - at < HEADER + body {
+                break;
+            }
+            let record = &mut buf[at..at + HEADER + body];
+            let (typ, range) = self.records.open(record)?;
+            let (start, end) = (at + HEADER + range.start, at + HEADER + range.end);
+            at += HEADER + body;
+            match typ {
+                APPLICATION_DATA => {
+                    // Plaintext never overtakes the record it came from.
+                    buf.copy_within(start..end, received.plaintext);
+                    received.plaintext += end - start;
+                }
+                ALERT => match buf[start..end] {
+                    [_, CLOSE_NOTIFY] => {
+                        received.closed = true;
+                        return Ok(received);
+                    }
+                    [1, USER_CANCELED] => {}
+                    [_, description] => return Err(TlsError::Alert(description)),
+                    _ => return Err(TlsError::Record("malformed alert")),
+                },
+                HANDSHAKE => {
+                    let messages = buf[start..end].to_vec();
+                    self.post_handshake(&messages, to_send)?;
+                }
+                _ => return Err(TlsError::Record("unexpected record type")),
+            }
+        }
+        if at < len {
+            self.partial = buf[at..len].to_vec();
+        }
+        Ok(received)
+    }
+
+    /// Handshake messages after the handshake: only a TLS 1.3 KeyUpdate is welcome
+    /// (a TLS 1.2 client asking to renegotiate is refused by closing).
+    fn post_handshake(
+        &mut self,
+        mut messages: &[u8],
+        to_send: &mut Vec<u8>,
+    ) -> Result<(), TlsError> {
+        if self.kernel.protocol_version() != ProtocolVersion::TLSv1_3 {
+            return Err(TlsError::Record("renegotiation is not supported"));
+        }
+        while !messages.is_empty() {
+            let [typ, a, b, c, rest @ ..] = messages else {
+                return Err(TlsError::Record("malformed handshake message"));
+            };
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if *typ != KEY_UPDATE || len != 1 || rest.is_empty() {
+                return Err(TlsError::Record("unexpected handshake message"));
+            }
+            let requested = match rest[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(TlsError::Record("malformed key update")),
+            };
+            messages = &rest[1..];
+            let (seq, secrets) = self
+                .kernel
+                .update_rx_secret()
+                .map_err(TlsError::KeyUpdate)?;
+            self.records.rx = Direction::new(seq, secrets);
+            if requested {
+                self.update_tx(to_send)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the peer we move to the next key (KeyUpdate, sealed with the current
+    /// one), and moves.
+    fn update_tx(&mut self, to_send: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.records
+            .seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], to_send)?;
+        let (seq, secrets) = self
+            .kernel
+            .update_tx_secret()
+            .map_err(TlsError::KeyUpdate)?;
+        self.records.tx = Direction::new(seq, secrets);
+        Ok(())
+    }
+
+    fn seal(&mut self, typ: u8, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let tls13 = self.records.version == ProtocolVersion::TLSv1_3;
+        for chunk in plaintext.chunks(MAX_PLAINTEXT) {
+            if tls13 && self.records.tx.seq >= TX_RECORDS_PER_KEY {
+                self.update_tx(out)?;
+            }
+            self.records.seal(typ, chunk, out)?;
+        }
+        Ok(())
+    }
+}
+
+/// One direction's traffic key, IV and record count.
+struct Direction {
+    key: [u8; 32],
+    key_len: u8,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Direction {
+    fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Direction {
+        let (key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key.as_ref(), iv.as_ref()),
+            _ => (&[][..], &[][..]),
+        };
+        let mut direction = Direction {
+            key: [0; 32],
+            key_len: key.len() as u8,
+            iv: [0; 12],
+            seq,
+        };
+        direction.key[..key.len()].copy_from_slice(key);
+        direction.iv[..iv.len().min(12)].copy_from_slice(&iv[..iv.len().min(12)]);
+        direction
+    }
+
+    /// The AEAD key for one record (built for it, dropped after).
+    fn aead_key(&self, algorithm: &'static aead::Algorithm) -> Result<aead::LessSafeKey, TlsError> {
+        aead::UnboundKey::new(algorithm, &self.key[..usize::from(self.key_len)])
+            .map(aead::LessSafeKey::new)
+            .map_err(|_| TlsError::Record("bad traffic key"))
+    }
+
+    /// The per-record nonce: the IV with the sequence number xored into its end.
+    fn nonce(&self) -> [u8; 12] {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        nonce
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        // Traffic keys do not outlive the session in memory (best effort).
+        self.key = [0; 32];
+        self.iv = [0; 12];
+    }
+}
+
+/// The record protection of an established session (TLS 1.3, or TLS 1.2 with an AEAD
+/// suite: the only TLS 1.2 suites rustls offers).
+struct RecordLayer {
+    version: ProtocolVersion,
+    algorithm: &'static aead::Algorithm,
+    /// TLS 1.2 AES-GCM: 8 bytes of each record's nonce travel in the record.
+    explicit_nonce: bool,
+    tx: Direction,
+    rx: Direction,
+}
+
+impl RecordLayer {
+    fn new(
+        version: ProtocolVersion,
+        (tx_seq, tx): (u64, ConnectionTrafficSecrets),
+        (rx_seq, rx): (u64, ConnectionTrafficSecrets),
+    ) -> Result<RecordLayer, TlsError> {
+        let algorithm = match &tx {
+            ConnectionTrafficSecrets::Aes128Gcm { .. } => &aead::AES_128_GCM,
+            ConnectionTrafficSecrets::Aes256Gcm { .. } => &aead::AES_256_GCM,
+            ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => &aead::CHACHA20_POLY1305,
+            _ => return Err(TlsError::Record("unsupported cipher suite")),
+        };
+        let tls12 = version == ProtocolVersion::TLSv1_2;
+        if !tls12 && version != ProtocolVersion::TLSv1_3 {
+            return Err(TlsError::Record("unsupported protocol version"));
+        }
+        Ok(RecordLayer {
+            version,
+            algorithm,
+            explicit_nonce: tls12 && algorithm != &aead::CHACHA20_POLY1305,
+            tx: Direction::new(tx_seq, tx),
+            rx: Direction::new(rx_seq, rx),
+        })
+    }
+
+    /// Appends `plaintext` (at most [`MAX_PLAINTEXT`]) as one record of content type
+    /// `typ` to `out`.
+    fn seal(&mut self, typ: u8, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let key = self.tx.aead_key(self.algorithm)?;
+        let nonce = self.tx.nonce();
+        let tls13 = self.version == ProtocolVersion::TLSv1_3;
+        let explicit = if self.explicit_nonce {
+            EXPLICIT_NONCE
+        } else {
+            0
+        };
+        let inner = plaintext.len() + usize::from(tls13);
+        let body = explicit + inner + TAG;
+        let start = out.len();
+        let outer_type = if tls13 { APPLICATION_DATA } else { typ };
+        out.extend_from_slice(&[outer_type, 3, 3]);
+        out.extend_from_slice(&(body as u16).to_be_bytes());
+        let aad: Vec<u8> = if tls13 {
+            out[start..start + HEADER].to_vec()
+        } else {
+            let mut aad = self.tx.seq.to_be_bytes().to_vec();
+            aad.extend_from_slice(&[typ, 3, 3]);
+            aad.extend_from_slice(&(plaintext.len() as u16).to_be_bytes());
+            aad
+        };
+        if self.explicit_nonce {
+            out.extend_from_slice(&nonce[4..]);
+        }
+        let sealed_from = out.len();
+        out.extend_from_slice(plaintext);
+        if tls13 {
+            out.push(typ);
+        }
+        let tag = key
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(&aad),
+                &mut out[sealed_from..],
+            )
+            .map_err(|_| TlsError::Record("cannot seal"))?;
+        out.extend_from_slice(tag.as_ref());
+        self.tx.seq += 1;
+        Ok(())
+    }
+
+    /// Opens one whole record (header included) in place: its content type and where
+    /// its plaintext lies in the record's body.
+    fn open(&mut self, record: &mut [u8]) -> Result<(u8, std::ops::Range<usize>), TlsError> {
+        let (header, body) = record.split_at_mut(HEADER);
+        let outer_type = header[0];
+        let tls13 = self.version == ProtocolVersion::TLSv1_3;
+        if tls13 && outer_type == CHANGE_CIPHER_SPEC {
+            return Err(TlsError::Record("change_cipher_spec after the handshake"));
+        }
+        if tls13 && outer_type != APPLICATION_DATA {
+            return Err(TlsError::Record("unprotected record after the handshake"));
+        }
+        let explicit = if self.explicit_nonce {
+            EXPLICIT_NONCE
+        } else {
+            0
+        };
+        if body.len() < explicit + TAG {
+            return Err(TlsError::Record("record too short"));
+        }
+        let mut nonce = self.rx.nonce();
+        if self.explicit_nonce {
+            nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
+        }
+        let aad: Vec<u8> = if tls13 {
+            header.to_vec()
+        } else {
+            let mut aad = self.rx.seq.to_be_bytes().to_vec();
+            aad.extend_from_slice(&[outer_type, header[1], header[2]]);
+            aad.extend_from_slice(&((body.len() - explicit - TAG) as u16).to_be_bytes());
+            aad
+        };
+        let key = self.rx.aead_key(self.algorithm)?;
+        let plain_len = key
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(&aad),
+                &mut body[explicit..],
+            )
+            .map_err(|_| TlsError::Record("bad record MAC"))?
+            .len();
+        self.rx.seq += 1;
+        let mut end = explicit + plain_len;
+        if !tls13 {
+            return Ok((outer_type, explicit..end));
+        }
+        // TLS 1.3: the real content type is the last non-zero byte (zeros are padding).
+        while end > 0 && body[end - 1] == 0 {
+            end -= 1;
+        }
+        if end == 0 {
+            return Err(TlsError::Record("record without a content type"));
+        }
+        if end - 1 > MAX_PLAINTEXT {
+            return Err(TlsError::Record("record too long"));
+        }
+        Ok((body[end - 1], 0..end - 1))
+    }
+}
+
+/// A server configuration fit for [`LeanTls`]: secret extraction on (how the session
+/// gets its traffic keys after the handshake).
+pub fn lean_config(mut config: ServerConfig) -> Arc<ServerConfig> {
+    config.enable_secret_extraction = true;
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests;
