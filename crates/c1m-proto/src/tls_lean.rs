@@ -99,6 +99,8 @@ struct Established {
     records: RecordLayer,
     /// The start of a record whose rest has not come yet (unallocated when empty).
     partial: Vec<u8>,
+    /// The peer sent close_notify: whatever comes after is not read.
+    peer_closed: bool,
 }
 
 impl LeanTls {
@@ -206,6 +208,51 @@ impl LeanTls {
         partial.len()
     }
 
+    /// Reads the socket once through `read` (into `buf`, after the start of a record
+    /// kept from last time) and takes what came, as [`LeanTls::receive`]. The end of
+    /// the stream without close_notify counts as closed too (a WebSocket's own close
+    /// handshake says whether the end was orderly). A read error (`WouldBlock`
+    /// included) leaves the session as it was.
+    pub fn read_with(
+        &mut self,
+        buf: &mut [u8],
+        to_send: &mut Vec<u8>,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<Received> {
+        if let State::Established(established) = &self.state {
+            if established.peer_closed {
+                return Ok(Received {
+                    plaintext: 0,
+                    closed: true,
+                });
+            }
+        }
+        let kept = self.restore_partial(buf);
+        let n = match read(&mut buf[kept..]) {
+            Ok(n) => n,
+            Err(e) => {
+                if let State::Established(established) = &mut self.state {
+                    established.partial = buf[..kept].to_vec();
+                }
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return Ok(Received {
+                plaintext: 0,
+                closed: true,
+            });
+        }
+        self.receive(buf, kept + n, to_send)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// At most how many bytes sealing `plaintext_len` bytes adds (headers, tags, and
+    /// a key update when one is due).
+    pub const fn seal_overhead(plaintext_len: usize) -> usize {
+        (plaintext_len / MAX_PLAINTEXT + 1) * (HEADER + EXPLICIT_NONCE + 1 + TAG) + 64
+    }
+
     /// The scratch buffer a caller needs: room for a kept partial record plus a read.
     pub const fn scratch_needed() -> usize {
         2 * (HEADER + MAX_CIPHERTEXT)
@@ -227,6 +274,18 @@ impl LeanTls {
         if let State::Established(e) = &mut self.state {
             let _ = e.seal(ALERT, &[1, CLOSE_NOTIFY], out);
         }
+    }
+}
+
+impl std::fmt::Debug for LeanTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        let state = match &self.state {
+            State::Handshaking(_) => "handshaking",
+            State::Established(_) => "established",
+            State::Failed => "failed",
+        };
+        f.debug_struct("LeanTls").field("state", &state).finish()
     }
 }
 
@@ -314,6 +373,7 @@ impl Handshake {
             kernel,
             records,
             partial: incoming,
+            peer_closed: false,
         }))
     }
 }
@@ -351,6 +411,7 @@ impl Established {
                 ALERT => match buf[start..end] {
                     [_, CLOSE_NOTIFY] => {
                         received.closed = true;
+                        self.peer_closed = true;
                         return Ok(received);
                     }
                     [1, USER_CANCELED] => {}

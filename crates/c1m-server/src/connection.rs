@@ -30,8 +30,8 @@ use crate::admission::{monotonic_ms, AcceptRate};
 use crate::auth::{Admission, Gate, PusherEntry};
 use crate::counters::Counters;
 use crate::outbox::Outbox;
-use crate::tls;
 use crate::topics::{Subscription, TopicId};
+use c1m_proto::tls_lean::LeanTls;
 
 /// Reads served to one connection per readiness event before others get a turn.
 const MAX_READS_PER_TURN: usize = 4;
@@ -175,6 +175,37 @@ pub enum Admit {
     TooManyFromAddress,
 }
 
+/// Writes `bytes` to the socket unless output is queued already; what the socket does
+/// not take now is queued (a reference, not a copy).
+fn write_or_queue<S: Write>(
+    stream: &mut S,
+    outbox: &mut Option<Box<Outbox>>,
+    bytes: Bytes,
+) -> io::Result<()> {
+    if let Some(outbox) = outbox.as_mut() {
+        outbox.push(bytes);
+        return Ok(());
+    }
+    let written = match stream.write(&bytes) {
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    if written < bytes.len() {
+        let mut queued = Box::<Outbox>::default();
+        queued.push(bytes.slice(written..));
+        *outbox = Some(queued);
+    }
+    Ok(())
+}
+
 /// The rarely needed part of a connection's state, boxed so idle connections skip it.
 #[derive(Debug, Default)]
 struct Extra {
@@ -193,7 +224,7 @@ struct Extra {
     /// Topics this client may join, when its token limits them.
     allowed: Option<Box<[Box<str>]>>,
     /// The TLS session of a `wss://` connection (kept for the connection's life).
-    tls: Option<Box<rustls::ServerConnection>>,
+    tls: Option<LeanTls>,
 }
 
 impl Extra {
@@ -245,11 +276,7 @@ pub struct Connection<S = TcpStream> {
 }
 
 impl<S: Stream> Connection<S> {
-    pub fn new(
-        stream: S,
-        handshake_deadline: Instant,
-        tls: Option<rustls::ServerConnection>,
-    ) -> Connection<S> {
+    pub fn new(stream: S, handshake_deadline: Instant, tls: Option<LeanTls>) -> Connection<S> {
         Connection {
             stream,
             first: Subscription {
@@ -263,7 +290,7 @@ impl<S: Stream> Connection<S> {
             outbox: None,
             extra: Some(Box::new(Extra {
                 deadline: Some(handshake_deadline),
-                tls: tls.map(Box::new),
+                tls,
                 ..Extra::default()
             })),
         }
@@ -506,7 +533,7 @@ impl<S: Stream> Connection<S> {
 
     /// The socket can take more output: flush what is queued.
     pub fn on_writable(&mut self) -> Next {
-        if self.outbox.is_none() && !self.is_tls() {
+        if self.outbox.is_none() {
             return Next::Keep;
         }
         match self.flush_output() {
@@ -522,82 +549,74 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    fn is_tls(&self) -> bool {
-        self.extra.as_ref().is_some_and(|e| e.tls.is_some())
-    }
-
-    /// Reads input: from the socket, or decrypted from the TLS session.
+    /// Reads input: from the socket, or decrypted by the TLS session (which may have
+    /// records to send back on the way: handshake messages, a key update).
     fn read_input(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
-            None => self.stream.read(buf),
-            Some(session) => tls::read(session, &mut self.stream, buf),
-        }
-    }
-
-    /// Writes queued output (and, with TLS, pending records). `Ok(true)` when all of it
-    /// is out.
-    fn flush_output(&mut self) -> io::Result<bool> {
         let Connection {
             stream,
             outbox,
             extra,
             ..
         } = self;
-        match extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
-            None => match outbox.as_mut() {
-                None => Ok(true),
-                Some(outbox) => outbox.flush(stream),
-            },
-            // Plaintext goes to the session one chunk at a time, only once the socket
-            // took the previous records: rustls never holds more than about one frame.
-            Some(session) => loop {
-                if !tls::flush(session, stream)? {
-                    return Ok(false);
-                }
-                match outbox.as_mut().and_then(|o| o.pop_front()) {
-                    None => return Ok(true),
-                    Some(chunk) => session.writer().write_all(&chunk)?,
-                }
-            },
+        let Some(session) = extra.as_mut().and_then(|e| e.tls.as_mut()) else {
+            return stream.read(buf);
+        };
+        debug_assert!(buf.len() >= LeanTls::scratch_needed());
+        loop {
+            let mut to_send = Vec::new();
+            let received = session.read_with(buf, &mut to_send, |b| stream.read(b))?;
+            if !to_send.is_empty() {
+                write_or_queue(stream, outbox, Bytes::from(to_send))?;
+            }
+            if received.plaintext > 0 || received.closed {
+                // After a close_notify the next read says so at once.
+                return Ok(received.plaintext);
+            }
+            // Only records with nothing for us (handshake, key update): read on.
+        }
+    }
+
+    /// Writes queued output. `Ok(true)` when all of it is out.
+    fn flush_output(&mut self) -> io::Result<bool> {
+        match self.outbox.as_mut() {
+            None => Ok(true),
+            Some(outbox) => outbox.flush(&mut self.stream),
         }
     }
 
     /// Sends bytes shared with other connections (a broadcast frame): written straight
     /// to the socket when nothing is queued, else queued (a reference, not a copy).
+    /// Over TLS each connection seals its own copy first.
     pub fn send(&mut self, bytes: &Bytes, limits: &Limits) -> Result<(), SendError> {
-        if let Some(outbox) = self.outbox.as_mut() {
-            if outbox.bytes() + bytes.len() > limits.max_pending_bytes {
+        let Connection {
+            stream,
+            outbox,
+            extra,
+            ..
+        } = self;
+        let session = extra.as_mut().and_then(|e| e.tls.as_mut());
+        if let Some(outbox) = outbox.as_ref() {
+            // Checked before sealing: a sealed record that is then dropped would leave
+            // a gap in the session's record numbers.
+            let overhead = session
+                .as_ref()
+                .map_or(0, |_| LeanTls::seal_overhead(bytes.len()));
+            if outbox.bytes() + bytes.len() + overhead > limits.max_pending_bytes {
                 return Err(SendError::Overflow);
             }
-            outbox.push(bytes.clone());
-            return Ok(());
         }
-        if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
-            session.writer().write_all(bytes).map_err(SendError::Io)?;
-            if !tls::flush(session, &mut self.stream).map_err(SendError::Io)? {
-                // The socket is full: later output waits in the outbox.
-                self.outbox = Some(Box::default());
+        let wire = match session {
+            None => bytes.clone(),
+            Some(session) => {
+                let mut sealed =
+                    Vec::with_capacity(bytes.len() + LeanTls::seal_overhead(bytes.len()));
+                session
+                    .seal(bytes, &mut sealed)
+                    .map_err(|e| SendError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                Bytes::from(sealed)
             }
-            return Ok(());
-        }
-        let written = match self.stream.write(bytes) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                0
-            }
-            Err(e) => return Err(SendError::Io(e)),
         };
-        if written < bytes.len() {
-            let mut outbox = Box::<Outbox>::default();
-            outbox.push(bytes.slice(written..));
-            self.outbox = Some(outbox);
-        }
-        Ok(())
+        write_or_queue(stream, outbox, wire).map_err(SendError::Io)
     }
 
     /// Queues a close frame and moves to `Closing` (an event stream just ends).
@@ -679,8 +698,14 @@ impl<S: Stream> Connection<S> {
         if let Err(SendError::Io(_)) = self.send_answer(last, limits) {
             return Next::Remove(End::Io);
         }
-        if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_deref_mut()) {
-            session.send_close_notify();
+        if let Some(session) = self.extra.as_mut().and_then(|e| e.tls.as_mut()) {
+            let mut alert = Vec::new();
+            session.close_notify(&mut alert);
+            if !alert.is_empty()
+                && write_or_queue(&mut self.stream, &mut self.outbox, alert.into()).is_err()
+            {
+                return Next::Remove(End::Io);
+            }
         }
         match self.flush_output() {
             Ok(true) => {

@@ -107,7 +107,7 @@ impl Registry {
         registry: &MioRegistry,
         mut stream: TcpStream,
         peer: SocketAddr,
-        tls: Option<rustls::ServerConnection>,
+        tls: Option<c1m_proto::tls_lean::LeanTls>,
         now: Instant,
     ) -> io::Result<usize> {
         let entry = self.conns.vacant_entry();

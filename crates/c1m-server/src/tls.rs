@@ -1,12 +1,12 @@
-//! TLS (`wss://`) with rustls: loading the certificate, and moving bytes between a
-//! socket and a rustls session without blocking.
+//! TLS (`wss://`): loading the certificate, and a session per connection.
 //!
-//! rustls is sans-I/O like our own codec, which suits the event loop: the socket is
-//! read into the session (`read_tls`), records are decrypted (`process_new_packets`),
-//! plaintext is taken out (`reader`), and encrypted output is pushed back to the socket
-//! (`write_tls`) whenever there is some. A broadcast frame is still encoded once, but
-//! each TLS connection encrypts its own copy: TLS costs CPU and memory per connection
-//! (BENCHMARKS.md measures how much), which is why it is optional.
+//! Each connection gets a [`LeanTls`] (`c1m_proto::tls_lean`): rustls runs the
+//! handshake, then the session keeps only its traffic keys, so an idle `wss://`
+//! connection costs about as much as its keys (BENCHMARKS.md). A broadcast frame is
+//! still encoded once, but each TLS connection seals its own copy. Session tickets are
+//! stateless (rustls's ticketer: a key in memory, rotated), so resumption costs no
+//! memory per client; the key is the process's own, so a client resumes when it
+//! comes back to the same process.
 //!
 //! The certificate is re-read on SIGHUP (see `server`): connections opened afterwards
 //! use the new one, open ones keep theirs.
@@ -15,9 +15,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use c1m_proto::tls_lean::LeanTls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 
 /// Where the certificate chain and private key are (PEM files).
 #[derive(Debug, Clone)]
@@ -46,13 +47,15 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         message: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Mismatch)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::Mismatch)?;
-    Ok(Arc::new(config))
+    // Stateless tickets: resumption costs no memory per client here.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Mismatch)?;
+    Ok(c1m_proto::tls_lean::lean_config(config))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -72,12 +75,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// A new server-side session. Our own output bound (`--max-pending-bytes`) limits what
-/// is handed to rustls (see `Connection::send`), so rustls's buffers are unlimited.
-pub fn session(config: &Arc<ServerConfig>) -> io::Result<ServerConnection> {
-    let mut session = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-    session.set_buffer_limit(None);
-    Ok(session)
+/// A new server-side session.
+pub fn session(config: &Arc<ServerConfig>) -> io::Result<LeanTls> {
+    LeanTls::new(config).map_err(io::Error::other)
 }
-
-pub use c1m_proto::tls_io::{flush, read};

@@ -1,6 +1,8 @@
 //! `wss://` with the real binary: a TLS round trip with a self-signed certificate made
 //! in the test, certificate reload on SIGHUP (through the master of a multi-process
-//! server), and a client that does not speak TLS.
+//! server), and a client that does not speak TLS; interop with other TLS stacks
+//! (OpenSSL's `s_client`, headless Chromium, tokio-tungstenite over rustls), key
+//! updates from the client, and resumption with the server's session tickets.
 
 mod common;
 
@@ -31,8 +33,9 @@ fn cert_dir(name: &str) -> PathBuf {
 
 type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// Connects over TLS trusting only `trusted`, and completes the WebSocket upgrade.
-fn wss_connect(server: &Server, trusted: &CertificateDer<'static>) -> TlsStream {
+/// A client configuration trusting only `trusted` (it keeps session tickets: a second
+/// connection with the same configuration may resume).
+fn client_config(trusted: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trusted.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -41,8 +44,18 @@ fn wss_connect(server: &Server, trusted: &CertificateDer<'static>) -> TlsStream 
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Connects over TLS trusting only `trusted`, and completes the WebSocket upgrade.
+fn wss_connect(server: &Server, trusted: &CertificateDer<'static>) -> TlsStream {
+    wss_connect_with(server, &client_config(trusted))
+}
+
+/// [`wss_connect`] with a given client configuration.
+fn wss_connect_with(server: &Server, config: &Arc<rustls::ClientConfig>) -> TlsStream {
     let name = ServerName::try_from("localhost").unwrap();
-    let session = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let session = rustls::ClientConnection::new(Arc::clone(config), name).unwrap();
     let socket = TcpStream::connect(server.addr).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -249,4 +262,172 @@ fn the_bench_measures_wss_and_checks_certificates() {
         "{}",
         untrusted["snapshot"]["errors"]
     );
+}
+
+/// A server on one process with a fresh certificate, ticking every `interval`, and the
+/// certificate's DER and directory.
+fn tls_server(name: &str, extra: &[&str]) -> (Server, CertificateDer<'static>, PathBuf) {
+    let dir = cert_dir(name);
+    let cert = make_cert(&dir);
+    let mut args = vec![
+        "--workers".to_string(),
+        "1".into(),
+        "--tls-cert".into(),
+        dir.join("cert.pem").to_str().unwrap().into(),
+        "--tls-key".into(),
+        dir.join("key.pem").to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Server::start(&args), cert, dir)
+}
+
+/// A client's KeyUpdate (rustls asks the server to update its own key too): the server
+/// reads what follows with the new key, answers with its own, and keeps sending; and a
+/// second connection resumes the first one's session with its ticket.
+#[test]
+fn key_updates_and_resumed_sessions_work() {
+    let (server, cert, _dir) = tls_server("keyupdate", &["--interval", "50ms"]);
+    let config = client_config(&cert);
+    let mut tls = wss_connect_with(&server, &config);
+    assert_eq!(tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    for round in 0..3u8 {
+        tls.conn.refresh_traffic_keys().unwrap();
+        let ping = [b'k', round];
+        tls.write_all(&common::client_frame(0x89, &ping, true))
+            .unwrap();
+        let pong = loop {
+            let (opcode, payload) = read_frame(&mut tls);
+            if opcode == 0xA {
+                break payload;
+            }
+        };
+        assert_eq!(pong, ping, "round {round}");
+        // The ticks keep coming under the server's new key.
+        assert_eq!(read_frame(&mut tls).0, 1);
+    }
+    let mut again = wss_connect_with(&server, &config);
+    assert_eq!(
+        again.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(read_frame(&mut again).0, 1);
+}
+
+/// OpenSSL's `s_client`, over TLS 1.3 and over TLS 1.2: the upgrade is answered and
+/// the clock's ticks arrive.
+#[test]
+fn openssl_s_client_gets_the_upgrade_and_the_ticks() {
+    let (server, _cert, _dir) = tls_server("openssl", &["--interval", "50ms"]);
+    for version in ["-tls1_3", "-tls1_2"] {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", version, "-servername", "localhost"])
+            .args(["-connect", &server.addr.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl (.ci/run installs it)");
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(UPGRADE.as_bytes())
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&chunk[..n]);
+                // The response head and then two tick frames (0x81, a length, digits).
+                let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+                if let Some(end) = head_end {
+                    let ticks = seen[end..].iter().filter(|&&b| b == 0x81).count();
+                    if ticks >= 2 {
+                        let _ = tx.send(seen.clone());
+                        break;
+                    }
+                }
+            }
+        });
+        let seen = rx.recv_timeout(Duration::from_secs(10));
+        let _ = child.kill();
+        let _ = child.wait();
+        let seen = seen.unwrap_or_else(|_| panic!("{version}: no upgrade and ticks"));
+        assert!(seen.starts_with(b"HTTP/1.1 101"), "{version}: {seen:?}");
+    }
+}
+
+/// Headless Chromium opens `wss://localhost:PORT/` (the test certificate, accepted
+/// with `--ignore-certificate-errors`) and gets ticks; a tokio-tungstenite client over
+/// rustls does too.
+#[test]
+fn chromium_and_tokio_tungstenite_speak_wss() {
+    let (server, cert, _dir) = tls_server("interop", &["--interval", "50ms"]);
+    let port = server.addr.port();
+    let report = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let report_addr = report.local_addr().unwrap();
+    let page = std::env::temp_dir().join(format!("c1m-wss-{}.html", std::process::id()));
+    std::fs::write(
+        &page,
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><script>
+const got = [];
+const ws = new WebSocket("wss://localhost:{port}/");
+ws.onmessage = (m) => {{
+  got.push(m.data);
+  if (got.length === 3) fetch("http://{report_addr}/", {{ method: "POST", mode: "no-cors", body: JSON.stringify(got) }});
+}};
+ws.onerror = () => fetch("http://{report_addr}/", {{ method: "POST", mode: "no-cors", body: "error" }});
+</script>"#
+        ),
+    )
+    .unwrap();
+    let (mut command, profile) = common::chromium_command(
+        &format!("file://{}", page.display()),
+        &["--ignore-certificate-errors"],
+    );
+    let mut browser = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| common::missing_chromium(e));
+    let body = common::await_posted_body(&report, Duration::from_secs(30));
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    let ticks: Vec<String> = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&body)));
+    for tick in &ticks {
+        let stamp: u64 = tick.parse().unwrap();
+        assert!(stamp.abs_diff(common::now_ms()) < 10_000);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use futures_util::StreamExt;
+        let url = format!("wss://localhost:{port}/");
+        let connector = tokio_tungstenite::Connector::Rustls(client_config(&cert));
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+                .await
+                .expect("tokio-tungstenite over rustls");
+        for _ in 0..3 {
+            let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a tick")
+                .expect("open")
+                .expect("a message");
+            assert!(message.is_text(), "{message:?}");
+        }
+    });
 }
