@@ -6,17 +6,22 @@
 //! connection's life: ~8 KiB per idle `wss://` client (BENCHMARKS.md). A push server's
 //! connections are idle nearly all the time. So the handshake runs in rustls's
 //! *unbuffered* API (we own the buffers, and free them), and once it is done the
-//! session becomes a [`rustls::kernel::KernelConnection`] (the minimal state rustls
-//! keeps for kernel TLS offload: the traffic secrets, to answer a KeyUpdate) plus, per
-//! direction, the raw traffic key, IV and sequence number. Each record is sealed or
-//! opened with a ring AEAD key built from those bytes for that record: a few hundred
-//! nanoseconds of key setup, instead of keeping the expanded keys in memory.
+//! session keeps, per direction, the raw traffic key, IV and sequence number (taken
+//! from rustls as kernel TLS offload takes them), plus for TLS 1.3 the two application
+//! traffic secrets, from which a KeyUpdate derives the next keys (RFC 8446 §7.2). Each
+//! record is sealed or opened with a ring AEAD key built from those bytes for that
+//! record: a few hundred nanoseconds of key setup, instead of keeping the expanded keys
+//! (and rustls's kernel-connection state, 560 B and more) in memory.
 //!
-//! Written by hand (the record layer, RFC 8446 §5 and RFC 5246 §6.2.3.3, ~150 lines)
-//! because rustls offers no public way to rebuild its encrypter from stored key bytes,
-//! and kernel TLS (which would do this in the kernel) is not available on every
-//! machine. rustls still does everything else: the handshake, certificates, session
-//! tickets (sent during the handshake) and the secrets of a key update.
+//! The traffic secrets come through rustls's key log hook ([`SecretCatcher`]): rustls
+//! reports them while it runs the handshake, on this thread, inside one call for one
+//! session, so the session takes them right after that call.
+//!
+//! Written by hand (the record layer, RFC 8446 §5 and RFC 5246 §6.2.3.3, and the key
+//! update schedule, ~200 lines) because rustls offers no public way to rebuild its
+//! encrypter from stored key bytes, and kernel TLS (which would do this in the kernel)
+//! is not available on every machine. rustls still does everything else: the
+//! handshake, certificates and session tickets (sent during the handshake).
 //!
 //! Sans-I/O: the caller reads the socket into a buffer and hands it to [`LeanTls::receive`],
 //! which decrypts in place and leaves the plaintext at the front of that buffer; every
@@ -24,11 +29,11 @@
 //! application data) is appended to a `Vec` that the caller sends in order with its
 //! other output.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
-use ring::aead;
-use rustls::kernel::KernelConnection;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use ring::{aead, hkdf};
+use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
 
@@ -63,7 +68,7 @@ pub enum TlsError {
     #[error("TLS alert {0} from the peer")]
     Alert(u8),
     #[error("TLS key update: {0}")]
-    KeyUpdate(rustls::Error),
+    KeyUpdate(&'static str),
 }
 
 /// What a call to [`LeanTls::receive`] produced.
@@ -90,12 +95,14 @@ struct Handshake {
     conn: UnbufferedServerConnection,
     /// Input not yet taken by rustls.
     incoming: Vec<u8>,
+    /// TLS 1.3: the application traffic secrets, once rustls has derived them.
+    secrets: Option<TrafficSecrets>,
 }
 
 /// An established session: what it needs while idle, and nothing else.
 struct Established {
-    /// rustls's minimal state, for the secrets of a key update.
-    kernel: KernelConnection<ServerConnectionData>,
+    /// TLS 1.3: the current application traffic secrets (for a key update).
+    secrets: Option<TrafficSecrets>,
     records: RecordLayer,
     /// The start of a record whose rest has not come yet (unallocated when empty).
     partial: Vec<u8>,
@@ -113,6 +120,7 @@ impl LeanTls {
             state: State::Handshaking(Box::new(Handshake {
                 conn,
                 incoming: Vec::new(),
+                secrets: None,
             })),
         })
     }
@@ -125,7 +133,7 @@ impl LeanTls {
     /// The negotiated protocol version, once established.
     pub fn protocol_version(&self) -> Option<ProtocolVersion> {
         match &self.state {
-            State::Established(e) => Some(e.kernel.protocol_version()),
+            State::Established(e) => Some(e.records.version),
             _ => None,
         }
     }
@@ -300,6 +308,10 @@ impl Handshake {
         let mut received = Received::default();
         loop {
             let status = self.conn.process_tls_records(&mut self.incoming);
+            // Secrets rustls reported during that call are this session's.
+            if let Some(caught) = SecretCatcher::take() {
+                self.secrets = Some(caught);
+            }
             let discard = status.discard;
             let state = status.state.map_err(TlsError::Handshake)?;
             let mut done = false;
@@ -363,14 +375,26 @@ impl Handshake {
 
     /// The handshake is over: keep only what an established session needs.
     fn into_established(self) -> Result<Box<Established>, TlsError> {
-        let Handshake { conn, incoming } = self;
+        let Handshake {
+            conn,
+            incoming,
+            secrets: traffic,
+        } = self;
+        // The kernel-connection part (for kernel TLS) is dropped: the secrets of a key
+        // update are kept here, smaller.
         let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(TlsError::Handshake)?;
         let version = kernel.protocol_version();
+        drop(kernel);
+        if version == ProtocolVersion::TLSv1_3 && traffic.is_none() {
+            return Err(TlsError::KeyUpdate(
+                "no traffic secrets (lean_config sets the key log that catches them)",
+            ));
+        }
         let records = RecordLayer::new(version, secrets.tx, secrets.rx)?;
         Ok(Box::new(Established {
-            kernel,
+            secrets: traffic,
             records,
             partial: incoming,
             peer_closed: false,
@@ -438,7 +462,7 @@ impl Established {
         mut messages: &[u8],
         to_send: &mut Vec<u8>,
     ) -> Result<(), TlsError> {
-        if self.kernel.protocol_version() != ProtocolVersion::TLSv1_3 {
+        if self.records.version != ProtocolVersion::TLSv1_3 {
             return Err(TlsError::Record("renegotiation is not supported"));
         }
         while !messages.is_empty() {
@@ -455,11 +479,11 @@ impl Established {
                 _ => return Err(TlsError::Record("malformed key update")),
             };
             messages = &rest[1..];
-            let (seq, secrets) = self
-                .kernel
-                .update_rx_secret()
-                .map_err(TlsError::KeyUpdate)?;
-            self.records.rx = Direction::new(seq, secrets);
+            let secrets = self
+                .secrets
+                .as_mut()
+                .ok_or(TlsError::KeyUpdate("no secrets"))?;
+            self.records.rx = secrets.next(Side::Client, self.records.algorithm)?;
             if requested {
                 self.update_tx(to_send)?;
             }
@@ -470,13 +494,14 @@ impl Established {
     /// Tells the peer we move to the next key (KeyUpdate, sealed with the current
     /// one), and moves.
     fn update_tx(&mut self, to_send: &mut Vec<u8>) -> Result<(), TlsError> {
+        let secrets = self
+            .secrets
+            .as_mut()
+            .ok_or(TlsError::KeyUpdate("no secrets"))?;
+        let next = secrets.next(Side::Server, self.records.algorithm)?;
         self.records
             .seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], to_send)?;
-        let (seq, secrets) = self
-            .kernel
-            .update_tx_secret()
-            .map_err(TlsError::KeyUpdate)?;
-        self.records.tx = Direction::new(seq, secrets);
+        self.records.tx = next;
         Ok(())
     }
 
@@ -686,10 +711,157 @@ impl RecordLayer {
 }
 
 /// A server configuration fit for [`LeanTls`]: secret extraction on (how the session
-/// gets its traffic keys after the handshake).
+/// gets its traffic keys after the handshake), and the key log that catches the TLS
+/// 1.3 traffic secrets for key updates (it replaces any other key log).
 pub fn lean_config(mut config: ServerConfig) -> Arc<ServerConfig> {
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(SecretCatcher);
     Arc::new(config)
+}
+
+/// Whose traffic secret.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// The two TLS 1.3 application traffic secrets of a session (32 or 48 bytes each).
+struct TrafficSecrets {
+    hash: hkdf::Algorithm,
+    client: [u8; 48],
+    server: [u8; 48],
+    len: u8,
+}
+
+impl TrafficSecrets {
+    /// Moves `side`'s secret to the next generation and returns its keys, sequence
+    /// numbers from 0 (RFC 8446 §7.2: `application_traffic_secret_N+1 =
+    /// HKDF-Expand-Label(application_traffic_secret_N, "traffic upd", "", Hash.length)`).
+    fn next(
+        &mut self,
+        side: Side,
+        algorithm: &'static aead::Algorithm,
+    ) -> Result<Direction, TlsError> {
+        let len = usize::from(self.len);
+        let hash = self.hash;
+        let secret = match side {
+            Side::Client => &mut self.client,
+            Side::Server => &mut self.server,
+        };
+        let mut next = [0u8; 48];
+        expand_label(hash, &secret[..len], b"traffic upd", &mut next[..len])?;
+        secret[..len].copy_from_slice(&next[..len]);
+        next.fill(0);
+        let mut direction = Direction {
+            key: [0; 32],
+            key_len: algorithm.key_len() as u8,
+            iv: [0; 12],
+            seq: 0,
+        };
+        let key = &mut direction.key[..algorithm.key_len()];
+        expand_label(hash, &secret[..len], b"key", key)?;
+        expand_label(hash, &secret[..len], b"iv", &mut direction.iv)?;
+        Ok(direction)
+    }
+}
+
+impl Drop for TrafficSecrets {
+    fn drop(&mut self) {
+        self.client = [0; 48];
+        self.server = [0; 48];
+    }
+}
+
+/// HKDF-Expand-Label(secret, label, "", out.len()) of RFC 8446 §7.1.
+fn expand_label(
+    hash: hkdf::Algorithm,
+    secret: &[u8],
+    label: &[u8],
+    out: &mut [u8],
+) -> Result<(), TlsError> {
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let length = (out.len() as u16).to_be_bytes();
+    let label_len = [(6 + label.len()) as u8];
+    let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
+    hkdf::Prk::new_less_safe(hash, secret)
+        .expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .map_err(|_| TlsError::KeyUpdate("cannot derive the next key"))
+}
+
+/// rustls's key log hook, used to catch the TLS 1.3 application traffic secrets of the
+/// handshake running on this thread (see the module doc). Nothing is written anywhere.
+#[derive(Debug)]
+pub struct SecretCatcher;
+
+/// Secrets caught: (client random, client secret, server secret).
+type Caught = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+thread_local! {
+    static CAUGHT: RefCell<Option<Caught>> = const { RefCell::new(None) };
+}
+
+impl rustls::KeyLog for SecretCatcher {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        let client = match label {
+            "CLIENT_TRAFFIC_SECRET_0" => true,
+            "SERVER_TRAFFIC_SECRET_0" => false,
+            _ => return,
+        };
+        CAUGHT.with(|caught| {
+            let mut caught = caught.borrow_mut();
+            let entry = match caught.take() {
+                Some(entry) if entry.0 == client_random => caught.insert(entry),
+                // Another session's secret was never taken (its handshake failed in
+                // between): this session starts afresh.
+                _ => caught.insert((client_random.to_vec(), None, None)),
+            };
+            let slot = if client { &mut entry.1 } else { &mut entry.2 };
+            *slot = Some(secret.to_vec());
+        });
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, "CLIENT_TRAFFIC_SECRET_0" | "SERVER_TRAFFIC_SECRET_0")
+    }
+}
+
+impl SecretCatcher {
+    /// The pair caught on this thread since the last call, when both came (one alone
+    /// is kept for the next call).
+    fn take() -> Option<TrafficSecrets> {
+        let (client, server) = CAUGHT.with(|caught| {
+            let mut caught = caught.borrow_mut();
+            // Half of the pair stays: rustls reports the other within the same
+            // handshake.
+            let complete = caught.as_ref()?.1.is_some() && caught.as_ref()?.2.is_some();
+            let (_, client, server) = caught.take().filter(|_| complete)?;
+            Some((client?, server?))
+        })?;
+        let hash = match client.len() {
+            32 => hkdf::HKDF_SHA256,
+            48 => hkdf::HKDF_SHA384,
+            _ => return None,
+        };
+        if server.len() != client.len() {
+            return None;
+        }
+        let mut secrets = TrafficSecrets {
+            hash,
+            client: [0; 48],
+            server: [0; 48],
+            len: client.len() as u8,
+        };
+        secrets.client[..client.len()].copy_from_slice(&client);
+        secrets.server[..server.len()].copy_from_slice(&server);
+        Some(secrets)
+    }
 }
 
 #[cfg(test)]

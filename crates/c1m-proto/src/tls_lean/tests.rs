@@ -314,3 +314,12 @@ fn certified_once() -> &'static (CertificateDer<'static>, PrivateKeyDer<'static>
         std::sync::OnceLock::new();
     ONCE.get_or_init(certified)
 }
+
+/// What an idle established session keeps (boxed): its keys, secrets and record
+/// numbers; a guard against growing it by accident.
+#[test]
+fn an_established_session_stays_small() {
+    let size = std::mem::size_of::<Established>();
+    assert!(size <= 320, "Established is {size} bytes");
+    assert_eq!(std::mem::size_of::<LeanTls>(), 16);
+}
