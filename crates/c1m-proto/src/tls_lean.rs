@@ -33,9 +33,12 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use ring::{aead, hkdf};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::ServerName;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError};
-use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ClientConfig, ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
 
 /// Largest plaintext of one record (2^14).
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -50,6 +53,7 @@ const CHANGE_CIPHER_SPEC: u8 = 20;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const APPLICATION_DATA: u8 = 23;
+const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 const USER_CANCELED: u8 = 90;
@@ -80,7 +84,7 @@ pub struct Received {
     pub closed: bool,
 }
 
-/// One server-side TLS session (keep it boxed: it is large while handshaking).
+/// One TLS session, server or client side (16 bytes; its state is boxed).
 pub struct LeanTls {
     state: State,
 }
@@ -92,37 +96,72 @@ enum State {
 }
 
 struct Handshake {
-    conn: UnbufferedServerConnection,
+    conn: Unbuffered,
+    /// Application data given before the handshake was over (a client's first
+    /// request), sealed as soon as it is.
+    early_plaintext: Vec<u8>,
     /// Input not yet taken by rustls.
     incoming: Vec<u8>,
     /// TLS 1.3: the application traffic secrets, once rustls has derived them.
     secrets: Option<TrafficSecrets>,
 }
 
+/// rustls's handshake, either side.
+enum Unbuffered {
+    Server(UnbufferedServerConnection),
+    Client(UnbufferedClientConnection),
+}
+
 /// An established session: what it needs while idle, and nothing else.
 struct Established {
+    /// Which side of the connection this session is.
+    local: Side,
     /// TLS 1.3: the current application traffic secrets (for a key update).
     secrets: Option<TrafficSecrets>,
+    /// A client's rustls state for the session tickets the server sends after the
+    /// handshake (so a later connection resumes); dropped at the first application
+    /// data, which servers send after their tickets.
+    tickets: Option<Box<KernelConnection<ClientConnectionData>>>,
     records: RecordLayer,
     /// The start of a record whose rest has not come yet (unallocated when empty).
     partial: Vec<u8>,
     /// The peer sent close_notify: whatever comes after is not read.
     peer_closed: bool,
+    /// The handshake resumed an earlier session (a ticket).
+    resumed: bool,
 }
 
 impl LeanTls {
-    /// A new session. `config` must have `enable_secret_extraction` set (see
-    /// [`lean_config`]).
+    /// A new server-side session. `config` must come from [`lean_config`].
     pub fn new(config: &Arc<ServerConfig>) -> Result<LeanTls, TlsError> {
         let conn =
             UnbufferedServerConnection::new(Arc::clone(config)).map_err(TlsError::Handshake)?;
-        Ok(LeanTls {
+        Ok(LeanTls::handshaking(Unbuffered::Server(conn)))
+    }
+
+    /// A new client-side session to `name`; its ClientHello is appended to `to_send`.
+    /// `config` must come from [`lean_client_config`].
+    pub fn client(
+        config: &Arc<ClientConfig>,
+        name: ServerName<'static>,
+        to_send: &mut Vec<u8>,
+    ) -> Result<LeanTls, TlsError> {
+        let conn = UnbufferedClientConnection::new(Arc::clone(config), name)
+            .map_err(TlsError::Handshake)?;
+        let mut session = LeanTls::handshaking(Unbuffered::Client(conn));
+        session.receive(&mut [], 0, to_send)?;
+        Ok(session)
+    }
+
+    fn handshaking(conn: Unbuffered) -> LeanTls {
+        LeanTls {
             state: State::Handshaking(Box::new(Handshake {
                 conn,
+                early_plaintext: Vec::new(),
                 incoming: Vec::new(),
                 secrets: None,
             })),
-        })
+        }
     }
 
     /// Whether the handshake is over.
@@ -136,6 +175,11 @@ impl LeanTls {
             State::Established(e) => Some(e.records.version),
             _ => None,
         }
+    }
+
+    /// Whether the handshake resumed an earlier session (with a ticket).
+    pub fn resumed(&self) -> bool {
+        matches!(&self.state, State::Established(e) if e.resumed)
     }
 
     /// Bytes the session holds beyond its fixed size (for tests and measurements).
@@ -170,7 +214,7 @@ impl LeanTls {
                         else {
                             unreachable!("matched above");
                         };
-                        let mut established = handshake.into_established()?;
+                        let mut established = handshake.into_established(to_send)?;
                         // Whatever followed the handshake's last record (a whole
                         // record rustls left, or the start of one) is ours now.
                         let rest = std::mem::take(&mut established.partial);
@@ -267,13 +311,16 @@ impl LeanTls {
     }
 
     /// Seals application data into records appended to `out`. Before the handshake is
-    /// over there is nothing to seal with: an error.
+    /// over it is kept, and sealed (into the `to_send` of [`LeanTls::receive`]) once
+    /// the handshake is.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
         match &mut self.state {
             State::Established(e) => e.seal(APPLICATION_DATA, plaintext, out),
-            _ => Err(TlsError::Record(
-                "application data before the handshake is over",
-            )),
+            State::Handshaking(h) => {
+                h.early_plaintext.extend_from_slice(plaintext);
+                Ok(())
+            }
+            State::Failed => Err(TlsError::Record("the session failed earlier")),
         }
     }
 
@@ -307,99 +354,164 @@ impl Handshake {
     ) -> Result<(Received, bool), TlsError> {
         let mut received = Received::default();
         loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let incoming = &mut self.incoming;
+            let step = match &mut self.conn {
+                Unbuffered::Server(conn) => drive(
+                    conn.process_tls_records(incoming),
+                    buf,
+                    to_send,
+                    &mut received,
+                ),
+                Unbuffered::Client(conn) => drive(
+                    conn.process_tls_records(incoming),
+                    buf,
+                    to_send,
+                    &mut received,
+                ),
+            };
             // Secrets rustls reported during that call are this session's.
             if let Some(caught) = SecretCatcher::take() {
                 self.secrets = Some(caught);
             }
-            let discard = status.discard;
-            let state = status.state.map_err(TlsError::Handshake)?;
-            let mut done = false;
-            let mut blocked = false;
-            match state {
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    let start = to_send.len();
-                    to_send.resize(start + 4096, 0);
-                    loop {
-                        match encode.encode(&mut to_send[start..]) {
-                            Ok(n) => {
-                                to_send.truncate(start + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(size)) => {
-                                to_send.resize(start + size.required_size, 0);
-                            }
-                            Err(EncodeError::AlreadyEncoded) => {
-                                to_send.truncate(start);
-                                break;
-                            }
-                        }
-                    }
-                }
-                // The records are in `to_send` already: the caller sends them.
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(TlsError::Handshake)?;
-                        let end = received.plaintext + record.payload.len();
-                        if end > buf.len() {
-                            return Err(TlsError::Record("too much data during the handshake"));
-                        }
-                        buf[received.plaintext..end].copy_from_slice(record.payload);
-                        received.plaintext = end;
-                    }
-                }
-                ConnectionState::ReadEarlyData(_) => {
-                    return Err(TlsError::Record("early data is not accepted"));
-                }
-                ConnectionState::BlockedHandshake => blocked = true,
-                ConnectionState::WriteTraffic(_) => done = true,
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
-                    received.closed = true;
-                    blocked = true;
-                }
-                _ => return Err(TlsError::Record("unexpected handshake state")),
-            }
+            let (discard, step) = step?;
             self.incoming.drain(..discard);
-            if done {
-                return Ok((received, true));
-            }
-            if blocked {
-                if self.incoming.len() > 64 * 1024 {
-                    return Err(TlsError::Record("handshake too long"));
+            match step {
+                Step::Done => return Ok((received, true)),
+                Step::Blocked => {
+                    if self.incoming.len() > 64 * 1024 {
+                        return Err(TlsError::Record("handshake too long"));
+                    }
+                    return Ok((received, false));
                 }
-                return Ok((received, false));
+                Step::Again => {}
             }
         }
     }
 
-    /// The handshake is over: keep only what an established session needs.
-    fn into_established(self) -> Result<Box<Established>, TlsError> {
+    /// The handshake is over: keep only what an established session needs (and seal
+    /// the application data given meanwhile into `to_send`).
+    fn into_established(self, to_send: &mut Vec<u8>) -> Result<Box<Established>, TlsError> {
         let Handshake {
             conn,
+            early_plaintext,
             incoming,
             secrets: traffic,
         } = self;
-        // The kernel-connection part (for kernel TLS) is dropped: the secrets of a key
-        // update are kept here, smaller.
-        let (secrets, kernel) = conn
-            .dangerous_into_kernel_connection()
-            .map_err(TlsError::Handshake)?;
-        let version = kernel.protocol_version();
-        drop(kernel);
+        // rustls's kernel-connection state is dropped (but for a client's tickets):
+        // the secrets of a key update are kept here, smaller.
+        let resumed = match &conn {
+            Unbuffered::Server(conn) => conn.handshake_kind(),
+            Unbuffered::Client(conn) => conn.handshake_kind(),
+        } == Some(rustls::HandshakeKind::Resumed);
+        let (local, secrets, version, tickets) = match conn {
+            Unbuffered::Server(conn) => {
+                let (secrets, kernel) = conn
+                    .dangerous_into_kernel_connection()
+                    .map_err(TlsError::Handshake)?;
+                (Side::Server, secrets, kernel.protocol_version(), None)
+            }
+            Unbuffered::Client(conn) => {
+                let (secrets, kernel) = conn
+                    .dangerous_into_kernel_connection()
+                    .map_err(TlsError::Handshake)?;
+                let version = kernel.protocol_version();
+                let tickets = (version == ProtocolVersion::TLSv1_3).then(|| Box::new(kernel));
+                (Side::Client, secrets, version, tickets)
+            }
+        };
         if version == ProtocolVersion::TLSv1_3 && traffic.is_none() {
             return Err(TlsError::KeyUpdate(
                 "no traffic secrets (lean_config sets the key log that catches them)",
             ));
         }
         let records = RecordLayer::new(version, secrets.tx, secrets.rx)?;
-        Ok(Box::new(Established {
+        let mut established = Box::new(Established {
+            local,
             secrets: traffic,
+            tickets,
             records,
             partial: incoming,
             peer_closed: false,
-        }))
+            resumed,
+        });
+        if !early_plaintext.is_empty() {
+            established.seal(APPLICATION_DATA, &early_plaintext, to_send)?;
+        }
+        Ok(established)
     }
+}
+
+/// What one handshake step asks for next.
+enum Step {
+    /// Call rustls again.
+    Again,
+    /// rustls needs more input.
+    Blocked,
+    /// The handshake is over.
+    Done,
+}
+
+/// Handles one state of rustls's handshake (either side): records to send go to
+/// `to_send`, application data to `buf` after `received.plaintext`. Returns how many
+/// input bytes rustls is done with, and what next.
+fn drive<Data>(
+    status: UnbufferedStatus<'_, '_, Data>,
+    buf: &mut [u8],
+    to_send: &mut Vec<u8>,
+    received: &mut Received,
+) -> Result<(usize, Step), TlsError> {
+    let discard = status.discard;
+    let state = status.state.map_err(TlsError::Handshake)?;
+    let step = match state {
+        ConnectionState::EncodeTlsData(mut encode) => {
+            let start = to_send.len();
+            to_send.resize(start + 4096, 0);
+            loop {
+                match encode.encode(&mut to_send[start..]) {
+                    Ok(n) => {
+                        to_send.truncate(start + n);
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(size)) => {
+                        to_send.resize(start + size.required_size, 0);
+                    }
+                    Err(EncodeError::AlreadyEncoded) => {
+                        to_send.truncate(start);
+                        break;
+                    }
+                }
+            }
+            Step::Again
+        }
+        // The records are in `to_send` already: the caller sends them.
+        ConnectionState::TransmitTlsData(transmit) => {
+            transmit.done();
+            Step::Again
+        }
+        ConnectionState::ReadTraffic(mut traffic) => {
+            while let Some(record) = traffic.next_record() {
+                let record = record.map_err(TlsError::Handshake)?;
+                let end = received.plaintext + record.payload.len();
+                if end > buf.len() {
+                    return Err(TlsError::Record("too much data during the handshake"));
+                }
+                buf[received.plaintext..end].copy_from_slice(record.payload);
+                received.plaintext = end;
+            }
+            Step::Again
+        }
+        ConnectionState::ReadEarlyData(_) => {
+            return Err(TlsError::Record("early data is not accepted"));
+        }
+        ConnectionState::BlockedHandshake => Step::Blocked,
+        ConnectionState::WriteTraffic(_) => Step::Done,
+        ConnectionState::PeerClosed | ConnectionState::Closed => {
+            received.closed = true;
+            Step::Blocked
+        }
+        _ => return Err(TlsError::Record("unexpected handshake state")),
+    };
+    Ok((discard, step))
 }
 
 impl Established {
@@ -428,6 +540,9 @@ impl Established {
             at += HEADER + body;
             match typ {
                 APPLICATION_DATA => {
+                    // Servers send their tickets before any data: rustls's state for
+                    // them is no longer needed.
+                    self.tickets = None;
                     // Plaintext never overtakes the record it came from.
                     buf.copy_within(start..end, received.plaintext);
                     received.plaintext += end - start;
@@ -455,8 +570,10 @@ impl Established {
         Ok(received)
     }
 
-    /// Handshake messages after the handshake: only a TLS 1.3 KeyUpdate is welcome
-    /// (a TLS 1.2 client asking to renegotiate is refused by closing).
+    /// Handshake messages after the handshake: a TLS 1.3 KeyUpdate from either side,
+    /// a server's NewSessionTicket to a client (kept for resumption until the first
+    /// application data, ignored after); anything else (a TLS 1.2 peer asking to
+    /// renegotiate) is refused by closing.
     fn post_handshake(
         &mut self,
         mut messages: &[u8],
@@ -470,22 +587,36 @@ impl Established {
                 return Err(TlsError::Record("malformed handshake message"));
             };
             let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-            if *typ != KEY_UPDATE || len != 1 || rest.is_empty() {
-                return Err(TlsError::Record("unexpected handshake message"));
+            if rest.len() < len {
+                return Err(TlsError::Record("truncated handshake message"));
             }
-            let requested = match rest[0] {
-                0 => false,
-                1 => true,
-                _ => return Err(TlsError::Record("malformed key update")),
-            };
-            messages = &rest[1..];
-            let secrets = self
-                .secrets
-                .as_mut()
-                .ok_or(TlsError::KeyUpdate("no secrets"))?;
-            self.records.rx = secrets.next(Side::Client, self.records.algorithm)?;
-            if requested {
-                self.update_tx(to_send)?;
+            let (body, after) = rest.split_at(len);
+            messages = after;
+            match (*typ, self.local) {
+                (KEY_UPDATE, _) => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(TlsError::Record("malformed key update")),
+                    };
+                    let peer = self.local.peer();
+                    let secrets = self
+                        .secrets
+                        .as_mut()
+                        .ok_or(TlsError::KeyUpdate("no secrets"))?;
+                    self.records.rx = secrets.next(peer, self.records.algorithm)?;
+                    if requested {
+                        self.update_tx(to_send)?;
+                    }
+                }
+                (NEW_SESSION_TICKET, Side::Client) => {
+                    if let Some(tickets) = self.tickets.as_mut() {
+                        tickets
+                            .handle_new_session_ticket(body)
+                            .map_err(TlsError::Handshake)?;
+                    }
+                }
+                _ => return Err(TlsError::Record("unexpected handshake message")),
             }
         }
         Ok(())
@@ -494,11 +625,12 @@ impl Established {
     /// Tells the peer we move to the next key (KeyUpdate, sealed with the current
     /// one), and moves.
     fn update_tx(&mut self, to_send: &mut Vec<u8>) -> Result<(), TlsError> {
+        let local = self.local;
         let secrets = self
             .secrets
             .as_mut()
             .ok_or(TlsError::KeyUpdate("no secrets"))?;
-        let next = secrets.next(Side::Server, self.records.algorithm)?;
+        let next = secrets.next(local, self.records.algorithm)?;
         self.records
             .seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], to_send)?;
         self.records.tx = next;
@@ -719,11 +851,27 @@ pub fn lean_config(mut config: ServerConfig) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
-/// Whose traffic secret.
-#[derive(Clone, Copy)]
+/// A client configuration fit for [`LeanTls::client`] (as [`lean_config`]).
+pub fn lean_client_config(mut config: ClientConfig) -> Arc<ClientConfig> {
+    config.enable_secret_extraction = true;
+    config.key_log = Arc::new(SecretCatcher);
+    Arc::new(config)
+}
+
+/// Which side of a connection (whose traffic secret).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Client,
     Server,
+}
+
+impl Side {
+    fn peer(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
 }
 
 /// The two TLS 1.3 application traffic secrets of a session (32 or 48 bytes each).

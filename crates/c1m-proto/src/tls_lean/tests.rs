@@ -323,3 +323,100 @@ fn an_established_session_stays_small() {
     assert!(size <= 320, "Established is {size} bytes");
     assert_eq!(std::mem::size_of::<LeanTls>(), 16);
 }
+
+/// Two lean sessions, client and server, in memory: bytes move between them until
+/// both go quiet; returns what each side received as plaintext (client, server).
+fn lean_pair_exchange(
+    client: &mut LeanTls,
+    server: &mut LeanTls,
+    mut to_server: Vec<u8>,
+) -> (Vec<u8>, Vec<u8>) {
+    let (mut client_got, mut server_got) = (Vec::new(), Vec::new());
+    let mut buf = vec![0; LeanTls::scratch_needed()];
+    for _ in 0..100 {
+        let mut to_client = Vec::new();
+        for chunk in to_server.chunks(1000) {
+            let kept = server.restore_partial(&mut buf);
+            buf[kept..kept + chunk.len()].copy_from_slice(chunk);
+            let got = server
+                .receive(&mut buf, kept + chunk.len(), &mut to_client)
+                .unwrap();
+            server_got.extend_from_slice(&buf[..got.plaintext]);
+        }
+        to_server = Vec::new();
+        for chunk in to_client.chunks(1000) {
+            let kept = client.restore_partial(&mut buf);
+            buf[kept..kept + chunk.len()].copy_from_slice(chunk);
+            let got = client
+                .receive(&mut buf, kept + chunk.len(), &mut to_server)
+                .unwrap();
+            client_got.extend_from_slice(&buf[..got.plaintext]);
+        }
+        if to_server.is_empty() && to_client.is_empty() {
+            return (client_got, server_got);
+        }
+    }
+    panic!("never quiet")
+}
+
+#[test]
+fn a_lean_client_and_a_lean_server_talk_resume_and_update_keys() {
+    let (cert, key) = certified();
+    let server_config = server_config(&cert, &key);
+    for suite in all_suites() {
+        let rustls_client = client_config(&cert, suite);
+        let client_config = lean_client_config((*rustls_client).clone());
+        let name = || ServerName::try_from("localhost").unwrap();
+        for round in 0..2 {
+            let mut to_server = Vec::new();
+            let mut client = LeanTls::client(&client_config, name(), &mut to_server).unwrap();
+            // Given before the handshake is over: sent once it is.
+            client
+                .seal(b"GET / HTTP/1.1\r\n\r\n", &mut to_server)
+                .unwrap();
+            let mut server = LeanTls::new(&server_config).unwrap();
+            let (_, got) = lean_pair_exchange(&mut client, &mut server, to_server);
+            assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n", "{suite:?}");
+            assert!(client.is_established() && server.is_established());
+            assert_eq!(client.resumed(), round == 1, "{suite:?} round {round}");
+            assert_eq!(server.resumed(), round == 1, "{suite:?} round {round}");
+            let mut to_client = Vec::new();
+            server.seal(b"HTTP/1.1 101", &mut to_client).unwrap();
+            let mut buf = vec![0; LeanTls::scratch_needed()];
+            buf[..to_client.len()].copy_from_slice(&to_client);
+            let got = client
+                .receive(&mut buf, to_client.len(), &mut Vec::new())
+                .unwrap();
+            assert_eq!(&buf[..got.plaintext], b"HTTP/1.1 101");
+            assert_eq!(client.buffered(), 0);
+            if suite.version() == &rustls::version::TLS13 {
+                // Both sides move to new keys; data still flows both ways.
+                for update in [Side::Client, Side::Server] {
+                    let who = if update == Side::Client {
+                        &mut client
+                    } else {
+                        &mut server
+                    };
+                    let State::Established(established) = &mut who.state else {
+                        panic!("established")
+                    };
+                    let mut out = Vec::new();
+                    established.update_tx(&mut out).unwrap();
+                    let mut data = Vec::new();
+                    established
+                        .seal(APPLICATION_DATA, b"new key", &mut data)
+                        .unwrap();
+                    out.extend_from_slice(&data);
+                    let other = if update == Side::Client {
+                        &mut server
+                    } else {
+                        &mut client
+                    };
+                    buf[..out.len()].copy_from_slice(&out);
+                    let got = other.receive(&mut buf, out.len(), &mut Vec::new()).unwrap();
+                    assert_eq!(&buf[..got.plaintext], b"new key", "{suite:?} {round}");
+                }
+            }
+        }
+    }
+}
