@@ -56,7 +56,8 @@ pub fn client_config(
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    Ok(Arc::new(config))
+    // The bench's sessions keep only their keys once connected (see `tls_lean`).
+    Ok(c1m_proto::tls_lean::lean_client_config(config))
 }
 
 /// `--insecure`: accepts any certificate, but still checks that the handshake

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use c1m_proto::frame::{close_payload, encode_frame};
 use c1m_proto::handshake::{self, ClientHandshakeError};
-use c1m_proto::tls_io;
 use c1m_proto::{CloseCode, Decoder, DecoderConfig, Event, OpCode, Role};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -27,7 +26,7 @@ use socket2::{Domain, Socket, Type};
 mod client;
 mod socket;
 
-use client::{Client, Handshake, Phase};
+use client::{Client, ClientTls, Handshake, Phase};
 pub use socket::io_cause;
 use socket::{connect, error_cause};
 
@@ -374,9 +373,11 @@ impl Worker {
             let name =
                 rustls::pki_types::ServerName::try_from(self.config.target.server_name.clone())
                     .map_err(|_| Some("tls.bad_server_name".to_string()))?;
-            let session = rustls::ClientConnection::new(std::sync::Arc::clone(config), name)
-                .map_err(|e| Some(format!("tls.{e}")))?;
-            client.tls = Some(Box::new(session));
+            let tls = ClientTls::start(config, name).map_err(|e| Some(format!("tls.{e}")))?;
+            client.tls = Some(Box::new(tls));
+            client
+                .flush_tls()
+                .map_err(|e| Some(format!("io.{}", io_cause(&e))))?;
         }
         let key_text = handshake::client_key(rand::random());
         let path = match self.positions.as_mut() {

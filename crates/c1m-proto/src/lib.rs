@@ -15,8 +15,6 @@ pub mod deflate;
 pub mod frame;
 pub mod handshake;
 #[cfg(feature = "tls")]
-pub mod tls_io;
-#[cfg(feature = "tls")]
 pub mod tls_lean;
 pub mod utf8;
 

@@ -1,6 +1,7 @@
 //! One client connection of the bench: its phase and its (possibly TLS) I/O.
 
 use super::*;
+use c1m_proto::tls_lean::LeanTls;
 
 #[derive(Debug)]
 pub(super) enum Phase {
@@ -40,15 +41,74 @@ pub(super) struct Client {
     /// Consecutive failed attempts before this one (for the backoff).
     pub(super) attempt: u32,
     /// The TLS session of a `wss://` connection.
-    pub(super) tls: Option<Box<rustls::ClientConnection>>,
+    pub(super) tls: Option<Box<ClientTls>>,
+}
+
+/// A `wss://` connection's TLS: the session (only its keys once connected) and the
+/// records the socket did not take yet.
+#[derive(Debug)]
+pub(super) struct ClientTls {
+    pub(super) session: LeanTls,
+    unsent: Vec<u8>,
+}
+
+impl ClientTls {
+    /// A session to `name`; its ClientHello goes out on the first flush.
+    pub(super) fn start(
+        config: &std::sync::Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> Result<ClientTls, c1m_proto::tls_lean::TlsError> {
+        let mut unsent = Vec::new();
+        let session = LeanTls::client(config, name, &mut unsent)?;
+        Ok(ClientTls { session, unsent })
+    }
+}
+
+/// Writes `bytes` after what is waiting in `unsent`; keeps what the socket does not
+/// take.
+fn write_or_keep(stream: &mut TcpStream, unsent: &mut Vec<u8>, bytes: &[u8]) -> io::Result<()> {
+    unsent.extend_from_slice(bytes);
+    flush_unsent(stream, unsent)
+}
+
+/// Writes what waits in `unsent` until the socket takes no more.
+fn flush_unsent(stream: &mut TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
+    while !unsent.is_empty() {
+        match stream.write(unsent) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                unsent.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if unsent.is_empty() {
+        // An idle connection keeps no buffer.
+        *unsent = Vec::new();
+    }
+    Ok(())
 }
 
 impl Client {
     /// Reads input: from the socket, or decrypted from the TLS session.
     pub(super) fn read_in(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.tls.as_deref_mut() {
-            None => self.stream.read(buf),
-            Some(session) => tls_io::read(session, &mut self.stream, buf),
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.stream.read(buf);
+        };
+        let stream = &mut self.stream;
+        loop {
+            let mut to_send = Vec::new();
+            let received = tls
+                .session
+                .read_with(buf, &mut to_send, |b| stream.read(b))?;
+            if !to_send.is_empty() {
+                write_or_keep(stream, &mut tls.unsent, &to_send)?;
+            }
+            if received.plaintext > 0 || received.closed {
+                return Ok(received.plaintext);
+            }
         }
     }
 
@@ -58,9 +118,13 @@ impl Client {
     pub(super) fn write_out(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
             None => self.stream.write(bytes),
-            Some(session) => {
-                session.writer().write_all(bytes)?;
-                tls_io::flush(session, &mut self.stream)?;
+            Some(tls) => {
+                // Before the handshake is over the session keeps it, and seals it after.
+                let mut sealed = Vec::new();
+                tls.session
+                    .seal(bytes, &mut sealed)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                write_or_keep(&mut self.stream, &mut tls.unsent, &sealed)?;
                 Ok(bytes.len())
             }
         }
@@ -68,8 +132,8 @@ impl Client {
 
     /// Sends TLS records still pending (handshake messages, queued output).
     pub(super) fn flush_tls(&mut self) -> io::Result<()> {
-        if let Some(session) = self.tls.as_deref_mut() {
-            tls_io::flush(session, &mut self.stream)?;
+        if let Some(tls) = self.tls.as_deref_mut() {
+            flush_unsent(&mut self.stream, &mut tls.unsent)?;
         }
         Ok(())
     }

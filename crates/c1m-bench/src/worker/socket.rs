@@ -46,14 +46,19 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
 /// The error cause of a failed read or write: `tls.*` for a TLS failure (for example
 /// an untrusted certificate), else `io.*`.
 pub(super) fn error_cause(e: &io::Error) -> String {
-    match e
+    use c1m_proto::tls_lean::TlsError;
+    let Some(tls) = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(rustls::Error::InvalidCertificate(_)) => "tls.bad_certificate".into(),
-        Some(rustls::Error::AlertReceived(_)) => "tls.alert_received".into(),
-        Some(_) => "tls.error".into(),
-        None => format!("io.{}", io_cause(e)),
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    else {
+        return format!("io.{}", io_cause(e));
+    };
+    match tls {
+        TlsError::Handshake(rustls::Error::InvalidCertificate(_)) => "tls.bad_certificate".into(),
+        TlsError::Handshake(rustls::Error::AlertReceived(_)) | TlsError::Alert(_) => {
+            "tls.alert_received".into()
+        }
+        _ => "tls.error".into(),
     }
 }
 
