@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A short, bounded fuzz run of every target in fuzz/ (libFuzzer through cargo-fuzz: frame
-# decoder, handshake parsers, permessage-deflate), seeded
+# decoder, handshake parsers, permessage-deflate, the TLS record path), seeded
 # from fuzz/seeds/. A crash fails the script; its input is left in fuzz/artifacts/ and
 # should become a regression test.
 #
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 export RUSTC_BOOTSTRAP=1
-for target in frame_decoder handshake deflate; do
+for target in frame_decoder handshake deflate tls_records; do
   corpus=target/fuzz-corpus/$target
   mkdir -p "$corpus"
   echo "== fuzz $target for ${SECONDS_PER_TARGET}s"
