@@ -2,7 +2,10 @@
 # Runs the Autobahn|Testsuite cases with kosoku (an unofficial native runner of the Autobahn
 # case files, from PyPI; the official suite is Python 2 only), both ways:
 # - server side: kosoku drives `c1m serve --echo` (cases 1.* to 10.*), then
-#   `c1m serve --echo --deflate` (every case, compression 12.* and 13.* included);
+#   `c1m serve --echo --deflate` (every case, compression 12.* and 13.* included), then
+#   both again over wss:// (c1m with a throwaway certificate; kosoku speaks plain
+#   WebSocket, so socat, from Debian, carries it over TLS with OpenSSL: every byte of
+#   every case goes through c1m's TLS record layer);
 # - client side: kosoku serves the cases to `examples/autobahn_client` of c1m-proto, an echo
 #   client on the same handshake and decoder code that `c1m bench` uses.
 # Fails if any case is FAILED or NON-STRICT. Prints the summary by result.
@@ -49,24 +52,60 @@ sleep 0.5
 timeout 900 "$VENV/bin/kosoku" -m fuzzingclient -p 4 -o "$DOUT" "$@" 127.0.0.1:$DPORT >"$DOUT.log" 2>&1 || true
 [ -f "$DOUT/index.json" ] || { cat "$DOUT.log"; echo "kosoku (deflate) wrote no report" >&2; exit 1; }
 
+# Server side over wss://, plain and with permessage-deflate: kosoku -> socat (TLS
+# client, OpenSSL) -> c1m serve --tls-cert.
+command -v socat >/dev/null || { echo "socat is needed for the wss:// runs (apt-get install socat)" >&2; exit 1; }
+CERTS=$(mktemp -d)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost -keyout "$CERTS/key.pem" -out "$CERTS/cert.pem" 2>/dev/null
+TLS_PIDS=()
+wss_run() { # NAME OUT [SERVE FLAGS...] [-- KOSOKU FLAGS...]
+  local name=$1 out=$2; shift 2
+  local serve=() kosoku=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do serve+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && kosoku=("$@")
+  local tport rport
+  tport=$(free_port)
+  target/release/c1m serve --listen 127.0.0.1:$tport --echo --workers 1 --connect-only \
+    --max-message-size 67108864 --max-pending-bytes 67108864 \
+    --tls-cert "$CERTS/cert.pem" --tls-key "$CERTS/key.pem" "${serve[@]}" >/dev/null 2>&1 &
+  TLS_PIDS+=($!)
+  rport=$(free_port)
+  socat TCP-LISTEN:$rport,bind=127.0.0.1,fork,reuseaddr \
+    OPENSSL:127.0.0.1:$tport,verify=0,snihost=localhost >/dev/null 2>&1 &
+  TLS_PIDS+=($!)
+  sleep 0.5
+  rm -rf "$out"
+  timeout 900 "$VENV/bin/kosoku" -m fuzzingclient "${kosoku[@]}" -p 4 -o "$out" 127.0.0.1:$rport >"$out.log" 2>&1 || true
+  [ -f "$out/index.json" ] || { cat "$out.log"; echo "kosoku ($name) wrote no report" >&2; exit 1; }
+}
+trap 'kill $SERVER $DSERVER "${TLS_PIDS[@]}" 2>/dev/null || true; rm -rf "$CERTS"' EXIT
+WOUT=target/autobahn-wss-report
+wss_run wss "$WOUT" -- -x '12.*' -x '13.*'
+WDOUT=target/autobahn-wss-deflate-report
+wss_run "wss deflate" "$WDOUT" --deflate
+kill "${TLS_PIDS[@]}" 2>/dev/null || true
+
 # Client side.
 CPORT=$(free_port)
 COUT=target/autobahn-client-report
 rm -rf "$COUT"
 "$VENV/bin/kosoku" -m fuzzingserver -x '12.*' -x '13.*' -o "$COUT" 127.0.0.1:$CPORT >"$COUT.log" 2>&1 &
 FUZZSERVER=$!
-trap 'kill $SERVER $DSERVER $FUZZSERVER 2>/dev/null || true' EXIT
+trap 'kill $SERVER $DSERVER $FUZZSERVER 2>/dev/null || true; rm -rf "$CERTS"' EXIT
 for _ in $(seq 50); do grep -q listening "$COUT.log" 2>/dev/null && break; sleep 0.1; done
 timeout 600 target/release/examples/autobahn_client 127.0.0.1:$CPORT c1m-client 2>>"$COUT.log"
 for _ in $(seq 50); do [ -f "$COUT/index.json" ] && break; sleep 0.1; done
 
-python3 - "$OUT/index.json" "$DOUT/index.json" "$COUT/index.json" <<'PY'
+python3 - "$OUT/index.json" "$DOUT/index.json" "$WOUT/index.json" "$WDOUT/index.json" "$COUT/index.json" <<'PY'
 import collections, json, sys
 bad = []
 runs = [
     ("c1m serve --echo", sys.argv[1]),
     ("c1m serve --echo --deflate", sys.argv[2]),
-    ("c1m-proto client (examples/autobahn_client)", sys.argv[3]),
+    ("c1m serve --echo over wss:// (socat + OpenSSL)", sys.argv[3]),
+    ("c1m serve --echo --deflate over wss:// (socat + OpenSSL)", sys.argv[4]),
+    ("c1m-proto client (examples/autobahn_client)", sys.argv[5]),
 ]
 def allowed(label, case, behavior):
     return behavior in ("OK", "INFORMATIONAL")

@@ -431,3 +431,69 @@ ws.onerror = () => fetch("http://{report_addr}/", {{ method: "POST", mode: "no-c
         }
     });
 }
+
+/// Opens a TLS connection to `server` (trusting `trusted`) and sends `request`.
+fn https(server: &Server, trusted: &CertificateDer<'static>, request: &str) -> TlsStream {
+    let name = ServerName::try_from("localhost").unwrap();
+    let session = rustls::ClientConnection::new(client_config(trusted), name).unwrap();
+    let socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(session, socket);
+    tls.write_all(request.as_bytes()).unwrap();
+    tls
+}
+
+/// Reads from `tls` until `want` shows up (bounded by the read timeout).
+fn read_until(tls: &mut TlsStream, want: &str) -> String {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let n = tls.read(&mut chunk).expect("more");
+        assert!(
+            n > 0,
+            "ended before {want:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The publish API and Server-Sent Events over HTTPS: a stream opened over TLS gets
+/// what an HTTPS `POST /publish` sent.
+#[test]
+fn the_publish_api_and_event_streams_work_over_https() {
+    let (server, cert, _dir) = tls_server("https", &["--api-key", "k", "--connect-only"]);
+    let mut stream = https(
+        &server,
+        &cert,
+        "GET /sse?topic=news HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n",
+    );
+    read_until(&mut stream, "text/event-stream");
+    let body = "over https";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut publish = https(
+            &server,
+            &cert,
+            &format!(
+                "POST /publish?topic=news HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        let answer = read_until(&mut publish, "\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // The stream's subscription is in once a publication reaches one subscriber.
+        if answer.contains("\"delivered\":1") || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = read_until(&mut stream, body);
+    assert!(
+        events.contains(&format!("data: {{\"data\":\"{body}\"")),
+        "{events}"
+    );
+}
