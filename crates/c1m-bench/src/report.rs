@@ -317,6 +317,13 @@ pub fn console(result: &BenchResult, title: &str) -> String {
             s.established as f64 / s.ramp_secs
         );
     }
+    if s.tls_handshakes > 0 {
+        let _ = writeln!(
+            out,
+            "tls.handshakes\n             count = {} ({} resumed with a ticket)",
+            s.tls_handshakes, s.tls_resumed
+        );
+    }
     if s.unparsable > 0 || s.clock_skew > 0 {
         let _ = writeln!(
             out,

@@ -103,6 +103,11 @@ pub struct Snapshot {
     /// `--recover`'s resumes, answers, holes and repeats (all 0 without it).
     #[serde(default, skip_serializing_if = "RecoveryStats::is_empty")]
     pub recovery: RecoveryStats,
+    /// `wss://`: TLS handshakes completed, and of those, resumed with a ticket.
+    #[serde(default)]
+    pub tls_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 impl Default for Snapshot {
@@ -122,6 +127,8 @@ impl Default for Snapshot {
             connect: new_latency_histogram(),
             rounds: BTreeMap::new(),
             recovery: RecoveryStats::default(),
+            tls_handshakes: 0,
+            tls_resumed: 0,
         }
     }
 }
@@ -153,6 +160,8 @@ impl Snapshot {
         let _ = self.latency.add(&other.latency);
         let _ = self.connect.add(&other.connect);
         self.recovery.merge(&other.recovery);
+        self.tls_handshakes += other.tls_handshakes;
+        self.tls_resumed += other.tls_resumed;
         for (stamp, round) in &other.rounds {
             match self.rounds.get_mut(stamp) {
                 Some(mine) => mine.merge(round),

@@ -4,8 +4,14 @@
 //! against `--ca-cert`; `--insecure` skips the check (self-signed test certificates),
 //! which the report then says, since it measures a connection no client should trust.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use rustls::client::{
+    ClientSessionStore, Resumption, Tls12ClientSessionValue, Tls13ClientSessionValue,
+};
+use rustls::NamedGroup;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -25,16 +31,17 @@ pub enum TlsConfigError {
 }
 
 /// Builds the client configuration: trust `ca_file` (or the system bundle), or nothing
-/// at all when `insecure`.
+/// at all when `insecure`; keep up to `tickets` session tickets for reconnects.
 pub fn client_config(
     insecure: bool,
     ca_file: Option<&Path>,
+    tickets: usize,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
-    let config = if insecure {
+    let mut config = if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
@@ -56,8 +63,83 @@ pub fn client_config(
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
+    config.resumption = Resumption::store(Arc::new(TicketPool::new(tickets)));
     // The bench's sessions keep only their keys once connected (see `tls_lean`).
     Ok(c1m_proto::tls_lean::lean_client_config(config))
+}
+
+/// The session tickets of every connection of a bench worker, so that each reconnect
+/// can resume: rustls's own cache keeps a handful per server name (right for a browser,
+/// too few for thousands of clients of one server). Tickets are used once (TLS 1.3);
+/// the oldest are dropped past `capacity`.
+#[derive(Debug)]
+struct TicketPool {
+    capacity: usize,
+    inner: Mutex<Pool>,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    kx_hints: HashMap<ServerName<'static>, NamedGroup>,
+    tls12: HashMap<ServerName<'static>, Tls12ClientSessionValue>,
+    tls13: HashMap<ServerName<'static>, VecDeque<Tls13ClientSessionValue>>,
+}
+
+impl TicketPool {
+    fn new(capacity: usize) -> TicketPool {
+        TicketPool {
+            capacity: capacity.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // A panic elsewhere cannot leave a ticket list half-changed: keep using it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientSessionStore for TicketPool {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.pool().kx_hints.insert(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.pool().kx_hints.get(server_name).copied()
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.pool().tls12.insert(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.pool().tls12.get(server_name).cloned()
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.pool().tls12.remove(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        let mut pool = self.pool();
+        let tickets = pool.tls13.entry(server_name).or_default();
+        if tickets.len() >= self.capacity {
+            tickets.pop_front();
+        }
+        tickets.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        // The newest: the likeliest to be still valid.
+        self.pool().tls13.get_mut(server_name)?.pop_back()
+    }
 }
 
 /// `--insecure`: accepts any certificate, but still checks that the handshake

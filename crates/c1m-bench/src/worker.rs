@@ -471,6 +471,10 @@ impl Worker {
         let took = started.elapsed().as_micros() as u64;
         let _ = self.snap.connect.record(took.clamp(1, MAX_LATENCY_US));
         let client = &mut self.clients[key];
+        if let Some(tls) = client.tls.as_deref() {
+            self.snap.tls_handshakes += 1;
+            self.snap.tls_resumed += u64::from(tls.session.resumed());
+        }
         client.opened_us = wall_us();
         self.open_times.push(client.opened_us);
         if let Some(plan) = self.config.pusher.as_ref().filter(|plan| !plan.signs()) {

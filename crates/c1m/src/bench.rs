@@ -240,8 +240,14 @@ impl BenchArgs {
         let tls = match target.tls {
             false => None,
             true => Some(
-                c1m_bench::tls::client_config(self.insecure, self.ca_cert.as_deref())
-                    .context("wss:// target")?,
+                // Room for two tickets per connection of this worker (the server sends
+                // two per handshake), so every reconnect can resume.
+                c1m_bench::tls::client_config(
+                    self.insecure,
+                    self.ca_cert.as_deref(),
+                    2 * self.connections.div_ceil(count.max(1)),
+                )
+                .context("wss:// target")?,
             ),
         };
         let all_sources = match &self.source_ips {

@@ -497,3 +497,36 @@ fn the_publish_api_and_event_streams_work_over_https() {
         "{events}"
     );
 }
+
+/// The bench's reconnects resume their TLS sessions with the server's tickets, and the
+/// result counts them.
+#[test]
+fn the_benchs_reconnects_resume_their_tls_sessions() {
+    let (server, _cert, dir) = tls_server("bench-resume", &["--interval", "200ms"]);
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    let result = bench_json(
+        "resume",
+        &[
+            "--url",
+            &url,
+            "-c",
+            "20",
+            "--duration",
+            "3s",
+            "--lifetime",
+            "400ms",
+            "--reconnect",
+            "--ca-cert",
+            dir.join("cert.pem").to_str().unwrap(),
+        ],
+    );
+    let s = &result["snapshot"];
+    let handshakes = s["tls_handshakes"].as_u64().unwrap();
+    let resumed = s["tls_resumed"].as_u64().unwrap();
+    assert!(handshakes > 40, "{s}");
+    // The first connection of each client is a full handshake; most later ones resume.
+    assert!(
+        resumed >= (handshakes - 20) / 2,
+        "{handshakes} handshakes, {resumed} resumed"
+    );
+}
