@@ -31,7 +31,8 @@ pub enum TlsConfigError {
 }
 
 /// Builds the client configuration: trust `ca_file` (or the system bundle), or nothing
-/// at all when `insecure`; keep up to `tickets` session tickets for reconnects.
+/// at all when `insecure`; keep up to `tickets` session tickets for reconnects (0:
+/// never resume).
 pub fn client_config(
     insecure: bool,
     ca_file: Option<&Path>,
@@ -63,7 +64,10 @@ pub fn client_config(
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    config.resumption = Resumption::store(Arc::new(TicketPool::new(tickets)));
+    config.resumption = match tickets {
+        0 => Resumption::disabled(),
+        n => Resumption::store(Arc::new(TicketPool::new(n))),
+    };
     // The bench's sessions keep only their keys once connected (see `tls_lean`).
     Ok(c1m_proto::tls_lean::lean_client_config(config))
 }

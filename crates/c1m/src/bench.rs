@@ -43,6 +43,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     ca_cert: Option<PathBuf>,
 
+    /// wss:// only: never resume a TLS session (by default a reconnect offers the
+    /// server's ticket from an earlier connection, and the report counts how many
+    /// handshakes resumed); to measure what full handshakes cost.
+    #[arg(long)]
+    no_tls_resume: bool,
+
     /// Connections to open in total (over all worker processes).
     #[arg(long, short = 'c', default_value_t = 1000)]
     connections: usize,
@@ -245,7 +251,10 @@ impl BenchArgs {
                 c1m_bench::tls::client_config(
                     self.insecure,
                     self.ca_cert.as_deref(),
-                    2 * self.connections.div_ceil(count.max(1)),
+                    match self.no_tls_resume {
+                        true => 0,
+                        false => 2 * self.connections.div_ceil(count.max(1)),
+                    },
                 )
                 .context("wss:// target")?,
             ),
@@ -466,6 +475,16 @@ fn run_children(
             .args(["--worker-count", &args.procs.to_string()])
             .stdout(Stdio::piped())
             .stdin(Stdio::piped());
+        // The TLS settings (each worker checks the server's certificate itself).
+        if args.insecure {
+            cmd.arg("--insecure");
+        }
+        if let Some(ca) = &args.ca_cert {
+            cmd.arg("--ca-cert").arg(ca);
+        }
+        if args.no_tls_resume {
+            cmd.arg("--no-tls-resume");
+        }
         if let Some(spec) = &args.source_ips {
             cmd.args(["--source-ips", spec]);
         }

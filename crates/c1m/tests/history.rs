@@ -463,7 +463,7 @@ fn ten_thousand_bench_clients_recover_everything_when_a_worker_is_killed() {
                 "--reconnect",
                 "--recover",
                 "--duration",
-                "14s",
+                "20s",
             ],
         )
     });

@@ -218,6 +218,8 @@ fn the_bench_measures_wss_and_checks_certificates() {
             &url,
             "-c",
             "200",
+            "--procs",
+            "2",
             "--messages",
             "3",
             "--ca-cert",
@@ -235,7 +237,17 @@ fn the_bench_measures_wss_and_checks_certificates() {
 
     let insecure = bench_json(
         "insecure",
-        &["--url", &url, "-c", "20", "--messages", "1", "--insecure"],
+        &[
+            "--url",
+            &url,
+            "-c",
+            "20",
+            "--procs",
+            "2",
+            "--messages",
+            "1",
+            "--insecure",
+        ],
     );
     assert_eq!(insecure["snapshot"]["established"], 20);
     assert_eq!(insecure["config"]["tls_insecure"], true);
