@@ -46,13 +46,21 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         path: files.key.clone(),
         message: e.to_string(),
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let mut provider = rustls::crypto::ring::default_provider();
+    // The server picks the suite, AES-128-GCM with SHA-256 first: its key schedule runs
+    // on SHA-256, which x86 CPUs do in hardware (SHA-NI), while SHA-384 (AES-256-GCM's,
+    // rustls's and browsers' usual first choice) does not: 14 % of the server's CPU in
+    // a handshake storm went to SHA-512 blocks (perf, BENCHMARKS.md).
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Mismatch)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::Mismatch)?;
+    config.ignore_client_order = true;
     // Stateless tickets: resumption costs no memory per client here.
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Mismatch)?;
     Ok(c1m_proto::tls_lean::lean_config(config))
