@@ -14,6 +14,7 @@
 # handshakes per second and the server's CPU per handshake.
 #
 #   bench/tls.sh [N...]
+#   KINDS=tls RECONNECTS=0 bench/tls.sh 1007000      (TLS alone, no reconnect runs)
 # Run as root (it applies `c1m tune --apply`). Listens on 127.0.0.1 only; stops what it
 # started by PID. Writes bench/out/tls/.
 set -euo pipefail
@@ -100,13 +101,17 @@ for n in "${SIZES[@]}"; do
   # queue of handshakes longer than the handshake timeout turns into failures.
   tls_rate=20000
   [ "$n" -gt 19000 ] && tls_rate=${TLS_RATE:-2500}
-  echo "== plain $n" >&2
-  run plain "$n" --rate 20000 --messages 3 --duration 900s >>"$RESULTS"
-  echo "== tls $n" >&2
-  run tls "$n" --rate "$tls_rate" --messages 3 --duration 900s --no-tls-resume >>"$RESULTS"
+  for kind in ${KINDS:-plain tls}; do
+    echo "== $kind $n" >&2
+    case $kind in
+      plain) run plain "$n" --rate 20000 --messages 3 --duration 1800s >>"$RESULTS" ;;
+      tls) run tls "$n" --rate "$tls_rate" --messages 3 --duration 1800s --no-tls-resume >>"$RESULTS" ;;
+    esac
+  done
 done
 n=${SIZES[0]}
-for kind in tls-resumed tls-full; do
+[ "${RECONNECTS:-1}" = 1 ] && reconnect_kinds="tls-resumed tls-full" || reconnect_kinds=""
+for kind in $reconnect_kinds; do
   echo "== reconnects ($kind) $n" >&2
   extra=()
   [ "$kind" = tls-full ] && extra=(--no-tls-resume)
