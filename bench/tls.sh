@@ -47,6 +47,7 @@ run() {
   PORT=$(free_port)
   local log="$OUT/$kind-$n.server.log"
   $BIN serve --listen "127.0.0.1:$PORT" --workers "$procs" --total "$n" --interval 4s \
+    --ping-interval 0s --idle-timeout 0s \
     --stats-interval 60s "${tls_serve[@]}" >"$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 300); do grep -q listening "$log" && break; sleep 0.1; done
