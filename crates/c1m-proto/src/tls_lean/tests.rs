@@ -324,6 +324,18 @@ fn an_established_session_stays_small() {
     assert_eq!(std::mem::size_of::<LeanTls>(), 16);
 }
 
+/// Hands `bytes` to `session` in pieces of 1,000: what it received as plaintext goes
+/// to `got`, what it says back to `said`.
+fn deliver(session: &mut LeanTls, bytes: &[u8], got: &mut Vec<u8>, said: &mut Vec<u8>) {
+    let mut buf = vec![0; LeanTls::scratch_needed()];
+    for chunk in bytes.chunks(1000) {
+        let kept = session.restore_partial(&mut buf);
+        buf[kept..kept + chunk.len()].copy_from_slice(chunk);
+        let received = session.receive(&mut buf, kept + chunk.len(), said).unwrap();
+        got.extend_from_slice(&buf[..received.plaintext]);
+    }
+}
+
 /// Two lean sessions, client and server, in memory: bytes move between them until
 /// both go quiet; returns what each side received as plaintext (client, server).
 fn lean_pair_exchange(
@@ -332,26 +344,11 @@ fn lean_pair_exchange(
     mut to_server: Vec<u8>,
 ) -> (Vec<u8>, Vec<u8>) {
     let (mut client_got, mut server_got) = (Vec::new(), Vec::new());
-    let mut buf = vec![0; LeanTls::scratch_needed()];
     for _ in 0..100 {
         let mut to_client = Vec::new();
-        for chunk in to_server.chunks(1000) {
-            let kept = server.restore_partial(&mut buf);
-            buf[kept..kept + chunk.len()].copy_from_slice(chunk);
-            let got = server
-                .receive(&mut buf, kept + chunk.len(), &mut to_client)
-                .unwrap();
-            server_got.extend_from_slice(&buf[..got.plaintext]);
-        }
+        deliver(server, &to_server, &mut server_got, &mut to_client);
         to_server = Vec::new();
-        for chunk in to_client.chunks(1000) {
-            let kept = client.restore_partial(&mut buf);
-            buf[kept..kept + chunk.len()].copy_from_slice(chunk);
-            let got = client
-                .receive(&mut buf, kept + chunk.len(), &mut to_server)
-                .unwrap();
-            client_got.extend_from_slice(&buf[..got.plaintext]);
-        }
+        deliver(client, &to_client, &mut client_got, &mut to_server);
         if to_server.is_empty() && to_client.is_empty() {
             return (client_got, server_got);
         }
