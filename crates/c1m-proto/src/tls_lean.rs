@@ -763,14 +763,12 @@ impl RecordLayer {
         let outer_type = if tls13 { APPLICATION_DATA } else { typ };
         out.extend_from_slice(&[outer_type, 3, 3]);
         out.extend_from_slice(&(body as u16).to_be_bytes());
-        let aad: Vec<u8> = if tls13 {
-            out[start..start + HEADER].to_vec()
-        } else {
-            let mut aad = self.tx.seq.to_be_bytes().to_vec();
-            aad.extend_from_slice(&[typ, 3, 3]);
-            aad.extend_from_slice(&(plaintext.len() as u16).to_be_bytes());
-            aad
-        };
+        let (aad, aad_len) = additional_data(
+            tls13,
+            &out[start..start + HEADER],
+            self.tx.seq,
+            plaintext.len(),
+        );
         if self.explicit_nonce {
             out.extend_from_slice(&nonce[4..]);
         }
@@ -782,7 +780,7 @@ impl RecordLayer {
         let tag = key
             .seal_in_place_separate_tag(
                 aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(&aad),
+                aead::Aad::from(&aad[..aad_len]),
                 &mut out[sealed_from..],
             )
             .map_err(|_| TlsError::Record("cannot seal"))?;
@@ -815,19 +813,13 @@ impl RecordLayer {
         if self.explicit_nonce {
             nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
         }
-        let aad: Vec<u8> = if tls13 {
-            header.to_vec()
-        } else {
-            let mut aad = self.rx.seq.to_be_bytes().to_vec();
-            aad.extend_from_slice(&[outer_type, header[1], header[2]]);
-            aad.extend_from_slice(&((body.len() - explicit - TAG) as u16).to_be_bytes());
-            aad
-        };
+        let plaintext_len = body.len() - explicit - TAG;
+        let (aad, aad_len) = additional_data(tls13, header, self.rx.seq, plaintext_len);
         let key = self.rx.aead_key(self.algorithm)?;
         let plain_len = key
             .open_in_place(
                 aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(&aad),
+                aead::Aad::from(&aad[..aad_len]),
                 &mut body[explicit..],
             )
             .map_err(|_| TlsError::Record("bad record MAC"))?
@@ -849,6 +841,27 @@ impl RecordLayer {
         }
         Ok((body[end - 1], 0..end - 1))
     }
+}
+
+/// The AEAD's additional data for a record with this 5-byte `header`: TLS 1.3 protects
+/// the header itself, TLS 1.2 the record number, content type, version and plaintext
+/// length. Built on the stack: it runs for every record of every connection in a
+/// fan-out. Returns the bytes and how many of them count.
+fn additional_data(
+    tls13: bool,
+    header: &[u8],
+    seq: u64,
+    plaintext_len: usize,
+) -> ([u8; 13], usize) {
+    let mut aad = [0u8; 13];
+    if tls13 {
+        aad[..HEADER].copy_from_slice(&header[..HEADER]);
+        return (aad, HEADER);
+    }
+    aad[..8].copy_from_slice(&seq.to_be_bytes());
+    aad[8..11].copy_from_slice(&header[..3]);
+    aad[11..].copy_from_slice(&(plaintext_len as u16).to_be_bytes());
+    (aad, 13)
 }
 
 /// A server configuration fit for [`LeanTls`]: secret extraction on (how the session
