@@ -258,6 +258,16 @@ impl Worker {
         Ok(self.snap.clone())
     }
 
+    /// Whether `client` is in `done`: it got its `--messages`, or with `--messages 0`
+    /// it is open (Pusher: and its subscription was answered).
+    fn counted_done(&self, client: &Client) -> bool {
+        match self.config.messages {
+            Some(0) if self.config.pusher.is_some() => client.subscribed,
+            Some(k) => client.received >= k,
+            None => false,
+        }
+    }
+
     fn should_stop(&self, opened: usize, elapsed: Duration) -> bool {
         if self.config.duration.is_some_and(|d| elapsed >= d) {
             return true;
@@ -325,6 +335,7 @@ impl Worker {
             opened_us: 0,
             last_stamp: 0,
             received: 0,
+            subscribed: false,
             index,
             attempt,
             tls: None,
@@ -495,7 +506,10 @@ impl Worker {
         self.snap.active += 1;
         self.snap.established += 1;
         self.snap.ramp_secs = self.start.elapsed().as_secs_f64();
-        if self.config.messages == Some(0) {
+        // A Pusher connection is ready once its subscription is answered (see
+        // `record_message`); counting it at the upgrade would end a `--messages 0` run
+        // before its last subscriptions reached the server.
+        if self.config.messages == Some(0) && self.config.pusher.is_none() {
             self.done += 1;
         }
     }
@@ -664,7 +678,7 @@ impl Worker {
                 if matches!(client.phase, Phase::Open) {
                     self.ended.push((client.opened_us, client.last_stamp));
                 }
-                if self.config.messages.is_some_and(|k| client.received >= k) {
+                if self.counted_done(&client) {
                     self.done -= 1;
                 }
             }
@@ -859,6 +873,28 @@ fn is_pusher_protocol_message(payload: &[u8]) -> bool {
     payload.len() < 1024 && payload.windows(EVENT.len()).any(|w| w == EVENT)
 }
 
+/// How the server answered a Pusher subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubscriptionAnswer {
+    Succeeded,
+    Refused,
+}
+
+/// The subscription answer a Pusher protocol message is, if it is one
+/// (`pusher_internal:subscription_succeeded` or `pusher:subscription_error`).
+fn subscription_answer(payload: &[u8]) -> Option<SubscriptionAnswer> {
+    const SUCCEEDED: &[u8] = b"pusher_internal:subscription_succeeded";
+    const REFUSED: &[u8] = b"pusher:subscription_error";
+    let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+    if has(SUCCEEDED) {
+        Some(SubscriptionAnswer::Succeeded)
+    } else if has(REFUSED) {
+        Some(SubscriptionAnswer::Refused)
+    } else {
+        None
+    }
+}
+
 /// Measures one complete message received by `client`.
 fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us: u64) {
     let Tally {
@@ -882,7 +918,22 @@ fn record_message(tally: &mut Tally, client: &mut Client, payload: &[u8], now_us
             return;
         }
     }
-    if seen == Seen::Answer || (pusher.is_some() && is_pusher_protocol_message(payload)) {
+    if pusher.is_some() && is_pusher_protocol_message(payload) {
+        if let Some(answer) = subscription_answer(payload).filter(|_| !client.subscribed) {
+            client.subscribed = true;
+            if answer == SubscriptionAnswer::Refused {
+                *snap
+                    .errors
+                    .entry("pusher subscription refused".into())
+                    .or_default() += 1;
+            }
+            if *target_messages == Some(0) && matches!(client.phase, Phase::Open) {
+                **done += 1;
+            }
+        }
+        return;
+    }
+    if seen == Seen::Answer {
         return;
     }
     snap.messages += 1;

@@ -36,6 +36,9 @@ pub(super) struct Client {
     /// Stamp of the latest round received.
     pub(super) last_stamp: u64,
     pub(super) received: u64,
+    /// `--pusher-channel`: the server answered the subscription (succeeded or refused),
+    /// so with `--messages 0` the connection is ready.
+    pub(super) subscribed: bool,
     /// Which of the worker's connections this is (picks its source address).
     pub(super) index: u32,
     /// Consecutive failed attempts before this one (for the backoff).
