@@ -28,7 +28,7 @@ mod input;
 
 use crate::admission::{monotonic_ms, AcceptRate};
 use crate::auth::{Admission, Gate, PusherEntry};
-use crate::counters::Counters;
+use crate::counters::{Counters, TlsFailure};
 use crate::outbox::Outbox;
 use crate::topics::{Subscription, TopicId};
 use c1m_proto::tls_lean::LeanTls;
@@ -461,6 +461,14 @@ impl<S: Stream> Connection<S> {
         }
     }
 
+    /// Whether this is a TLS connection whose TLS handshake is not over yet.
+    pub fn tls_handshaking(&self) -> bool {
+        self.extra
+            .as_ref()
+            .and_then(|e| e.tls.as_ref())
+            .is_some_and(|tls| !tls.is_established())
+    }
+
     /// Whether the client's token lets it join `name` (always, without a token limit).
     pub fn may_join(&self, name: &str) -> bool {
         match self.extra.as_ref().and_then(|e| e.allowed.as_ref()) {
@@ -494,7 +502,7 @@ impl<S: Stream> Connection<S> {
     /// Reads what the socket has, into the shared scratch buffer.
     pub fn on_readable(&mut self, cx: &mut ReadContext<'_>) -> Next {
         for _ in 0..MAX_READS_PER_TURN {
-            let n = match self.read_input(cx.scratch) {
+            let n = match self.read_input(cx.scratch, cx.counters) {
                 Ok(0) => return Next::Remove(End::PeerClosed),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
@@ -550,8 +558,9 @@ impl<S: Stream> Connection<S> {
     }
 
     /// Reads input: from the socket, or decrypted by the TLS session (which may have
-    /// records to send back on the way: handshake messages, a key update).
-    fn read_input(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// records to send back on the way: handshake messages, a key update). Counts the
+    /// session's handshake, or why it failed.
+    fn read_input(&mut self, buf: &mut [u8], counters: &mut Counters) -> io::Result<usize> {
         let Connection {
             stream,
             outbox,
@@ -564,7 +573,33 @@ impl<S: Stream> Connection<S> {
         debug_assert!(buf.len() >= LeanTls::scratch_needed());
         loop {
             let mut to_send = Vec::new();
-            let received = session.read_with(buf, &mut to_send, |b| stream.read(b))?;
+            let established = session.is_established();
+            let received = match session.read_with(buf, &mut to_send, |b| stream.read(b)) {
+                Ok(received) => received,
+                Err(e) => {
+                    let tls_error = e.get_ref().and_then(|inner| inner.downcast_ref());
+                    match tls_error {
+                        Some(error) => {
+                            counters.count_tls_failure(TlsFailure::of(error, established))
+                        }
+                        None if !established
+                            && e.kind() != io::ErrorKind::WouldBlock
+                            && e.kind() != io::ErrorKind::Interrupted =>
+                        {
+                            counters.count_tls_failure(TlsFailure::ClosedInHandshake)
+                        }
+                        None => {}
+                    }
+                    return Err(e);
+                }
+            };
+            if !established && session.is_established() {
+                counters.tls_handshakes += 1;
+                counters.tls_resumed += u64::from(session.resumed());
+            }
+            if received.closed && !session.is_established() {
+                counters.count_tls_failure(TlsFailure::ClosedInHandshake);
+            }
             if !to_send.is_empty() {
                 write_or_queue(stream, outbox, Bytes::from(to_send))?;
             }

@@ -73,11 +73,72 @@ pub struct Counters {
     /// Subscribes with a position told to reload, by `NotRecovered` reason (in the
     /// order of `NotRecovered::ALL`).
     pub not_recovered: [u64; 6],
+    /// TLS handshakes completed (`wss://`, HTTPS), and how many of them resumed a
+    /// session with a ticket.
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
+    /// TLS connections that failed, by cause (in the order of `TlsFailure::ALL`).
+    pub tls_failures: [u64; TlsFailure::ALL.len()],
     /// Values at the previous stats line, to print rates.
     last_line: Option<(Instant, u64)>,
 }
 
+/// Why a TLS connection failed (`c1m_tls_failures_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The handshake was refused: not TLS at all, no common version or cipher suite,
+    /// a malformed or out-of-order message.
+    Handshake,
+    /// The client sent a fatal alert (e.g. it does not trust our certificate).
+    Alert,
+    /// The client closed or reset the connection before the handshake was over.
+    ClosedInHandshake,
+    /// The handshake (TLS and upgrade) was not over within `--handshake-timeout`.
+    HandshakeTimeout,
+    /// After the handshake: a record that did not decrypt or did not parse, or a bad
+    /// key update.
+    BadRecord,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 5] = [
+        TlsFailure::Handshake,
+        TlsFailure::Alert,
+        TlsFailure::ClosedInHandshake,
+        TlsFailure::HandshakeTimeout,
+        TlsFailure::BadRecord,
+    ];
+
+    /// The cause's label in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Handshake => "handshake",
+            TlsFailure::Alert => "alert",
+            TlsFailure::ClosedInHandshake => "closed_in_handshake",
+            TlsFailure::HandshakeTimeout => "handshake_timeout",
+            TlsFailure::BadRecord => "bad_record",
+        }
+    }
+
+    /// The cause of a session error, `established` telling whether the handshake was
+    /// over when it came.
+    pub fn of(error: &c1m_proto::tls_lean::TlsError, established: bool) -> TlsFailure {
+        use c1m_proto::tls_lean::TlsError;
+        match error {
+            TlsError::Alert(_) | TlsError::Handshake(rustls::Error::AlertReceived(_)) => {
+                TlsFailure::Alert
+            }
+            _ if !established => TlsFailure::Handshake,
+            _ => TlsFailure::BadRecord,
+        }
+    }
+}
+
 impl Counters {
+    pub fn count_tls_failure(&mut self, failure: TlsFailure) {
+        self.tls_failures[failure as usize] += 1;
+    }
+
     pub fn count_not_recovered(&mut self, reason: crate::history::NotRecovered) {
         self.not_recovered[reason as usize] += 1;
     }

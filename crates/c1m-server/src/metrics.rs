@@ -94,6 +94,8 @@ pub struct View<'a> {
     /// HTTP requests waiting for another process's answer (a worker's relayed
     /// publishes and `/stats`).
     pub waiting_requests: usize,
+    /// Whether the server speaks TLS (`--tls-cert`): then its TLS counters are shown.
+    pub tls: bool,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
@@ -106,17 +108,7 @@ fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: impl std
 pub fn render(view: &View<'_>) -> String {
     let mut out = String::with_capacity(4096);
     let s = view.counters;
-    // Server-wide values: this process's, or the sum over every worker's slot.
-    let sum = |own: u64, field: Field| -> u64 {
-        match view.worker {
-            None => own,
-            Some((_, board)) => board
-                .slots()
-                .iter()
-                .map(|slot| field(slot).load(Relaxed))
-                .sum(),
-        }
-    };
+    let sum = |own: u64, field: Field| server_wide(view, own, field);
     counter(
         &mut out,
         "c1m_connections",
@@ -243,6 +235,9 @@ pub fn render(view: &View<'_>) -> String {
             sum(own, field)
         );
     }
+    if view.tls {
+        tls_metrics(&mut out, view);
+    }
     counter(
         &mut out,
         "c1m_resident_memory_bytes",
@@ -298,6 +293,41 @@ pub fn render(view: &View<'_>) -> String {
         &labels,
     );
     out
+}
+
+/// TLS handshakes (full and resumed) and failures by cause, server-wide.
+fn tls_metrics(out: &mut String, view: &View<'_>) {
+    let s = view.counters;
+    let handshakes = server_wide(view, s.tls_handshakes, |x| &x.tls_handshakes);
+    let resumed = server_wide(view, s.tls_resumed, |x| &x.tls_resumed);
+    let _ = writeln!(
+        out,
+        "# HELP c1m_tls_handshakes_total TLS handshakes completed, full or resumed with a session ticket.\n# TYPE c1m_tls_handshakes_total counter\nc1m_tls_handshakes_total{{resumed=\"false\"}} {}\nc1m_tls_handshakes_total{{resumed=\"true\"}} {resumed}",
+        handshakes.saturating_sub(resumed)
+    );
+    let _ = writeln!(out, "# HELP c1m_tls_failures_total TLS connections that failed, by cause.\n# TYPE c1m_tls_failures_total counter");
+    for failure in crate::counters::TlsFailure::ALL {
+        let i = failure as usize;
+        let _ = writeln!(
+            out,
+            "c1m_tls_failures_total{{cause=\"{}\"}} {}",
+            failure.as_str(),
+            server_wide(view, s.tls_failures[i], |x| &x.tls_failures[i])
+        );
+    }
+}
+
+/// A server-wide value: this process's own (`own`), or in a worker the sum of `field`
+/// over every worker's scoreboard slot.
+fn server_wide(view: &View<'_>, own: u64, field: impl Fn(&Slot) -> &AtomicU64) -> u64 {
+    match view.worker {
+        None => own,
+        Some((_, board)) => board
+            .slots()
+            .iter()
+            .map(|slot| field(slot).load(Relaxed))
+            .sum(),
+    }
 }
 
 #[cfg(test)]

@@ -108,6 +108,10 @@ pub struct Slot {
     pub ticks_coalesced: AtomicU64,
     pub publishes_refused_busy: AtomicU64,
     pub publications_queued: AtomicU64,
+    pub tls_handshakes: AtomicU64,
+    pub tls_resumed: AtomicU64,
+    /// By cause, in the order of `TlsFailure::ALL`.
+    pub tls_failures: [AtomicU64; crate::counters::TlsFailure::ALL.len()],
     /// Written by the master: publications it could not queue for this worker (its
     /// control queue was past `master::MAX_PENDING_TO_WORKER`).
     pub publications_skipped: AtomicU64,

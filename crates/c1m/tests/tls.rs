@@ -161,6 +161,10 @@ fn sighup_reloads_the_certificate_in_every_worker() {
         let presented = tls.conn.peer_certificates().unwrap()[0].clone();
         assert_eq!(presented, new);
     }
+    // The TLS counters are the whole server's, whichever worker answers.
+    let metrics = metrics_over_https(&server, &new);
+    let full = tls_count(&metrics, r#"c1m_tls_handshakes_total{resumed="false"}"#);
+    assert!(full >= 7.0, "{metrics}");
     drop(before);
     assert!(server.terminate().success());
 }
@@ -540,5 +544,104 @@ fn the_benchs_reconnects_resume_their_tls_sessions() {
     assert!(
         resumed >= (handshakes - 20) / 2,
         "{handshakes} handshakes, {resumed} resumed"
+    );
+}
+
+/// `/metrics` of a TLS server, read over HTTPS (a full handshake of its own).
+fn metrics_over_https(server: &Server, cert: &CertificateDer<'static>) -> String {
+    let mut tls = https(
+        server,
+        cert,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    let mut text = Vec::new();
+    // The server ends with close_notify; an error would only shorten the text, which
+    // the caller's checks then catch.
+    let _ = tls.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// One TLS counter of `/metrics` (labels included in `name`).
+fn tls_count(metrics: &str, name: &str) -> f64 {
+    common::metric_value(metrics, name).unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+/// Sends `bytes` on a fresh TCP connection, then waits for the server to end it.
+fn send_raw_and_wait_for_the_end(server: &Server, bytes: &[u8]) {
+    let mut socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    socket.write_all(bytes).unwrap();
+    let mut sink = Vec::new();
+    let _ = socket.read_to_end(&mut sink);
+}
+
+/// `/metrics` counts TLS handshakes (full and resumed) and failures by cause: not TLS
+/// at all, a fatal alert, a client gone before the handshake ended, a silent one past
+/// `--handshake-timeout`, and a damaged record after the handshake.
+#[test]
+fn tls_metrics_count_handshakes_resumptions_and_failures_by_cause() {
+    let (server, cert, _dir) = tls_server("metrics", &["--handshake-timeout", "1s"]);
+    let before = metrics_over_https(&server, &cert);
+    let resumed_name = r#"c1m_tls_handshakes_total{resumed="true"}"#;
+    let full_name = r#"c1m_tls_handshakes_total{resumed="false"}"#;
+    let cause = |c: &str| format!("c1m_tls_failures_total{{cause=\"{c}\"}}");
+
+    let config = client_config(&cert);
+    let _full = wss_connect_with(&server, &config);
+    let again = wss_connect_with(&server, &config);
+    assert_eq!(
+        again.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    send_raw_and_wait_for_the_end(&server, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    // A fatal handshake_failure alert (level 2, description 40) instead of a ClientHello.
+    send_raw_and_wait_for_the_end(&server, &[0x15, 3, 3, 0, 2, 2, 40]);
+    drop(TcpStream::connect(server.addr).unwrap());
+    let silent = TcpStream::connect(server.addr).unwrap();
+    let mut damaged = wss_connect(&server, &cert);
+    let mut record = vec![0x17, 3, 3, 0, 32];
+    record.extend_from_slice(&[0xAB; 32]);
+    damaged.sock.write_all(&record).unwrap();
+
+    let wanted = [
+        (cause("handshake"), 1.0),
+        (cause("alert"), 1.0),
+        (cause("closed_in_handshake"), 1.0),
+        (cause("handshake_timeout"), 1.0),
+        (cause("bad_record"), 1.0),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        let now = metrics_over_https(&server, &cert);
+        let done = wanted
+            .iter()
+            .all(|(name, more)| tls_count(&now, name) >= tls_count(&before, name) + more);
+        if done || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(silent);
+    for (name, more) in &wanted {
+        let grew = tls_count(&after, name) - tls_count(&before, name);
+        // A connection that only probes the port (the harness's readiness check) counts
+        // as closed in the handshake too, so that one may grow by more.
+        if name.contains("closed_in_handshake") {
+            assert!(grew >= *more, "{name} grew by {grew}:\n{after}");
+        } else {
+            assert_eq!(grew, *more, "{name}:\n{after}");
+        }
+    }
+    assert_eq!(
+        tls_count(&after, resumed_name) - tls_count(&before, resumed_name),
+        1.0,
+        "{after}"
+    );
+    // Every scrape and both wss connections but the resumed one were full handshakes.
+    assert!(
+        tls_count(&after, full_name) - tls_count(&before, full_name) >= 3.0,
+        "{after}"
     );
 }

@@ -56,6 +56,11 @@ impl Server {
             .store(s.publishes_refused_busy, Relaxed);
         slot.publications_queued
             .store(s.publications_queued, Relaxed);
+        slot.tls_handshakes.store(s.tls_handshakes, Relaxed);
+        slot.tls_resumed.store(s.tls_resumed, Relaxed);
+        for (shared, own) in slot.tls_failures.iter().zip(s.tls_failures) {
+            shared.store(own, Relaxed);
+        }
         if due || slot.rss_bytes.load(Relaxed) == 0 {
             slot.rss_bytes.store(rss_bytes().unwrap_or(0), Relaxed);
         }
@@ -75,6 +80,7 @@ impl Server {
             worker,
             broker_up: self.upstream.cluster_up(),
             waiting_requests: parked,
+            tls: self.config.tls.is_some(),
         });
         let c = &self.registry.counters;
         for (name, help, value) in [
