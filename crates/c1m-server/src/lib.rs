@@ -66,6 +66,7 @@ pub mod scoreboard;
 pub mod server;
 pub mod sse;
 pub mod target;
+pub mod tickets;
 pub mod tls;
 pub mod topics;
 pub mod upstream;

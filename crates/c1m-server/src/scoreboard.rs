@@ -26,7 +26,9 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    fence, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 
 /// Buckets per row of a worker's per-address table.
 const IP_BUCKETS: usize = 32 * 1024;
@@ -55,6 +57,12 @@ struct NodeWide {
     /// Pusher connections per app on the cluster's other nodes, as of their latest
     /// reports (written by the master).
     pusher_apps_elsewhere: [AtomicU64; APPS],
+    /// The node's TLS session-ticket key (see `tickets`), written by the master and
+    /// read by workers as they start: a sequence lock (odd while being written), the
+    /// key's period, and the key.
+    ticket_seq: AtomicU64,
+    ticket_period: AtomicU64,
+    ticket_key: [AtomicU64; 4],
 }
 
 /// Bytes of the slot area (the slots, then [`NodeWide`]), rounded up to whole pages so
@@ -236,6 +244,46 @@ impl Scoreboard {
         &self.node_wide().accept_window
     }
 
+    /// The master publishes the node's ticket key (it is the only writer).
+    pub fn put_ticket_key(&self, key: &crate::tickets::TicketKey) {
+        let wide = self.node_wide();
+        let seq = wide.ticket_seq.load(Relaxed);
+        wide.ticket_seq.store(seq | 1, Relaxed);
+        fence(Release);
+        wide.ticket_period.store(key.period, Relaxed);
+        for (cell, word) in wide.ticket_key.iter().zip(key.key.chunks_exact(8)) {
+            cell.store(
+                u64::from_ne_bytes(word.try_into().unwrap_or_default()),
+                Relaxed,
+            );
+        }
+        wide.ticket_seq.store((seq | 1) + 1, Release);
+    }
+
+    /// The node's ticket key, once the master has put one (a read that keeps meeting
+    /// a write in progress gives up: the caller makes its own key).
+    pub fn ticket_key(&self) -> Option<crate::tickets::TicketKey> {
+        let wide = self.node_wide();
+        for _ in 0..1000 {
+            let before = wide.ticket_seq.load(Acquire);
+            if before == 0 {
+                return None;
+            }
+            let period = wide.ticket_period.load(Relaxed);
+            let words = wide.ticket_key.each_ref().map(|c| c.load(Relaxed));
+            fence(Acquire);
+            if before & 1 == 0 && wide.ticket_seq.load(Relaxed) == before {
+                let mut key = [0u8; 32];
+                for (bytes, word) in key.chunks_exact_mut(8).zip(words) {
+                    bytes.copy_from_slice(&word.to_ne_bytes());
+                }
+                return Some(crate::tickets::TicketKey { period, key });
+            }
+            std::hint::spin_loop();
+        }
+        None
+    }
+
     /// The master publishes its history's usage here, once a second.
     pub fn set_history_usage(&self, usage: &crate::history::Usage) {
         let values = [
@@ -405,6 +453,20 @@ mod tests {
         assert_eq!(a.total_open(), 12);
         b.reset(1);
         assert_eq!(a.total_open(), 7);
+    }
+
+    #[test]
+    fn the_ticket_key_put_by_the_master_is_read_by_a_worker() {
+        let a = Scoreboard::create(2).unwrap();
+        // SAFETY: dup gives a new descriptor of the same memfd, owned by `b` alone.
+        let b = unsafe { Scoreboard::from_fd(libc::dup(a.raw_fd()), 2).unwrap() };
+        assert_eq!(b.ticket_key(), None);
+        let key = crate::tickets::TicketKey::random(42);
+        a.put_ticket_key(&key);
+        assert_eq!(b.ticket_key(), Some(key.clone()));
+        let next = key.advanced_to(43);
+        a.put_ticket_key(&next);
+        assert_eq!(b.ticket_key(), Some(next));
     }
 
     #[test]

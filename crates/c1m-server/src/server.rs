@@ -58,6 +58,7 @@ use crate::per_ip::PerIp;
 use crate::registry::Registry;
 use crate::scoreboard::Scoreboard;
 use crate::target::Target;
+use crate::tickets::{SharedTicketer, TicketKey};
 use crate::upstream::{MasterLink, Upstream};
 use delivery::WhenDelivered;
 
@@ -154,6 +155,8 @@ struct Server {
     gate: Gate,
     /// The TLS configuration of a `wss://` server (replaced on SIGHUP).
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Seals session tickets with the node's key (kept across SIGHUP reloads).
+    ticketer: Arc<SharedTicketer>,
     upstream: Upstream,
     clock: Clock,
     buffers: ReadBuffers,
@@ -255,7 +258,19 @@ impl Server {
                 )
             }
         };
-        let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
+        // A worker seals tickets with its master's key, so that any worker resumes them.
+        let ticket_key = match &upstream {
+            Upstream::ViaMaster(link) => link.scoreboard.ticket_key(),
+            _ => None,
+        };
+        let ticketer = Arc::new(SharedTicketer::new(ticket_key.unwrap_or_else(|| {
+            TicketKey::random(crate::tickets::period_at(std::time::SystemTime::now()))
+        })));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|files| crate::tls::load(files, &ticketer))
+            .transpose()?;
         let gate = Gate::new(
             config.allowed_origins.clone(),
             config.jwt.as_ref(),
@@ -315,6 +330,7 @@ impl Server {
             acceptor: Acceptor::new(listener, LISTENER),
             gate,
             tls,
+            ticketer,
             clock: Clock::new(&clock_config, now),
             timers: Timers {
                 next_stats: now + config.stats_interval,
@@ -615,7 +631,7 @@ impl Server {
             tracing::info!("SIGHUP: no TLS certificate to reload");
             return;
         };
-        match crate::tls::load(files) {
+        match crate::tls::load(files, &self.ticketer) {
             Ok(config) => {
                 self.tls = Some(config);
                 tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");

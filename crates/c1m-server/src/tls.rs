@@ -4,9 +4,9 @@
 //! handshake, then the session keeps only its traffic keys, so an idle `wss://`
 //! connection costs about as much as its keys (BENCHMARKS.md). A broadcast frame is
 //! still encoded once, but each TLS connection seals its own copy. Session tickets are
-//! stateless (rustls's ticketer: a key in memory, rotated), so resumption costs no
-//! memory per client; the key is the process's own, so a client resumes when it
-//! comes back to the same process.
+//! stateless, so resumption costs no memory per client, and sealed with a key every
+//! process of the node shares (see `tickets`), so a client resumes whichever worker
+//! takes its reconnect, and after a certificate reload too.
 //!
 //! The certificate is re-read on SIGHUP (see `server`): connections opened afterwards
 //! use the new one, open ones keep theirs.
@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use c1m_proto::tls_lean::LeanTls;
+
+use crate::tickets::SharedTicketer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -39,8 +41,12 @@ pub enum TlsError {
     Mismatch(rustls::Error),
 }
 
-/// Reads the files and builds a server configuration (HTTP/1.1 only, no ALPN needed).
-pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// Reads the files and builds a server configuration (HTTP/1.1 only, no ALPN needed)
+/// whose session tickets `ticketer` seals.
+pub fn load(
+    files: &TlsFiles,
+    ticketer: &Arc<SharedTicketer>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Key {
         path: files.key.clone(),
@@ -62,7 +68,7 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(TlsError::Mismatch)?;
     config.ignore_client_order = true;
     // Stateless tickets: resumption costs no memory per client here.
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Mismatch)?;
+    config.ticketer = Arc::clone(ticketer) as Arc<dyn rustls::server::ProducesTickets>;
     Ok(c1m_proto::tls_lean::lean_config(config))
 }
 

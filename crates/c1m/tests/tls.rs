@@ -645,3 +645,54 @@ fn tls_metrics_count_handshakes_resumptions_and_failures_by_cause() {
         "{after}"
     );
 }
+
+/// Every worker seals session tickets with the node's key: a ticket issued by one
+/// worker resumes on workers started after it (both of the server's workers are
+/// SIGKILLed and replaced by the master before the client comes back).
+#[test]
+fn tickets_resume_on_any_worker_even_one_started_later() {
+    let dir = cert_dir("shared-tickets");
+    let cert = make_cert(&dir);
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--connect-only",
+        "--tls-cert",
+        dir.join("cert.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.join("key.pem").to_str().unwrap(),
+    ]);
+    let config = client_config(&cert);
+    let first = wss_connect_with(&server, &config);
+    assert_eq!(
+        first.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    drop(first);
+    let master = server.child.id();
+    let old = common::children_of(master);
+    assert_eq!(old.len(), 2, "{old:?}");
+    for &worker in &old {
+        // SAFETY: kill(2) on a worker of a server the test started.
+        unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = common::children_of(master);
+        if now.len() == 2 && now.iter().all(|pid| !old.contains(pid)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers not replaced: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..4 {
+        let again = wss_connect_with(&server, &config);
+        assert_eq!(
+            again.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+}

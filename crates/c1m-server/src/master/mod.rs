@@ -31,6 +31,8 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::Child;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -51,6 +53,7 @@ use crate::publish_acks::Finished;
 use crate::scoreboard::Scoreboard;
 use crate::server::ServeError;
 use crate::target::{Delivery, Target};
+use crate::tickets::{period_at, SharedTicketer, TicketKey};
 
 pub use relays::RELAY_WAIT;
 use relays::{Counted, Relays};
@@ -70,7 +73,8 @@ pub fn run_master<S: Fn(WorkerFds) -> io::Result<Child>>(
 ) -> Result<(), ServeError> {
     // Check what workers would otherwise each fail on, once, with a clear error.
     if let Some(files) = &config.tls {
-        crate::tls::load(files)?;
+        let ticketer = Arc::new(SharedTicketer::new(TicketKey::random(0)));
+        crate::tls::load(files, &ticketer)?;
     }
     crate::auth::Gate::new(
         config.allowed_origins.clone(),
@@ -126,6 +130,9 @@ struct Master<S> {
     webhooks: crate::webhooks::AppWebhooks,
     occupied: HashMap<String, std::collections::HashSet<usize>>,
     node: String,
+    /// The node's TLS session-ticket key, stepped each period and shared with the
+    /// workers through the scoreboard (see `tickets`).
+    ticket_key: TicketKey,
     next_stats: Instant,
     /// (when, messages out) at the previous stats line, for its rate.
     last_frames: (Instant, u64),
@@ -152,6 +159,9 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let scoreboard = Scoreboard::create(count)?;
+        // Before any worker starts: each takes the key as it does.
+        let ticket_key = TicketKey::random(period_at(SystemTime::now()));
+        scoreboard.put_ticket_key(&ticket_key);
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
             let fd = listener.as_raw_fd();
@@ -191,6 +201,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             .then(|| History::new(config.history.clone()));
         Ok(Master {
             clock: Clock::new(&config, now),
+            ticket_key,
             next_stats: now + config.stats_interval,
             last_frames: (now, 0),
             config,
@@ -863,6 +874,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
         if now >= self.next_stats {
             self.next_stats = now + self.config.stats_interval;
             self.stats_line(now);
+            self.step_ticket_key();
         }
         if let Some(history) = self
             .history
@@ -924,6 +936,16 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
                 self.scoreboard.app_count(app)
             }),
             counts: counts.cap(),
+        }
+    }
+
+    /// Moves the shared ticket key to the current period (erasing the old one), for
+    /// workers started from now on; the running ones step their own copies.
+    fn step_ticket_key(&mut self) {
+        let period = period_at(SystemTime::now());
+        if period > self.ticket_key.period {
+            self.ticket_key = self.ticket_key.advanced_to(period);
+            self.scoreboard.put_ticket_key(&self.ticket_key);
         }
     }
 
