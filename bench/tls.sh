@@ -38,6 +38,10 @@ tree() { echo "$1" $(pgrep -P "$1" || true); }
 run() {
   local kind=$1 n=$2; shift 2
   local procs=$(( (n + 18999) / 19000 ))
+  # ~5,000 connections per source address (at least 16): a fuller address makes
+  # connect() crawl in the kernel's port search (see `c1m tune`).
+  local sources=$(( n / 5000 )); [ "$sources" -lt 16 ] && sources=16
+  local last_source=127.0.$(( (sources + 1) / 256 )).$(( (sources + 1) % 256 ))
   local scheme=ws tls_serve=() tls_bench=()
   if [ "$kind" != plain ]; then
     scheme=wss
@@ -56,7 +60,7 @@ run() {
   rss0=$(rss_kib $(tree "$SERVER_PID"))
   cpu0=$(cpu_secs $(tree "$SERVER_PID"))
   $BIN bench --url "$scheme://localhost:$PORT/" --quiet --connections "$n" --procs "$procs" \
-    --source-ips 127.0.0.2-127.0.0.60 --connect-timeout 60s "${tls_bench[@]}" "$@" \
+    --source-ips "127.0.0.2-$last_source" --connect-timeout 60s "${tls_bench[@]}" "$@" \
     --json "$OUT/$kind-$n.json" >"$OUT/$kind-$n.bench.txt" 2>&1 &
   BENCH_PID=$!
   while kill -0 "$BENCH_PID" 2>/dev/null; do

@@ -186,25 +186,57 @@ fn write_or_queue<S: Write>(
         outbox.push(bytes);
         return Ok(());
     }
-    let written = match stream.write(&bytes) {
-        Ok(n) => n,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) =>
-        {
-            0
-        }
-        Err(e) => return Err(e),
-    };
+    let written = write_now(stream, &bytes)?;
     if written < bytes.len() {
-        let mut queued = Box::<Outbox>::default();
-        queued.push(bytes.slice(written..));
-        *outbox = Some(queued);
+        queue_first(outbox, bytes.slice(written..));
     }
     Ok(())
 }
+
+/// [`write_or_queue`] for bytes that are not kept (a record sealed in a scratch
+/// buffer): only what the socket does not take now is copied, to be queued.
+fn write_or_queue_copy<S: Write>(
+    stream: &mut S,
+    outbox: &mut Option<Box<Outbox>>,
+    bytes: &[u8],
+) -> io::Result<()> {
+    if let Some(outbox) = outbox.as_mut() {
+        outbox.push(Bytes::copy_from_slice(bytes));
+        return Ok(());
+    }
+    let written = write_now(stream, bytes)?;
+    if written < bytes.len() {
+        queue_first(outbox, Bytes::copy_from_slice(&bytes[written..]));
+    }
+    Ok(())
+}
+
+/// One write; a socket that takes nothing now (`WouldBlock`) wrote 0 bytes.
+fn write_now<S: Write>(stream: &mut S, bytes: &[u8]) -> io::Result<usize> {
+    match stream.write(bytes) {
+        Ok(n) => Ok(n),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Ok(0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts the queue of a connection that had none with `rest`.
+fn queue_first(outbox: &mut Option<Box<Outbox>>, rest: Bytes) {
+    let mut queued = Box::<Outbox>::default();
+    queued.push(rest);
+    *outbox = Some(queued);
+}
+
+thread_local! {
+    /// Where a TLS connection seals its copy of a message before writing it: reused,
+    /// so a broadcast allocates only for the connections whose socket is full.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Past this, the sealing buffer is given back after use (a rare large message).
+const SEALED_KEPT: usize = 256 * 1024;
 
 /// The rarely needed part of a connection's state, boxed so idle connections skip it.
 #[derive(Debug, Default)]
@@ -640,18 +672,20 @@ impl<S: Stream> Connection<S> {
                 return Err(SendError::Overflow);
             }
         }
-        let wire = match session {
-            None => bytes.clone(),
-            Some(session) => {
-                let mut sealed =
-                    Vec::with_capacity(bytes.len() + LeanTls::seal_overhead(bytes.len()));
-                session
-                    .seal(bytes, &mut sealed)
-                    .map_err(|e| SendError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-                Bytes::from(sealed)
-            }
+        let Some(session) = session else {
+            return write_or_queue(stream, outbox, bytes.clone()).map_err(SendError::Io);
         };
-        write_or_queue(stream, outbox, wire).map_err(SendError::Io)
+        SEALED.with_borrow_mut(|sealed| {
+            sealed.clear();
+            let result = match session.seal(bytes, sealed) {
+                Ok(()) => write_or_queue_copy(stream, outbox, sealed).map_err(SendError::Io),
+                Err(e) => Err(SendError::Io(io::Error::new(io::ErrorKind::InvalidData, e))),
+            };
+            if sealed.capacity() > SEALED_KEPT {
+                *sealed = Vec::new();
+            }
+            result
+        })
     }
 
     /// Queues a close frame and moves to `Closing` (an event stream just ends).

@@ -296,6 +296,32 @@ impl BenchArgs {
     }
 }
 
+/// Warns when each source address would use more than 1/`PORT_SHARE` of its ephemeral
+/// ports: the kernel's port search in connect() then takes most of the CPU, and the
+/// setup rate measured is the kernel's, not the server's (see `tune::PORT_SHARE`).
+fn warn_if_ports_run_short(args: &BenchArgs) {
+    let Some(ports) = crate::tune::ephemeral_ports() else {
+        return;
+    };
+    let sources = match &args.source_ips {
+        Some(spec) => parse_sources(spec).map(|s| s.len()).unwrap_or(1),
+        None => 1,
+    }
+    .max(1) as u64;
+    let per_source = (args.connections as u64).div_ceil(sources);
+    let share = crate::tune::PORT_SHARE;
+    if per_source > ports / share {
+        let wanted = (args.connections as u64).div_ceil((ports / share).max(1));
+        tracing::warn!(
+            "{per_source} connections per source address use more than 1/{share} of its {ports} \
+             ephemeral ports: connect() will spend its time in the kernel's port search; use \
+             --source-ips 127.0.0.2-{} ({wanted} addresses) or widen ip_local_port_range \
+             (c1m tune)",
+            crate::tune::last_source(wanted)
+        );
+    }
+}
+
 /// A stop flag set by SIGINT or SIGTERM.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -321,6 +347,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .div_ceil(nofile.saturating_sub(64).max(1) as usize)
         );
     }
+    warn_if_ports_run_short(&args);
     let stop = stop_flag()?;
     let start = Instant::now();
     let mut reporter = Reporter::new(&args, start);

@@ -70,6 +70,28 @@ fn read_sysctl(name: &str) -> Option<String> {
         .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
+/// A source address should use at most 1/PORT_SHARE of the ephemeral ports: past
+/// that the kernel's search for a free port in connect() (`__inet_hash_connect`, which
+/// walks taken ports checking each 4-tuple) takes most of the CPU. Measured: a wss://
+/// bench of 1,007,000 connections from 59 addresses stalled at ~776,000 (13,000 per
+/// address, 46 % of 28,232 ports) with 89 % of both cores in that search.
+pub const PORT_SHARE: u64 = 4;
+
+/// How many ephemeral ports one source address has (`ip_local_port_range`).
+pub fn ephemeral_ports() -> Option<u64> {
+    let range = read_sysctl("net.ipv4.ip_local_port_range")?;
+    match numbers(&range)[..] {
+        [lo, hi] if hi >= lo => Some(hi - lo + 1),
+        _ => None,
+    }
+}
+
+/// The last address of a `--source-ips 127.0.0.2-…` range of `count` addresses.
+pub fn last_source(count: u64) -> std::net::Ipv4Addr {
+    let last = 0x7f00_0001u32 + count.clamp(1, 0xff_fff0) as u32;
+    std::net::Ipv4Addr::from(last)
+}
+
 fn numbers(value: &str) -> Vec<u64> {
     value
         .split_whitespace()
@@ -148,21 +170,20 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
         ));
     }
     if client {
-        let range = read_sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
-        let ports = match numbers(&range)[..] {
-            [lo, hi] if hi >= lo => hi - lo + 1,
-            _ => 0,
-        };
+        let ports = ephemeral_ports().unwrap_or(0);
         let sources = n.div_ceil(ports.max(1));
+        let roomy = n.div_ceil((ports / PORT_SHARE).max(1));
         let mut check = at_least(
             "net.ipv4.ip_local_port_range",
             1,
             65000,
             "1024 65000",
             Some(format!(
-                "{ports} ports per source address: {n} connections need ≥ {sources} source addresses \
-                 (bench --source-ips 127.0.0.2-127.0.0.{})",
-                (sources + 1).clamp(2, 254)
+                "{ports} ports per source address: {n} connections need ≥ {sources} source addresses, \
+                 and ≥ {roomy} to keep each address's ports at most 1/{PORT_SHARE} used (bench \
+                 --source-ips 127.0.0.2-{}): fuller, connect() spends its time in the kernel's port \
+                 search (89 % of the CPU at 13,000 connections per address, BENCHMARKS.md)",
+                last_source(roomy)
             )),
         );
         // The range itself is fine if the sources suffice; widening it only saves addresses.
@@ -307,4 +328,16 @@ fn table(list: &[Check], connections: u64) -> String {
         let _ = writeln!(out, "\nready.");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_source_address_counts_from_127_0_0_2() {
+        assert_eq!(last_source(1).to_string(), "127.0.0.2");
+        assert_eq!(last_source(201).to_string(), "127.0.0.202");
+        assert_eq!(last_source(300).to_string(), "127.0.1.45");
+    }
 }
