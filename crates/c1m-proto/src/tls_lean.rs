@@ -164,6 +164,11 @@ impl LeanTls {
         }
     }
 
+    /// Whether the handshake is in progress (neither over nor failed).
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.state, State::Handshaking(_))
+    }
+
     /// Whether the handshake is over.
     pub fn is_established(&self) -> bool {
         matches!(self.state, State::Established(_))

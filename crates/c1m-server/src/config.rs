@@ -60,6 +60,8 @@ pub struct ServeConfig {
     pub broker: Option<BrokerUrl>,
     /// A client must complete its upgrade request within this time.
     pub handshake_timeout: Duration,
+    /// TLS handshakes one process runs at once; past it, it stops accepting.
+    pub max_tls_handshakes: usize,
     /// Largest HTTP request head accepted (431 beyond).
     pub max_head_bytes: usize,
     /// How long a closing connection may take to finish the close handshake.
@@ -135,6 +137,7 @@ impl Default for ServeConfig {
             tls: None,
             broker: None,
             handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 128,
             max_head_bytes: 8 * 1024,
             close_timeout: Duration::from_secs(3),
             stats_interval: Duration::from_secs(10),

@@ -215,7 +215,12 @@ fn write_or_queue_copy<S: Write>(
 fn write_now<S: Write>(stream: &mut S, bytes: &[u8]) -> io::Result<usize> {
     match stream.write(bytes) {
         Ok(n) => Ok(n),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
             Ok(0)
         }
         Err(e) => Err(e),
@@ -493,12 +498,12 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    /// Whether this is a TLS connection whose TLS handshake is not over yet.
+    /// Whether this is a TLS connection in its TLS handshake (not over, not failed).
     pub fn tls_handshaking(&self) -> bool {
         self.extra
             .as_ref()
             .and_then(|e| e.tls.as_ref())
-            .is_some_and(|tls| !tls.is_established())
+            .is_some_and(LeanTls::is_handshaking)
     }
 
     /// Whether the client's token lets it join `name` (always, without a token limit).
@@ -610,6 +615,10 @@ impl<S: Stream> Connection<S> {
                 Ok(received) => received,
                 Err(e) => {
                     let tls_error = e.get_ref().and_then(|inner| inner.downcast_ref());
+                    if tls_error.is_some() && !established {
+                        // The session is marked failed: no longer in its handshake.
+                        counters.tls_handshaking = counters.tls_handshaking.saturating_sub(1);
+                    }
                     match tls_error {
                         Some(error) => {
                             counters.count_tls_failure(TlsFailure::of(error, established))
@@ -626,6 +635,7 @@ impl<S: Stream> Connection<S> {
                 }
             };
             if !established && session.is_established() {
+                counters.tls_handshaking = counters.tls_handshaking.saturating_sub(1);
                 counters.tls_handshakes += 1;
                 counters.tls_resumed += u64::from(session.resumed());
             }

@@ -77,6 +77,8 @@ pub struct Counters {
     /// session with a ticket.
     pub tls_handshakes: u64,
     pub tls_resumed: u64,
+    /// TLS sessions in their handshake now (a gauge; see `--max-tls-handshakes`).
+    pub tls_handshaking: usize,
     /// TLS connections that failed, by cause (in the order of `TlsFailure::ALL`).
     pub tls_failures: [u64; TlsFailure::ALL.len()],
     /// Values at the previous stats line, to print rates.

@@ -305,6 +305,11 @@ fn tls_metrics(out: &mut String, view: &View<'_>) {
         "# HELP c1m_tls_handshakes_total TLS handshakes completed, full or resumed with a session ticket.\n# TYPE c1m_tls_handshakes_total counter\nc1m_tls_handshakes_total{{resumed=\"false\"}} {}\nc1m_tls_handshakes_total{{resumed=\"true\"}} {resumed}",
         handshakes.saturating_sub(resumed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP c1m_tls_handshakes_in_progress TLS handshakes under way now (at most --max-tls-handshakes per process).\n# TYPE c1m_tls_handshakes_in_progress gauge\nc1m_tls_handshakes_in_progress {}",
+        server_wide(view, s.tls_handshaking as u64, |x| &x.tls_handshaking)
+    );
     let _ = writeln!(out, "# HELP c1m_tls_failures_total TLS connections that failed, by cause.\n# TYPE c1m_tls_failures_total counter");
     for failure in crate::counters::TlsFailure::ALL {
         let i = failure as usize;

@@ -118,6 +118,7 @@ impl Registry {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         let deadline = now + self.handshake_timeout;
+        self.counters.tls_handshaking += usize::from(tls.is_some());
         entry.insert(Connection::new(stream, deadline, tls));
         if let Some(per_ip) = self.per_ip.as_mut() {
             per_ip.add(key, peer.ip());
@@ -187,6 +188,9 @@ impl Registry {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
+        if conn.tls_handshaking() {
+            self.counters.tls_handshaking -= 1;
+        }
         if conn.kind() == PhaseKind::Open {
             self.counters.open -= 1;
             if let Some(app) = conn.pusher_app() {

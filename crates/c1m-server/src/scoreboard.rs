@@ -118,6 +118,7 @@ pub struct Slot {
     pub publications_queued: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_resumed: AtomicU64,
+    pub tls_handshaking: AtomicU64,
     /// By cause, in the order of `TlsFailure::ALL`.
     pub tls_failures: [AtomicU64; crate::counters::TlsFailure::ALL.len()],
     /// Written by the master: publications it could not queue for this worker (its

@@ -427,7 +427,6 @@ impl Server {
         // report (in `upstream_timers`) tells the cluster about subscribers, the broker
         // subscription for them is on its way.
         self.send_upstream_changes(now);
-        self.update_accepting(now);
         if self.shutdown_deadline.is_none() && self.clock.due(now, self.registry.counters.open) {
             let (stamp, frame) = self.clock.stamp();
             tracing::debug!(stamp, "broadcast");
@@ -470,6 +469,9 @@ impl Server {
             }
         }
         self.registry.expire(now);
+        // After the expiries and sweeps, which free places too (a handshake that timed
+        // out may be what kept this process from accepting: `--max-tls-handshakes`).
+        self.update_accepting(now);
         self.upstream_timers(now);
         // Sweeps and expiries change topics too; and the timers queue reports.
         self.send_upstream_changes(now);
@@ -545,7 +547,9 @@ impl Server {
         if !self.acceptor.is_accepting() {
             return; // a level-triggered event already queued before we stopped
         }
-        while self.registry.conns.len() < self.config.max_sockets {
+        while self.registry.conns.len() < self.config.max_sockets
+            && self.registry.counters.tls_handshaking < self.config.max_tls_handshakes
+        {
             let (stream, peer) = match self.acceptor.accept(now, self.registry.conns.len()) {
                 Accepted::Connection(stream, peer) => (stream, peer),
                 Accepted::Nothing => break,
@@ -586,7 +590,9 @@ impl Server {
     /// connections (see `listener`).
     fn update_accepting(&mut self, now: Instant) {
         let sockets = self.registry.conns.len();
-        let room = self.shutdown_deadline.is_none() && sockets < self.config.max_sockets;
+        let room = self.shutdown_deadline.is_none()
+            && sockets < self.config.max_sockets
+            && self.registry.counters.tls_handshaking < self.config.max_tls_handshakes;
         self.acceptor
             .update(&self.poll, room && self.within_fair_share(sockets), now);
     }

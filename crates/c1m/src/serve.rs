@@ -159,6 +159,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", env = "C1M_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
 
+    /// TLS handshakes one process runs at once. Past it the process stops accepting
+    /// until some finish: new clients wait in the kernel's accept queue (where
+    /// --handshake-timeout does not run yet) instead of holding a half-done handshake's
+    /// memory here; with workers, the others take them.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..), env = "C1M_MAX_TLS_HANDSHAKES")]
+    max_tls_handshakes: u32,
+
     /// Join a cluster: a NATS (nats://HOST:PORT) or Redis (redis://HOST:PORT) server
     /// through which publishes reach every node's subscribers. One connection per node
     /// (the master holds it); while it is down, clients stay connected, publishes get
@@ -443,6 +450,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         handshake_timeout: args.handshake_timeout,
+        max_tls_handshakes: args.max_tls_handshakes as usize,
         close_timeout: args.close_timeout,
         stats_interval: args.stats_interval,
         reuse_port: args.reuse_port,

@@ -644,6 +644,67 @@ fn tls_metrics_count_handshakes_resumptions_and_failures_by_cause() {
         tls_count(&after, full_name) - tls_count(&before, full_name) >= 3.0,
         "{after}"
     );
+    // Each failure left the handshakes-in-progress gauge (only `silent` may be in it).
+    assert!(
+        tls_count(&after, "c1m_tls_handshakes_in_progress") <= 1.0,
+        "{after}"
+    );
+}
+
+/// `--max-tls-handshakes 1`: while one client stalls in its handshake the server
+/// takes no other connection (they wait in the kernel's accept queue, where the
+/// handshake timeout does not run); once the stalled one times out, the waiting
+/// client is served, and the gauge of handshakes in progress never passed 1.
+#[test]
+fn max_tls_handshakes_holds_new_clients_in_the_accept_queue() {
+    let (server, cert, _dir) = tls_server(
+        "max-handshakes",
+        &["--max-tls-handshakes", "1", "--handshake-timeout", "2s"],
+    );
+    // Stalls: a TCP connection that never sends its ClientHello.
+    let stalled = TcpStream::connect(server.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let waiting = std::thread::spawn({
+        let addr = server.addr;
+        let config = client_config(&cert);
+        move || {
+            let name = ServerName::try_from("localhost").unwrap();
+            let session = rustls::ClientConnection::new(config, name).unwrap();
+            let socket = TcpStream::connect(addr).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut tls = rustls::StreamOwned::new(session, socket);
+            tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .expect("handshake and request");
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    });
+    let answer = waiting.join().unwrap();
+    let waited = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Served only once the stalled handshake ended (2 s after it was accepted).
+    assert!(
+        waited >= Duration::from_millis(1200),
+        "served after {waited:?}"
+    );
+    drop(stalled);
+    let metrics = metrics_over_https(&server, &cert);
+    assert_eq!(
+        tls_count(
+            &metrics,
+            r#"c1m_tls_failures_total{cause="handshake_timeout"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        tls_count(&metrics, "c1m_tls_handshakes_in_progress") <= 1.0,
+        "{metrics}"
+    );
 }
 
 /// Every worker seals session tickets with the node's key: a ticket issued by one

@@ -58,6 +58,8 @@ impl Server {
             .store(s.publications_queued, Relaxed);
         slot.tls_handshakes.store(s.tls_handshakes, Relaxed);
         slot.tls_resumed.store(s.tls_resumed, Relaxed);
+        slot.tls_handshaking
+            .store(s.tls_handshaking as u64, Relaxed);
         for (shared, own) in slot.tls_failures.iter().zip(s.tls_failures) {
             shared.store(own, Relaxed);
         }
