@@ -138,17 +138,7 @@ fn wss_round_trip_with_a_self_signed_certificate() {
 
 #[test]
 fn sighup_reloads_the_certificate_in_every_worker() {
-    let dir = cert_dir("reload");
-    let old = make_cert(&dir);
-    let mut server = Server::start(&[
-        "--workers",
-        "2",
-        "--connect-only",
-        "--tls-cert",
-        dir.join("cert.pem").to_str().unwrap(),
-        "--tls-key",
-        dir.join("key.pem").to_str().unwrap(),
-    ]);
+    let (mut server, old, dir) = tls_server_with_workers("reload", "2", &["--connect-only"]);
     let before = wss_connect(&server, &old);
     let new = make_cert(&dir);
     assert_ne!(old, new);
@@ -280,14 +270,23 @@ fn the_bench_measures_wss_and_checks_certificates() {
     );
 }
 
-/// A server on one process with a fresh certificate, ticking every `interval`, and the
-/// certificate's DER and directory.
+/// A server on one process with a fresh certificate, and the certificate's DER and
+/// directory.
 fn tls_server(name: &str, extra: &[&str]) -> (Server, CertificateDer<'static>, PathBuf) {
+    tls_server_with_workers(name, "1", extra)
+}
+
+/// [`tls_server`] with `--workers workers`.
+fn tls_server_with_workers(
+    name: &str,
+    workers: &str,
+    extra: &[&str],
+) -> (Server, CertificateDer<'static>, PathBuf) {
     let dir = cert_dir(name);
     let cert = make_cert(&dir);
     let mut args = vec![
         "--workers".to_string(),
-        "1".into(),
+        workers.into(),
         "--tls-cert".into(),
         dir.join("cert.pem").to_str().unwrap().into(),
         "--tls-key".into(),
@@ -712,17 +711,7 @@ fn max_tls_handshakes_holds_new_clients_in_the_accept_queue() {
 /// SIGKILLed and replaced by the master before the client comes back).
 #[test]
 fn tickets_resume_on_any_worker_even_one_started_later() {
-    let dir = cert_dir("shared-tickets");
-    let cert = make_cert(&dir);
-    let server = Server::start(&[
-        "--workers",
-        "2",
-        "--connect-only",
-        "--tls-cert",
-        dir.join("cert.pem").to_str().unwrap(),
-        "--tls-key",
-        dir.join("key.pem").to_str().unwrap(),
-    ]);
+    let (server, cert, _dir) = tls_server_with_workers("shared-tickets", "2", &["--connect-only"]);
     let config = client_config(&cert);
     let first = wss_connect_with(&server, &config);
     assert_eq!(
