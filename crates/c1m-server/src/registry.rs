@@ -407,13 +407,11 @@ impl Registry {
             &mut expired,
         );
         self.counters.handshake_timeouts += expired.len() as u64;
-        for &key in &expired {
+        for key in expired.drain(..) {
             if self.conns[key].tls_handshaking() {
                 self.counters
                     .count_tls_failure(crate::counters::TlsFailure::HandshakeTimeout);
             }
-        }
-        for key in expired.drain(..) {
             self.remove(key, End::PeerClosed);
         }
         pop_expired(

@@ -263,9 +263,9 @@ impl Server {
             Upstream::ViaMaster(link) => link.scoreboard.ticket_key(),
             _ => None,
         };
-        let ticketer = Arc::new(SharedTicketer::new(ticket_key.unwrap_or_else(|| {
-            TicketKey::random(crate::tickets::period_at(std::time::SystemTime::now()))
-        })));
+        let ticketer = Arc::new(SharedTicketer::new(
+            ticket_key.unwrap_or_else(TicketKey::fresh),
+        ));
         let tls = config
             .tls
             .as_ref()

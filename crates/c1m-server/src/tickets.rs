@@ -69,6 +69,11 @@ impl TicketKey {
         TicketKey { period, key }
     }
 
+    /// A fresh random key for the period we are in.
+    pub fn fresh() -> TicketKey {
+        TicketKey::random(period_at(SystemTime::now()))
+    }
+
     /// The key of the next period: one way, so this one cannot be had from it.
     fn next(&self) -> TicketKey {
         let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.key);

@@ -311,7 +311,7 @@ fn warn_if_ports_run_short(args: &BenchArgs) {
     let per_source = (args.connections as u64).div_ceil(sources);
     let share = crate::tune::PORT_SHARE;
     if per_source > ports / share {
-        let wanted = (args.connections as u64).div_ceil((ports / share).max(1));
+        let wanted = crate::tune::roomy_sources(args.connections as u64, ports);
         tracing::warn!(
             "{per_source} connections per source address use more than 1/{share} of its {ports} \
              ephemeral ports: connect() will spend its time in the kernel's port search; use \

@@ -77,6 +77,12 @@ fn read_sysctl(name: &str) -> Option<String> {
 /// address, 46 % of 28,232 ports) with 89 % of both cores in that search.
 pub const PORT_SHARE: u64 = 4;
 
+/// How many source addresses keep each at most 1/PORT_SHARE of its `ports` used for
+/// `connections`.
+pub fn roomy_sources(connections: u64, ports: u64) -> u64 {
+    connections.div_ceil((ports / PORT_SHARE).max(1))
+}
+
 /// How many ephemeral ports one source address has (`ip_local_port_range`).
 pub fn ephemeral_ports() -> Option<u64> {
     let range = read_sysctl("net.ipv4.ip_local_port_range")?;
@@ -172,7 +178,7 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
     if client {
         let ports = ephemeral_ports().unwrap_or(0);
         let sources = n.div_ceil(ports.max(1));
-        let roomy = n.div_ceil((ports / PORT_SHARE).max(1));
+        let roomy = roomy_sources(n, ports);
         let mut check = at_least(
             "net.ipv4.ip_local_port_range",
             1,

@@ -73,7 +73,7 @@ pub fn run_master<S: Fn(WorkerFds) -> io::Result<Child>>(
 ) -> Result<(), ServeError> {
     // Check what workers would otherwise each fail on, once, with a clear error.
     if let Some(files) = &config.tls {
-        let ticketer = Arc::new(SharedTicketer::new(TicketKey::random(0)));
+        let ticketer = Arc::new(SharedTicketer::new(TicketKey::fresh()));
         crate::tls::load(files, &ticketer)?;
     }
     crate::auth::Gate::new(
@@ -160,7 +160,7 @@ impl<S: Fn(WorkerFds) -> io::Result<Child>> Master<S> {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let scoreboard = Scoreboard::create(count)?;
         // Before any worker starts: each takes the key as it does.
-        let ticket_key = TicketKey::random(period_at(SystemTime::now()));
+        let ticket_key = TicketKey::fresh();
         scoreboard.put_ticket_key(&ticket_key);
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
