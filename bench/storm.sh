@@ -3,7 +3,7 @@
 # the raw-TCP baseline (connect and push, no WebSocket) and the minimal C WebSocket server
 # (accept, answer the upgrade, push), both bench/peers/baseline/server.c.
 #
-#   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R] [--client c]
+#   bench/storm.sh [--connections N] [--runs R] [--live] [--servers LIST] [--rate R] [--client c] [--netns]
 #   bench/storm.sh --restart [--max-accept-rate R] [--connections N]
 #   bench/storm.sh --kill-worker [--connections N]
 #   bench/storm.sh --mass-disconnect [--during-broadcast] [--connections N]
@@ -51,8 +51,19 @@
 # setup rate, fan-out per round (stamp -> last client), missed, errors, server memory, and
 # the ratios c1m / cws for setup and c1m / raw for fan-out. Run as root (it applies
 # `c1m tune --apply` for N). Listens on 127.0.0.1 only; stops what it started by PID.
+#
+# --netns (root, Linux >= 6.1): run everything in a network namespace of its own, made
+# for the run and deleted after it, whose table of established TCP connections has a
+# bucket per socket (net.ipv4.tcp_child_ehash_entries = 2N rounded up to a power of
+# two). The kernel sizes the host's table at boot from memory (262,144 buckets here): at
+# 2N = 2,014,000 sockets every arriving segment's lookup walks a chain of ~8 sockets,
+# `__inet_lookup_established` took 13 % of both cores during a broadcast (BENCHMARKS.md).
+# A production host gets the same with the boot parameter thash_entries=.
 set -euo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
+ARGS=("$@")
+NETNS=0
 N=190000
 RUNS=1
 LIVE=0
@@ -79,7 +90,8 @@ while [ $# -gt 0 ]; do
     --max-accept-rate) ACCEPT_RATE=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
+    --netns) NETNS=1; shift ;;
+    -h|--help) sed -n '2,61p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +101,25 @@ PEERS=bench/out/peers
 mkdir -p "$OUT" "$PEERS"
 cargo build --release -q
 BIN=target/release/c1m
+if [ $NETNS = 1 ] && [ -z "${C1M_STORM_NETNS:-}" ]; then
+  [ "$(id -u)" = 0 ] || { echo "--netns needs root" >&2; exit 2; }
+  CHILD_EHASH=/proc/sys/net/ipv4/tcp_child_ehash_entries
+  [ -w $CHILD_EHASH ] || { echo "--netns needs Linux >= 6.1 ($CHILD_EHASH)" >&2; exit 2; }
+  # The global limits (tcp_mem, file-max) are set from here; the namespace's own
+  # (somaxconn, port range, ...) by the run inside it.
+  $BIN tune --connections "$N" --apply >"$OUT/tune-host.txt"
+  BUCKETS=1; while [ $BUCKETS -lt $(( 2 * N )) ]; do BUCKETS=$(( BUCKETS * 2 )); done
+  NS=c1m-storm-$$
+  OLD_EHASH=$(cat $CHILD_EHASH)
+  echo $BUCKETS >$CHILD_EHASH
+  ip netns add "$NS"
+  echo "$OLD_EHASH" >$CHILD_EHASH
+  trap 'ip netns del "$NS"' EXIT
+  ip netns exec "$NS" ip link set lo up
+  echo "network namespace $NS: $(ip netns exec "$NS" sysctl -n net.ipv4.tcp_ehash_entries) established-hash buckets"
+  C1M_STORM_NETNS=$NS ip netns exec "$NS" bash "$SELF" "${ARGS[@]}"
+  exit
+fi
 [ -f /usr/include/openssl/sha.h ] || { apt-get update -qq && apt-get install -y -qq libssl-dev gcc; }
 gcc -O2 -Wall -o "$PEERS/baseline-server" bench/peers/baseline/server.c -lcrypto
 gcc -O2 -Wall -o "$PEERS/baseline-client" bench/peers/baseline/client.c

@@ -120,6 +120,49 @@ fn at_least(name: &str, index: usize, min: u64, want: &str, note: Option<String>
     }
 }
 
+/// The kernel finds the socket of every arriving TCP segment in one hash table of
+/// established connections, sized at boot from memory (`thash_entries`; 262,144 buckets on
+/// this 24 GiB machine kind). Past a few sockets per bucket each lookup walks a chain of
+/// cache misses: at 2,014,000 loopback sockets (~8 per bucket) `__inet_lookup_established`
+/// took 13 % of both cores during a broadcast. It cannot be resized at run time, but a
+/// network namespace made after `tcp_child_ehash_entries` is set gets a table of that
+/// size (Linux ≥ 6.1; bench/storm.sh --netns). None on kernels that do not show the size.
+fn established_hash(sockets: u64) -> Option<Check> {
+    established_hash_check(&read_sysctl("net.ipv4.tcp_ehash_entries")?, sockets)
+}
+
+fn established_hash_check(current: &str, sockets: u64) -> Option<Check> {
+    // A namespace that shares the host's table shows its size negated.
+    let buckets = current.trim_start_matches('-').parse::<u64>().ok()?;
+    let advised = sockets.max(1).next_power_of_two();
+    let ok = buckets.saturating_mul(MAX_SOCKETS_PER_BUCKET) >= sockets;
+    Some(Check {
+        name: "net.ipv4.tcp_ehash_entries".into(),
+        current: buckets.to_string(),
+        needed: format!("≥ {} (read-only)", sockets.div_ceil(MAX_SOCKETS_PER_BUCKET)),
+        ok,
+        fix: (!ok).then(|| {
+            format!(
+                "boot with thash_entries={advised}, or run in a network namespace made after \
+                 `sysctl -w net.ipv4.tcp_child_ehash_entries={advised}` (a container: on its host, \
+                 before it starts)"
+            )
+        }),
+        apply: None,
+        note: (!ok).then(|| {
+            format!(
+                "the table of established TCP connections: {sockets} sockets in {buckets} buckets \
+                 is ~{} per lookup chain, and every arriving segment walks one (13 % of the CPU \
+                 at 2,014,000 sockets in 262,144 buckets, BENCHMARKS.md); not fatal",
+                sockets.div_ceil(buckets.max(1))
+            )
+        }),
+    })
+}
+
+/// Sockets per bucket of the established-connections table before `c1m tune` calls it short.
+const MAX_SOCKETS_PER_BUCKET: u64 = 2;
+
 fn mem_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -201,16 +244,26 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
         out.push(check);
         out.push(at_least("net.ipv4.tcp_tw_reuse", 0, 1, "1", None));
     }
+    out.extend(established_hash(sockets));
     // tcp_mem is in pages; an idle socket holds little, but a broadcast briefly queues a
     // page per socket on both ends.
     let pages = sockets + 65536;
-    out.push(at_least(
+    let mut tcp_mem = at_least(
         "net.ipv4.tcp_mem",
         2,
         pages,
         &format!("{} {} {}", pages / 2, pages * 3 / 4, pages),
         Some("pages of 4 KiB for all TCP buffers".into()),
-    ));
+    );
+    if read_sysctl("net.ipv4.tcp_mem").is_none() && read_sysctl("net.ipv4.tcp_rmem").is_some() {
+        // A network namespace other than the host's: tcp_mem is global and shown only there.
+        tcp_mem.current = "not in this namespace".into();
+        tcp_mem.ok = true;
+        tcp_mem.fix = None;
+        tcp_mem.apply = None;
+        tcp_mem.note = Some("global: check and apply it from the host's network namespace".into());
+    }
+    out.push(tcp_mem);
     // Default per-socket buffer sizes: allocated on demand, so idle sockets cost nothing
     // here, but large defaults let a broadcast burst pin more memory per socket.
     for name in ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"] {
@@ -345,5 +398,29 @@ mod tests {
         assert_eq!(last_source(1).to_string(), "127.0.0.2");
         assert_eq!(last_source(201).to_string(), "127.0.0.202");
         assert_eq!(last_source(300).to_string(), "127.0.1.45");
+    }
+
+    #[test]
+    fn a_crowded_established_hash_is_short_with_the_boot_parameter_and_the_namespace_way() {
+        let short = established_hash_check("262144", 2_014_000).expect("a number");
+        assert!(!short.ok);
+        let fix = short.fix.expect("a fix");
+        assert!(fix.contains("thash_entries=2097152"), "{fix}");
+        assert!(fix.contains("tcp_child_ehash_entries=2097152"), "{fix}");
+        assert!(short.note.expect("a note").contains("~8 per lookup chain"));
+        // Shared with the host: the size is shown negated.
+        assert!(
+            !established_hash_check("-262144", 2_014_000)
+                .expect("a number")
+                .ok
+        );
+        let roomy = established_hash_check("2097152", 2_014_000).expect("a number");
+        assert!(roomy.ok && roomy.fix.is_none() && roomy.note.is_none());
+        assert!(
+            established_hash_check("262144", 380_000)
+                .expect("a number")
+                .ok
+        );
+        assert!(established_hash_check("unreadable", 10).is_none());
     }
 }
