@@ -58,6 +58,13 @@ pub struct Check {
     pub note: Option<String>,
 }
 
+impl Check {
+    /// Whether `--apply` can fix it (a sysctl it may write).
+    pub fn fixable(&self) -> bool {
+        self.apply.is_some()
+    }
+}
+
 const KERNEL_BYTES_PER_SOCKET: u64 = 4_900;
 const SERVER_BYTES_PER_CONN: u64 = 100;
 const BENCH_BYTES_PER_CONN: u64 = 500;
@@ -372,8 +379,8 @@ fn table(list: &[Check], connections: u64) -> String {
             let _ = writeln!(out, "{:<30} note: {note}", "");
         }
     }
-    let fixable = list.iter().filter(|c| !c.ok && c.apply.is_some()).count();
-    let other = list.iter().filter(|c| !c.ok && c.apply.is_none()).count();
+    let fixable = list.iter().filter(|c| !c.ok && c.fixable()).count();
+    let other = list.iter().filter(|c| !c.ok && !c.fixable()).count();
     if fixable > 0 {
         let _ = writeln!(out, "\n{fixable} limit(s) short: run `c1m tune --connections {connections} --apply` as root.");
     }
