@@ -255,22 +255,27 @@ pub fn checks(connections: u64, server: bool, client: bool) -> Vec<Check> {
     // tcp_mem is in pages; an idle socket holds little, but a broadcast briefly queues a
     // page per socket on both ends.
     let pages = sockets + 65536;
-    let mut tcp_mem = at_least(
-        "net.ipv4.tcp_mem",
-        2,
-        pages,
-        &format!("{} {} {}", pages / 2, pages * 3 / 4, pages),
-        Some("pages of 4 KiB for all TCP buffers".into()),
-    );
+    let wanted = format!("{} {} {}", pages / 2, pages * 3 / 4, pages);
     if read_sysctl("net.ipv4.tcp_mem").is_none() && read_sysctl("net.ipv4.tcp_rmem").is_some() {
         // A network namespace other than the host's: tcp_mem is global and shown only there.
-        tcp_mem.current = "not in this namespace".into();
-        tcp_mem.ok = true;
-        tcp_mem.fix = None;
-        tcp_mem.apply = None;
-        tcp_mem.note = Some("global: check and apply it from the host's network namespace".into());
+        out.push(Check {
+            name: "net.ipv4.tcp_mem".into(),
+            current: "not in this namespace".into(),
+            needed: wanted,
+            ok: true,
+            fix: None,
+            apply: None,
+            note: Some("global: check and apply it from the host's network namespace".into()),
+        });
+    } else {
+        out.push(at_least(
+            "net.ipv4.tcp_mem",
+            2,
+            pages,
+            &wanted,
+            Some("pages of 4 KiB for all TCP buffers".into()),
+        ));
     }
-    out.push(tcp_mem);
     // Default per-socket buffer sizes: allocated on demand, so idle sockets cost nothing
     // here, but large defaults let a broadcast burst pin more memory per socket.
     for name in ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"] {
