@@ -11,9 +11,11 @@
 //!   Pusher's scheme (HMAC-SHA256 over method, path and the sorted query; `body_md5`;
 //!   a timestamp within 600 s).
 //!
-//! Not here yet: private, presence and encrypted channels, client events, user sign-in,
-//! webhooks, the read API (see issue 17). A client asking for them gets the protocol's
-//! error, never a silent success.
+//! - Private and presence channels are checked here ([`channel_kind`], the auth
+//!   signatures, `channel_data`); `private-encrypted-` ones are private channels whose
+//!   events the server passes through sealed (it never holds the key). Presence tables
+//!   are in `presence`, the read API in `pusher_api`, webhooks in `webhooks`; the server
+//!   carries them out in `server/pusher_clients.rs`.
 //!
 //! Hand-written rather than from a crate: no maintained Rust crate implements the
 //! server side of this protocol; the cryptography is `ring`'s HMAC and RustCrypto's MD5.

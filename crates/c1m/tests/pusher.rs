@@ -141,6 +141,36 @@ fn assert_public_channels_work(steps: &[Value]) {
         forged["error"]["status"], 401,
         "a signature for another socket: {forged}"
     );
+    let stale = step(steps, "stale");
+    assert_eq!(stale["status"], 401, "signed 700 s ago: {stale}");
+    assert!(
+        stale["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("auth_timestamp")),
+        "the refusal names the timestamp: {stale}"
+    );
+    let oversized = step(steps, "oversized");
+    assert_eq!(oversized["status"], 413, "{oversized}");
+    assert_eq!(
+        step(steps, "encrypted_signed")["succeeded"],
+        true,
+        "{steps:?}"
+    );
+    let encrypted = step(steps, "encrypted_event");
+    assert_eq!(
+        encrypted["data"],
+        serde_json::json!({"pin": 1234}),
+        "pusher-js opened the SDK's sealed event: {encrypted}"
+    );
+    // What crossed the server (as pusher-js parsed it before opening): the SDK's nonce
+    // and ciphertext, nothing in the clear.
+    let sealed = &encrypted["wire"][0];
+    assert!(
+        sealed["nonce"].is_string()
+            && sealed["ciphertext"].is_string()
+            && !sealed.to_string().contains("1234"),
+        "the server passes the ciphertext through: {encrypted}"
+    );
     step(steps, "done");
 }
 

@@ -1,6 +1,7 @@
 // Real pusher-js (the Node build) and the real `pusher` server SDK against c1m:
 //   node public.mjs PORT APP_ID KEY SECRET [API_PORT]
-// (API_PORT: where the SDK sends events, another node of a cluster; PORT by default.)
+// (API_PORT: where the SDK sends events, another node of a cluster; PORT by default.
+// The servers run with the default --max-message-size, 1 MiB.)
 // Prints one JSON line per step; crates/c1m/tests/pusher.rs asserts on them. Bounded:
 // every wait gives up after 10 s.
 import PusherClient from "pusher-js";
@@ -10,6 +11,7 @@ import { clientOptions, run, say, within } from "./steps.mjs";
 const [port, appId, key, secret, apiPort = port] = process.argv.slice(2);
 
 const options = clientOptions(port);
+const oversized = (1 << 20) + 1;
 const server = new PusherServer({
   appId,
   key,
@@ -112,6 +114,53 @@ async function main() {
   } catch (e) {
     say("forged", { status: e.status, body: e.body });
   }
+
+  // A request signed 700 s ago (past the 600 s Pusher allows) is refused: the SDK signs
+  // with the time Date.now gives it.
+  const realNow = Date.now;
+  Date.now = () => realNow() - 700_000;
+  try {
+    await server.trigger("news", "late", { n: 1 });
+    say("stale", { status: 200 });
+  } catch (e) {
+    say("stale", { status: e.status, body: e.body });
+  } finally {
+    Date.now = realNow;
+  }
+
+  // An event larger than the server's --max-message-size is refused with 413.
+  try {
+    await server.trigger("news", "huge", "x".repeat(oversized));
+    say("oversized", { status: 200 });
+  } catch (e) {
+    say("oversized", { status: e.status, body: e.body });
+  }
+
+  // End-to-end encrypted channels: the SDK seals the event with a key derived from a
+  // master key the server never sees; pusher-js opens it with the shared secret its
+  // auth endpoint gave it. The server checks the signature as for a private channel and
+  // passes the ciphertext through untouched.
+  const sealer = new PusherServer({
+    appId, key, secret, host: "127.0.0.1", port: apiPort, useTLS: false,
+    encryptionMasterKeyBase64: Buffer.alloc(32, 7).toString("base64"),
+  });
+  const sealed = new PusherClient(key, {
+    ...options,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, sealer.authorizeChannel(socketId, channelName)),
+    },
+  });
+  const wire = [];
+  sealed.connection.bind("message", (m) => {
+    if (m.event === "secret") wire.push(m.data);
+  });
+  const secrets = sealed.subscribe("private-encrypted-secrets");
+  say("encrypted_signed", await subscribed(secrets));
+  const opened = within(10000, "encrypted event", new Promise((resolve) => secrets.bind("secret", resolve)));
+  await sealer.trigger("private-encrypted-secrets", "secret", { pin: 1234 });
+  say("encrypted_event", { data: await opened, wire });
+  sealed.disconnect();
 
   // An unknown key: the connection fails with error 4001 and does not retry.
   const stranger = new PusherClient("no-such-key", options);
