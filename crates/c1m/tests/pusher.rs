@@ -6,8 +6,9 @@
 //! installed with `npm ci` on first use), presence channels and client events
 //! (`presence.mjs`, Laravel Echo's `join`/`whisper` in `echo_presence.mjs`, the browser
 //! build in headless Chromium), the read API, user sign-in and `terminate_connections`
-//! (`users.mjs`) and webhooks checked by the SDK's validator (`webhooks.mjs`). On one
-//! process, on two workers, and across a three-node cluster.
+//! (`users.mjs`), webhooks checked by the SDK's validator (`webhooks.mjs`), and
+//! reconnecting after the server, a worker or a node goes (`reconnect.mjs`, and the same
+//! page in Chromium). On one process, on two workers, and across a three-node cluster.
 
 mod common;
 
@@ -1028,13 +1029,28 @@ fn the_bench_joins_presence_channels_signed() {
     );
 }
 
-/// pusher-js's browser build in headless Chromium comes back by itself and gets its
-/// channel's events again: after its one-process server restarts on the same port
-/// (it is told 4200 as the server stops), after the worker holding it is SIGKILLed
-/// (two workers), and after its node of a three-node cluster restarts (the events
-/// published on another node).
+/// pusher-js comes back by itself and gets its channel's events again, both its Node
+/// build and its browser build in headless Chromium: after its one-process server
+/// restarts on the same port (it is told 4200 as the server stops), after the worker
+/// holding it is SIGKILLed (two workers), and after its node of a three-node cluster
+/// restarts (the events published on another node).
 #[test]
-fn pusher_js_in_chromium_reconnects_after_its_server_worker_or_node_goes() {
+fn pusher_js_in_node_and_chromium_reconnects_after_its_server_worker_or_node_goes() {
+    for client in [PusherJs::Node, PusherJs::Chromium] {
+        reconnects_after_its_server_worker_or_node_goes(client);
+    }
+}
+
+/// Which build of pusher-js a test drives.
+#[derive(Clone, Copy, Debug)]
+enum PusherJs {
+    /// `tests/pusher/reconnect.mjs` in Node.js.
+    Node,
+    /// The same, as a page of the browser build in headless Chromium.
+    Chromium,
+}
+
+fn reconnects_after_its_server_worker_or_node_goes(client: PusherJs) {
     let mut args = pusher_args("1");
     args.extend(["--api-key".to_string(), "k".to_string()]);
     let start = |listen: &str, args: &[String]| {
@@ -1045,28 +1061,28 @@ fn pusher_js_in_chromium_reconnects_after_its_server_worker_or_node_goes() {
     // One process, restarted on its port.
     let mut server = start("127.0.0.1:0", &args);
     let addr = server.addr;
-    let seen = browser_reconnects(addr, addr, || {
+    let seen = pusher_js_reconnects(client, addr, addr, || {
         server.terminate();
         server = start(&addr.to_string(), &args);
     });
-    assert_browser_reconnected(&seen);
+    assert_reconnected(client, &seen);
     drop(server);
 
-    // Two workers, the page's worker SIGKILLed (every worker: only this test's).
+    // Two workers, the client's worker SIGKILLed (every worker: only this test's).
     args[1] = "2".into();
     let server = start("127.0.0.1:0", &args);
     let (addr, pid) = (server.addr, server.child.id());
-    let seen = browser_reconnects(addr, addr, || {
+    let seen = pusher_js_reconnects(client, addr, addr, || {
         for worker in common::children_of(pid) {
             let _ = Command::new("kill")
                 .args(["-KILL", &worker.to_string()])
                 .status();
         }
     });
-    assert_browser_reconnected(&seen);
+    assert_reconnected(client, &seen);
     drop(server);
 
-    // A cluster: the page's node (one process) restarts; events come from another.
+    // A cluster: the client's node (one process) restarts; events come from another.
     let redis = Broker::start("redis", free_port());
     args[1] = "1".into();
     let mut nodes = [
@@ -1078,54 +1094,39 @@ fn pusher_js_in_chromium_reconnects_after_its_server_worker_or_node_goes() {
         }),
         node_with(&redis, args.clone()),
     ];
-    let (page_addr, publish_addr) = (nodes[0].addr, nodes[1].addr);
+    let (client_addr, publish_addr) = (nodes[0].addr, nodes[1].addr);
     let mut restart_args = args.clone();
     restart_args.extend(["--broker".to_string(), redis.url()]);
-    let seen = browser_reconnects(page_addr, publish_addr, || {
+    let seen = pusher_js_reconnects(client, client_addr, publish_addr, || {
         nodes[0].terminate();
-        nodes[0] = start(&page_addr.to_string(), &restart_args);
+        nodes[0] = start(&client_addr.to_string(), &restart_args);
     });
-    assert_browser_reconnected(&seen);
+    assert_reconnected(client, &seen);
 }
 
-/// What [`browser_reconnects`]'s page reported: the event before and the one after,
-/// over two connections at least.
-fn assert_browser_reconnected(seen: &Value) {
+/// What [`pusher_js_reconnects`]'s client reported: the event before and the one
+/// after, over two connections at least.
+fn assert_reconnected(client: PusherJs, seen: &Value) {
     assert_eq!(
         seen["got"],
         serde_json::json!([{"n": "before"}, {"n": "end"}]),
-        "{seen}"
+        "{client:?}: {seen}"
     );
     assert!(
         seen["connects"].as_u64() >= Some(2),
-        "it reconnected: {seen}"
+        "{client:?} reconnected: {seen}"
     );
 }
 
-/// A page in headless Chromium subscribes to `news` on `page_addr`; an event published
-/// on `publish_addr` reaches it, then `disrupt` runs, and events are published until
-/// the page reports one that came after: its report.
-fn browser_reconnects(
-    page_addr: std::net::SocketAddr,
-    publish_addr: std::net::SocketAddr,
-    disrupt: impl FnOnce(),
-) -> Value {
+/// The page of [`PusherJs::Chromium`]: what `reconnect.mjs` does, in the browser.
+fn reconnect_page(client_addr: std::net::SocketAddr, report_addr: std::net::SocketAddr) -> String {
     let bundle = std::fs::read_to_string(
         npm_packages().join("node_modules/pusher-js/dist/web/pusher.min.js"),
     )
     .expect("pusher-js's browser build");
-    let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
-    let report_addr = report.local_addr().unwrap();
-    let page = std::env::temp_dir().join(format!(
-        "c1m-pusher-{}-{}.html",
-        std::process::id(),
-        page_addr.port()
-    ));
     let key = APP[1];
-    std::fs::write(
-        &page,
-        format!(
-            r#"<!doctype html><meta charset="utf-8"><script>{bundle}</script><script>
+    format!(
+        r#"<!doctype html><meta charset="utf-8"><script>{bundle}</script><script>
 const got = [];
 let connects = 0;
 const pusher = new Pusher("{key}", {{ cluster: "mt1", wsHost: "127.0.0.1", wsPort: {port},
@@ -1140,17 +1141,52 @@ pusher.subscribe("news").bind("greet", (data) => {{
   }}
 }});
 </script>"#,
-            port = page_addr.port()
-        ),
+        port = client_addr.port()
     )
-    .unwrap();
-    let (mut command, profile) =
-        common::chromium_command(&format!("file://{}", page.display()), &[]);
-    let mut browser = command
+}
+
+/// pusher-js (`client`) subscribes to `news` on `client_addr`; an event published on
+/// `publish_addr` reaches it, then `disrupt` runs, and events are published until the
+/// client reports one that came after: its report.
+fn pusher_js_reconnects(
+    client: PusherJs,
+    client_addr: std::net::SocketAddr,
+    publish_addr: std::net::SocketAddr,
+    disrupt: impl FnOnce(),
+) -> Value {
+    let report = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
+    let report_addr = report.local_addr().unwrap();
+    // The client's process, and what to remove after it.
+    let (mut command, leftovers) = match client {
+        PusherJs::Node => {
+            let mut command = Command::new("node");
+            command
+                .arg("reconnect.mjs")
+                .args([&client_addr.port().to_string(), APP[1]])
+                .arg(report_addr.to_string())
+                .current_dir(npm_packages());
+            (command, vec![])
+        }
+        PusherJs::Chromium => {
+            let page = std::env::temp_dir().join(format!(
+                "c1m-pusher-{}-{}.html",
+                std::process::id(),
+                client_addr.port()
+            ));
+            std::fs::write(&page, reconnect_page(client_addr, report_addr)).unwrap();
+            let (command, profile) =
+                common::chromium_command(&format!("file://{}", page.display()), &[]);
+            (command, vec![page, profile])
+        }
+    };
+    let mut process = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| common::missing_chromium(e));
+        .unwrap_or_else(|e| match client {
+            PusherJs::Node => panic!("node is needed for this test: {e}"),
+            PusherJs::Chromium => common::missing_chromium(e),
+        });
     // An event as the Pusher API sends it, published natively (it passes as is).
     let send = |n: &str| {
         let event = serde_json::json!({
@@ -1164,9 +1200,9 @@ pusher.subscribe("news").bind("greet", (data) => {{
             event.to_string().as_bytes(),
         )
     };
-    // Subscribed where the event is published from (in a cluster: the page's node's
+    // Subscribed where the event is published from (in a cluster: the client's node's
     // report, a second old at most, says so).
-    let scope = if page_addr == publish_addr {
+    let scope = if client_addr == publish_addr {
         "node"
     } else {
         "cluster"
@@ -1175,16 +1211,16 @@ pusher.subscribe("news").bind("greet", (data) => {{
     while common::stats(publish_addr, scope)["topics"]["news"] != 1 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the page never subscribed"
+            "{client:?} never subscribed"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(send("before").status, 200);
-    // The event reaches the page before it is cut off (it reports only on "end").
+    // The event reaches the client before it is cut off (it reports only on "end").
     std::thread::sleep(std::time::Duration::from_millis(500));
     disrupt();
-    // Until the page reports: it subscribes again on its own schedule, and an event
-    // sent before that reaches nobody (the page reports on the first "end" it gets).
+    // Until the client reports: it subscribes again on its own schedule, and an event
+    // sent before that reaches nobody (the client reports on the first "end" it gets).
     let reported = std::sync::atomic::AtomicBool::new(false);
     let body = std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -1197,10 +1233,12 @@ pusher.subscribe("news").bind("greet", (data) => {{
         reported.store(true, std::sync::atomic::Ordering::SeqCst);
         body
     });
-    let _ = browser.kill();
-    let _ = browser.wait();
-    let _ = std::fs::remove_dir_all(&profile);
-    let _ = std::fs::remove_file(&page);
+    let _ = process.kill();
+    let _ = process.wait();
+    for path in leftovers {
+        let _ = std::fs::remove_dir_all(&path);
+        let _ = std::fs::remove_file(&path);
+    }
     serde_json::from_slice(&body).expect("report JSON")
 }
 
