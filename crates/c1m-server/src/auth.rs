@@ -182,13 +182,15 @@ pub struct Admission {
 
 /// How a Pusher client's upgrade went: Pusher tells a refused client why on the open
 /// connection (a `pusher:error`, then a close with the same code), and pusher-js acts
-/// on the code (4001 and 4004: give up; 4100: come back after a while).
+/// on the code (4001, 4004 and 4007: give up; 4100: come back after a while).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PusherEntry {
     /// The app of this number in the server's list.
     App(usize),
     /// The key names no app here: error 4001.
     UnknownKey,
+    /// `?protocol=` names a version c1m does not speak: error 4007.
+    UnsupportedProtocol,
     /// The server is at `--max-connections`: error 4100.
     OverCapacity,
 }
@@ -318,6 +320,9 @@ impl Gate {
                 envelope: false,
                 since: Vec::new(),
                 pusher: Some(match self.pusher_keys.iter().position(|k| k == key) {
+                    Some(_) if !crate::pusher::protocol_supported(query) => {
+                        PusherEntry::UnsupportedProtocol
+                    }
                     Some(app) => PusherEntry::App(app),
                     None => PusherEntry::UnknownKey,
                 }),

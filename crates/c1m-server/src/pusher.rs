@@ -222,6 +222,24 @@ pub fn app_key(path: &str) -> Option<&str> {
     (!key.is_empty() && !key.contains('/')).then_some(key)
 }
 
+/// The protocol versions c1m takes in `?protocol=`: it speaks 7 (every current client
+/// library asks for it) and serves clients of 5 and 6 the same messages.
+pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 5..=7;
+
+/// Whether an upgrade's query asks for a protocol version c1m speaks. A query without
+/// `protocol` is taken as the current one; anything else outside
+/// [`PROTOCOL_VERSIONS`] gets error 4007.
+pub fn protocol_supported(query: &str) -> bool {
+    query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("protocol="))
+        .all(|version| {
+            version
+                .parse::<u32>()
+                .is_ok_and(|v| PROTOCOL_VERSIONS.contains(&v))
+        })
+}
+
 /// What a Pusher client sent over its WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
@@ -700,6 +718,27 @@ mod tests {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app.secret.as_bytes());
         let signature = hex::encode(ring::hmac::sign(&key, signed.as_bytes()));
         format!("{}&auth_signature={signature}", query.join("&"))
+    }
+
+    #[test]
+    fn protocol_versions_five_to_seven_are_spoken() {
+        for query in [
+            "",
+            "protocol=7&client=js&version=8.4.0",
+            "protocol=5",
+            "x=1&protocol=6",
+        ] {
+            assert!(protocol_supported(query), "{query}");
+        }
+        for query in [
+            "protocol=4",
+            "protocol=8",
+            "protocol=",
+            "protocol=seven",
+            "protocol=7&protocol=9",
+        ] {
+            assert!(!protocol_supported(query), "{query}");
+        }
     }
 
     #[test]

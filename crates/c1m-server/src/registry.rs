@@ -346,7 +346,7 @@ impl Registry {
 
     /// The idle sweep: a connection heard from since the last sweep is fine; a silent
     /// one gets `ping` (if any), and one silent for `idle_sweeps` sweeps is closed with
-    /// 1001. One pass over the slab replaces a timer per connection; the ping frame is
+    /// 1001 (a Pusher client with 4201, its protocol's "pong reply not received"). One pass over the slab replaces a timer per connection; the ping frame is
     /// encoded once and shared.
     pub fn sweep(&mut self, ping: Option<&bytes::Bytes>, idle_sweeps: Option<u8>, now: Instant) {
         let mut idle = Vec::new();
@@ -385,7 +385,16 @@ impl Registry {
             self.remove(key, End::Io);
         }
         for &key in &idle {
-            self.close_open(key, CloseCode::GOING_AWAY, "idle timeout", now);
+            // A Pusher client is told in its protocol's words (4201: reconnect at once).
+            let (code, reason) = if self.conns[key].is_pusher() {
+                (
+                    CloseCode(crate::pusher::code::PONG_TIMEOUT),
+                    "Pong reply not received",
+                )
+            } else {
+                (CloseCode::GOING_AWAY, "idle timeout")
+            };
+            self.close_open(key, code, reason, now);
         }
         self.counters.idle_timeouts += idle.len() as u64;
         tracing::debug!(pings, idle = idle.len(), "idle sweep");

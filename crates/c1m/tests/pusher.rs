@@ -926,6 +926,49 @@ async fn pusher_clients_are_told_to_reconnect_when_the_server_stops() {
     assert_eq!(close_code(&mut native).await, Some(1001));
 }
 
+/// A client asking for a protocol version c1m does not speak gets error 4007 (and
+/// close 4007, which pusher-js does not retry); a silent Pusher client is closed with
+/// 4201 ("pong reply not received": reconnect at once), a native one with 1001.
+#[tokio::test]
+async fn unsupported_protocol_versions_and_silent_clients_get_pushers_codes() {
+    let (server, _) = pusher_server_with("1", &["--ping-interval", "0", "--idle-timeout", "1s"]);
+    let connect = |path: &str| {
+        let url = server.url(path);
+        async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .expect("upgrade")
+                .0
+        }
+    };
+    let mut old = connect("/app/app-key?protocol=4&client=js").await;
+    let error = common::next_json(&mut old).await;
+    assert_eq!(error["event"], "pusher:error", "{error}");
+    assert_eq!(error["data"]["code"], 4007, "{error}");
+    assert_eq!(close_code(&mut old).await, Some(4007));
+
+    let mut pusher = connect("/app/app-key?protocol=7&client=js&version=8.6.0").await;
+    let established = common::next_json(&mut pusher).await;
+    assert_eq!(
+        established["event"], "pusher:connection_established",
+        "{established}"
+    );
+    let mut native = connect("/").await;
+    assert_eq!(close_code(&mut pusher).await, Some(4201));
+    assert_eq!(close_code(&mut native).await, Some(1001));
+    // The refused client was never counted open, so it is not uncounted either.
+    let addr = server.addr;
+    let metrics =
+        tokio::task::spawn_blocking(move || common::http(addr, "GET", "/metrics", &[], b"").body)
+            .await
+            .unwrap();
+    assert_eq!(
+        common::metric_value(&metrics, "c1m_connections"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
 /// The code of the close frame `ws` gets next (other messages skipped; at most 20).
 async fn close_code(ws: &mut common::Ws) -> Option<u16> {
     use futures_util::StreamExt;

@@ -35,13 +35,16 @@ impl Server {
     /// A Pusher client's upgrade went through: it is told its socket id, or why it
     /// may not stay (as Pusher does: a `pusher:error`, then a close with its code):
     /// its key names no app here (4001), its app is at its `max_connections` (4004),
-    /// or the server is at `--max-connections` (4100).
+    /// it asks for a protocol version c1m does not speak (4007), or the server is at
+    /// `--max-connections` (4100).
     pub(super) fn pusher_opened(&mut self, key: usize, entry: PusherEntry, now: Instant) -> Next {
         let apps = self.config.pusher_apps.len();
         // A refused client gets an app number past the list: it names no app's channels.
         let app = match entry {
             PusherEntry::App(app) => app,
-            PusherEntry::UnknownKey | PusherEntry::OverCapacity => apps,
+            PusherEntry::UnknownKey
+            | PusherEntry::UnsupportedProtocol
+            | PusherEntry::OverCapacity => apps,
         };
         self.registry.conns[key].set_pusher_app(app);
         self.registry.counters.pusher_opened += 1;
@@ -51,6 +54,10 @@ impl Server {
             PusherEntry::UnknownKey => {
                 Some((pusher::code::UNKNOWN_APP, "App key not in this server"))
             }
+            PusherEntry::UnsupportedProtocol => Some((
+                pusher::code::UNSUPPORTED_PROTOCOL,
+                "Unsupported protocol version: c1m speaks protocol 7",
+            )),
             PusherEntry::OverCapacity => Some((pusher::code::OVER_CAPACITY, "Over capacity")),
             PusherEntry::App(_) if self.app_over_quota(app, now) => {
                 self.registry.counters.pusher_over_quota += 1;
@@ -63,10 +70,20 @@ impl Server {
         };
         if let Some((code, message)) = refusal {
             let next = self.reply(key, &pusher::error(code, message));
-            if next == Next::Keep {
-                self.registry.close_open(key, CloseCode(code), message, now);
+            if next != Next::Keep {
+                return next;
             }
-            return next;
+            // Closed here, not through `Registry::close_open`: the read that upgraded it
+            // has not counted it open yet (its caller's `Registry::after` does, and
+            // then sees it closing), so it must not be uncounted either.
+            let deadline = now + self.config.close_timeout;
+            let registry = &mut self.registry;
+            return registry.conns[key].begin_close(
+                CloseCode(code),
+                message,
+                deadline,
+                &registry.limits,
+            );
         }
         let socket_id = pusher::socket_id(key);
         self.reply(key, &pusher::connection_established(&socket_id))
