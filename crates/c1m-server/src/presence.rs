@@ -10,9 +10,13 @@
 //! cluster), so that when an owner goes away every socket it held leaves at once.
 //!
 //! One table per node lives with whoever orders the node's publications (the single
-//! process, or the master for its workers); see `server/pusher_clients.rs`.
+//! process, or the master for its workers); see `server/pusher_clients.rs`. In a cluster
+//! every node keeps a replica of every node's members (`cluster_presence`), so a member
+//! is stored compactly: its id once (shared by the user and their sockets), its info as
+//! the JSON text it is only ever written out as.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -92,18 +96,42 @@ impl Change {
     }
 }
 
+/// A user of a channel as the table keeps them (the id is the map's key).
 #[derive(Debug)]
 struct User {
-    member: Member,
+    /// `user_info` as JSON text (`null` when the app gave none).
+    info: Box<str>,
+    /// Whether the app gave the id as a JSON number (the key is then its text).
+    numeric: bool,
+    /// How many of the user's sockets are in the channel.
     sockets: u32,
+}
+
+impl User {
+    /// The id as the app gave it (a string, or a number).
+    fn id(&self, key: &str) -> Value {
+        if self.numeric {
+            if let Ok(number) = serde_json::from_str::<serde_json::Number>(key) {
+                return Value::Number(number);
+            }
+        }
+        Value::String(key.to_string())
+    }
+
+    fn member(&self, key: &str) -> Member {
+        Member {
+            user_id: self.id(key),
+            user_info: serde_json::from_str(&self.info).unwrap_or(Value::Null),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Channel {
     /// Ordered by id so that a channel's member list reads the same on every node.
-    users: BTreeMap<String, User>,
-    /// Each socket's user (by key) and owner.
-    sockets: HashMap<SocketRef, (String, u32)>,
+    users: BTreeMap<Arc<str>, User>,
+    /// Each socket's user (the same key as in `users`) and owner.
+    sockets: HashMap<SocketRef, (Arc<str>, u32)>,
 }
 
 /// Every presence channel's members.
@@ -134,14 +162,20 @@ impl Presence {
         if entry.is_some_and(|c| c.sockets.contains_key(&socket)) {
             return Ok(None);
         }
-        let known = entry.is_some_and(|c| c.users.contains_key(&key));
+        let known = entry.is_some_and(|c| c.users.contains_key(key.as_str()));
         if !known && entry.map_or(0, |c| c.users.len()) >= MAX_MEMBERS {
             return Err(Refused::Full);
         }
         let entry = self.channels.entry(channel.to_string()).or_default();
-        entry.sockets.insert(socket, (key.clone(), owner));
+        // The user's key, shared with the entry in `users` when they are there already.
+        let key: Arc<str> = match entry.users.get_key_value(key.as_str()) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => Arc::from(key),
+        };
+        entry.sockets.insert(socket, (Arc::clone(&key), owner));
         let user = entry.users.entry(key).or_insert_with(|| User {
-            member: member.clone(),
+            info: member.user_info.to_string().into_boxed_str(),
+            numeric: member.user_id.is_number(),
             sockets: 0,
         });
         user.sockets += 1;
@@ -160,7 +194,7 @@ impl Presence {
         user.sockets -= 1;
         let change = if user.sockets == 0 {
             let user = entry.users.remove(&key)?;
-            let data = json!({"user_id": user.member.user_id});
+            let data = json!({"user_id": user.id(&key)});
             Some(Change::Removed(data.to_string()))
         } else {
             None
@@ -196,17 +230,30 @@ impl Presence {
     /// The `data` string of a presence channel's `subscription_succeeded`:
     /// `{"presence":{"ids":[…],"hash":{ID:INFO,…},"count":N}}`.
     pub fn subscription_data(&self, channel: &str) -> String {
-        let users = self.channels.get(channel).map(|c| &c.users);
-        let ids: Vec<&Value> = users
+        // Written out by hand: the infos are JSON text already and go in as they are,
+        // not parsed again for every newcomer.
+        let mut ids = Vec::new();
+        let mut hash = Vec::new();
+        for (key, user) in self
+            .channels
+            .get(channel)
             .into_iter()
-            .flat_map(|u| u.values().map(|user| &user.member.user_id))
-            .collect();
-        let hash: serde_json::Map<String, Value> = users
-            .into_iter()
-            .flat_map(|u| u.iter())
-            .map(|(key, user)| (key.clone(), user.member.user_info.clone()))
-            .collect();
-        json!({"presence": {"ids": ids, "hash": hash, "count": ids.len()}}).to_string()
+            .flat_map(|c| &c.users)
+        {
+            let quoted = Value::String(key.to_string()).to_string();
+            ids.push(if user.numeric {
+                key.to_string()
+            } else {
+                quoted.clone()
+            });
+            hash.push(format!("{quoted}:{}", user.info));
+        }
+        format!(
+            r#"{{"presence":{{"ids":[{}],"hash":{{{}}},"count":{}}}}}"#,
+            ids.join(","),
+            hash.join(","),
+            ids.len()
+        )
     }
 
     /// How many distinct users are in `channel`.
@@ -217,7 +264,7 @@ impl Presence {
     /// The ids of `channel`'s users, in id order (the read API's `users`).
     pub fn user_ids(&self, channel: &str) -> Vec<Value> {
         self.channels.get(channel).map_or_else(Vec::new, |c| {
-            c.users.values().map(|u| u.member.user_id.clone()).collect()
+            c.users.iter().map(|(key, user)| user.id(key)).collect()
         })
     }
 
@@ -228,13 +275,6 @@ impl Presence {
             .map(|(name, channel)| (name.as_str(), channel.users.len()))
     }
 
-    /// The user `socket` is in `channel`, if it joined.
-    pub fn member_of(&self, channel: &str, socket: SocketRef) -> Option<&Member> {
-        let channel = self.channels.get(channel)?;
-        let (key, _) = channel.sockets.get(&socket)?;
-        channel.users.get(key).map(|u| &u.member)
-    }
-
     /// Every socket whose owner passes `owned`, with its channel and member (what a
     /// node tells the others in a cluster).
     pub fn held_where(&self, owned: impl Fn(u32) -> bool) -> Vec<(String, SocketRef, Member)> {
@@ -243,7 +283,7 @@ impl Presence {
             for (socket, (key, o)) in &channel.sockets {
                 if owned(*o) {
                     if let Some(user) = channel.users.get(key) {
-                        out.push((name.clone(), *socket, user.member.clone()));
+                        out.push((name.clone(), *socket, user.member(key)));
                     }
                 }
             }
@@ -320,6 +360,36 @@ mod tests {
         let data: Value = serde_json::from_str(&p.subscription_data("presence-a")).unwrap();
         assert_eq!(data["presence"]["hash"], json!({"7": null}));
         assert_eq!(data["presence"]["ids"], json!([7]));
+    }
+
+    #[test]
+    fn members_come_back_out_as_they_went_in() {
+        let mut p = Presence::default();
+        let info = r#"{"name":"Zoë \"Z\"","tags":["a",1],"nested":{"x":null}}"#;
+        let ann = Member::parse(&format!(r#"{{"user_id":"a\"1","user_info":{info}}}"#)).unwrap();
+        let bob = Member::parse(r#"{"user_id":12.5}"#).unwrap();
+        p.join("presence-a", (1, 1), 3, ann.clone()).unwrap();
+        p.join("presence-a", (1, 2), 3, bob.clone()).unwrap();
+        p.join("presence-a", (1, 3), 4, ann.clone()).unwrap();
+        let mut held = p.held_where(|o| o == 3);
+        held.sort_by_key(|(_, socket, _)| *socket);
+        assert_eq!(
+            held,
+            vec![
+                ("presence-a".to_string(), (1, 1), ann.clone()),
+                ("presence-a".to_string(), (1, 2), bob.clone()),
+            ]
+        );
+        let data: Value = serde_json::from_str(&p.subscription_data("presence-a")).unwrap();
+        assert_eq!(data["presence"]["ids"], json!([12.5, "a\"1"]));
+        assert_eq!(data["presence"]["hash"]["a\"1"], ann.user_info);
+        assert_eq!(data["presence"]["hash"]["12.5"], Value::Null);
+        assert_eq!(data["presence"]["count"], 2);
+        assert_eq!(p.user_ids("presence-a"), vec![json!(12.5), json!("a\"1")]);
+        assert_eq!(
+            p.leave("presence-a", (1, 2)),
+            Some(Change::Removed(r#"{"user_id":12.5}"#.into()))
+        );
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct Registry {
     /// end of each turn (see `server/pusher_clients.rs`), so a key reused in the same
     /// turn never has its join undone by its predecessor's leave.
     presence_left: Vec<(String, usize)>,
+    /// The user id each Pusher socket joined each presence topic as (client events on
+    /// presence channels carry it), by (key, topic): kept here so that it goes when
+    /// the subscription goes, while the topic's id still names it.
+    presence_users: HashMap<(u32, TopicId), serde_json::Value>,
     /// `exp` (Unix seconds) of each open connection admitted with a token that has one.
     token_expiry: HashMap<usize, u64>,
     /// A worker's resumes waiting for the master's history, by request id: the
@@ -94,6 +98,7 @@ impl Registry {
             read_again: Vec::new(),
             interest_changes: Vec::new(),
             presence_left: Vec::new(),
+            presence_users: HashMap::new(),
             token_expiry: HashMap::new(),
             resumes: HashMap::new(),
             next_resume: 0,
@@ -232,6 +237,7 @@ impl Registry {
         let channel = crate::pusher::channel_of(&name);
         if channel.starts_with(crate::pusher::PRESENCE_PREFIX) && self.conns[key].is_pusher() {
             self.presence_left.push((name.clone(), key));
+            self.presence_users.remove(&(key as u32, topic));
         }
         if let Some(moved) = self.topics.remove(sub) {
             self.conns[moved].move_subscription(sub.topic, sub.position);
@@ -256,6 +262,22 @@ impl Registry {
     /// Presence channels left since last asked, as (topic, key), in order.
     pub fn take_presence_left(&mut self) -> Vec<(String, usize)> {
         std::mem::take(&mut self.presence_left)
+    }
+
+    /// Socket `key`, subscribed to presence topic `topic`, joined it as `user_id` (the
+    /// first join counts: a socket stays who it joined as).
+    pub fn set_presence_user(&mut self, key: usize, topic: &str, user_id: &serde_json::Value) {
+        if let Some(id) = self.topics.id(topic) {
+            self.presence_users
+                .entry((key as u32, id))
+                .or_insert_with(|| user_id.clone());
+        }
+    }
+
+    /// The user id socket `key` joined presence topic `topic` as, if it did.
+    pub fn presence_user(&self, key: usize, topic: &str) -> Option<&serde_json::Value> {
+        let id = self.topics.id(topic)?;
+        self.presence_users.get(&(key as u32, id))
     }
 
     /// Forgets the leave of `key` from `topic` (a join that never made it into a

@@ -187,9 +187,6 @@ struct Server {
     /// Presence members of the node, when this process keeps them (a single process;
     /// a worker's master keeps them for it). See `server/pusher_clients.rs`.
     presence: Option<crate::presence::Presence>,
-    /// The user id each local Pusher socket joined each presence channel as (client
-    /// events on presence channels carry it), by (key, channel).
-    presence_users: std::collections::HashMap<(usize, String), serde_json::Value>,
     /// Each Pusher app's webhooks (by app number; `None`: the app has none), sent by
     /// this process (a single process; a worker's master sends its node's).
     webhooks: crate::webhooks::AppWebhooks,
@@ -358,7 +355,6 @@ impl Server {
             muted: HashSet::new(),
             presence: keeps_presence.then(crate::presence::Presence::default),
             webhooks,
-            presence_users: Default::default(),
             client_event_budget: Default::default(),
             history,
             relayed: Default::default(),

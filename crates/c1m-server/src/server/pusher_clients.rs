@@ -357,7 +357,7 @@ impl Server {
             return refuse(&format!("not subscribed to {channel}"));
         }
         let user_id = match kind {
-            ChannelKind::Presence => match self.presence_users.get(&(key, topic.clone())) {
+            ChannelKind::Presence => match self.registry.presence_user(key, &topic) {
                 Some(user_id) => Some(user_id.clone()),
                 None => return refuse(&format!("not a member of {channel} yet")),
             },

@@ -37,8 +37,8 @@ impl Server {
         self.presence_flush(now);
         self.registry.counters.pusher_presence_joins += 1;
         let socket = (pusher::process_token(), key as u32);
-        self.presence_users
-            .insert((key, topic.to_string()), joining.member.user_id.clone());
+        self.registry
+            .set_presence_user(key, topic, &joining.member.user_id);
         let Some(table) = self.presence.as_mut() else {
             self.send_to_master(&Message::PresenceJoin {
                 channel: topic.to_string(),
@@ -76,7 +76,6 @@ impl Server {
 
     /// A presence join that was refused: the socket leaves the topic's topic.
     fn presence_refused(&mut self, key: usize, topic: &str) {
-        self.presence_users.remove(&(key, topic.to_string()));
         if let Some(id) = self.registry.topics.id(topic) {
             self.registry.unsubscribe(key, id);
         }
@@ -109,7 +108,6 @@ impl Server {
             Ok(data) => pusher::subscription_succeeded_with(pusher::channel_of(topic), &data),
             Err(_) => {
                 self.registry.counters.pusher_subscriptions_refused += 1;
-                self.presence_users.remove(&(key, topic.to_string()));
                 if let Some(id) = self.registry.topics.id(topic) {
                     self.registry.unsubscribe(key, id);
                 }
@@ -124,7 +122,6 @@ impl Server {
     /// table here applies them (and tells the members), or the master is told.
     pub(super) fn presence_flush(&mut self, now: Instant) {
         for (topic, key) in self.registry.take_presence_left() {
-            self.presence_users.remove(&(key, topic.clone()));
             let socket = (pusher::process_token(), key as u32);
             match self.presence.as_mut() {
                 Some(table) => {
