@@ -99,8 +99,9 @@ impl Change {
 /// A user of a channel as the table keeps them (the id is the map's key).
 #[derive(Debug)]
 struct User {
-    /// `user_info` as JSON text (`null` when the app gave none).
-    info: Box<str>,
+    /// `user_info` as JSON text; `None` for `null` (or none given), which costs no
+    /// allocation.
+    info: Option<Box<str>>,
     /// Whether the app gave the id as a JSON number (the key is then its text).
     numeric: bool,
     /// How many of the user's sockets are in the channel.
@@ -121,7 +122,11 @@ impl User {
     fn member(&self, key: &str) -> Member {
         Member {
             user_id: self.id(key),
-            user_info: serde_json::from_str(&self.info).unwrap_or(Value::Null),
+            user_info: self
+                .info
+                .as_deref()
+                .and_then(|info| serde_json::from_str(info).ok())
+                .unwrap_or(Value::Null),
         }
     }
 }
@@ -174,7 +179,8 @@ impl Presence {
         };
         entry.sockets.insert(socket, (Arc::clone(&key), owner));
         let user = entry.users.entry(key).or_insert_with(|| User {
-            info: member.user_info.to_string().into_boxed_str(),
+            info: (!member.user_info.is_null())
+                .then(|| member.user_info.to_string().into_boxed_str()),
             numeric: member.user_id.is_number(),
             sockets: 0,
         });
@@ -246,7 +252,10 @@ impl Presence {
             } else {
                 quoted.clone()
             });
-            hash.push(format!("{quoted}:{}", user.info));
+            hash.push(format!(
+                "{quoted}:{}",
+                user.info.as_deref().unwrap_or("null")
+            ));
         }
         format!(
             r#"{{"presence":{{"ids":[{}],"hash":{{{}}},"count":{}}}}}"#,
