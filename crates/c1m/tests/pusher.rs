@@ -769,16 +769,7 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
     args.extend(["--api-key".to_string(), "k".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
-    let connect = |path: &str| {
-        let url = server.url(path);
-        async move {
-            tokio_tungstenite::connect_async(url)
-                .await
-                .expect("upgrade")
-                .0
-        }
-    };
-    let mut bystander = connect("/app/app-key").await;
+    let mut bystander = upgrade(&server, "/app/app-key").await;
     assert_eq!(
         common::next_json(&mut bystander).await["event"],
         "pusher:connection_established"
@@ -803,7 +794,7 @@ async fn bad_input_gets_the_protocols_errors_and_no_one_else_notices() {
         "{answer}"
     );
 
-    let mut rogue = connect("/app/app-key").await;
+    let mut rogue = upgrade(&server, "/app/app-key").await;
     common::next_json(&mut rogue).await;
     for (bad, says) in [
         ("not json", "pusher:error"),
@@ -932,28 +923,19 @@ async fn pusher_clients_are_told_to_reconnect_when_the_server_stops() {
 #[tokio::test]
 async fn unsupported_protocol_versions_and_silent_clients_get_pushers_codes() {
     let (server, _) = pusher_server_with("1", &["--ping-interval", "0", "--idle-timeout", "1s"]);
-    let connect = |path: &str| {
-        let url = server.url(path);
-        async move {
-            tokio_tungstenite::connect_async(url)
-                .await
-                .expect("upgrade")
-                .0
-        }
-    };
-    let mut old = connect("/app/app-key?protocol=4&client=js").await;
+    let mut old = upgrade(&server, "/app/app-key?protocol=4&client=js").await;
     let error = common::next_json(&mut old).await;
     assert_eq!(error["event"], "pusher:error", "{error}");
     assert_eq!(error["data"]["code"], 4007, "{error}");
     assert_eq!(close_code(&mut old).await, Some(4007));
 
-    let mut pusher = connect("/app/app-key?protocol=7&client=js&version=8.6.0").await;
+    let mut pusher = upgrade(&server, "/app/app-key?protocol=7&client=js&version=8.6.0").await;
     let established = common::next_json(&mut pusher).await;
     assert_eq!(
         established["event"], "pusher:connection_established",
         "{established}"
     );
-    let mut native = connect("/").await;
+    let mut native = upgrade(&server, "/").await;
     assert_eq!(close_code(&mut pusher).await, Some(4201));
     assert_eq!(close_code(&mut native).await, Some(1001));
     // The refused client was never counted open, so it is not uncounted either.
@@ -967,6 +949,14 @@ async fn unsupported_protocol_versions_and_silent_clients_get_pushers_codes() {
         Some(0.0),
         "{metrics}"
     );
+}
+
+/// A WebSocket client of `server` on `path`, once upgraded.
+async fn upgrade(server: &Server, path: &str) -> common::Ws {
+    tokio_tungstenite::connect_async(server.url(path))
+        .await
+        .expect("upgrade")
+        .0
 }
 
 /// The code of the close frame `ws` gets next (other messages skipped; at most 20).
