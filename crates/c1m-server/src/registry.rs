@@ -368,8 +368,9 @@ impl Registry {
 
     /// The idle sweep: a connection heard from since the last sweep is fine; a silent
     /// one gets `ping` (if any), and one silent for `idle_sweeps` sweeps is closed with
-    /// 1001 (a Pusher client with 4201, its protocol's "pong reply not received"). One pass over the slab replaces a timer per connection; the ping frame is
-    /// encoded once and shared.
+    /// 1001 (a Pusher client with 4201, its protocol's "pong reply not received"). One
+    /// pass over the slab replaces a timer per connection; the ping frame is encoded
+    /// once and shared.
     pub fn sweep(&mut self, ping: Option<&bytes::Bytes>, idle_sweeps: Option<u8>, now: Instant) {
         let mut idle = Vec::new();
         let mut failed = Vec::new();
